@@ -1,0 +1,15 @@
+//! Shared plumbing of Herald's services: typed config, the NATS connection and topology,
+//! telemetry, the admin and gRPC servers, shutdown, partitioning and ordered consumption.
+//!
+//! Services depend on this crate and on `herald-proto`, never on each other.
+
+pub mod admin;
+pub mod config;
+pub mod nats;
+pub mod ordered;
+pub mod partition;
+pub mod server;
+pub mod telemetry;
+
+pub use config::{CommonConfig, ConfigError, LogConfig, NatsConfig, Secret, TopologyConfig};
+pub use nats::Topology;

@@ -1,0 +1,280 @@
+//! The NATS connection and the JetStream topology (stream names, subjects, and their creation).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, ConnectOptions};
+
+use crate::config::{NatsConfig, TopologyConfig};
+
+/// Errors of connecting to NATS or provisioning JetStream.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// Reading credentials failed.
+    #[error("cannot read NATS credentials file {path}: {source} (check nats.creds_file)")]
+    Creds {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The connection could not be set up.
+    #[error("cannot connect to NATS at {servers}: {source} (check nats.servers and that nats-server runs)")]
+    Connect {
+        /// The servers tried.
+        servers: String,
+        /// The cause.
+        source: async_nats::ConnectError,
+    },
+    /// A stream could not be created or updated.
+    #[error("cannot create or update stream {stream}: {message}")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// What the server said.
+        message: String,
+    },
+}
+
+/// Connects to NATS with the configured authentication and TLS. The first connection is retried
+/// in the background, so a service starts (not ready) while NATS is still coming up.
+pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, NatsError> {
+    let mut opts = ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64 * 100).min(1_000))
+        });
+    if let Some(path) = &cfg.creds_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|source| NatsError::Creds {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    if let (Some(user), Some(pass)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(user.clone(), pass.expose().to_string());
+    }
+    if let Some(token) = &cfg.token {
+        opts = opts.token(token.expose().to_string());
+    }
+    if let Some(seed) = &cfg.nkey_seed {
+        opts = opts.nkey(seed.expose().to_string());
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if cfg.tls_required {
+        opts = opts.require_tls(true);
+    }
+    opts.connect(cfg.servers.as_str())
+        .await
+        .map_err(|source| NatsError::Connect {
+            servers: cfg.servers.clone(),
+            source,
+        })
+}
+
+/// A JetStream context whose API calls and publish acks time out after the configured time.
+pub fn jetstream(client: Client, cfg: &NatsConfig) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(cfg.request_timeout_ms))
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// Whether the client is connected right now.
+pub fn is_connected(client: &Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
+}
+
+/// Names of subjects, streams and buckets, derived from one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    cfg: TopologyConfig,
+    upper: String,
+}
+
+impl Topology {
+    /// Topology for the given config.
+    pub fn new(cfg: TopologyConfig) -> Self {
+        let upper = cfg.prefix.to_uppercase().replace('-', "_");
+        Self { cfg, upper }
+    }
+
+    /// The config it was built from.
+    pub fn config(&self) -> &TopologyConfig {
+        &self.cfg
+    }
+
+    /// The number of partitions.
+    pub fn partitions(&self) -> u32 {
+        self.cfg.partitions
+    }
+
+    /// The events stream (ingest → processor).
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.upper)
+    }
+
+    /// The subject of one events partition.
+    pub fn events_subject(&self, partition: u32) -> String {
+        format!("{}.events.{partition}", self.cfg.prefix)
+    }
+
+    /// Subjects of every events partition.
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.events.*", self.cfg.prefix)
+    }
+
+    /// The processed stream (processor → activator).
+    pub fn processed_stream(&self) -> String {
+        format!("{}_PROCESSED", self.upper)
+    }
+
+    /// The subject of one processed partition.
+    pub fn processed_subject(&self, partition: u32) -> String {
+        format!("{}.processed.{partition}", self.cfg.prefix)
+    }
+
+    /// Subjects of every processed partition.
+    pub fn processed_wildcard(&self) -> String {
+        format!("{}.processed.*", self.cfg.prefix)
+    }
+
+    /// Config of the events stream: interest retention (consumed events free their space),
+    /// DiscardNew (a full stream pushes back), file storage.
+    pub fn events_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.events_stream(),
+            description: Some("Herald: events accepted by ingest, consumed by the processor".into()),
+            subjects: vec![self.events_wildcard()],
+            retention: stream::RetentionPolicy::Interest,
+            discard: stream::DiscardPolicy::New,
+            storage: stream::StorageType::File,
+            max_bytes: self.cfg.events_max_bytes,
+            num_replicas: self.cfg.replicas,
+            duplicate_window: Duration::from_secs(self.cfg.duplicate_window_seconds),
+            ..Default::default()
+        }
+    }
+
+    /// Config of the processed stream: limits retention with a replay window by age, DiscardNew.
+    pub fn processed_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.processed_stream(),
+            description: Some("Herald: processed events, read by the activator; replay window".into()),
+            subjects: vec![self.processed_wildcard()],
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            storage: stream::StorageType::File,
+            max_bytes: self.cfg.processed_max_bytes,
+            max_age: Duration::from_secs(self.cfg.processed_max_age_seconds),
+            num_replicas: self.cfg.replicas,
+            duplicate_window: Duration::from_secs(self.cfg.duplicate_window_seconds),
+            ..Default::default()
+        }
+    }
+}
+
+/// Creates the stream, or updates it to `config` when it exists: idempotent, so every replica
+/// may call it at startup.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<(), NatsError> {
+    let name = config.name.clone();
+    js.create_or_update_stream(config)
+        .await
+        .map(|_| ())
+        .map_err(|e| NatsError::Stream {
+            stream: name,
+            message: e.to_string(),
+        })
+}
+
+/// Waits (until `cancel`) for a stream another service owns, polling every half second.
+/// Returns `None` when cancelled first.
+pub async fn wait_for_stream(
+    js: &jetstream::Context,
+    name: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<stream::Stream> {
+    let mut warned = false;
+    loop {
+        match js.get_stream(name).await {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(stream = name, error = %e, "waiting for stream (created by its owning service)");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Retries `f` every half second until it succeeds or `cancel` fires. For startup provisioning,
+/// which must survive NATS being unavailable for a while.
+pub async fn retry_until<T, E: std::fmt::Display, F, Fut>(
+    what: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+    mut f: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempts = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                attempts += 1;
+                if attempts == 1 || attempts.is_multiple_of(20) {
+                    tracing::warn!(error = %e, attempts, "{what} failed; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let t = Topology::new(TopologyConfig {
+            prefix: "acme-eu".into(),
+            ..Default::default()
+        });
+        assert_eq!(t.events_stream(), "ACME_EU_EVENTS");
+        assert_eq!(t.events_subject(3), "acme-eu.events.3");
+        assert_eq!(t.processed_wildcard(), "acme-eu.processed.*");
+        assert_eq!(
+            t.events_stream_config().retention,
+            stream::RetentionPolicy::Interest
+        );
+        assert_eq!(
+            t.processed_stream_config().max_age,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+    }
+}
