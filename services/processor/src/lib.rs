@@ -1,1 +1,116 @@
-//! stub
+//! Herald processor: reads events from the events stream in order, resolves each event to a
+//! profile, and publishes a `ProcessedEvent` per event on the processed stream. Inputs are acked
+//! only after the outputs' PubAcks.
+//!
+//! Identity resolution, live profiles and consent state come in later; for now the profile id is
+//! the event's partition key (user id, else anonymous id).
+
+mod config;
+mod events;
+mod grpc;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use herald_common::admin::{self, Readiness};
+use herald_common::server::{self, ServiceHandle};
+use herald_common::{CommonConfig, Topology, nats};
+use herald_common::telemetry::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ProcessorConfig;
+pub use worker::process_event;
+
+/// Errors that stop the processor from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    /// A listener could not be bound, or a server failed.
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+    /// NATS could not be set up.
+    #[error(transparent)]
+    Nats(#[from] nats::NatsError),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] herald_common::ConfigError),
+}
+
+/// Counters shared by the worker and the control API.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub processed: AtomicU64,
+}
+
+/// Starts the processor: binds its ports, connects to NATS, provisions the processed stream and
+/// the events consumer, and processes until `shutdown` fires.
+pub async fn start(
+    common: &CommonConfig,
+    cfg: &ProcessorConfig,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> Result<ServiceHandle, ProcessorError> {
+    common.topology.validate()?;
+    let grpc_listener = server::bind(&cfg.grpc_addr).await?;
+    let admin_listener = server::bind(&cfg.admin_addr).await?;
+    let grpc_addr = server::local_addr(&grpc_listener);
+    let admin_addr = server::local_addr(&admin_listener);
+
+    events::describe();
+    let client = nats::connect(&common.nats, "herald-processor").await?;
+    let js = nats::jetstream(client.clone(), &common.nats);
+    let topology = Topology::new(common.topology.clone());
+    let ready = Readiness::new(client.clone(), &["processed stream", "events consumer"]);
+    let stats = Arc::new(Stats::default());
+    let (reader_tx, reader_rx) = tokio::sync::watch::channel(None);
+
+    let worker = tokio::spawn(worker::run(
+        js.clone(),
+        topology,
+        cfg.clone(),
+        ready.clone(),
+        stats.clone(),
+        reader_tx,
+        shutdown.clone(),
+    ));
+    let routes = tonic::service::Routes::new(
+        herald_proto::v1::processor_service_server::ProcessorServiceServer::new(grpc::Control {
+            stats,
+            consumer: reader_rx,
+        }),
+    );
+    let grpc = tokio::spawn(server::serve_grpc(
+        grpc_listener,
+        routes,
+        "herald.v1.ProcessorService",
+        shutdown.clone(),
+    ));
+    let admin = tokio::spawn(server::serve_http(
+        admin_listener,
+        admin::router(metrics, ready),
+        shutdown.clone(),
+    ));
+    let task = tokio::spawn(async move {
+        if let Err(e) = worker.await {
+            tracing::error!(error = %e, "processor worker panicked");
+        }
+        for (name, res) in [("gRPC", grpc.await), ("admin", admin.await)] {
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, server = name, "server failed"),
+                Err(e) => tracing::error!(error = %e, server = name, "server panicked"),
+            }
+        }
+        if let Err(e) = client.drain().await {
+            tracing::debug!(error = %e, "draining the NATS connection failed");
+        }
+        tracing::info!("processor stopped");
+    });
+    Ok(ServiceHandle {
+        name: "processor",
+        http_addr: None,
+        grpc_addr,
+        admin_addr,
+        task,
+    })
+}

@@ -1,0 +1,177 @@
+//! One delivery loop per destination: ordered batches from the destination's own consumer,
+//! each user's events sent one after another (users in parallel), failed sends retried in
+//! process while in-progress acks keep the batch from being redelivered behind later events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::Consumer;
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::{self, AckKind, Message};
+use futures_util::StreamExt;
+use herald_common::Topology;
+use herald_common::admin::Readiness;
+use herald_common::nats::{retry_until, wait_for_stream};
+use herald_common::ordered::{KeepAlive, OrderedReader, ReaderConfig, backoff};
+use herald_proto::v1::ProcessedEvent;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ActivatorConfig, DestinationConfig};
+use crate::destinations::Sender;
+use crate::{events, payload};
+
+/// Delivery counters of one destination.
+#[derive(Default)]
+pub(crate) struct DestinationStats {
+    pub delivered: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    pub consumer: std::sync::Mutex<Option<Consumer<PullConfig>>>,
+}
+
+/// The durable consumer name of a destination.
+pub fn consumer_name(destination_id: &str) -> String {
+    format!("activator-{destination_id}")
+}
+
+pub(crate) fn readiness_check(destination_id: &str) -> String {
+    format!("destination {destination_id} consumer")
+}
+
+struct Item {
+    msg: Message,
+    event_id: String,
+    body: Vec<u8>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run(
+    js: jetstream::Context,
+    topology: Topology,
+    cfg: ActivatorConfig,
+    dest: DestinationConfig,
+    sender: Arc<Sender>,
+    stats: Arc<DestinationStats>,
+    ready: Readiness,
+    cancel: CancellationToken,
+) {
+    if wait_for_stream(&js, &topology.processed_stream(), &cancel)
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let reader_cfg = ReaderConfig {
+        stream: topology.processed_stream(),
+        durable: consumer_name(&dest.id),
+        filter_subject: topology.processed_wildcard(),
+        ack_wait: Duration::from_secs(cfg.ack_wait_seconds),
+        max_ack_pending: cfg.max_ack_pending,
+        batch: cfg.batch_size,
+        description: format!("Herald activator: destination {}", dest.id),
+    };
+    let Some(mut reader) = retry_until("binding a destination consumer", &cancel, || {
+        OrderedReader::bind(&js, reader_cfg.clone())
+    })
+    .await
+    else {
+        return;
+    };
+    *stats.consumer.lock().expect("stats lock") = Some(reader.consumer().clone());
+    let check = readiness_check(&dest.id);
+    ready.set(&check, true);
+    tracing::info!(destination = %dest.id, kind = dest.kind.as_str(), "delivering");
+
+    let keep_alive_every = Duration::from_secs(cfg.ack_wait_seconds.max(3)) / 3;
+    let max_backoff = Duration::from_millis(cfg.retry_max_backoff_ms);
+    while let Some(batch) = reader.next_batch(&cancel).await {
+        let keep_alive = KeepAlive::start(batch.clone(), keep_alive_every);
+        let groups = group_by_key(&dest.id, batch).await;
+        futures_util::stream::iter(groups)
+            .for_each_concurrent(cfg.max_concurrent_keys.max(1), |items| {
+                deliver_in_order(&dest.id, &sender, &stats, items, max_backoff, &cancel)
+            })
+            .await;
+        drop(keep_alive);
+        if cancel.is_cancelled() {
+            break;
+        }
+    }
+    ready.set(&check, false);
+}
+
+/// Splits a batch into per-profile queues, keeping each profile's order. Undecodable and
+/// historical events are settled here.
+async fn group_by_key(destination: &str, batch: Vec<Message>) -> Vec<Vec<Item>> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut groups: Vec<Vec<Item>> = Vec::new();
+    for msg in batch {
+        let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
+            Ok(p) => p,
+            Err(_) => {
+                events::skipped(destination, "undecodable");
+                let _ = msg.ack_with(AckKind::Term).await;
+                continue;
+            }
+        };
+        let event = processed.event.as_ref();
+        if event.is_some_and(|e| e.historical) {
+            events::skipped(destination, "historical");
+            let _ = msg.ack().await;
+            continue;
+        }
+        let event_id = event.map(|e| e.id.clone()).unwrap_or_default();
+        let body = serde_json::to_vec(&payload::render(&processed)).expect("JSON values serialise");
+        let slot = *index
+            .entry(processed.profile_id.clone())
+            .or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+        groups[slot].push(Item { msg, event_id, body });
+    }
+    groups
+}
+
+/// Sends one profile's events one after another, retrying each until it succeeds or the
+/// service stops (then the rest stay unacked and come back in order after a restart).
+async fn deliver_in_order(
+    destination: &str,
+    sender: &Sender,
+    stats: &DestinationStats,
+    items: Vec<Item>,
+    max_backoff: Duration,
+    cancel: &CancellationToken,
+) {
+    for item in items {
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            match sender.send(&item.event_id, &item.body).await {
+                Ok(()) => {
+                    events::delivered(destination, started.elapsed().as_secs_f64());
+                    stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = item.msg.ack().await {
+                        tracing::warn!(destination, error = %e, "ack failed; the event may be sent again with the same idempotency key");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    let wait = e
+                        .retry_after
+                        .map(|d| d.min(max_backoff * 6))
+                        .unwrap_or_else(|| backoff(attempt, max_backoff));
+                    events::send_failed(destination, e.kind, attempt, wait.as_millis(), &e.message);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+}
