@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod nats;
+pub mod natsbin;
 pub mod ordered;
 pub mod partition;
 pub mod server;

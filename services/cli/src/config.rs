@@ -1,0 +1,45 @@
+//! The whole configuration file: one section per service plus the shared ones.
+
+use std::path::Path;
+
+use figment::Figment;
+use herald_activator::ActivatorConfig;
+use herald_common::{CommonConfig, ConfigError, LogConfig, NatsConfig, TopologyConfig};
+use herald_ingest::IngestConfig;
+use herald_processor::ProcessorConfig;
+use serde::{Deserialize, Serialize};
+
+/// Herald's configuration: defaults < file < `HERALD__SECTION__KEY` env.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Stream and bucket names and limits.
+    pub topology: TopologyConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// The ingest service.
+    pub ingest: IngestConfig,
+    /// The processor service.
+    pub processor: ProcessorConfig,
+    /// The activator service.
+    pub activator: ActivatorConfig,
+}
+
+impl Config {
+    /// Loads the config, with `extra` layered between the defaults and the file.
+    pub fn load(file: Option<&Path>, extra: Option<Figment>) -> Result<Self, ConfigError> {
+        let cfg: Config = herald_common::config::load(file, extra)?;
+        cfg.topology.validate()?;
+        Ok(cfg)
+    }
+
+    /// The sections every service shares.
+    pub fn common(&self) -> CommonConfig {
+        CommonConfig {
+            nats: self.nats.clone(),
+            topology: self.topology.clone(),
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! `herald dev` starts everything with one command, and the event of the printed curl reaches
+//! the log destination.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use herald_testkit::{free_port, wait_until};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()> {
+    let nats = herald_testkit::nats_server_binary()?;
+    let dir = tempfile::tempdir()?;
+    let log_file = dir.path().join("events.jsonl");
+    let http_port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.arg("dev")
+        .arg("--ingest-addr")
+        .arg(format!("127.0.0.1:{http_port}"))
+        .arg("--log-file")
+        .arg(&log_file)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("HERALD_NATS_SERVER", nats)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (var, port) in [
+        ("HERALD__INGEST__GRPC_ADDR", free_port()),
+        ("HERALD__INGEST__ADMIN_ADDR", free_port()),
+        ("HERALD__PROCESSOR__GRPC_ADDR", free_port()),
+        ("HERALD__PROCESSOR__ADMIN_ADDR", free_port()),
+        ("HERALD__ACTIVATOR__GRPC_ADDR", free_port()),
+        ("HERALD__ACTIVATOR__ADMIN_ADDR", free_port()),
+    ] {
+        cmd.env(var, format!("127.0.0.1:{port}"));
+    }
+    let mut child = cmd.spawn()?;
+    let mut stderr = child.stderr.take().expect("piped");
+
+    // Read the banner until the curl line appears.
+    let mut banner = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 4096];
+    while !banner.contains("Press Ctrl-C") {
+        let n = tokio::time::timeout_at(deadline, stderr.read(&mut buf)).await??;
+        if n == 0 {
+            bail!("herald dev exited early:\n{banner}");
+        }
+        banner.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = stderr.read_to_end(&mut sink).await;
+    });
+    let curl = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("curl "))
+        .expect("the banner prints a curl command")
+        .trim()
+        .to_string();
+    let key = std::fs::read_to_string(dir.path().join("data/write_key"))?;
+    assert!(curl.contains(&format!("-u '{key}:'")), "{curl}");
+
+    // Run the printed command as pasted.
+    let sent = tokio::time::Instant::now();
+    let out = Command::new("sh").arg("-c").arg(format!("{curl} -sS")).output().await?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"success":true}"#);
+
+    wait_until("the event reaches the log destination", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&log_file).is_ok_and(|s| s.contains("Signed Up"))
+    })
+    .await?;
+    let latency = sent.elapsed();
+    let line = std::fs::read_to_string(&log_file)?;
+    let event: serde_json::Value = serde_json::from_str(line.lines().next().expect("one line"))?;
+    assert_eq!(event["userId"], "user-1");
+    assert_eq!(event["properties"]["plan"], "pro");
+    eprintln!("curl to log line: {latency:?}");
+
+    // Ctrl-C stops everything cleanly.
+    let pid = child.id().expect("running");
+    Command::new("kill").arg("-INT").arg(pid.to_string()).status().await?;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await??;
+    assert!(status.success(), "herald dev exits cleanly on Ctrl-C: {status:?}");
+    Ok(())
+}
