@@ -51,7 +51,11 @@ impl Readiness {
         if !is_connected(&self.client) {
             missing.insert(0, "nats connection".into());
         }
-        if missing.is_empty() { Ok(()) } else { Err(missing) }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing)
+        }
     }
 }
 

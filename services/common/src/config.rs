@@ -16,10 +16,14 @@ pub const ENV_PREFIX: &str = "HERALD__";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file or an environment variable did not fit the typed config.
-    #[error("invalid configuration: {0} (check the config file and HERALD__* environment variables)")]
+    #[error(
+        "invalid configuration: {0} (check the config file and HERALD__* environment variables)"
+    )]
     Invalid(#[from] Box<figment::Error>),
     /// The config file does not exist.
-    #[error("config file {0} not found: pass an existing file with --config, or none to use defaults")]
+    #[error(
+        "config file {0} not found: pass an existing file with --config, or none to use defaults"
+    )]
     MissingFile(PathBuf),
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
@@ -158,7 +162,9 @@ impl TopologyConfig {
             )));
         }
         if self.partitions == 0 {
-            return Err(ConfigError::Value("topology.partitions must be at least 1".into()));
+            return Err(ConfigError::Value(
+                "topology.partitions must be at least 1".into(),
+            ));
         }
         Ok(())
     }

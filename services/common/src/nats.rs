@@ -19,7 +19,9 @@ pub enum NatsError {
         source: std::io::Error,
     },
     /// The connection could not be set up.
-    #[error("cannot connect to NATS at {servers}: {source} (check nats.servers and that nats-server runs)")]
+    #[error(
+        "cannot connect to NATS at {servers}: {source} (check nats.servers and that nats-server runs)"
+    )]
     Connect {
         /// The servers tried.
         servers: String,
@@ -155,7 +157,9 @@ impl Topology {
     pub fn events_stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.events_stream(),
-            description: Some("Herald: events accepted by ingest, consumed by the processor".into()),
+            description: Some(
+                "Herald: events accepted by ingest, consumed by the processor".into(),
+            ),
             subjects: vec![self.events_wildcard()],
             retention: stream::RetentionPolicy::Interest,
             discard: stream::DiscardPolicy::New,
@@ -171,7 +175,9 @@ impl Topology {
     pub fn processed_stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.processed_stream(),
-            description: Some("Herald: processed events, read by the activator; replay window".into()),
+            description: Some(
+                "Herald: processed events, read by the activator; replay window".into(),
+            ),
             subjects: vec![self.processed_wildcard()],
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::New,

@@ -77,7 +77,10 @@ impl OrderedReader {
             durable: cfg.durable.clone(),
             message,
         };
-        let stream = js.get_stream(&cfg.stream).await.map_err(|e| err(e.to_string()))?;
+        let stream = js
+            .get_stream(&cfg.stream)
+            .await
+            .map_err(|e| err(e.to_string()))?;
         let config = PullConfig {
             durable_name: Some(cfg.durable.clone()),
             description: Some(cfg.description.clone()),

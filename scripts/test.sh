@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Herald's one test command (the README's, and CI's through .ci/run):
+#   scripts/test.sh [extra arguments for cargo nextest run]
+# Installs or finds nats-server, makes sure the cargo tools are present, then checks formatting,
+# runs clippy with warnings denied and runs every test with nextest. Each step is announced on
+# stderr; a failure says which step failed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+announce() { printf '\n==> %s\n' "$*" >&2; }
+fail() {
+    printf '\nFAILED step: %s\n' "$1" >&2
+    exit "${2:-1}"
+}
+# step NAME COMMAND...: announces and runs COMMAND; on failure reports NAME and exits with its code.
+step() {
+    local name="$1"
+    shift
+    announce "$name"
+    local rc=0
+    "$@" || rc=$?
+    if (( rc != 0 )); then
+        fail "$name (exit code $rc): $*" "$rc"
+    fi
+}
+
+if [[ "${CI:-}" == "true" ]]; then
+    # Incremental compilation only costs time on a fresh CI machine.
+    export CARGO_INCREMENTAL=0
+    # The nextest ci profile (see .config/nextest.toml), unless one was chosen explicitly.
+    export NEXTEST_PROFILE="${NEXTEST_PROFILE:-ci}"
+fi
+
+announce "nats-server: find or install (scripts/install-nats-server.sh)"
+if ! nats_server="$(bash scripts/install-nats-server.sh)"; then
+    fail "nats-server: find or install"
+fi
+export HERALD_NATS_SERVER="$nats_server"
+printf 'HERALD_NATS_SERVER=%s\n' "$HERALD_NATS_SERVER" >&2
+
+announce "cargo-nextest: check"
+if ! cargo nextest --version >/dev/null 2>&1; then
+    step "cargo-nextest: install" cargo install cargo-nextest --locked
+fi
+
+announce "rustfmt and clippy: check"
+for component in rustfmt clippy; do
+    case "$component" in
+        rustfmt) probe=(cargo fmt --version) ;;
+        clippy) probe=(cargo clippy --version) ;;
+    esac
+    if ! "${probe[@]}" >/dev/null 2>&1; then
+        printf 'component %s is missing; running rustup component add %s\n' "$component" "$component" >&2
+        if ! rustup component add "$component" >&2; then
+            printf 'WARNING: could not install %s with rustup; the step that needs it will fail.\n' \
+                "$component" >&2
+            printf 'Install it by hand (rustup component add %s) and run this script again.\n' \
+                "$component" >&2
+        fi
+    fi
+done
+
+step "format check (cargo fmt --all -- --check)" cargo fmt --all -- --check
+step "lint (cargo clippy --workspace --all-targets --locked -- -D warnings)" \
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+step "tests (cargo nextest run --workspace --locked)" \
+    cargo nextest run --workspace --locked "$@"
+
+announce "all steps passed"
