@@ -32,8 +32,21 @@ pub fn delivered(destination: &str, seconds: f64) {
 }
 
 /// A send failed and will be retried after `wait_ms`.
-pub fn send_failed(destination: &str, kind: &'static str, attempt: u32, wait_ms: u128, error: &str) {
-    tracing::warn!(destination, reason = kind, attempt, wait_ms, error, "send failed; retrying");
+pub fn send_failed(
+    destination: &str,
+    kind: &'static str,
+    attempt: u32,
+    wait_ms: u128,
+    error: &str,
+) {
+    tracing::warn!(
+        destination,
+        reason = kind,
+        attempt,
+        wait_ms,
+        error,
+        "send failed; retrying"
+    );
     counter!("herald_activator_send_failures_total", "destination" => destination.to_string(), "reason" => kind)
         .increment(1);
 }
@@ -41,7 +54,10 @@ pub fn send_failed(destination: &str, kind: &'static str, attempt: u32, wait_ms:
 /// An event was not sent, for a reason that is not an error of the destination.
 pub fn skipped(destination: &str, reason: &'static str) {
     if reason == "undecodable" {
-        tracing::error!(destination, "dropping a message that is not a herald.v1.ProcessedEvent");
+        tracing::error!(
+            destination,
+            "dropping a message that is not a herald.v1.ProcessedEvent"
+        );
     }
     counter!("herald_activator_events_skipped_total", "destination" => destination.to_string(), "reason" => reason)
         .increment(1);

@@ -44,6 +44,8 @@ impl ActivatorService for Control {
                 failed_attempts: stats.failed_attempts.load(Ordering::Relaxed),
             });
         }
-        Ok(Response::new(ListDestinationsResponse { destinations: out }))
+        Ok(Response::new(ListDestinationsResponse {
+            destinations: out,
+        }))
     }
 }

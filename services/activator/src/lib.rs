@@ -49,7 +49,11 @@ pub async fn start(
     let mut senders = Vec::with_capacity(cfg.destinations.len());
     for d in &cfg.destinations {
         let sender = destinations::Sender::new(d).map_err(ActivatorError::Config)?;
-        senders.push((d.clone(), Arc::new(sender), Arc::new(worker::DestinationStats::default())));
+        senders.push((
+            d.clone(),
+            Arc::new(sender),
+            Arc::new(worker::DestinationStats::default()),
+        ));
     }
     let grpc_listener = server::bind(&cfg.grpc_addr).await?;
     let admin_listener = server::bind(&cfg.admin_addr).await?;
@@ -82,7 +86,10 @@ pub async fn start(
         )));
     }
     let control = grpc::Control {
-        destinations: senders.iter().map(|(d, _, s)| (d.clone(), s.clone())).collect(),
+        destinations: senders
+            .iter()
+            .map(|(d, _, s)| (d.clone(), s.clone()))
+            .collect(),
     };
     let routes = tonic::service::Routes::new(
         herald_proto::v1::activator_service_server::ActivatorServiceServer::new(control),

@@ -21,7 +21,9 @@ pub fn type_name(t: EventType) -> &'static str {
 fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Option<Value> {
     let ts = ts.as_ref()?;
     let dt = DateTime::<Utc>::from_timestamp(ts.seconds, ts.nanos.max(0) as u32)?;
-    Some(Value::String(dt.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
+    Some(Value::String(
+        dt.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+    ))
 }
 
 fn json_object(bytes: &[u8]) -> Value {
@@ -172,7 +174,10 @@ mod tests {
             std::fs::write(path, &rendered).expect("writes golden file");
         }
         let golden = std::fs::read_to_string(path).expect("golden file exists");
-        assert_eq!(rendered, golden, "payload changed: this is a public contract");
+        assert_eq!(
+            rendered, golden,
+            "payload changed: this is a public contract"
+        );
     }
 
     #[test]

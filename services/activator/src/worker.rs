@@ -130,7 +130,11 @@ async fn group_by_key(destination: &str, batch: Vec<Message>) -> Vec<Vec<Item>> 
                 groups.push(Vec::new());
                 groups.len() - 1
             });
-        groups[slot].push(Item { msg, event_id, body });
+        groups[slot].push(Item {
+            msg,
+            event_id,
+            body,
+        });
     }
     groups
 }

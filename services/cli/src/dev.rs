@@ -38,10 +38,22 @@ fn dev_layer() -> Figment {
     Figment::new()
         .merge(Serialized::default("ingest.grpc_addr", "127.0.0.1:50051"))
         .merge(Serialized::default("ingest.admin_addr", "127.0.0.1:9091"))
-        .merge(Serialized::default("processor.grpc_addr", "127.0.0.1:50052"))
-        .merge(Serialized::default("processor.admin_addr", "127.0.0.1:9092"))
-        .merge(Serialized::default("activator.grpc_addr", "127.0.0.1:50053"))
-        .merge(Serialized::default("activator.admin_addr", "127.0.0.1:9093"))
+        .merge(Serialized::default(
+            "processor.grpc_addr",
+            "127.0.0.1:50052",
+        ))
+        .merge(Serialized::default(
+            "processor.admin_addr",
+            "127.0.0.1:9092",
+        ))
+        .merge(Serialized::default(
+            "activator.grpc_addr",
+            "127.0.0.1:50053",
+        ))
+        .merge(Serialized::default(
+            "activator.admin_addr",
+            "127.0.0.1:9093",
+        ))
 }
 
 /// Runs `herald dev` until Ctrl-C or SIGTERM.
@@ -49,7 +61,10 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
     let mut cfg = Config::load(config_file, Some(dev_layer()))?;
     telemetry::init_tracing(&cfg.log);
     std::fs::create_dir_all(&args.data_dir).with_context(|| {
-        format!("cannot create the data dir {}: pass a writable --data-dir", args.data_dir.display())
+        format!(
+            "cannot create the data dir {}: pass a writable --data-dir",
+            args.data_dir.display()
+        )
     })?;
     let data_dir = args.data_dir.canonicalize()?;
 

@@ -14,19 +14,38 @@ use herald_common::{server, telemetry};
 use crate::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "herald", version, about = "Herald: a real-time customer data pipeline on NATS JetStream")]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: a real-time customer data pipeline on NATS JetStream"
+)]
 struct Cli {
     /// TOML config file (layered over defaults; HERALD__SECTION__KEY env vars win).
     #[arg(long, short, global = true, env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
     /// gRPC URL of the ingest control API.
-    #[arg(long, global = true, env = "HERALD_INGEST_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_INGEST_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     ingest_url: String,
     /// gRPC URL of the processor control API.
-    #[arg(long, global = true, env = "HERALD_PROCESSOR_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_PROCESSOR_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     processor_url: String,
     /// gRPC URL of the activator control API.
-    #[arg(long, global = true, env = "HERALD_ACTIVATOR_URL", default_value = "http://127.0.0.1:50053")]
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_ACTIVATOR_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
     activator_url: String,
     #[command(subcommand)]
     command: Command,

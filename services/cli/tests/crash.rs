@@ -87,7 +87,12 @@ async fn wait_ready(port: u16) -> Result<()> {
     bail!("{url} not ready within 30 s")
 }
 
-async fn send(http: &reqwest::Client, port: u16, users: usize, seqs: std::ops::Range<usize>) -> Result<()> {
+async fn send(
+    http: &reqwest::Client,
+    port: u16,
+    users: usize,
+    seqs: std::ops::Range<usize>,
+) -> Result<()> {
     let mut items = Vec::new();
     for seq in seqs {
         for u in 0..users {
@@ -123,7 +128,11 @@ async fn processor_and_activator_killed_mid_stream_lose_nothing_and_keep_order()
     let _ingest = spawn("ingest", &config, dir.path())?;
     let mut processor = spawn("processor", &config, dir.path())?;
     let mut activator = spawn("activator", &config, dir.path())?;
-    for p in [ports.ingest_admin, ports.processor_admin, ports.activator_admin] {
+    for p in [
+        ports.ingest_admin,
+        ports.processor_admin,
+        ports.activator_admin,
+    ] {
         wait_ready(p).await?;
     }
     let http = reqwest::Client::new();
@@ -162,7 +171,11 @@ async fn processor_and_activator_killed_mid_stream_lose_nothing_and_keep_order()
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("only {} of {total} distinct events arrived; logs in {}", ids.len(), dir.path().display());
+            bail!(
+                "only {} of {total} distinct events arrived; logs in {}",
+                ids.len(),
+                dir.path().display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -172,7 +185,10 @@ async fn processor_and_activator_killed_mid_stream_lose_nothing_and_keep_order()
     let mut seen = HashSet::new();
     let mut per_user: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for r in hook.received() {
-        let id = r.body["herald"]["eventId"].as_str().unwrap_or_default().to_string();
+        let id = r.body["herald"]["eventId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let user = r.body["userId"].as_str().unwrap_or_default().to_string();
         let seq = r.body["properties"]["seq"].as_u64().unwrap_or(u64::MAX);
         let list = per_user.entry(user.clone()).or_default();

@@ -66,12 +66,18 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
 
     // Run the printed command as pasted.
     let sent = tokio::time::Instant::now();
-    let out = Command::new("sh").arg("-c").arg(format!("{curl} -sS")).output().await?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{curl} -sS"))
+        .output()
+        .await?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"success":true}"#);
 
-    wait_until("the event reaches the log destination", Duration::from_secs(10), || async {
-        std::fs::read_to_string(&log_file).is_ok_and(|s| s.contains("Signed Up"))
-    })
+    wait_until(
+        "the event reaches the log destination",
+        Duration::from_secs(10),
+        || async { std::fs::read_to_string(&log_file).is_ok_and(|s| s.contains("Signed Up")) },
+    )
     .await?;
     let latency = sent.elapsed();
     let line = std::fs::read_to_string(&log_file)?;
@@ -82,8 +88,15 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
 
     // Ctrl-C stops everything cleanly.
     let pid = child.id().expect("running");
-    Command::new("kill").arg("-INT").arg(pid.to_string()).status().await?;
+    Command::new("kill")
+        .arg("-INT")
+        .arg(pid.to_string())
+        .status()
+        .await?;
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await??;
-    assert!(status.success(), "herald dev exits cleanly on Ctrl-C: {status:?}");
+    assert!(
+        status.success(),
+        "herald dev exits cleanly on Ctrl-C: {status:?}"
+    );
     Ok(())
 }

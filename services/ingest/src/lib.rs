@@ -1,1 +1,150 @@
-//! stub
+//! Herald ingest: takes events in over HTTP (Segment Tracking API), normalises them into
+//! `herald.v1.Event`, and answers only after JetStream has stored every one of them.
+//!
+//! [`start`] runs the whole service (HTTP, gRPC control API, admin); [`router`] is the HTTP API
+//! alone, for tests that drive it with `oneshot`.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod http;
+pub mod publish;
+pub mod segment;
+pub mod sources;
+
+use std::time::Duration;
+
+use herald_common::CommonConfig;
+use herald_common::admin::{self, Readiness};
+use herald_common::nats::{connect, ensure_stream, jetstream, retry_until};
+use herald_common::server::{ServiceHandle, bind, local_addr, serve_grpc, serve_http};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::{IngestConfig, SourceConfig};
+pub use crate::error::{ApiError, IngestError};
+pub use crate::http::{AppState, router};
+
+/// The readiness check flipped once the events stream exists with Herald's config.
+pub const EVENTS_STREAM_CHECK: &str = "events stream";
+
+/// How long shutdown waits for the NATS client to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts the ingest service: binds its HTTP, gRPC and admin listeners (port 0 allowed; the
+/// handle reports the real addresses), connects to NATS (retrying in the background),
+/// provisions the events stream in the background (then `/readyz` turns ready), and serves
+/// until `shutdown`. The handle's task ends when all three servers have stopped and the NATS
+/// client has drained.
+pub async fn start(
+    common: &CommonConfig,
+    cfg: &IngestConfig,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> Result<ServiceHandle, IngestError> {
+    events::describe_metrics();
+    common.topology.validate()?;
+    let http_listener = bind(&cfg.http_addr).await?;
+    let grpc_listener = bind(&cfg.grpc_addr).await?;
+    let admin_listener = bind(&cfg.admin_addr).await?;
+    let (http_addr, grpc_addr, admin_addr) = (
+        local_addr(&http_listener),
+        local_addr(&grpc_listener),
+        local_addr(&admin_listener),
+    );
+
+    let client = connect(&common.nats, "herald-ingest").await?;
+    let state = AppState::new(common, cfg, client.clone())?;
+    let readiness = Readiness::new(client.clone(), &[EVENTS_STREAM_CHECK]);
+
+    // One failing server stops the others; the caller's token stops them all.
+    let stop = shutdown.child_token();
+
+    let js = jetstream(client.clone(), &common.nats);
+    let stream_config = state.topology().events_stream_config();
+    tokio::spawn({
+        let stop = stop.clone();
+        let readiness = readiness.clone();
+        async move {
+            let name = stream_config.name.clone();
+            let created = retry_until("creating the events stream", &stop, || {
+                ensure_stream(&js, stream_config.clone())
+            })
+            .await;
+            if created.is_some() {
+                events::StreamProvisioned { stream: &name }.emit();
+                readiness.set(EVENTS_STREAM_CHECK, true);
+            }
+        }
+    });
+
+    let servers = [
+        (
+            "http",
+            tokio::spawn(serve_http(
+                http_listener,
+                router(state.clone()),
+                stop.clone(),
+            )),
+        ),
+        (
+            "grpc",
+            tokio::spawn(serve_grpc(
+                grpc_listener,
+                tonic::service::Routes::new(grpc::IngestGrpc::new(state).into_server()),
+                grpc::SERVICE_NAME,
+                stop.clone(),
+            )),
+        ),
+        (
+            "admin",
+            tokio::spawn(serve_http(
+                admin_listener,
+                admin::router(metrics, readiness),
+                stop.clone(),
+            )),
+        ),
+    ];
+    let watched = servers.map(|(server, task)| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let failure = match task.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(error) = failure {
+                events::ServerFailed {
+                    server,
+                    error: &error,
+                }
+                .emit();
+                stop.cancel();
+            }
+        })
+    });
+
+    let task = tokio::spawn(async move {
+        for w in watched {
+            let _ = w.await;
+        }
+        // Every request has been answered; hand what is buffered to the server and close.
+        match tokio::time::timeout(DRAIN_TIMEOUT, client.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "draining the NATS connection failed"),
+            Err(_) => tracing::warn!("draining the NATS connection timed out"),
+        }
+        tracing::info!("ingest stopped");
+    });
+
+    Ok(ServiceHandle {
+        name: "ingest",
+        http_addr: Some(http_addr),
+        grpc_addr,
+        admin_addr,
+        task,
+    })
+}

@@ -33,6 +33,10 @@ pub fn undecodable(subject: &str, error: &prost::DecodeError) {
 
 /// Publishing a batch's outputs failed; it will be retried.
 pub fn publish_failed(attempt: u32, error: &str) {
-    tracing::warn!(attempt, error, "publishing processed events failed; retrying");
+    tracing::warn!(
+        attempt,
+        error,
+        "publishing processed events failed; retrying"
+    );
     counter!("herald_processor_publish_retries_total").increment(1);
 }

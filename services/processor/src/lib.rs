@@ -15,8 +15,8 @@ use std::sync::atomic::AtomicU64;
 
 use herald_common::admin::{self, Readiness};
 use herald_common::server::{self, ServiceHandle};
-use herald_common::{CommonConfig, Topology, nats};
 use herald_common::telemetry::PrometheusHandle;
+use herald_common::{CommonConfig, Topology, nats};
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProcessorConfig;

@@ -103,7 +103,16 @@ pub(crate) async fn run(
     while let Some(batch) = reader.next_batch(&cancel).await {
         let started = Instant::now();
         let n = batch.len();
-        if !handle_batch(&js, &topology, batch, keep_alive_every, max_backoff, &cancel).await {
+        if !handle_batch(
+            &js,
+            &topology,
+            batch,
+            keep_alive_every,
+            max_backoff,
+            &cancel,
+        )
+        .await
+        {
             break;
         }
         stats.processed.fetch_add(n as u64, Ordering::Relaxed);
@@ -176,7 +185,9 @@ async fn publish_all(
         let ack = js
             .send_publish(
                 subject.clone(),
-                PublishMessage::build().payload(payload.clone()).message_id(id),
+                PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(id),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -201,7 +212,9 @@ mod tests {
             partition_key: "u1".into(),
             ..Default::default()
         };
-        event.identities.insert("email".into(), "ann@example.com".into());
+        event
+            .identities
+            .insert("email".into(), "ann@example.com".into());
         let p = process_event(event);
         assert_eq!(p.profile_id, "u1");
         let kinds: Vec<_> = p.identities.iter().map(|i| i.r#type.as_str()).collect();

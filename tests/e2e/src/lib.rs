@@ -115,14 +115,19 @@ impl Pipeline {
             http: reqwest::Client::new(),
         };
         for s in [&p.ingest, &p.processor, &p.activator] {
-            wait_ready(&p.http, s.admin_addr).await.with_context(|| s.name)?;
+            wait_ready(&p.http, s.admin_addr)
+                .await
+                .with_context(|| s.name)?;
         }
         Ok(p)
     }
 
     /// Base URL of the ingest HTTP API.
     pub fn ingest_url(&self) -> String {
-        format!("http://{}", self.ingest.http_addr.expect("ingest serves HTTP"))
+        format!(
+            "http://{}",
+            self.ingest.http_addr.expect("ingest serves HTTP")
+        )
     }
 
     /// POSTs a Segment batch with the test write key; returns the status and body.

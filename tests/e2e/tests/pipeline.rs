@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use herald_common::TopologyConfig;
 use herald_e2e::{Pipeline, PipelineOptions, metric_value};
-use herald_testkit::{NatsServer, Received, WebhookServer, segment_batch, segment_track, wait_until};
+use herald_testkit::{
+    NatsServer, Received, WebhookServer, segment_batch, segment_track, wait_until,
+};
 use serde_json::Value;
 
 /// Per user, the `properties.seq` values in arrival order, first delivery of each event only.
@@ -14,7 +16,10 @@ fn per_user_sequences(received: &[Received]) -> BTreeMap<String, Vec<u64>> {
     let mut seen = HashSet::new();
     let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for r in received {
-        let id = r.body["herald"]["eventId"].as_str().unwrap_or_default().to_string();
+        let id = r.body["herald"]["eventId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if !seen.insert(id) {
             continue;
         }
@@ -30,7 +35,10 @@ fn assert_in_order(seqs: &BTreeMap<String, Vec<u64>>, users: usize, per_user: u6
     assert_eq!(seqs.len(), users, "every user's events arrived");
     for (user, s) in seqs {
         let expected: Vec<u64> = (0..per_user).collect();
-        assert_eq!(s, &expected, "events of {user} arrived complete and in order");
+        assert_eq!(
+            s, &expected,
+            "events of {user} arrived complete and in order"
+        );
     }
 }
 
@@ -42,7 +50,10 @@ fn batches(users: usize, per_user: usize, size: usize) -> Vec<Value> {
             items.push(segment_track(&format!("user-{u}"), seq));
         }
     }
-    items.chunks(size).map(|c| segment_batch(c.to_vec())).collect()
+    items
+        .chunks(size)
+        .map(|c| segment_batch(c.to_vec()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,22 +75,39 @@ async fn thousand_events_arrive_exactly_once_in_per_user_order() -> Result<()> {
     }
     let received = hook.wait_for(1000, Duration::from_secs(60)).await?;
     // Give a duplicate the chance to show up before counting.
-    wait_until("the destination backlog drains", Duration::from_secs(20), || async {
-        let m = p.metrics().await.unwrap_or_default();
-        metric_value(&m, "herald_activator_events_delivered_total", &[]) >= 1000.0
-    })
+    wait_until(
+        "the destination backlog drains",
+        Duration::from_secs(20),
+        || async {
+            let m = p.metrics().await.unwrap_or_default();
+            metric_value(&m, "herald_activator_events_delivered_total", &[]) >= 1000.0
+        },
+    )
     .await?;
     let received_after = hook.received();
-    assert_eq!(received_after.len(), 1000, "exactly once: no duplicate deliveries");
+    assert_eq!(
+        received_after.len(),
+        1000,
+        "exactly once: no duplicate deliveries"
+    );
     let ids: HashSet<_> = received
         .iter()
-        .map(|r| r.body["herald"]["eventId"].as_str().unwrap_or_default().to_string())
+        .map(|r| {
+            r.body["herald"]["eventId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect();
     assert_eq!(ids.len(), 1000, "every event id delivered once");
     for r in &received {
         assert_eq!(r.body["type"], "track");
         assert_eq!(r.body["event"], "Order Completed");
-        assert!(r.body["properties"]["revenue"].is_number(), "properties intact: {}", r.body);
+        assert!(
+            r.body["properties"]["revenue"].is_number(),
+            "properties intact: {}",
+            r.body
+        );
         assert_eq!(
             r.headers.get("idempotency-key").map(String::as_str),
             r.body["herald"]["eventId"].as_str()
@@ -88,16 +116,30 @@ async fn thousand_events_arrive_exactly_once_in_per_user_order() -> Result<()> {
     assert_in_order(&per_user_sequences(&received), 50, 20);
 
     let m = p.metrics().await?;
-    assert_eq!(metric_value(&m, "herald_ingest_events_accepted_total", &[]), 1000.0);
     assert_eq!(
-        metric_value(&m, "herald_processor_events_total", &["outcome=\"processed\""]),
+        metric_value(&m, "herald_ingest_events_accepted_total", &[]),
         1000.0
     );
     assert_eq!(
-        metric_value(&m, "herald_activator_events_delivered_total", &["destination=\"hook\""]),
+        metric_value(
+            &m,
+            "herald_processor_events_total",
+            &["outcome=\"processed\""]
+        ),
         1000.0
     );
-    assert!(m.contains("# HELP herald_processor_events_total"), "metrics have HELP text");
+    assert_eq!(
+        metric_value(
+            &m,
+            "herald_activator_events_delivered_total",
+            &["destination=\"hook\""]
+        ),
+        1000.0
+    );
+    assert!(
+        m.contains("# HELP herald_processor_events_total"),
+        "metrics have HELP text"
+    );
     p.stop().await;
     Ok(())
 }
@@ -124,7 +166,11 @@ async fn a_retried_batch_produces_no_duplicates_downstream() -> Result<()> {
     assert_eq!(p.post_batch(&marker).await?.0, 200);
     let received = hook.wait_for(21, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(hook.received().len(), 21, "20 events plus the marker, no duplicates");
+    assert_eq!(
+        hook.received().len(),
+        21,
+        "20 events plus the marker, no duplicates"
+    );
     let ids: HashSet<_> = received
         .iter()
         .map(|r| r.body["messageId"].as_str().unwrap_or_default().to_string())
@@ -132,7 +178,11 @@ async fn a_retried_batch_produces_no_duplicates_downstream() -> Result<()> {
     assert_eq!(ids.len(), 21);
     let m = p.metrics().await?;
     assert!(
-        metric_value(&m, "herald_processor_events_total", &["outcome=\"processed\""]) <= 21.0,
+        metric_value(
+            &m,
+            "herald_processor_events_total",
+            &["outcome=\"processed\""]
+        ) <= 21.0,
         "the processor never saw the duplicates: JetStream dropped them"
     );
     p.stop().await;
@@ -155,14 +205,19 @@ async fn a_failing_webhook_that_recovers_gets_each_users_events_in_order() -> Re
     for b in batches(10, 20, 50) {
         assert_eq!(p.post_batch(&b).await?.0, 200);
     }
-    wait_until("the webhook sees retries", Duration::from_secs(20), || async {
-        hook.attempts() >= 30
-    })
+    wait_until(
+        "the webhook sees retries",
+        Duration::from_secs(20),
+        || async { hook.attempts() >= 30 },
+    )
     .await?;
     // Fail for longer than the ack wait (2 s): in-progress acks must keep messages from being
     // redelivered behind later ones.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(hook.received().is_empty(), "nothing counted as delivered while failing");
+    assert!(
+        hook.received().is_empty(),
+        "nothing counted as delivered while failing"
+    );
     hook.set_healthy();
     let received = hook.wait_for(200, Duration::from_secs(60)).await?;
     assert_in_order(&per_user_sequences(&received), 10, 20);
@@ -203,21 +258,28 @@ async fn three_times_the_events_stream_size_flows_through() -> Result<()> {
         let body = segment_batch(items);
         let size = serde_json::to_vec(&body)?.len() as i64;
         // Wait for room: only possible if consumed events free their space.
-        wait_until("the events stream has room", Duration::from_secs(30), || {
-            let js = js.clone();
-            async move {
-                match js.get_stream("HERALD_EVENTS").await {
-                    Ok(mut s) => match s.info().await {
-                        Ok(info) => (info.state.bytes as i64) + 2 * size < max_bytes,
+        wait_until(
+            "the events stream has room",
+            Duration::from_secs(30),
+            || {
+                let js = js.clone();
+                async move {
+                    match js.get_stream("HERALD_EVENTS").await {
+                        Ok(mut s) => match s.info().await {
+                            Ok(info) => (info.state.bytes as i64) + 2 * size < max_bytes,
+                            Err(_) => false,
+                        },
                         Err(_) => false,
-                    },
-                    Err(_) => false,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         let (status, text) = p.post_batch(&body).await?;
-        ensure!(status == 200, "got {status} {text} after {sent_bytes} bytes");
+        ensure!(
+            status == 200,
+            "got {status} {text} after {sent_bytes} bytes"
+        );
         sent_bytes += size;
         sent_events += 40;
     }

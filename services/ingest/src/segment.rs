@@ -1,0 +1,1002 @@
+//! The Segment Tracking API shape: parsing batches and single events, validating them per call
+//! type, and normalising them into `herald.v1.Event`.
+
+use std::collections::HashMap;
+
+use axum::http::StatusCode;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use herald_common::partition::partition_for;
+use herald_proto::v1::{Consent, Event, EventType};
+use prost::Message as _;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// Longest client `messageId` accepted.
+const MAX_MESSAGE_ID_CHARS: usize = 256;
+
+/// Why one event was not accepted. `reason()` is a bounded label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvent {
+    /// The event is not a JSON object.
+    #[error("each event must be a JSON object")]
+    NotAnObject,
+    /// `type` is missing or not a known call type.
+    #[error("{}", invalid_type_message(.0))]
+    InvalidType(String),
+    /// Neither `userId` nor `anonymousId` was given.
+    #[error("userId or anonymousId is required")]
+    MissingIdentity,
+    /// A track call without `event`.
+    #[error("track events need a non-empty `event` name")]
+    MissingEvent,
+    /// A group call without `groupId`.
+    #[error("group events need a `groupId`")]
+    MissingGroupId,
+    /// An alias call without `previousId`.
+    #[error("alias events need a `previousId`")]
+    MissingPreviousId,
+    /// An alias call without `userId`.
+    #[error("alias events need a `userId`")]
+    MissingUserId,
+    /// A field has the wrong JSON type or shape.
+    #[error("`{field}` must be {expected}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// A timestamp that is not RFC 3339 / ISO 8601.
+    #[error("`{field}` is not an ISO 8601 timestamp such as 2024-05-01T12:00:00.000Z: {value:?}")]
+    InvalidTimestamp {
+        /// The field.
+        field: &'static str,
+        /// The value (truncated).
+        value: String,
+    },
+    /// The event is larger than `max_event_bytes`.
+    #[error("event is {size} bytes, more than the limit of {limit} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+fn invalid_type_message(t: &str) -> String {
+    if t.is_empty() {
+        "event needs a `type`: identify, track, page, screen, group or alias".into()
+    } else {
+        format!("event type {t:?} is not one of identify, track, page, screen, group, alias")
+    }
+}
+
+impl InvalidEvent {
+    /// A bounded label for metrics and the `error` field of a 4xx body.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotAnObject => "not_an_object",
+            Self::InvalidType(_) => "invalid_type",
+            Self::MissingIdentity => "missing_identity",
+            Self::MissingEvent => "missing_event",
+            Self::MissingGroupId => "missing_group_id",
+            Self::MissingPreviousId => "missing_previous_id",
+            Self::MissingUserId => "missing_user_id",
+            Self::InvalidField { .. } => "invalid_field",
+            Self::InvalidTimestamp { .. } => "invalid_timestamp",
+            Self::TooLarge { .. } => "event_too_large",
+        }
+    }
+
+    /// The HTTP status when a single-event call fails with this.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The call type named by a Segment `type` value or path segment.
+pub fn call_type(name: &str) -> Option<EventType> {
+    Some(match name {
+        "identify" => EventType::Identify,
+        "track" => EventType::Track,
+        "page" => EventType::Page,
+        "screen" => EventType::Screen,
+        "group" => EventType::Group,
+        "alias" => EventType::Alias,
+        _ => return None,
+    })
+}
+
+/// A request body: the events it carries plus what applies to all of them.
+#[derive(Debug, Default)]
+pub struct Envelope {
+    /// The events (a batch's items, or the one event of a single-event call).
+    pub items: Vec<Value>,
+    /// Batch-level `context`, merged into each item (item keys win).
+    pub context: Option<Map<String, Value>>,
+    /// Batch-level `integrations`, merged into each item (item keys win).
+    pub integrations: Option<Map<String, Value>>,
+    /// Batch-level `sentAt`.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// `writeKey` from the body.
+    pub write_key: Option<String>,
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::InvalidJson("expected a JSON object".into())),
+        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+    }
+}
+
+fn take_write_key(obj: &mut Map<String, Value>) -> Option<String> {
+    match obj.remove("writeKey") {
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+/// Parses a `/v1/batch` body: `{"batch": [...], "context", "integrations", "sentAt", "writeKey"}`.
+pub fn parse_batch(body: &[u8]) -> Result<Envelope, ApiError> {
+    let mut obj = parse_object(body)?;
+    let write_key = take_write_key(&mut obj);
+    let items = match obj.remove("batch") {
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(ApiError::InvalidBatch(
+                "`batch` must be an array of events".into(),
+            ));
+        }
+        None => {
+            return Err(ApiError::InvalidBatch(
+                "body needs a `batch` array of events".into(),
+            ));
+        }
+    };
+    let defaults = |key: &'static str, obj: &mut Map<String, Value>| match obj.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(ApiError::InvalidBatch(format!(
+            "batch `{key}` must be an object"
+        ))),
+    };
+    let context = defaults("context", &mut obj)?;
+    let integrations = defaults("integrations", &mut obj)?;
+    let sent_at = parse_time(obj.get("sentAt"), "sentAt")
+        .map_err(|e| ApiError::InvalidBatch(format!("batch {e}")))?;
+    Ok(Envelope {
+        items,
+        context,
+        integrations,
+        sent_at,
+        write_key,
+    })
+}
+
+/// Parses a single-event body (`/v1/track` and friends).
+pub fn parse_single(body: &[u8]) -> Result<Envelope, ApiError> {
+    let mut obj = parse_object(body)?;
+    let write_key = take_write_key(&mut obj);
+    Ok(Envelope {
+        items: vec![Value::Object(obj)],
+        write_key,
+        ..Default::default()
+    })
+}
+
+/// What normalisation needs besides the event itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Normaliser<'a> {
+    /// The authenticated source.
+    pub source_id: &'a str,
+    /// When the request arrived.
+    pub received_at: DateTime<Utc>,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Largest encoded event accepted.
+    pub max_event_bytes: usize,
+}
+
+impl Normaliser<'_> {
+    /// Validates one event and turns it into a `herald.v1.Event`. `call` is the call type of a
+    /// single-event path (it wins over the body's `type`); batch items name their own.
+    pub fn normalise(
+        &self,
+        item: Value,
+        call: Option<EventType>,
+        env: &Envelope,
+    ) -> Result<Event, InvalidEvent> {
+        let Value::Object(mut obj) = item else {
+            return Err(InvalidEvent::NotAnObject);
+        };
+        merge_defaults(&mut obj, "context", env.context.as_ref());
+        merge_defaults(&mut obj, "integrations", env.integrations.as_ref());
+
+        let ty = match call {
+            Some(t) => t,
+            None => match obj.get("type") {
+                Some(Value::String(s)) => {
+                    call_type(s).ok_or_else(|| InvalidEvent::InvalidType(truncate(s)))?
+                }
+                None | Some(Value::Null) => return Err(InvalidEvent::InvalidType(String::new())),
+                Some(_) => {
+                    return Err(InvalidEvent::InvalidField {
+                        field: "type",
+                        expected: "a string",
+                    });
+                }
+            },
+        };
+
+        let user_id = id_field(&obj, "userId")?;
+        let anonymous_id = id_field(&obj, "anonymousId")?;
+        let group_id = id_field(&obj, "groupId")?;
+        let previous_id = id_field(&obj, "previousId")?;
+        if user_id.is_empty() && anonymous_id.is_empty() {
+            return Err(InvalidEvent::MissingIdentity);
+        }
+        let name = match ty {
+            EventType::Track => {
+                let name = string_field(&obj, "event")?;
+                if name.is_empty() {
+                    return Err(InvalidEvent::MissingEvent);
+                }
+                name
+            }
+            EventType::Page | EventType::Screen => string_field(&obj, "name")?,
+            _ => String::new(),
+        };
+        match ty {
+            EventType::Group if group_id.is_empty() => return Err(InvalidEvent::MissingGroupId),
+            EventType::Alias if previous_id.is_empty() => {
+                return Err(InvalidEvent::MissingPreviousId);
+            }
+            EventType::Alias if user_id.is_empty() => return Err(InvalidEvent::MissingUserId),
+            _ => {}
+        }
+        for field in ["properties", "traits", "context", "integrations"] {
+            if !matches!(obj.get(field), None | Some(Value::Null | Value::Object(_))) {
+                return Err(InvalidEvent::InvalidField {
+                    field: static_field(field),
+                    expected: "an object",
+                });
+            }
+        }
+
+        let original = match parse_time(obj.get("originalTimestamp"), "originalTimestamp")? {
+            Some(t) => Some(t),
+            None => parse_time(obj.get("timestamp"), "timestamp")?,
+        };
+        let sent_at = parse_time(obj.get("sentAt"), "sentAt")?.or(env.sent_at);
+        let timestamp = corrected_timestamp(self.received_at, sent_at, original);
+
+        let message_id = match obj.get("messageId") {
+            Some(Value::String(s)) if !s.is_empty() => {
+                if s.chars().count() > MAX_MESSAGE_ID_CHARS || s.chars().any(char::is_control) {
+                    return Err(InvalidEvent::InvalidField {
+                        field: "messageId",
+                        expected: "at most 256 characters, without control characters",
+                    });
+                }
+                s.clone()
+            }
+            Some(Value::Number(n)) => n.to_string(),
+            None | Some(Value::Null) | Some(Value::String(_)) => {
+                derive_message_id(self.source_id, ty, &obj, original)
+            }
+            Some(_) => {
+                return Err(InvalidEvent::InvalidField {
+                    field: "messageId",
+                    expected: "a string",
+                });
+            }
+        };
+
+        let consent = obj
+            .get("context")
+            .and_then(|c| c.get("consent"))
+            .and_then(|c| c.get("categoryPreferences"))
+            .and_then(Value::as_object)
+            .map(|prefs| Consent {
+                purposes: prefs
+                    .iter()
+                    .filter_map(|(k, v)| v.as_bool().map(|b| (k.to_lowercase(), b)))
+                    .collect(),
+                opted_out: false,
+                updated_at: Some(to_timestamp(timestamp)),
+            });
+
+        let mut traits = json_bytes(obj.remove("traits"));
+        if traits.is_empty() && ty == EventType::Identify {
+            traits = json_bytes(
+                obj.get("context")
+                    .and_then(|c| c.get("traits"))
+                    .filter(|t| t.is_object())
+                    .cloned(),
+            );
+        }
+        let partition_key = if user_id.is_empty() {
+            anonymous_id.clone()
+        } else {
+            user_id.clone()
+        };
+        let event = Event {
+            id: format!("{}:{message_id}", self.source_id),
+            message_id,
+            source_id: self.source_id.to_string(),
+            r#type: ty as i32,
+            name,
+            user_id,
+            anonymous_id,
+            identities: HashMap::new(),
+            properties: json_bytes(obj.remove("properties")),
+            traits,
+            context: json_bytes(obj.remove("context")),
+            integrations: json_bytes(obj.remove("integrations")),
+            original_timestamp: original.map(to_timestamp),
+            sent_at: sent_at.map(to_timestamp),
+            received_at: Some(to_timestamp(self.received_at)),
+            timestamp: Some(to_timestamp(timestamp)),
+            consent,
+            historical: false,
+            group_id,
+            previous_id,
+            partition: partition_for(&partition_key, self.partitions),
+            partition_key,
+        };
+        let size = event.encoded_len();
+        if size > self.max_event_bytes {
+            return Err(InvalidEvent::TooLarge {
+                size,
+                limit: self.max_event_bytes,
+            });
+        }
+        Ok(event)
+    }
+}
+
+/// The event time corrected for device clock skew: `received_at - (sent_at - original)` when
+/// both device times are known, else `original`, else `received_at`.
+pub fn corrected_timestamp(
+    received_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
+    original: Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    match (sent_at, original) {
+        // Absurd device times can leave chrono's range: then fall back to the device time.
+        (Some(sent), Some(orig)) => received_at.checked_sub_signed(sent - orig).unwrap_or(orig),
+        (None, Some(orig)) => orig,
+        _ => received_at,
+    }
+}
+
+/// Parses an RFC 3339 timestamp (any fraction, `Z` or an offset); one without an offset is
+/// read as UTC. Absent, `null` and `""` are `None`.
+pub fn parse_time(
+    v: Option<&Value>,
+    field: &'static str,
+) -> Result<Option<DateTime<Utc>>, InvalidEvent> {
+    let s = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.is_empty() => return Ok(None),
+        Some(Value::String(s)) => s,
+        Some(other) => {
+            return Err(InvalidEvent::InvalidTimestamp {
+                field,
+                value: truncate(&other.to_string()),
+            });
+        }
+    };
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Some(t.to_utc()));
+    }
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .map(|t| Some(t.and_utc()))
+        .map_err(|_| InvalidEvent::InvalidTimestamp {
+            field,
+            value: truncate(s),
+        })
+}
+
+fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        // A leap second shows as nanos above 1e9, which protobuf timestamps do not allow.
+        nanos: t.timestamp_subsec_nanos().min(999_999_999) as i32,
+    }
+}
+
+fn merge_defaults(obj: &mut Map<String, Value>, key: &str, defaults: Option<&Map<String, Value>>) {
+    let Some(defaults) = defaults else { return };
+    match obj.get_mut(key) {
+        Some(Value::Object(m)) => {
+            for (k, v) in defaults {
+                if !m.contains_key(k) {
+                    m.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        None | Some(Value::Null) => {
+            obj.insert(key.to_string(), Value::Object(defaults.clone()));
+        }
+        Some(_) => {}
+    }
+}
+
+/// An identifier: a string, or a number taken as its decimal text. Absent or `null` is empty.
+fn id_field(obj: &Map<String, Value>, field: &'static str) -> Result<String, InvalidEvent> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(_) => Err(InvalidEvent::InvalidField {
+            field,
+            expected: "a string",
+        }),
+    }
+}
+
+fn string_field(obj: &Map<String, Value>, field: &'static str) -> Result<String, InvalidEvent> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(InvalidEvent::InvalidField {
+            field,
+            expected: "a string",
+        }),
+    }
+}
+
+fn static_field(field: &str) -> &'static str {
+    match field {
+        "properties" => "properties",
+        "traits" => "traits",
+        "context" => "context",
+        _ => "integrations",
+    }
+}
+
+fn json_bytes(v: Option<Value>) -> Vec<u8> {
+    match v {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => serde_json::to_vec(&v).expect("a JSON value serialises"),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// A stable message id for an event the client sent without one: 128-bit FNV-1a over the
+/// source id, the call type, the event's canonical JSON (sorted keys; without `sentAt`,
+/// `writeKey` and `messageId`, which change between retries or are absent) and its device
+/// timestamp, as 32 hex digits. A retried request derives the same id, so JetStream drops the
+/// duplicate.
+pub fn derive_message_id(
+    source_id: &str,
+    ty: EventType,
+    obj: &Map<String, Value>,
+    original: Option<DateTime<Utc>>,
+) -> String {
+    let mut h = Fnv128::new();
+    h.write(source_id.as_bytes());
+    h.write(&[0]);
+    h.write(ty.as_str_name().as_bytes());
+    h.write(&[0]);
+    let mut buf = Vec::with_capacity(256);
+    buf.push(b'{');
+    let mut keys: Vec<&String> = obj
+        .keys()
+        .filter(|k| !matches!(k.as_str(), "sentAt" | "writeKey" | "messageId"))
+        .collect();
+    keys.sort();
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_json_string(k, &mut buf);
+        buf.push(b':');
+        write_canonical(&obj[k], &mut buf);
+    }
+    buf.push(b'}');
+    h.write(&buf);
+    h.write(&[0]);
+    if let Some(t) = original {
+        h.write(
+            &t.timestamp_nanos_opt()
+                .unwrap_or(t.timestamp())
+                .to_be_bytes(),
+        );
+    }
+    format!("{:032x}", h.finish())
+}
+
+/// JSON with object keys sorted at every level, so equal values give equal bytes whatever the
+/// key order the client used.
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(m) => {
+            out.push(b'{');
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_string(k, out);
+                out.push(b':');
+                write_canonical(&m[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(b']');
+        }
+        scalar => {
+            serde_json::to_writer(&mut *out, scalar).expect("writing to a Vec cannot fail");
+        }
+    }
+}
+
+fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+/// FNV-1a, 128-bit: stable across processes, platforms and releases.
+struct Fnv128(u128);
+
+impl Fnv128 {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+
+    fn new() -> Self {
+        Self(Self::OFFSET)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u128::from(*b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+
+    fn finish(&self) -> u128 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 10).unwrap()
+    }
+
+    fn norm() -> Normaliser<'static> {
+        Normaliser {
+            source_id: "web",
+            received_at: now(),
+            partitions: 16,
+            max_event_bytes: 32 * 1024,
+        }
+    }
+
+    fn ts(s: &str) -> prost_types::Timestamp {
+        to_timestamp(DateTime::parse_from_rfc3339(s).unwrap().to_utc())
+    }
+
+    fn one(item: Value) -> Result<Event, InvalidEvent> {
+        norm().normalise(item, None, &Envelope::default())
+    }
+
+    #[test]
+    fn fnv128_known_values() {
+        // Published FNV-1a 128 test vectors.
+        let mut h = Fnv128::new();
+        assert_eq!(h.finish(), 0x6c62272e07bb014262b821756295c58d);
+        h.write(b"a");
+        assert_eq!(h.finish(), 0xd228cb696f1a8caf78912b704e4a8964);
+    }
+
+    #[test]
+    fn validation_table() {
+        let cases: Vec<(Value, Option<&str>)> = vec![
+            (json!({"type": "track", "userId": "u", "event": "E"}), None),
+            (
+                json!({"type": "track", "anonymousId": "a", "event": "E"}),
+                None,
+            ),
+            (json!({"type": "track", "userId": 42, "event": "E"}), None),
+            (
+                json!({"type": "track", "userId": "u"}),
+                Some("missing_event"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": ""}),
+                Some("missing_event"),
+            ),
+            (
+                json!({"type": "track", "event": "E"}),
+                Some("missing_identity"),
+            ),
+            (
+                json!({"type": "track", "userId": "", "anonymousId": null, "event": "E"}),
+                Some("missing_identity"),
+            ),
+            (json!({"type": "identify", "userId": "u"}), None),
+            (json!({"type": "page", "userId": "u"}), None),
+            (
+                json!({"type": "screen", "anonymousId": "a", "name": "Home"}),
+                None,
+            ),
+            (
+                json!({"type": "group", "userId": "u"}),
+                Some("missing_group_id"),
+            ),
+            (
+                json!({"type": "group", "userId": "u", "groupId": "g"}),
+                None,
+            ),
+            (
+                json!({"type": "alias", "userId": "u"}),
+                Some("missing_previous_id"),
+            ),
+            (
+                json!({"type": "alias", "anonymousId": "a", "previousId": "p"}),
+                Some("missing_user_id"),
+            ),
+            (
+                json!({"type": "alias", "userId": "u", "previousId": "p"}),
+                None,
+            ),
+            (json!({"userId": "u"}), Some("invalid_type")),
+            (
+                json!({"type": "purchase", "userId": "u"}),
+                Some("invalid_type"),
+            ),
+            (json!({"type": 3, "userId": "u"}), Some("invalid_field")),
+            (
+                json!({"type": "track", "userId": {"a": 1}, "event": "E"}),
+                Some("invalid_field"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": 7}),
+                Some("invalid_field"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "properties": [1]}),
+                Some("invalid_field"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "context": "x"}),
+                Some("invalid_field"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "messageId": "a\nb"}),
+                Some("invalid_field"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "messageId": true}),
+                Some("invalid_field"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "timestamp": "yesterday"}),
+                Some("invalid_timestamp"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "timestamp": 1714564800}),
+                Some("invalid_timestamp"),
+            ),
+            (json!(["not", "an", "object"]), Some("not_an_object")),
+        ];
+        for (item, want) in cases {
+            let got = one(item.clone()).err().map(|e| e.reason());
+            assert_eq!(got, want, "{item}");
+        }
+    }
+
+    #[test]
+    fn path_type_wins_over_body_type() {
+        let e = norm()
+            .normalise(
+                json!({"type": "identify", "userId": "u", "event": "E"}),
+                Some(EventType::Track),
+                &Envelope::default(),
+            )
+            .expect("valid");
+        assert_eq!(e.r#type(), EventType::Track);
+        assert_eq!(e.name, "E");
+    }
+
+    #[test]
+    fn normalises_fields() {
+        let e = one(json!({
+            "type": "track", "userId": "u1", "anonymousId": "a1", "event": "Order Completed",
+            "messageId": "m-1", "properties": {"revenue": 9.5},
+            "context": {"ip": "203.0.113.7", "consent": {"categoryPreferences":
+                {"Advertising": false, "Analytics": true, "bogus": "yes"}}},
+            "integrations": {"All": true},
+            "timestamp": "2024-05-01T12:00:00.000Z"
+        }))
+        .expect("valid");
+        assert_eq!(e.id, "web:m-1");
+        assert_eq!(e.message_id, "m-1");
+        assert_eq!(e.source_id, "web");
+        assert_eq!(e.r#type(), EventType::Track);
+        assert_eq!(e.name, "Order Completed");
+        assert_eq!(e.user_id, "u1");
+        assert_eq!(e.anonymous_id, "a1");
+        assert_eq!(e.partition_key, "u1");
+        assert_eq!(e.partition, partition_for("u1", 16));
+        let props: Value = serde_json::from_slice(&e.properties).unwrap();
+        assert_eq!(props, json!({"revenue": 9.5}));
+        assert!(e.traits.is_empty());
+        let ctx: Value = serde_json::from_slice(&e.context).unwrap();
+        assert_eq!(ctx["ip"], "203.0.113.7");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&e.integrations).unwrap(),
+            json!({"All": true})
+        );
+        let consent = e.consent.expect("consent");
+        assert_eq!(consent.purposes.len(), 2);
+        assert!(!consent.purposes["advertising"]);
+        assert!(consent.purposes["analytics"]);
+        assert_eq!(e.original_timestamp, Some(ts("2024-05-01T12:00:00Z")));
+        assert_eq!(e.timestamp, Some(ts("2024-05-01T12:00:00Z")));
+        assert_eq!(e.sent_at, None);
+        assert_eq!(e.received_at, Some(to_timestamp(now())));
+    }
+
+    #[test]
+    fn partition_key_falls_back_to_anonymous_id() {
+        let e = one(json!({"type": "page", "anonymousId": "a9", "name": "Home"})).unwrap();
+        assert_eq!(e.partition_key, "a9");
+        assert_eq!(e.name, "Home");
+        assert_eq!(e.partition, partition_for("a9", 16));
+        assert!(e.consent.is_none());
+        assert!(e.properties.is_empty() && e.context.is_empty());
+    }
+
+    #[test]
+    fn identify_traits_from_context_when_absent() {
+        let e = one(json!({"type": "identify", "userId": "u",
+            "context": {"traits": {"email": "a@example.com"}}}))
+        .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&e.traits).unwrap(),
+            json!({"email": "a@example.com"})
+        );
+        let e = one(
+            json!({"type": "identify", "userId": "u", "traits": {"plan": "pro"},
+            "context": {"traits": {"email": "a@example.com"}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&e.traits).unwrap(),
+            json!({"plan": "pro"})
+        );
+        // Only identify reads context.traits.
+        let e = one(json!({"type": "track", "userId": "u", "event": "E",
+            "context": {"traits": {"email": "a@example.com"}}}))
+        .unwrap();
+        assert!(e.traits.is_empty());
+    }
+
+    #[test]
+    fn group_and_alias_ids() {
+        let e = one(json!({"type": "group", "userId": "u", "groupId": 17})).unwrap();
+        assert_eq!(e.group_id, "17");
+        let e = one(json!({"type": "alias", "userId": "u", "previousId": "anon"})).unwrap();
+        assert_eq!(e.previous_id, "anon");
+    }
+
+    #[test]
+    fn timestamps_table() {
+        // (originalTimestamp, timestamp, item sentAt, batch sentAt) -> (original, sent, corrected)
+        let r = "2024-05-01T12:00:10Z"; // received_at
+        let cases = [
+            // Device clock 1 h behind: sent 1 s after the event → corrected to received - 1 s.
+            (
+                None,
+                Some("2024-05-01T11:00:00.000Z"),
+                None,
+                Some("2024-05-01T11:00:01.000Z"),
+                Some("2024-05-01T11:00:00Z"),
+                Some("2024-05-01T11:00:01Z"),
+                "2024-05-01T12:00:09Z",
+            ),
+            // originalTimestamp wins over timestamp; item sentAt wins over batch sentAt.
+            (
+                Some("2024-05-01T12:00:00Z"),
+                Some("2020-01-01T00:00:00Z"),
+                Some("2024-05-01T12:00:02Z"),
+                Some("2030-01-01T00:00:00Z"),
+                Some("2024-05-01T12:00:00Z"),
+                Some("2024-05-01T12:00:02Z"),
+                "2024-05-01T12:00:08Z",
+            ),
+            // Microseconds and offsets.
+            (
+                None,
+                Some("2024-05-01T14:00:00.000001+02:00"),
+                None,
+                Some("2024-05-01T12:00:00.500001Z"),
+                Some("2024-05-01T12:00:00.000001Z"),
+                Some("2024-05-01T12:00:00.500001Z"),
+                "2024-05-01T12:00:09.500Z",
+            ),
+            // No sentAt: the device time as is.
+            (
+                None,
+                Some("2024-05-01T11:59:00Z"),
+                None,
+                None,
+                Some("2024-05-01T11:59:00Z"),
+                None,
+                "2024-05-01T11:59:00Z",
+            ),
+            // No offset: read as UTC.
+            (
+                None,
+                Some("2024-05-01T11:59:00.25"),
+                None,
+                None,
+                Some("2024-05-01T11:59:00.25Z"),
+                None,
+                "2024-05-01T11:59:00.25Z",
+            ),
+            // sentAt only: received_at.
+            (
+                None,
+                None,
+                Some("2024-05-01T11:59:00Z"),
+                None,
+                None,
+                Some("2024-05-01T11:59:00Z"),
+                r,
+            ),
+            // Nothing: received_at.
+            (None, None, None, None, None, None, r),
+        ];
+        for (orig, stamp, sent, batch_sent, want_orig, want_sent, want_ts) in cases {
+            let mut item = json!({"type": "track", "userId": "u", "event": "E"});
+            if let Some(v) = orig {
+                item["originalTimestamp"] = json!(v);
+            }
+            if let Some(v) = stamp {
+                item["timestamp"] = json!(v);
+            }
+            if let Some(v) = sent {
+                item["sentAt"] = json!(v);
+            }
+            let env = Envelope {
+                sent_at: batch_sent.map(|s| DateTime::parse_from_rfc3339(s).unwrap().to_utc()),
+                ..Default::default()
+            };
+            let e = norm().normalise(item.clone(), None, &env).expect("valid");
+            assert_eq!(e.original_timestamp, want_orig.map(ts), "{item}");
+            assert_eq!(e.sent_at, want_sent.map(ts), "{item}");
+            assert_eq!(e.timestamp, Some(ts(want_ts)), "{item}");
+        }
+    }
+
+    #[test]
+    fn skew_correction_never_overflows() {
+        let (min, max) = (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC);
+        assert_eq!(corrected_timestamp(now(), Some(max), Some(min)), min);
+        assert_eq!(corrected_timestamp(now(), Some(min), Some(max)), max);
+    }
+
+    #[test]
+    fn derived_message_ids_are_stable() {
+        let a = json!({"type": "track", "userId": "u", "event": "E",
+            "properties": {"a": 1, "b": [1, {"y": 2, "x": 1}]}, "timestamp": "2024-05-01T12:00:00Z"});
+        // Same content, other key order, another sentAt: same id.
+        let b = json!({"timestamp": "2024-05-01T12:00:00Z", "sentAt": "2024-05-01T12:00:05Z",
+            "properties": {"b": [1, {"x": 1, "y": 2}], "a": 1}, "event": "E", "userId": "u", "type": "track"});
+        let ea = one(a.clone()).unwrap();
+        let eb = one(b).unwrap();
+        assert_eq!(ea.message_id, eb.message_id);
+        assert_eq!(ea.message_id.len(), 32);
+        assert!(ea.message_id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(ea.id, format!("web:{}", ea.message_id));
+        // Different timestamp, content or source: different id.
+        let mut c = a.clone();
+        c["timestamp"] = json!("2024-05-01T12:00:01Z");
+        assert_ne!(one(c).unwrap().message_id, ea.message_id);
+        let mut d = a.clone();
+        d["properties"]["a"] = json!(2);
+        assert_ne!(one(d).unwrap().message_id, ea.message_id);
+        let other = Normaliser {
+            source_id: "ios",
+            ..norm()
+        };
+        let e = other
+            .normalise(a.clone(), None, &Envelope::default())
+            .unwrap();
+        assert_ne!(e.message_id, ea.message_id);
+        // Empty messageId is derived too; a numeric one is kept as text.
+        let mut f = a.clone();
+        f["messageId"] = json!("");
+        assert_eq!(one(f).unwrap().message_id, ea.message_id);
+        let mut g = a;
+        g["messageId"] = json!(12345);
+        assert_eq!(one(g).unwrap().message_id, "12345");
+    }
+
+    #[test]
+    fn batch_defaults_merge_item_keys_win() {
+        let env = parse_batch(
+            br#"{"batch":[{"type":"track","userId":"u","event":"E","context":{"ip":"1.1.1.1"}},
+                          {"type":"track","userId":"u","event":"F"}],
+                 "context":{"ip":"9.9.9.9","locale":"en"},"integrations":{"All":false},
+                 "sentAt":"2024-05-01T12:00:00Z","writeKey":"k"}"#,
+        )
+        .expect("valid batch");
+        assert_eq!(env.write_key.as_deref(), Some("k"));
+        assert_eq!(env.items.len(), 2);
+        let events: Vec<Event> = env
+            .items
+            .iter()
+            .map(|i| norm().normalise(i.clone(), None, &env).unwrap())
+            .collect();
+        let ctx0: Value = serde_json::from_slice(&events[0].context).unwrap();
+        assert_eq!(ctx0, json!({"ip": "1.1.1.1", "locale": "en"}));
+        let ctx1: Value = serde_json::from_slice(&events[1].context).unwrap();
+        assert_eq!(ctx1, json!({"ip": "9.9.9.9", "locale": "en"}));
+        let int1: Value = serde_json::from_slice(&events[1].integrations).unwrap();
+        assert_eq!(int1, json!({"All": false}));
+        assert_eq!(events[1].sent_at, Some(ts("2024-05-01T12:00:00Z")));
+    }
+
+    #[test]
+    fn batch_shape_errors() {
+        for (body, kind) in [
+            (&br#"{"batch": "#[..], "invalid_json"),
+            (br#"[1,2]"#, "invalid_json"),
+            (br#"{"events": []}"#, "invalid_batch"),
+            (br#"{"batch": {}}"#, "invalid_batch"),
+            (br#"{"batch": [], "context": 3}"#, "invalid_batch"),
+            (br#"{"batch": [], "sentAt": "soon"}"#, "invalid_batch"),
+        ] {
+            let err = parse_batch(body).unwrap_err();
+            assert_eq!(err.kind(), kind, "{}", String::from_utf8_lossy(body));
+        }
+        assert!(parse_batch(br#"{"batch": []}"#).unwrap().items.is_empty());
+    }
+
+    #[test]
+    fn oversized_events_are_rejected() {
+        let n = Normaliser {
+            max_event_bytes: 200,
+            ..norm()
+        };
+        let big = "x".repeat(300);
+        let err = n
+            .normalise(
+                json!({"type": "track", "userId": "u", "event": "E", "properties": {"p": big}}),
+                None,
+                &Envelope::default(),
+            )
+            .unwrap_err();
+        assert_eq!(err.reason(), "event_too_large");
+        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

@@ -1,0 +1,386 @@
+//! Shared harness of the ingest integration tests: a real nats-server, the events stream with a
+//! durable consumer (the stream has interest retention: without a consumer nothing is kept),
+//! and the ingest router over a real NATS client.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use base64::Engine as _;
+use herald_common::nats::{ensure_stream, is_connected};
+use herald_common::{CommonConfig, NatsConfig, Secret, Topology, TopologyConfig};
+use herald_ingest::{AppState, IngestConfig, SourceConfig, router};
+use herald_proto::v1::{Event, EventType};
+use herald_testkit::{NatsServer, wait_until};
+use http_body_util::BodyExt as _;
+use prost::Message as _;
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+/// The write key the SDK fixtures were recorded with.
+pub const WRITE_KEY: &str = "acceptance-write-key";
+/// The source that key belongs to.
+pub const SOURCE: &str = "acceptance";
+/// A disabled source's key.
+pub const DISABLED_KEY: &str = "disabled-write-key";
+
+/// The ingest config the tests use: the acceptance source plus a disabled one.
+pub fn ingest_config() -> IngestConfig {
+    IngestConfig {
+        publish_timeout_ms: 2_000,
+        sources: vec![
+            SourceConfig {
+                id: SOURCE.into(),
+                name: "Acceptance".into(),
+                write_key: Secret(WRITE_KEY.into()),
+                enabled: true,
+            },
+            SourceConfig {
+                id: "disabled".into(),
+                name: "Disabled".into(),
+                write_key: Secret(DISABLED_KEY.into()),
+                enabled: false,
+            },
+        ],
+        ..Default::default()
+    }
+}
+
+/// Shared config pointing at `url`.
+pub fn common_config(url: &str) -> CommonConfig {
+    CommonConfig {
+        nats: NatsConfig {
+            servers: url.into(),
+            request_timeout_ms: 2_000,
+            ..Default::default()
+        },
+        topology: TopologyConfig {
+            partitions: 4,
+            ..Default::default()
+        },
+    }
+}
+
+/// A nats-server, the events stream with a durable consumer, and the ingest router.
+pub struct Harness {
+    /// The server.
+    pub nats: NatsServer,
+    /// The router's state.
+    pub state: AppState,
+    /// A JetStream context of the test's own.
+    pub js: jetstream::Context,
+    /// Names of streams and subjects.
+    pub topology: Topology,
+}
+
+impl Harness {
+    /// Defaults.
+    pub async fn start() -> Self {
+        Self::with(|_, _| {}).await
+    }
+
+    /// With config changes applied before anything is created.
+    pub async fn with(tweak: impl FnOnce(&mut CommonConfig, &mut IngestConfig)) -> Self {
+        let nats = NatsServer::start().await.expect("nats-server starts");
+        let mut common = common_config(&nats.url());
+        let mut cfg = ingest_config();
+        tweak(&mut common, &mut cfg);
+        let topology = Topology::new(common.topology.clone());
+
+        let client = herald_common::nats::connect(&common.nats, "ingest-test")
+            .await
+            .expect("client");
+        let c = client.clone();
+        wait_until(
+            "the NATS client is connected",
+            Duration::from_secs(10),
+            || {
+                let c = c.clone();
+                async move { is_connected(&c) }
+            },
+        )
+        .await
+        .expect("connected");
+        let js = herald_common::nats::jetstream(client.clone(), &common.nats);
+        ensure_stream(&js, topology.events_stream_config())
+            .await
+            .expect("events stream");
+        js.get_stream(topology.events_stream())
+            .await
+            .expect("stream exists")
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("test-reader".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .expect("durable consumer");
+        let state = AppState::new(&common, &cfg, client).expect("valid config");
+        Self {
+            nats,
+            state,
+            js,
+            topology,
+        }
+    }
+
+    /// The router under test.
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    /// Sends one request through the router.
+    pub async fn send(&self, req: Request<Body>) -> Reply {
+        let res = self.router().oneshot(req).await.expect("infallible");
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// POSTs `body` to `path`, with `key` as the HTTP Basic user name when given.
+    pub async fn post(&self, path: &str, key: Option<&str>, body: impl Into<Body>) -> Reply {
+        let mut req = Request::post(path).header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = key {
+            req = req.header(header::AUTHORIZATION, basic(key));
+        }
+        self.send(req.body(body.into()).expect("request")).await
+    }
+
+    /// POSTs a JSON value with the acceptance key.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        self.post(path, Some(WRITE_KEY), body.to_string()).await
+    }
+
+    /// Every event stored in the events stream, in stream order.
+    pub async fn stored(&self) -> Vec<Event> {
+        let mut stream = self
+            .js
+            .get_stream(self.topology.events_stream())
+            .await
+            .expect("stream");
+        let state = stream.info().await.expect("stream info").state.clone();
+        let mut events = Vec::new();
+        for seq in state.first_sequence..=state.last_sequence {
+            if state.messages == 0 {
+                break;
+            }
+            if let Ok(msg) = stream.get_raw_message(seq).await {
+                events.push(Event::decode(msg.payload).expect("a herald.v1.Event"));
+            }
+        }
+        events
+    }
+}
+
+/// `Basic base64(key:)`.
+pub fn basic(key: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
+    )
+}
+
+/// An answer.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("JSON body ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Asserts exactly `200 {"success":true}` with a JSON content type.
+    pub fn assert_success(&self) {
+        assert_eq!(
+            self.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(self.body, br#"{"success":true}"#);
+        assert_eq!(self.headers[header::CONTENT_TYPE], "application/json");
+    }
+
+    /// Asserts an error answer: status, `error` kind, a non-empty message, JSON content type.
+    pub fn assert_error(&self, status: StatusCode, kind: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(self.headers[header::CONTENT_TYPE], "application/json");
+        let body = self.json();
+        assert_eq!(body["error"], kind, "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+}
+
+/// The recorded SDK requests of one client.
+pub fn fixtures(folder: &str) -> Vec<Fixture> {
+    let dir = fixtures_dir().join(folder);
+    let mut metas: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("fixtures folder {}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".meta.json"))
+        .collect();
+    metas.sort();
+    assert!(!metas.is_empty(), "no fixtures in {}", dir.display());
+    metas
+        .into_iter()
+        .map(|meta_path| {
+            let meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).expect("meta"))
+                .expect("meta JSON");
+            let body_path =
+                PathBuf::from(meta_path.to_string_lossy().replace(".meta.json", ".json"));
+            let body = std::fs::read(&body_path).expect("fixture body");
+            let headers = meta["headers"]
+                .as_object()
+                .expect("headers")
+                .iter()
+                .filter(|(k, _)| {
+                    // Bodies are stored decoded (no gzip yet); the client sets length and host.
+                    !["host", "content-length", "content-encoding", "connection"]
+                        .contains(&k.to_ascii_lowercase().as_str())
+                })
+                .map(|(k, v)| (k.clone(), v.as_str().expect("header value").to_string()))
+                .collect();
+            Fixture {
+                name: meta_path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+                method: meta["method"].as_str().expect("method").to_string(),
+                path: meta["path"].as_str().expect("path").to_string(),
+                headers,
+                json: serde_json::from_slice(&body).expect("fixture body is JSON"),
+                body,
+            }
+        })
+        .collect()
+}
+
+/// `/work/shared/fixtures/sdk-requests`: the shared folder sits next to the repository.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sdk-requests")
+}
+
+/// One recorded request.
+#[derive(Debug)]
+pub struct Fixture {
+    /// File name of its metadata.
+    pub name: String,
+    /// HTTP method.
+    pub method: String,
+    /// Path, e.g. `/v1/batch`.
+    pub path: String,
+    /// Headers to replay.
+    pub headers: Vec<(String, String)>,
+    /// The body as sent (decoded).
+    pub body: Vec<u8>,
+    /// The body parsed.
+    pub json: Value,
+}
+
+/// What one event of a fixture must become.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expected {
+    /// Herald's event id.
+    pub id: String,
+    /// Call type.
+    pub ty: EventType,
+    /// User id.
+    pub user_id: String,
+    /// Track event or page/screen name.
+    pub name: String,
+    /// The client's message id.
+    pub message_id: String,
+}
+
+impl Fixture {
+    /// The request to replay.
+    pub fn request(&self) -> Request<Body> {
+        let mut req = Request::builder()
+            .method(self.method.as_str())
+            .uri(self.path.as_str());
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        req.body(Body::from(self.body.clone())).expect("request")
+    }
+
+    /// The events the request carries.
+    pub fn expected(&self) -> Vec<Expected> {
+        let (items, path_type) = match self.path.as_str() {
+            "/v1/batch" => (self.json["batch"].as_array().expect("batch").clone(), None),
+            p => (
+                vec![self.json.clone()],
+                Some(p.trim_start_matches("/v1/").to_string()),
+            ),
+        };
+        items
+            .iter()
+            .map(|item| {
+                let ty_name = path_type
+                    .clone()
+                    .unwrap_or_else(|| item["type"].as_str().expect("type").to_string());
+                let ty = herald_ingest::segment::call_type(&ty_name).expect("known type");
+                let name = match ty {
+                    EventType::Track => item["event"].as_str().unwrap_or_default(),
+                    EventType::Page | EventType::Screen => {
+                        item["name"].as_str().unwrap_or_default()
+                    }
+                    _ => "",
+                };
+                let message_id = item["messageId"].as_str().expect("messageId").to_string();
+                Expected {
+                    id: format!("{SOURCE}:{message_id}"),
+                    ty,
+                    user_id: item["userId"].as_str().unwrap_or_default().to_string(),
+                    name: name.to_string(),
+                    message_id,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The comparable fields of a stored event.
+pub fn observed(e: &Event) -> Expected {
+    Expected {
+        id: e.id.clone(),
+        ty: e.r#type(),
+        user_id: e.user_id.clone(),
+        name: e.name.clone(),
+        message_id: e.message_id.clone(),
+    }
+}
