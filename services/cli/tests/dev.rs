@@ -27,12 +27,13 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    let grpc = [free_port(), free_port(), free_port()];
     for (var, port) in [
-        ("HERALD__INGEST__GRPC_ADDR", free_port()),
+        ("HERALD__INGEST__GRPC_ADDR", grpc[0]),
         ("HERALD__INGEST__ADMIN_ADDR", free_port()),
-        ("HERALD__PROCESSOR__GRPC_ADDR", free_port()),
+        ("HERALD__PROCESSOR__GRPC_ADDR", grpc[1]),
         ("HERALD__PROCESSOR__ADMIN_ADDR", free_port()),
-        ("HERALD__ACTIVATOR__GRPC_ADDR", free_port()),
+        ("HERALD__ACTIVATOR__GRPC_ADDR", grpc[2]),
         ("HERALD__ACTIVATOR__ADMIN_ADDR", free_port()),
     ] {
         cmd.env(var, format!("127.0.0.1:{port}"));
@@ -85,6 +86,48 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
     assert_eq!(event["userId"], "user-1");
     assert_eq!(event["properties"]["plan"], "pro");
     eprintln!("curl to log line: {latency:?}");
+
+    // Every control RPC has a CLI command that reaches the running services.
+    for (args, expected) in [
+        (vec!["sources", "list", "--ingest-url"], "default"),
+        (vec!["status", "--processor-url"], "processed    1"),
+        (vec!["destinations", "list", "--activator-url"], "log"),
+    ] {
+        let port = match args[0] {
+            "sources" => grpc[0],
+            "status" => grpc[1],
+            _ => grpc[2],
+        };
+        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(&args)
+            .arg(format!("http://127.0.0.1:{port}"))
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "herald {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(expected),
+            "herald {args:?} printed {stdout}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "status",
+            "--processor-url",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("is `herald processor` (or `herald dev`) running?"),
+        "an unreachable service gets an error that says what to do"
+    );
 
     // Ctrl-C stops everything cleanly.
     let pid = child.id().expect("running");
