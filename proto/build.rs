@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "herald/v1/event.proto",
-        "herald/v1/ingest.proto",
-        "herald/v1/processor.proto",
-        "herald/v1/activator.proto",
-    ];
+    // Every .proto under herald/v1, so adding a file needs no change here.
+    println!("cargo:rerun-if-changed=herald/v1");
+    let mut files: Vec<String> = std::fs::read_dir("herald/v1")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "proto"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

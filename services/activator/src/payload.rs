@@ -5,7 +5,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use herald_proto::v1::{Consent, EventType, ProcessedEvent};
 use serde_json::{Map, Value, json};
 
-/// The Segment call name of an event type.
+/// The Segment call name of an event type (Herald's own types use their snake_case names).
 pub fn type_name(t: EventType) -> &'static str {
     match t {
         EventType::Track => "track",
@@ -14,6 +14,15 @@ pub fn type_name(t: EventType) -> &'static str {
         EventType::Screen => "screen",
         EventType::Group => "group",
         EventType::Alias => "alias",
+        EventType::SessionStart => "session_start",
+        EventType::SessionEnd => "session_end",
+        EventType::Commerce => "commerce",
+        EventType::OptOut => "opt_out",
+        EventType::UserAttributeChange => "user_attribute_change",
+        EventType::UserIdentityChange => "user_identity_change",
+        EventType::Application => "application",
+        EventType::ConsentChanged => "consent_changed",
+        EventType::Erasure => "erasure",
         EventType::Unspecified => "unspecified",
     }
 }
@@ -63,9 +72,8 @@ pub fn render(p: &ProcessedEvent) -> Value {
         }
     };
     match kind {
-        EventType::Track => put("event", &e.name),
         EventType::Page | EventType::Screen => put("name", &e.name),
-        _ => {}
+        _ => put("event", &e.name),
     }
     put("userId", &e.user_id);
     put("anonymousId", &e.anonymous_id);

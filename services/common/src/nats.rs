@@ -152,6 +152,41 @@ impl Topology {
         format!("{}.processed.*", self.cfg.prefix)
     }
 
+    /// The quarantine stream: events or messages that failed validation, with their reason.
+    pub fn quarantine_stream(&self) -> String {
+        format!("{}_QUARANTINE", self.upper)
+    }
+
+    /// The quarantine subject of one source.
+    pub fn quarantine_subject(&self, source_id: &str) -> String {
+        format!("{}.quarantine.{source_id}", self.cfg.prefix)
+    }
+
+    /// Subjects of every source's quarantine.
+    pub fn quarantine_wildcard(&self) -> String {
+        format!("{}.quarantine.*", self.cfg.prefix)
+    }
+
+    /// The NATS intake stream: services publish events to `<prefix>.in.<source>`.
+    pub fn intake_stream(&self) -> String {
+        format!("{}_INTAKE", self.upper)
+    }
+
+    /// The intake subject of one source.
+    pub fn intake_subject(&self, source_id: &str) -> String {
+        format!("{}.in.{source_id}", self.cfg.prefix)
+    }
+
+    /// Subjects of every source's intake.
+    pub fn intake_wildcard(&self) -> String {
+        format!("{}.in.*", self.cfg.prefix)
+    }
+
+    /// A key-value bucket's name, e.g. `bucket("config")` is `herald-config`.
+    pub fn bucket(&self, name: &str) -> String {
+        format!("{}-{name}", self.cfg.prefix)
+    }
+
     /// Config of the events stream: interest retention (consumed events free their space),
     /// DiscardNew (a full stream pushes back), file storage.
     pub fn events_stream_config(&self) -> stream::Config {

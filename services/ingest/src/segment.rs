@@ -349,6 +349,7 @@ impl Normaliser<'_> {
             previous_id,
             partition: partition_for(&partition_key, self.partitions),
             partition_key,
+            ..Default::default()
         };
         let size = event.encoded_len();
         if size > self.max_event_bytes {
