@@ -80,6 +80,7 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
         id: "default".into(),
         name: "Default source (herald dev)".into(),
         write_key: Secret(write_key.clone()),
+        write_secret: None,
         enabled: true,
     });
     cfg.activator.destinations.push(DestinationConfig {

@@ -51,6 +51,9 @@ pub struct SourceConfig {
     pub name: String,
     /// The write key clients authenticate with (HTTP Basic user name or body `writeKey`).
     pub write_key: Secret,
+    /// The mParticle secret paired with the write key (Basic `key:secret` on `/v2/*`).
+    #[serde(default)]
+    pub write_secret: Option<Secret>,
     /// Whether the source accepts events; a disabled source's requests get 403.
     #[serde(default = "enabled_default")]
     pub enabled: bool,

@@ -23,7 +23,18 @@ pub struct Source {
 
 struct Entry {
     key: Box<[u8]>,
+    /// The mParticle secret paired with the key, if the source has one.
+    secret: Option<Box<[u8]>>,
     source: Source,
+}
+
+/// Why a key and secret pair was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairAuthError {
+    /// No source has this key.
+    UnknownKey,
+    /// The key is known but the secret does not match (or the source has none).
+    BadSecret,
 }
 
 /// Looks up sources by write key, comparing keys in constant time.
@@ -76,6 +87,10 @@ impl SourceRegistry {
             };
             bucket.push(Entry {
                 key: key.as_bytes().into(),
+                secret: s
+                    .write_secret
+                    .as_ref()
+                    .map(|x| x.expose().as_bytes().into()),
                 source: source.clone(),
             });
             list.push(source);
@@ -93,6 +108,23 @@ impl SourceRegistry {
             }
         }
         found
+    }
+
+    /// The source whose key is `key` and whose secret is `secret` (mParticle's Basic
+    /// `key:secret`), compared in constant time.
+    pub fn authenticate_pair(&self, key: &str, secret: &str) -> Result<&Source, PairAuthError> {
+        let candidates = self
+            .by_hash
+            .get(&stable_hash(key))
+            .ok_or(PairAuthError::UnknownKey)?;
+        let entry = candidates
+            .iter()
+            .find(|e| ct_eq(&e.key, key.as_bytes()))
+            .ok_or(PairAuthError::UnknownKey)?;
+        match &entry.secret {
+            Some(s) if ct_eq(s, secret.as_bytes()) => Ok(&entry.source),
+            _ => Err(PairAuthError::BadSecret),
+        }
     }
 
     /// Every source, in configuration order.
@@ -121,8 +153,26 @@ mod tests {
             id: id.into(),
             name: format!("{id} name"),
             write_key: Secret(key.into()),
+            write_secret: Some(Secret(format!("{key}-secret"))),
             enabled,
         }
+    }
+
+    #[test]
+    fn authenticates_key_and_secret_pairs() {
+        let reg = SourceRegistry::from_config(&[src("app", "k1", true)]).expect("valid");
+        assert_eq!(
+            &*reg.authenticate_pair("k1", "k1-secret").expect("pair").id,
+            "app"
+        );
+        assert_eq!(
+            reg.authenticate_pair("k1", "nope"),
+            Err(PairAuthError::BadSecret)
+        );
+        assert_eq!(
+            reg.authenticate_pair("k9", "k1-secret"),
+            Err(PairAuthError::UnknownKey)
+        );
     }
 
     #[test]

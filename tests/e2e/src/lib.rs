@@ -70,6 +70,7 @@ impl Pipeline {
                 id: SOURCE_ID.into(),
                 name: "End-to-end".into(),
                 write_key: Secret(WRITE_KEY.into()),
+                write_secret: None,
                 enabled: true,
             }],
             ..Default::default()
