@@ -157,8 +157,10 @@ async fn deliver_in_order(
                 Ok(()) => {
                     events::delivered(destination, started.elapsed().as_secs_f64());
                     stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = item.msg.ack().await {
-                        tracing::warn!(destination, error = %e, "ack failed; the event may be sent again with the same idempotency key");
+                    // The next event of this user is sent only once the server has confirmed
+                    // this ack: after a crash, at most the last sent event is sent again.
+                    if !confirm_ack(destination, &item.msg, max_backoff, cancel).await {
+                        return;
                     }
                     break;
                 }
@@ -174,6 +176,29 @@ async fn deliver_in_order(
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(wait) => {}
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Acks with the server's confirmation, retrying until it lands or the service stops.
+async fn confirm_ack(
+    destination: &str,
+    msg: &Message,
+    max_backoff: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut attempt = 0u32;
+    loop {
+        match msg.double_ack().await {
+            Ok(()) => return true,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(destination, error = %e, attempt, "ack not confirmed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff(attempt, max_backoff)) => {}
                 }
             }
         }

@@ -2,11 +2,12 @@
 //!
 //! JetStream redelivers unacknowledged messages only after their ack wait, while new messages
 //! flow at once. After a crash, a restarted reader would therefore see a key's newer messages
-//! before its older, abandoned ones. [`OrderedReader`] closes that gap: when it binds, it reads
-//! the consumer's delivered sequence and pending count; messages beyond the delivered sequence
-//! are held back (kept alive with in-progress acks) until every abandoned message has come back
-//! or the consumer's ack floor has passed the delivered sequence. Batches are handed out in the
-//! order JetStream delivered them.
+//! before its older, abandoned ones, and the abandoned ones in the order their ack waits expire.
+//! [`OrderedReader`] closes that gap: when it binds, it reads the consumer's delivered sequence
+//! and pending count; every message is held (kept alive with in-progress acks) until every
+//! abandoned message has come back (or nothing is pending outside this reader), then all are
+//! released in stream order. While running, a copy of a message the reader already holds or
+//! handled (its ack wait expired meanwhile) is dropped, so a slow batch never reorders a key.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +17,9 @@ use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind, Message};
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
+
+/// How often a closed gate is checked against the consumer's state.
+const GATE_CHECK: Duration = Duration::from_millis(500);
 
 /// How a durable consumer is set up.
 #[derive(Debug, Clone)]
@@ -56,7 +60,12 @@ struct Gate {
     delivered: u64,
     /// Abandoned messages not yet seen again.
     remaining: usize,
-    /// Newer messages held back until the gate opens, by stream sequence.
+    /// Stream sequences of abandoned messages already seen again (to drop further copies).
+    seen: std::collections::HashSet<u64>,
+    /// When the gate was last checked against the consumer's state.
+    last_check: std::time::Instant,
+    /// Messages held back until the gate opens, by stream sequence: abandoned ones as they come
+    /// back, and newer ones.
     held: BTreeMap<u64, Message>,
 }
 
@@ -67,6 +76,14 @@ pub struct OrderedReader {
     messages: Option<MessageStream>,
     gate: Option<Gate>,
     ready: Vec<Message>,
+    /// The highest stream sequence admitted past the bind-time delivered sequence. JetStream
+    /// delivers new messages in sequence order, so a message at or below it is a redelivery of
+    /// one this reader already holds or handled (its ack wait expired meanwhile): a duplicate.
+    max_seen: u64,
+    /// The consumer's delivered stream sequence when this reader bound.
+    bound_at: u64,
+    /// Duplicate copies dropped (see `max_seen`).
+    duplicates: u64,
 }
 
 impl OrderedReader {
@@ -102,7 +119,11 @@ impl OrderedReader {
                 .map_err(|e| err(e.to_string()))?,
         };
         let mut consumer = consumer;
-        let info = consumer.info().await.map_err(|e| err(e.to_string()))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .clone();
         let gate = (info.num_ack_pending > 0).then(|| {
             tracing::info!(
                 consumer = %cfg.durable,
@@ -113,6 +134,8 @@ impl OrderedReader {
             Gate {
                 delivered: info.delivered.stream_sequence,
                 remaining: info.num_ack_pending,
+                seen: Default::default(),
+                last_check: std::time::Instant::now(),
                 held: BTreeMap::new(),
             }
         });
@@ -122,6 +145,9 @@ impl OrderedReader {
             messages: None,
             gate,
             ready: Vec::new(),
+            max_seen: info.delivered.stream_sequence,
+            bound_at: info.delivered.stream_sequence,
+            duplicates: 0,
         })
     }
 
@@ -165,7 +191,7 @@ impl OrderedReader {
             match self
                 .consumer
                 .stream()
-                .max_messages_per_batch(self.cfg.batch.max(1) * 2)
+                .max_messages_per_batch(self.cfg.batch.max(1))
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(30))
                 .messages()
@@ -180,8 +206,12 @@ impl OrderedReader {
             }
         }
         let stream = self.messages.as_mut().expect("set above");
-        let tick = if self.gate.is_some() { 500 } else { 5_000 };
-        let next = tokio::time::timeout(Duration::from_millis(tick), stream.next()).await;
+        let tick = if self.gate.is_some() {
+            GATE_CHECK
+        } else {
+            Duration::from_secs(5)
+        };
+        let next = tokio::time::timeout(tick, stream.next()).await;
         match next {
             Ok(Some(Ok(m))) => Some(m),
             Ok(Some(Err(e))) => {
@@ -199,33 +229,63 @@ impl OrderedReader {
         }
     }
 
+    /// Duplicate copies dropped so far: redeliveries of messages this reader already held.
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.duplicates
+    }
+
     async fn admit(&mut self, m: Message) {
-        let Some(gate) = self.gate.as_mut() else {
-            self.ready.push(m);
-            return;
-        };
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
-        if seq <= gate.delivered {
-            gate.remaining = gate.remaining.saturating_sub(1);
-            self.ready.push(m);
+        if seq <= self.bound_at {
+            // A message abandoned before this reader bound: hold its first copy only. JetStream
+            // redelivers abandoned messages in the order their ack waits expire, which is not
+            // stream order (in-progress acks reset the timers), so they are held and released
+            // sorted together with the newer ones.
+            match self.gate.as_mut() {
+                Some(gate) if !gate.seen.contains(&seq) => {
+                    gate.seen.insert(seq);
+                    gate.remaining = gate.remaining.saturating_sub(1);
+                    gate.held.insert(seq, m);
+                }
+                _ => self.duplicates += 1,
+            }
+        } else if seq <= self.max_seen {
+            // Its ack wait expired while this reader held it: the copy we hold stays in order.
+            self.duplicates += 1;
         } else {
-            gate.held.insert(seq, m);
+            self.max_seen = seq;
+            match self.gate.as_mut() {
+                Some(gate) => {
+                    gate.held.insert(seq, m);
+                }
+                None => self.ready.push(m),
+            }
         }
-        if gate.remaining == 0 {
+        if self.gate.as_ref().is_some_and(|g| g.remaining == 0) {
             self.open_gate();
+        } else if self
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.last_check.elapsed() >= GATE_CHECK)
+        {
+            self.check_gate().await;
         }
     }
 
+    /// Keeps held messages alive and opens the gate once no abandoned message is outstanding:
+    /// every message still pending on the consumer is one this reader holds.
     async fn check_gate(&mut self) {
-        let Some(gate) = self.gate.as_ref() else {
+        let Some(gate) = self.gate.as_mut() else {
             return;
         };
+        gate.last_check = std::time::Instant::now();
         for m in gate.held.values() {
             let _ = m.ack_with(AckKind::Progress).await;
         }
+        let held = gate.held.len();
         let delivered = gate.delivered;
         if let Ok(info) = self.consumer.info().await
-            && info.ack_floor.stream_sequence >= delivered
+            && (info.num_ack_pending <= held || info.ack_floor.stream_sequence >= delivered)
         {
             self.open_gate();
         }
