@@ -46,6 +46,8 @@ pub async fn start(
         .topology
         .validate()
         .map_err(|e| ActivatorError::Config(e.to_string()))?;
+    let auth = herald_common::auth::ControlAuth::from_config(&common.control)
+        .map_err(|e| ActivatorError::Config(e.to_string()))?;
     let mut senders = Vec::with_capacity(cfg.destinations.len());
     for d in &cfg.destinations {
         let sender = destinations::Sender::new(d).map_err(ActivatorError::Config)?;
@@ -98,6 +100,7 @@ pub async fn start(
         grpc_listener,
         routes,
         "herald.v1.ActivatorService",
+        auth,
         shutdown.clone(),
     ));
     let admin = tokio::spawn(server::serve_http(

@@ -4,7 +4,9 @@ use std::path::Path;
 
 use figment::Figment;
 use herald_activator::ActivatorConfig;
-use herald_common::{CommonConfig, ConfigError, LogConfig, NatsConfig, TopologyConfig};
+use herald_common::{
+    CommonConfig, ConfigError, ControlConfig, LogConfig, NatsConfig, TopologyConfig,
+};
 use herald_ingest::IngestConfig;
 use herald_processor::ProcessorConfig;
 use serde::{Deserialize, Serialize};
@@ -19,6 +21,8 @@ pub struct Config {
     pub topology: TopologyConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The control APIs' bearer token (`control.token` or `control.token_file`).
+    pub control: ControlConfig,
     /// The ingest service.
     pub ingest: IngestConfig,
     /// The processor service.
@@ -40,6 +44,7 @@ impl Config {
         CommonConfig {
             nats: self.nats.clone(),
             topology: self.topology.clone(),
+            control: self.control.clone(),
         }
     }
 }

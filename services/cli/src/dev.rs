@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use figment::Figment;
 use figment::providers::Serialized;
 use herald_activator::{DestinationConfig, DestinationKind};
-use herald_common::{Secret, natsbin, server, telemetry};
+use herald_common::{ControlConfig, Secret, natsbin, server, telemetry};
 use herald_ingest::SourceConfig;
 use rand::Rng;
 use tokio::process::{Child, Command};
@@ -25,6 +25,10 @@ pub struct DevArgs {
     /// Write key of the default source (default: reused from the data dir, else generated).
     #[arg(long)]
     pub write_key: Option<String>,
+    /// mParticle secret of the default source, paired with the write key on `/v2/*` (default:
+    /// reused from the data dir, else generated).
+    #[arg(long)]
+    pub write_secret: Option<String>,
     /// File the log destination appends event lines to (default: stdout).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
@@ -46,6 +50,7 @@ fn dev_layer() -> Figment {
             "processor.admin_addr",
             "127.0.0.1:9092",
         ))
+        .merge(Serialized::default("processor.http_addr", "127.0.0.1:8081"))
         .merge(Serialized::default(
             "activator.grpc_addr",
             "127.0.0.1:50053",
@@ -67,11 +72,16 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
         )
     })?;
     let data_dir = args.data_dir.canonicalize()?;
+    let token_note = control_token(&mut cfg, &data_dir)?;
 
     let (mut nats_child, nats_url) = start_nats(&data_dir).await?;
     let write_key = match args.write_key {
         Some(k) => k,
         None => reuse_or_generate(&data_dir.join("write_key"))?,
+    };
+    let write_secret = match args.write_secret {
+        Some(s) => s,
+        None => reuse_or_generate(&data_dir.join("write_secret"))?,
     };
 
     cfg.nats.servers = nats_url.clone();
@@ -80,8 +90,9 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
         id: "default".into(),
         name: "Default source (herald dev)".into(),
         write_key: Secret(write_key.clone()),
-        write_secret: None,
+        write_secret: Some(Secret(write_secret.clone())),
         enabled: true,
+        ..Default::default()
     });
     cfg.activator.destinations.push(DestinationConfig {
         id: "log".into(),
@@ -114,15 +125,21 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
     eprintln!(
         "\nHerald is running (NATS at {nats_url}, data in {}).\n\
          \n  ingest     http://{http}  gRPC {}  admin http://{}\
-         \n  processor  gRPC {}  admin http://{}\
+         \n  processor  http://{} (profiles)  gRPC {}  admin http://{}\
          \n  activator  gRPC {}  admin http://{}\
          \n\nDefault source write key: {write_key}\
+         \nDefault source mParticle key:secret: {write_key}:{write_secret}\
+         \nControl token (admin commands): {token_note}\
          \nDelivered events are written as JSON lines to {}.\
          \n\nSend an event:\n\n  curl -u '{write_key}:' http://{http}/v1/track -H 'Content-Type: application/json' -d '{{\"userId\":\"user-1\",\"event\":\"Signed Up\",\"properties\":{{\"plan\":\"pro\"}}}}'\n\
          \nPress Ctrl-C to stop.\n",
         data_dir.display(),
         services[0].grpc_addr,
         services[0].admin_addr,
+        services[1]
+            .http_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
         services[1].grpc_addr,
         services[1].admin_addr,
         services[2].grpc_addr,
@@ -196,7 +213,34 @@ fn read_ports_file(dir: &Path) -> Option<String> {
     None
 }
 
-/// Reads a key saved by an earlier run, or generates and saves one.
+/// The control token: the configured one (`control.token` or `control.token_file`), else
+/// `<data-dir>/token`, reused or generated. Returns where it is, for the banner.
+fn control_token(cfg: &mut Config, data_dir: &Path) -> Result<String> {
+    if cfg.control.token.is_some() || cfg.control.token_file.is_some() {
+        return Ok(
+            "from control.token / control.token_file; pass it with --token or HERALD_TOKEN".into(),
+        );
+    }
+    let path = data_dir.join("token");
+    cfg.control = ControlConfig::with_token(reuse_or_generate(&path)?);
+    let default_dir = Path::new(crate::control::DEFAULT_TOKEN_FILE)
+        .parent()
+        .and_then(|d| d.canonicalize().ok());
+    Ok(if default_dir.as_deref() == Some(data_dir) {
+        format!(
+            "{} (found there by admin commands run from this directory)",
+            path.display()
+        )
+    } else {
+        format!(
+            "{} (for admin commands: export HERALD_TOKEN=$(cat {}))",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+/// Reads a key saved by an earlier run, or generates and saves one (readable by the owner only).
 pub fn reuse_or_generate(path: &Path) -> Result<String> {
     if let Ok(k) = std::fs::read_to_string(path) {
         let k = k.trim();
@@ -206,7 +250,7 @@ pub fn reuse_or_generate(path: &Path) -> Result<String> {
     }
     let bytes: [u8; 16] = rand::rng().random();
     let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    write_private(path, &key).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(key)
 }
 
@@ -226,4 +270,17 @@ async fn wait_ready(name: &str, admin: std::net::SocketAddr, deadline: Instant) 
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// Writes `contents` to a new file only its owner can read (0600 on Unix).
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(contents.as_bytes())
 }

@@ -1,9 +1,13 @@
 //! `herald`: the one binary. Runs one service role, all of them (`herald dev`), admin commands
 //! over the control APIs, and the load generator.
 
+mod bench;
 mod config;
 mod control;
 mod dev;
+mod profile_cmd;
+mod quarantine_cmd;
+mod sources_cmd;
 
 use std::path::PathBuf;
 
@@ -47,6 +51,9 @@ struct Cli {
         default_value = "http://127.0.0.1:50053"
     )]
     activator_url: String,
+    /// Bearer token of the control APIs (default: ./.herald/token, written by `herald dev`).
+    #[arg(long, global = true, env = "HERALD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,18 +71,42 @@ enum Command {
     Dev(dev::DevArgs),
     /// Sources (ingest control API).
     #[command(subcommand)]
-    Sources(SourcesCommand),
+    Sources(sources_cmd::SourcesCommand),
+    /// What ingest could not accept: list and redrive (ingest control API).
+    #[command(subcommand)]
+    Quarantine(quarantine_cmd::QuarantineCommand),
     /// The processor's consumer position and counters.
     Status,
+    /// Profiles (processor ProfileService): `herald profile get <type>:<value>`.
+    #[command(subcommand)]
+    Profile(profile_cmd::ProfileCommand),
+    /// Erase a person (GDPR/CCPA) given any identity `<type>:<value>`: deletes the profile and
+    /// its identity mappings, suppresses its identities, publishes an erasure event.
+    Erase {
+        /// `<type>:<value>`, e.g. `email:ann@example.com`.
+        identity: String,
+    },
+    /// Suppress an identity `<type>:<value>` and every identity of its profile: their events
+    /// are dropped until unsuppressed.
+    Suppress {
+        /// `<type>:<value>`, e.g. `user_id:42`.
+        identity: String,
+    },
+    /// Lift the suppression of an identity `<type>:<value>` (and of those suppressed with it).
+    Unsuppress {
+        /// `<type>:<value>`, e.g. `user_id:42`.
+        identity: String,
+    },
+    /// Erasure requests: `herald erasure status <request id>`.
+    #[command(subcommand)]
+    Erasure(profile_cmd::ErasureCommand),
     /// Destinations (activator control API).
     #[command(subcommand)]
     Destinations(DestinationsCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum SourcesCommand {
-    /// List sources.
-    List,
+    /// The load generator: Herald's throughput and latency as a ratio of raw JetStream,
+    /// measured in the same run against its own nats-server.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +119,12 @@ enum DestinationsCommand {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let file = cli.config.as_deref();
+    let ctl = control::Control {
+        ingest_url: cli.ingest_url.clone(),
+        processor_url: cli.processor_url.clone(),
+        activator_url: cli.activator_url.clone(),
+        token: cli.token.clone(),
+    };
     match cli.command {
         Command::Ingest => {
             let cfg = Config::load(file, None)?;
@@ -129,11 +166,18 @@ async fn main() -> Result<()> {
             h.task.await?;
         }
         Command::Dev(args) => dev::run(file, args).await?,
-        Command::Sources(SourcesCommand::List) => control::sources_list(&cli.ingest_url).await?,
-        Command::Status => control::processor_status(&cli.processor_url).await?,
+        Command::Sources(cmd) => sources_cmd::run(cmd, &ctl).await?,
+        Command::Quarantine(cmd) => quarantine_cmd::run(cmd, &ctl).await?,
+        Command::Status => control::processor_status(&ctl).await?,
+        Command::Profile(cmd) => profile_cmd::profile(cmd, &ctl).await?,
+        Command::Erase { identity } => profile_cmd::erase(&identity, &ctl).await?,
+        Command::Suppress { identity } => profile_cmd::suppress(&identity, &ctl).await?,
+        Command::Unsuppress { identity } => profile_cmd::unsuppress(&identity, &ctl).await?,
+        Command::Erasure(cmd) => profile_cmd::erasure(cmd, &ctl).await?,
         Command::Destinations(DestinationsCommand::List) => {
-            control::destinations_list(&cli.activator_url).await?
+            control::destinations_list(&ctl).await?
         }
+        Command::Bench(cmd) => bench::run(cmd).await?,
     }
     Ok(())
 }

@@ -27,6 +27,9 @@ fn write_config(dir: &Path, nats: &str, hook: &str, ports: &Ports) -> Result<std
 servers = "{nats}"
 request_timeout_ms = 2000
 
+[control]
+token = "crash-test-control-token"
+
 [ingest]
 http_addr = "127.0.0.1:{}"
 grpc_addr = "127.0.0.1:0"
@@ -39,6 +42,7 @@ write_key = "crash-key"
 
 [processor]
 grpc_addr = "127.0.0.1:0"
+http_addr = "127.0.0.1:0"
 admin_addr = "127.0.0.1:{}"
 ack_wait_seconds = 2
 

@@ -33,6 +33,7 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
         ("HERALD__INGEST__ADMIN_ADDR", free_port()),
         ("HERALD__PROCESSOR__GRPC_ADDR", grpc[1]),
         ("HERALD__PROCESSOR__ADMIN_ADDR", free_port()),
+        ("HERALD__PROCESSOR__HTTP_ADDR", free_port()),
         ("HERALD__ACTIVATOR__GRPC_ADDR", grpc[2]),
         ("HERALD__ACTIVATOR__ADMIN_ADDR", free_port()),
     ] {
@@ -64,6 +65,20 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
         .to_string();
     let key = std::fs::read_to_string(dir.path().join("data/write_key"))?;
     assert!(curl.contains(&format!("-u '{key}:'")), "{curl}");
+    // The control token was generated in the data dir, readable by its owner only.
+    let token_file = dir.path().join("data/token");
+    let token = std::fs::read_to_string(&token_file)?;
+    assert!(token.len() >= 32, "a generated token: {token:?}");
+    assert!(
+        banner.contains(&token_file.canonicalize()?.display().to_string()),
+        "the banner says where the token is:\n{banner}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&token_file)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is private");
+    }
 
     // Run the printed command as pasted.
     let sent = tokio::time::Instant::now();
@@ -73,6 +88,16 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
         .output()
         .await?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"success":true}"#);
+    // The default source serves mParticle too: its key with the generated, printed secret.
+    let secret = std::fs::read_to_string(dir.path().join("data/write_secret"))?;
+    assert!(banner.contains(&format!("{key}:{secret}")), "{banner}");
+    let mp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{http_port}/v2/events"))
+        .basic_auth(&key, Some(&secret))
+        .body(r#"{"mpid": 1, "events": []}"#)
+        .send()
+        .await?;
+    assert_eq!(mp.status().as_u16(), 202, "{}", mp.text().await?);
 
     wait_until(
         "the event reaches the log destination",
@@ -101,6 +126,7 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
         let out = Command::new(env!("CARGO_BIN_EXE_herald"))
             .args(&args)
             .arg(format!("http://127.0.0.1:{port}"))
+            .env("HERALD_TOKEN", &token)
             .output()
             .await?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -119,6 +145,8 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
             "status",
             "--processor-url",
             &format!("http://127.0.0.1:{}", free_port()),
+            "--token",
+            &token,
         ])
         .output()
         .await?;

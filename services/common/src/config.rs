@@ -131,6 +131,14 @@ pub struct TopologyConfig {
     pub processed_max_bytes: i64,
     /// How long processed events are kept for replay.
     pub processed_max_age_seconds: u64,
+    /// How long quarantine records are kept before JetStream expires them.
+    pub quarantine_max_age_seconds: u64,
+    /// Maximum bytes of the quarantine stream (-1: unlimited). When full, new records are
+    /// refused (DiscardNew): NATS intake stops acking and HTTP batches with invalid items get 503.
+    pub quarantine_max_bytes: i64,
+    /// Maximum bytes of the NATS intake stream (-1: unlimited). When full, producers' publishes
+    /// to `<prefix>.in.<source>` fail and they must retry.
+    pub intake_max_bytes: i64,
 }
 
 impl Default for TopologyConfig {
@@ -143,6 +151,9 @@ impl Default for TopologyConfig {
             events_max_bytes: -1,
             processed_max_bytes: -1,
             processed_max_age_seconds: 7 * 24 * 3600,
+            quarantine_max_age_seconds: 30 * 24 * 3600,
+            quarantine_max_bytes: -1,
+            intake_max_bytes: -1,
         }
     }
 }
@@ -180,6 +191,69 @@ pub struct LogConfig {
     pub json: bool,
 }
 
+/// The control APIs (gRPC): the bearer token every control RPC must carry. Health and
+/// reflection stay open.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The token itself (e.g. from `HERALD__CONTROL__TOKEN`).
+    pub token: Option<Secret>,
+    /// A file holding the token (e.g. a mounted Kubernetes secret); surrounding whitespace is
+    /// ignored. Read once at start.
+    pub token_file: Option<PathBuf>,
+}
+
+impl ControlConfig {
+    /// A config with this token.
+    pub fn with_token(token: impl Into<String>) -> Self {
+        Self {
+            token: Some(Secret(token.into())),
+            token_file: None,
+        }
+    }
+
+    /// The configured token: `token`, else the content of `token_file`. A service refuses to
+    /// start without one.
+    pub fn resolve_token(&self) -> Result<Secret, ConfigError> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Value(
+                    "set only one of control.token and control.token_file".into(),
+                ));
+            }
+            (Some(t), None) => t.expose().trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    ConfigError::Value(format!(
+                        "cannot read control.token_file {}: {e} (mount the token there, or set control.token)",
+                        path.display()
+                    ))
+                })?
+                .trim()
+                .to_string(),
+            (None, None) => {
+                return Err(ConfigError::Value(
+                    "no control token: set control.token or control.token_file \
+                     (HERALD__CONTROL__TOKEN or a mounted file); admin commands pass the same \
+                     token with --token or HERALD_TOKEN"
+                        .into(),
+                ));
+            }
+        };
+        if token.is_empty() {
+            return Err(ConfigError::Value(
+                "the control token is empty: set control.token or control.token_file".into(),
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::Value(
+                "the control token must be printable ASCII without spaces".into(),
+            ));
+        }
+        Ok(Secret(token))
+    }
+}
+
 /// What every service shares.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -188,6 +262,8 @@ pub struct CommonConfig {
     pub nats: NatsConfig,
     /// Stream and bucket names and limits.
     pub topology: TopologyConfig,
+    /// The control APIs' bearer token.
+    pub control: ControlConfig,
 }
 
 #[cfg(test)]
@@ -232,6 +308,50 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn control_token_from_value_or_file() {
+        let err = ControlConfig::default().resolve_token().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("set control.token or control.token_file"),
+            "{err}"
+        );
+        let t = ControlConfig::with_token(" abc\n")
+            .resolve_token()
+            .expect("token");
+        assert_eq!(t.expose(), "abc");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "from-file\n").expect("write");
+        let cfg = ControlConfig {
+            token: None,
+            token_file: Some(path.clone()),
+        };
+        assert_eq!(cfg.resolve_token().expect("token").expose(), "from-file");
+        let both = ControlConfig {
+            token: Some(Secret("x".into())),
+            token_file: Some(path),
+        };
+        assert!(both.resolve_token().is_err());
+        let missing = ControlConfig {
+            token: None,
+            token_file: Some(dir.path().join("nope")),
+        };
+        assert!(
+            missing
+                .resolve_token()
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
+        for bad in ["", "  ", "has space"] {
+            assert!(
+                ControlConfig::with_token(bad).resolve_token().is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

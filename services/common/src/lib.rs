@@ -4,13 +4,17 @@
 //! Services depend on this crate and on `herald-proto`, never on each other.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod nats;
 pub mod natsbin;
 pub mod ordered;
+pub mod ownership;
 pub mod partition;
 pub mod server;
 pub mod telemetry;
 
-pub use config::{CommonConfig, ConfigError, LogConfig, NatsConfig, Secret, TopologyConfig};
+pub use config::{
+    CommonConfig, ConfigError, ControlConfig, LogConfig, NatsConfig, Secret, TopologyConfig,
+};
 pub use nats::Topology;

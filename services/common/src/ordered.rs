@@ -3,23 +3,59 @@
 //! JetStream redelivers unacknowledged messages only after their ack wait, while new messages
 //! flow at once. After a crash, a restarted reader would therefore see a key's newer messages
 //! before its older, abandoned ones, and the abandoned ones in the order their ack waits expire.
-//! [`OrderedReader`] closes that gap: when it binds, it reads the consumer's delivered sequence
-//! and pending count; every message is held (kept alive with in-progress acks) until every
-//! abandoned message has come back (or nothing is pending outside this reader), then all are
-//! released in stream order. While running, a copy of a message the reader already holds or
-//! handled (its ack wait expired meanwhile) is dropped, so a slow batch never reorders a key.
+//! [`OrderedReader`] closes that gap with a gate: while it is closed, every message is held
+//! (kept alive with in-progress acks); it opens once every message pending on the consumer is
+//! one this reader holds, that is, once everything a predecessor left unacked has come back (or
+//! was acked meanwhile), and then all held messages are released in stream order. While
+//! running, a copy of a message the reader already holds or handled (its ack wait expired
+//! meanwhile) is dropped, so a slow batch never reorders a key.
+//!
+//! A reader bound with [`OrderedReader::bind_pinned`] pulls through the consumer's priority
+//! group under the `pinned_client` policy, so the server delivers to one reader at a time (see
+//! [`crate::ownership`]). Each time the server pins this reader anew (a message carries a new
+//! `Nats-Pin-Id`), a new *term* starts and the gate closes again: another reader may have been
+//! pinned in between and left messages unacked. A reader that finds its pin gone gives back what
+//! it holds (nak), so the pinned one gets it at once; [`OrderedReader::release`] does the same,
+//! stops pulling and unpins, for a quick handover.
+//!
+//! How a redelivered message is told apart: JetStream delivers new messages in stream order, so
+//! within a term every message first delivered (delivery count 1) to this reader has a sequence
+//! at or above the term's first one, and every message below it that comes back was delivered
+//! before the term (abandoned by a predecessor). A redelivered copy at or above that mark, or a
+//! second copy of an abandoned one, is a duplicate.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull::{Config as PullConfig, Stream as MessageStream};
-use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy};
+use async_nats::jetstream::consumer::{AckPolicy, Consumer, DeliverPolicy, PriorityPolicy};
 use async_nats::jetstream::{self, AckKind, Message};
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-/// How often a closed gate is checked against the consumer's state.
-const GATE_CHECK: Duration = Duration::from_millis(500);
+/// Least time between two checks of a closed gate against the consumer's state while messages
+/// keep arriving.
+const GATE_CHECK: Duration = Duration::from_millis(100);
+
+/// How long a closed gate waits for a message before checking again.
+const CLOSED_TICK: Duration = Duration::from_millis(250);
+
+/// How long an open, unpinned reader waits for a message before polling again.
+const OPEN_TICK: Duration = Duration::from_secs(5);
+
+/// How long a releasing reader waits for messages already on their way to it.
+const RELEASE_QUIET: Duration = Duration::from_millis(50);
+
+/// How long a releasing reader waits for the server to end its pulls after unpinning.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Messages admitted per wait before the gate is looked at again.
+const DRAIN_LIMIT: usize = 4_096;
+
+/// Term ids, unique in the process.
+static TERMS: AtomicU64 = AtomicU64::new(1);
 
 /// How a durable consumer is set up.
 #[derive(Debug, Clone)]
@@ -40,6 +76,16 @@ pub struct ReaderConfig {
     pub description: String,
 }
 
+/// The priority group a pinned reader pulls through (`pinned_client` policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedGroup {
+    /// The group's name (see [`crate::ownership::PRIORITY_GROUP`]).
+    pub group: String,
+    /// The consumer's priority timeout: a pinned client that stops pulling for this long loses
+    /// its pin. Pull requests expire after half of it, so a live reader keeps its pin.
+    pub timeout: Duration,
+}
+
 /// Errors of the reader.
 #[derive(Debug, thiserror::Error)]
 pub enum ReaderError {
@@ -55,99 +101,206 @@ pub enum ReaderError {
     },
 }
 
-struct Gate {
-    /// The highest stream sequence delivered before this reader bound.
-    delivered: u64,
-    /// Abandoned messages not yet seen again.
-    remaining: usize,
-    /// Stream sequences of abandoned messages already seen again (to drop further copies).
-    seen: std::collections::HashSet<u64>,
-    /// When the gate was last checked against the consumer's state.
-    last_check: std::time::Instant,
-    /// Messages held back until the gate opens, by stream sequence: abandoned ones as they come
-    /// back, and newer ones.
-    held: BTreeMap<u64, Message>,
+/// What a reader is doing, for status reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReaderStatus {
+    /// The pin this reader's pulls hold (pinned readers), as the last message carried it;
+    /// `None` while on standby.
+    pub pin_id: Option<String>,
+    /// True while the reader hands messages out: its gate is open and, if pinned, it holds the
+    /// pin. A term stays active until it ends; a later term has a new `term` id.
+    pub active: bool,
+    /// The current term's id, unique in the process.
+    pub term: u64,
+    /// Messages held back by the closed gate.
+    pub held: usize,
+    /// Messages on the consumer not yet delivered, as of the last message received.
+    pub lag: u64,
+}
+
+/// A shared view of a reader's [`ReaderStatus`], updated by the reader.
+#[derive(Debug, Clone, Default)]
+pub struct ReaderStatusHandle(Arc<Mutex<ReaderStatus>>);
+
+impl ReaderStatusHandle {
+    /// The status now.
+    pub fn get(&self) -> ReaderStatus {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReaderStatus> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+struct Term {
+    id: u64,
+    /// The pin this term runs under (pinned readers).
+    pin: Option<String>,
+    /// Stream sequence of the first message first delivered in this term (see module docs).
+    first_new: Option<u64>,
+    /// Abandoned messages already admitted in this term (further copies are duplicates).
+    seen: HashSet<u64>,
+}
+
+impl Term {
+    fn new(pin: Option<String>) -> Self {
+        Self {
+            id: TERMS.fetch_add(1, Ordering::Relaxed),
+            pin,
+            first_new: None,
+            seen: HashSet::new(),
+        }
+    }
+}
+
+enum Next {
+    Message(Box<Message>),
+    /// The server says a pull carried a pin that is no longer current (status 423).
+    PinLost,
+    /// Nothing arrived within the tick.
+    Idle,
+    /// The pull stream failed or ended; it is set up again on the next call.
+    Broken,
 }
 
 /// Reads a durable pull consumer in order; see the module docs.
 pub struct OrderedReader {
     cfg: ReaderConfig,
+    stream: jetstream::stream::Stream,
     consumer: Consumer<PullConfig>,
+    pinned: Option<PinnedGroup>,
+    js: jetstream::Context,
+    /// The pull stream of an unpinned reader.
     messages: Option<MessageStream>,
-    gate: Option<Gate>,
-    ready: Vec<Message>,
-    /// The highest stream sequence admitted past the bind-time delivered sequence. JetStream
-    /// delivers new messages in sequence order, so a message at or below it is a redelivery of
-    /// one this reader already holds or handled (its ack wait expired meanwhile): a duplicate.
-    max_seen: u64,
-    /// The consumer's delivered stream sequence when this reader bound.
-    bound_at: u64,
-    /// Duplicate copies dropped (see `max_seen`).
+    /// The pulls of a pinned reader.
+    puller: Option<PinnedPull>,
+    term: Term,
+    open: bool,
+    held: BTreeMap<u64, Message>,
+    ready: VecDeque<Message>,
+    last_check: Instant,
+    last_keep_alive: Instant,
+    last_pending: u64,
     duplicates: u64,
+    status: ReaderStatusHandle,
+}
+
+/// Creates the durable consumer, or updates it to `cfg` (keeping it as it is when the server
+/// refuses the update), and returns it with its stream.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    cfg: &ReaderConfig,
+    pinned: Option<&PinnedGroup>,
+) -> Result<(jetstream::stream::Stream, Consumer<PullConfig>), ReaderError> {
+    let err = |message: String| ReaderError::Consumer {
+        stream: cfg.stream.clone(),
+        durable: cfg.durable.clone(),
+        message,
+    };
+    let stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let mut config = PullConfig {
+        durable_name: Some(cfg.durable.clone()),
+        description: Some(cfg.description.clone()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: cfg.ack_wait,
+        max_ack_pending: cfg.max_ack_pending,
+        filter_subject: cfg.filter_subject.clone(),
+        ..Default::default()
+    };
+    if let Some(p) = pinned {
+        config.priority_policy = PriorityPolicy::PinnedClient;
+        config.priority_groups = vec![p.group.clone()];
+        config.priority_timeout = p.timeout;
+    }
+    let consumer = match stream.get_consumer::<PullConfig>(&cfg.durable).await {
+        Ok(existing) => match js.update_consumer_on_stream(config, &cfg.stream).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(consumer = %cfg.durable, error = %e, "cannot update the consumer; using it as it is");
+                existing
+            }
+        },
+        Err(_) => stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| err(e.to_string()))?,
+    };
+    Ok((stream, consumer))
 }
 
 impl OrderedReader {
-    /// Creates (or updates) the durable consumer and binds to it.
+    /// Creates (or updates) the durable consumer and binds to it. The reader is the consumer's
+    /// only reader: its gate closes at bind while anything is pending.
     pub async fn bind(js: &jetstream::Context, cfg: ReaderConfig) -> Result<Self, ReaderError> {
-        let err = |message: String| ReaderError::Consumer {
-            stream: cfg.stream.clone(),
-            durable: cfg.durable.clone(),
-            message,
-        };
-        let stream = js
-            .get_stream(&cfg.stream)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let config = PullConfig {
-            durable_name: Some(cfg.durable.clone()),
-            description: Some(cfg.description.clone()),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: cfg.ack_wait,
-            max_ack_pending: cfg.max_ack_pending,
-            filter_subject: cfg.filter_subject.clone(),
-            ..Default::default()
-        };
-        let consumer = match stream.get_consumer::<PullConfig>(&cfg.durable).await {
-            Ok(_) => js
-                .update_consumer_on_stream(config, &cfg.stream)
-                .await
-                .map_err(|e| err(e.to_string()))?,
-            Err(_) => stream
-                .create_consumer(config)
-                .await
-                .map_err(|e| err(e.to_string()))?,
-        };
-        let mut consumer = consumer;
-        let info = consumer
-            .info()
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .clone();
-        let gate = (info.num_ack_pending > 0).then(|| {
-            tracing::info!(
-                consumer = %cfg.durable,
-                pending = info.num_ack_pending,
-                delivered = info.delivered.stream_sequence,
-                "holding newer messages until abandoned ones are redelivered"
-            );
-            Gate {
-                delivered: info.delivered.stream_sequence,
-                remaining: info.num_ack_pending,
-                seen: Default::default(),
-                last_check: std::time::Instant::now(),
-                held: BTreeMap::new(),
+        Self::bind_with(js, cfg, None).await
+    }
+
+    /// Creates (or updates) the durable consumer with the priority group `pinned`
+    /// (`pinned_client` policy) and binds to it, on standby until the server pins it. Several
+    /// replicas may bind the same consumer; only the pinned one receives messages.
+    pub async fn bind_pinned(
+        js: &jetstream::Context,
+        cfg: ReaderConfig,
+        pinned: PinnedGroup,
+    ) -> Result<Self, ReaderError> {
+        Self::bind_with(js, cfg, Some(pinned)).await
+    }
+
+    async fn bind_with(
+        js: &jetstream::Context,
+        cfg: ReaderConfig,
+        pinned: Option<PinnedGroup>,
+    ) -> Result<Self, ReaderError> {
+        let (stream, mut consumer) = ensure_consumer(js, &cfg, pinned.as_ref()).await?;
+        // An unpinned reader starts its only term now; a pinned one when it is first pinned.
+        let open = if pinned.is_some() {
+            false
+        } else {
+            let info = consumer.info().await.map_err(|e| ReaderError::Consumer {
+                stream: cfg.stream.clone(),
+                durable: cfg.durable.clone(),
+                message: e.to_string(),
+            })?;
+            if info.num_ack_pending > 0 {
+                tracing::info!(
+                    consumer = %cfg.durable,
+                    pending = info.num_ack_pending,
+                    "holding messages until abandoned ones are redelivered"
+                );
             }
-        });
+            info.num_ack_pending == 0
+        };
+        let term = Term::new(None);
+        let status = ReaderStatusHandle::default();
+        {
+            let mut s = status.lock();
+            s.term = term.id;
+            s.active = open;
+        }
         Ok(Self {
             cfg,
+            stream,
             consumer,
+            pinned,
+            js: js.clone(),
             messages: None,
-            gate,
-            ready: Vec::new(),
-            max_seen: info.delivered.stream_sequence,
-            bound_at: info.delivered.stream_sequence,
+            puller: None,
+            term,
+            open,
+            held: BTreeMap::new(),
+            ready: VecDeque::new(),
+            last_check: Instant::now(),
+            last_keep_alive: Instant::now(),
+            last_pending: 0,
             duplicates: 0,
+            status,
         })
     }
 
@@ -161,142 +314,337 @@ impl OrderedReader {
         &self.cfg
     }
 
-    /// The next batch, in delivery order: waits for at least one message, then takes what is
-    /// already there up to the batch size. `None` when `cancel` fires.
-    pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Option<Vec<Message>> {
-        loop {
-            if !self.ready.is_empty() {
-                let n = self.ready.len().min(self.cfg.batch);
-                return Some(self.ready.drain(..n).collect());
-            }
-            let first = tokio::select! {
-                _ = cancel.cancelled() => return None,
-                m = self.next_message() => m,
-            };
-            if let Some(m) = first {
-                self.admit(m).await;
-            }
-            while self.ready.len() < self.cfg.batch {
-                match self.next_message().now_or_never() {
-                    Some(Some(m)) => self.admit(m).await,
-                    _ => break,
-                }
-            }
-        }
-    }
-
-    /// Next message from the server, or `None` after a tick (so the gate can be re-checked).
-    async fn next_message(&mut self) -> Option<Message> {
-        if self.messages.is_none() {
-            match self
-                .consumer
-                .stream()
-                .max_messages_per_batch(self.cfg.batch.max(1))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-            {
-                Ok(s) => self.messages = Some(s),
-                Err(e) => {
-                    tracing::warn!(consumer = %self.cfg.durable, error = %e, "cannot pull; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    return None;
-                }
-            }
-        }
-        let stream = self.messages.as_mut().expect("set above");
-        let tick = if self.gate.is_some() {
-            GATE_CHECK
-        } else {
-            Duration::from_secs(5)
-        };
-        let next = tokio::time::timeout(tick, stream.next()).await;
-        match next {
-            Ok(Some(Ok(m))) => Some(m),
-            Ok(Some(Err(e))) => {
-                tracing::debug!(consumer = %self.cfg.durable, error = %e, "pull stream error");
-                None
-            }
-            Ok(None) => {
-                self.messages = None;
-                None
-            }
-            Err(_) => {
-                self.check_gate().await;
-                None
-            }
-        }
-    }
-
     /// Duplicate copies dropped so far: redeliveries of messages this reader already held.
     pub fn duplicates_dropped(&self) -> u64 {
         self.duplicates
     }
 
-    async fn admit(&mut self, m: Message) {
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
-        if seq <= self.bound_at {
-            // A message abandoned before this reader bound: hold its first copy only. JetStream
-            // redelivers abandoned messages in the order their ack waits expire, which is not
-            // stream order (in-progress acks reset the timers), so they are held and released
-            // sorted together with the newer ones.
-            match self.gate.as_mut() {
-                Some(gate) if !gate.seen.contains(&seq) => {
-                    gate.seen.insert(seq);
-                    gate.remaining = gate.remaining.saturating_sub(1);
-                    gate.held.insert(seq, m);
+    /// What the reader is doing now.
+    pub fn status(&self) -> ReaderStatus {
+        self.status.get()
+    }
+
+    /// A handle that follows the reader's status (for a status API).
+    pub fn status_handle(&self) -> ReaderStatusHandle {
+        self.status.clone()
+    }
+
+    /// The next batch, in stream order: waits for at least one message the gate lets through,
+    /// then takes what is already there up to the batch size. `None` when `cancel` fires.
+    pub async fn next_batch(&mut self, cancel: &CancellationToken) -> Option<Vec<Message>> {
+        loop {
+            if self.open && !self.ready.is_empty() {
+                let n = self.ready.len().min(self.cfg.batch.max(1));
+                let batch: Vec<Message> = self.ready.drain(..n).collect();
+                if !self.ready.is_empty() && self.keep_alive_due() {
+                    self.last_keep_alive = Instant::now();
+                    for m in &self.ready {
+                        let _ = m.ack_with(AckKind::Progress).await;
+                    }
                 }
-                _ => self.duplicates += 1,
+                self.status.lock().lag = self.last_pending;
+                return Some(batch);
             }
-        } else if seq <= self.max_seen {
-            // Its ack wait expired while this reader held it: the copy we hold stays in order.
-            self.duplicates += 1;
-        } else {
-            self.max_seen = seq;
-            match self.gate.as_mut() {
-                Some(gate) => {
-                    gate.held.insert(seq, m);
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                n = self.next_message() => n,
+            };
+            match next {
+                Next::Message(m) => self.admit(*m).await,
+                Next::PinLost => self.pin_lost().await,
+                Next::Idle => self.idle().await,
+                Next::Broken => {}
+            }
+            let mut drained = 0;
+            while drained < DRAIN_LIMIT && (!self.open || self.ready.len() < self.cfg.batch) {
+                match self.next_message().now_or_never() {
+                    Some(Next::Message(m)) => self.admit(*m).await,
+                    _ => break,
                 }
-                None => self.ready.push(m),
+                drained += 1;
+            }
+            if !self.open && self.last_check.elapsed() >= GATE_CHECK {
+                self.check_gate().await;
             }
         }
-        if self.gate.as_ref().is_some_and(|g| g.remaining == 0) {
-            self.open_gate();
-        } else if self
-            .gate
-            .as_ref()
-            .is_some_and(|g| g.last_check.elapsed() >= GATE_CHECK)
+    }
+
+    /// Gives the partition up: stops pulling and, if this reader holds the pin, unpins the
+    /// consumer and waits until its pending pull requests have ended (at most about a second),
+    /// so nothing delivered to it stays unseen; then gives back (nak) every message it holds
+    /// and has not handed out, so the next reader gets them at once. Call it after the last
+    /// batch handed out was acked (or abandoned).
+    pub async fn release(mut self) {
         {
+            let mut s = self.status.lock();
+            s.active = false;
+            s.held = 0;
+        }
+        self.messages = None;
+        let mut drained = Vec::new();
+        if let (Some(group), Some(mut puller)) = (self.pinned.clone(), self.puller.take()) {
+            puller.stop_requesting();
+            // Anything already on its way arrives within a moment; a pin found meanwhile
+            // counts as well.
+            drained.extend(puller.drain(RELEASE_QUIET).await);
+            let ours = puller.pin.clone().or_else(|| self.term.pin.clone());
+            let pinned_now = match (&ours, self.consumer.info().await) {
+                (Some(pin), Ok(info)) => pinned_id(info, &group.group) == Some(pin.as_str()),
+                (Some(_), Err(_)) => true,
+                (None, _) => false,
+            };
+            if pinned_now {
+                match self
+                    .stream
+                    .unpin_consumer(&self.cfg.durable, &group.group)
+                    .await
+                {
+                    // The server ends the pulls that carry the old pin (423): after those, no
+                    // message can still be on its way here.
+                    Ok(()) => drained.extend(puller.drain(RELEASE_DEADLINE).await),
+                    Err(e) => tracing::warn!(
+                        consumer = %self.cfg.durable,
+                        error = %e,
+                        "cannot unpin; the pin expires after the priority timeout"
+                    ),
+                }
+            }
+            puller.close().await;
+        }
+        let returned = self.held.len() + self.ready.len() + drained.len();
+        for m in self
+            .held
+            .values()
+            .chain(self.ready.iter())
+            .chain(drained.iter())
+        {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
+        if self.pinned.is_some() {
+            tracing::info!(consumer = %self.cfg.durable, returned, "released the partition");
+        }
+    }
+
+    /// Next message from the server, [`Next::Idle`] after a tick without one.
+    async fn next_message(&mut self) -> Next {
+        let tick = if !self.open { CLOSED_TICK } else { OPEN_TICK };
+        if let Some(group) = &self.pinned {
+            if self.puller.is_none() {
+                match PinnedPull::start(&self.js, &self.cfg, group).await {
+                    Ok(p) => self.puller = Some(p),
+                    Err(e) => {
+                        tracing::warn!(consumer = %self.cfg.durable, error = %e, "cannot pull; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        return Next::Broken;
+                    }
+                }
+            }
+            let puller = self.puller.as_mut().expect("set above");
+            return match puller.next(tick).await {
+                Pulled::Message(m) => Next::Message(m),
+                Pulled::PinLost => Next::PinLost,
+                Pulled::Idle => Next::Idle,
+                Pulled::Closed => {
+                    self.puller = None;
+                    Next::Broken
+                }
+            };
+        }
+        if self.messages.is_none() {
+            let builder = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(self.cfg.batch.max(1));
+            let builder = builder
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30));
+            match builder.messages().await {
+                Ok(s) => self.messages = Some(s),
+                Err(e) => {
+                    tracing::warn!(consumer = %self.cfg.durable, error = %e, "cannot pull; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return Next::Broken;
+                }
+            }
+        }
+        let stream = self.messages.as_mut().expect("set above");
+        match tokio::time::timeout(tick, stream.next()).await {
+            Ok(Some(Ok(m))) => Next::Message(Box::new(m)),
+            Ok(Some(Err(e))) => {
+                tracing::debug!(consumer = %self.cfg.durable, error = %e, "pull stream error");
+                Next::Broken
+            }
+            Ok(None) => {
+                self.messages = None;
+                Next::Broken
+            }
+            Err(_) => Next::Idle,
+        }
+    }
+
+    async fn admit(&mut self, m: Message) {
+        let Ok(info) = m.info() else {
+            // Not a JetStream message: nothing to order it by.
+            self.place(u64::MAX, m);
+            return;
+        };
+        let (seq, delivered, pending) = (info.stream_sequence, info.delivered, info.pending);
+        if self.pinned.is_some()
+            && let Some(pin) = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
+            && self.term.pin.as_deref() != Some(pin.as_str())
+        {
+            let pin = pin.as_str().to_owned();
+            self.new_term(pin);
+        }
+        self.last_pending = pending;
+        if delivered <= 1 {
+            self.term.first_new.get_or_insert(seq);
+        } else if self.term.first_new.is_some_and(|first| seq >= first)
+            || !self.term.seen.insert(seq)
+            || self.held.contains_key(&seq)
+        {
+            // A copy of one this reader holds or handled: the copy we have stays in order.
+            self.duplicates += 1;
+            return;
+        }
+        self.place(seq, m);
+    }
+
+    fn place(&mut self, seq: u64, m: Message) {
+        if self.open {
+            self.ready.push_back(m);
+        } else {
+            self.held.insert(seq, m);
+        }
+    }
+
+    /// The server pinned this reader anew: hold everything until what others left is back.
+    fn new_term(&mut self, pin: String) {
+        for m in self.ready.drain(..) {
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
+            self.held.insert(seq, m);
+        }
+        self.open = false;
+        self.term = Term::new(Some(pin.clone()));
+        self.last_check = Instant::now() - GATE_CHECK;
+        tracing::debug!(consumer = %self.cfg.durable, pin = %pin, term = self.term.id, "pinned");
+        let mut s = self.status.lock();
+        s.pin_id = Some(pin);
+        s.active = false;
+        s.term = self.term.id;
+        s.held = self.held.len();
+    }
+
+    async fn idle(&mut self) {
+        if !self.open {
             self.check_gate().await;
         }
     }
 
-    /// Keeps held messages alive and opens the gate once no abandoned message is outstanding:
-    /// every message still pending on the consumer is one this reader holds.
-    async fn check_gate(&mut self) {
-        let Some(gate) = self.gate.as_mut() else {
+    /// A pull was refused for carrying a pin the server no longer has: unless the consumer
+    /// still names this reader's pin (a late answer to an older pull), the pin moved.
+    async fn pin_lost(&mut self) {
+        let (Some(group), Some(pin)) = (self.pinned.clone(), self.term.pin.clone()) else {
             return;
         };
-        gate.last_check = std::time::Instant::now();
-        for m in gate.held.values() {
-            let _ = m.ack_with(AckKind::Progress).await;
-        }
-        let held = gate.held.len();
-        let delivered = gate.delivered;
-        if let Ok(info) = self.consumer.info().await
-            && (info.num_ack_pending <= held || info.ack_floor.stream_sequence >= delivered)
-        {
-            self.open_gate();
+        let still_ours = match self.consumer.info().await {
+            Ok(info) => pinned_id(info, &group.group) == Some(pin.as_str()),
+            Err(_) => false,
+        };
+        if !still_ours {
+            self.lose_pin().await;
         }
     }
 
-    fn open_gate(&mut self) {
-        if let Some(gate) = self.gate.take() {
-            tracing::info!(consumer = %self.cfg.durable, held = gate.held.len(), "abandoned messages are back; resuming in order");
-            self.ready.extend(gate.held.into_values());
+    /// Keeps held messages alive and opens the gate once every message pending on the consumer
+    /// is one this reader holds. A pinned reader whose pin has moved gives back what it holds.
+    async fn check_gate(&mut self) {
+        self.last_check = Instant::now();
+        if self.pinned.is_some() && self.term.pin.is_none() {
+            // On standby: nothing received, nothing to check.
+            return;
+        }
+        let group = self.pinned.as_ref().map(|p| p.group.clone());
+        let (num_ack_pending, server_pin) = match self.consumer.info().await {
+            Ok(info) => (
+                info.num_ack_pending,
+                group
+                    .as_deref()
+                    .and_then(|g| pinned_id(info, g).map(str::to_owned)),
+            ),
+            Err(e) => {
+                tracing::debug!(consumer = %self.cfg.durable, error = %e, "cannot read the consumer state");
+                self.keep_held_alive().await;
+                return;
+            }
+        };
+        if group.is_some() && server_pin != self.term.pin {
+            self.lose_pin().await;
+            return;
+        }
+        if num_ack_pending <= self.held.len() {
+            self.open_gate();
+        } else {
+            self.status.lock().held = self.held.len();
+            self.keep_held_alive().await;
         }
     }
+
+    async fn keep_held_alive(&mut self) {
+        if self.keep_alive_due() {
+            self.last_keep_alive = Instant::now();
+            for m in self.held.values() {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+
+    fn keep_alive_due(&self) -> bool {
+        self.last_keep_alive.elapsed() >= (self.cfg.ack_wait / 3).max(Duration::from_millis(100))
+    }
+
+    fn open_gate(&mut self) {
+        let held = self.held.len();
+        if held > 0 {
+            tracing::debug!(consumer = %self.cfg.durable, held, term = self.term.id, "nothing pending elsewhere; resuming in order");
+        }
+        self.ready
+            .extend(std::mem::take(&mut self.held).into_values());
+        self.open = true;
+        let mut s = self.status.lock();
+        s.active = true;
+        s.held = 0;
+    }
+
+    /// The pin moved to another reader: give back what is not handed out yet, so it gets it at
+    /// once, and wait on standby.
+    async fn lose_pin(&mut self) {
+        let returned = self.held.len() + self.ready.len();
+        for m in self.held.values().chain(self.ready.iter()) {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
+        self.held.clear();
+        self.ready.clear();
+        self.open = false;
+        self.term = Term::new(None);
+        tracing::info!(consumer = %self.cfg.durable, returned, "the pin moved to another reader; on standby");
+        let mut s = self.status.lock();
+        s.pin_id = None;
+        s.active = false;
+        s.term = self.term.id;
+        s.held = 0;
+    }
+}
+
+/// The client pinned in `group`, as the consumer info reports it.
+fn pinned_id<'a>(info: &'a async_nats::jetstream::consumer::Info, group: &str) -> Option<&'a str> {
+    info.priority_groups
+        .iter()
+        .find(|g| g.group == group)
+        .and_then(|g| g.pinned_client_id.as_deref())
 }
 
 /// Sends in-progress acks for `msgs` every `every` until dropped, so messages that wait behind a
@@ -330,4 +678,206 @@ impl Drop for KeepAlive {
 pub fn backoff(attempt: u32, max: Duration) -> Duration {
     let ms = 100u64.saturating_mul(1u64 << attempt.min(16));
     Duration::from_millis(ms).min(max)
+}
+
+/// What [`PinnedPull::next`] got.
+enum Pulled {
+    Message(Box<Message>),
+    /// A pull was refused for carrying a pin that is no longer current (status 423).
+    PinLost,
+    /// Nothing arrived within the tick.
+    Idle,
+    /// The subscription ended or the consumer is gone.
+    Closed,
+}
+
+/// Pull requests through a `pinned_client` priority group, made by hand on one inbox. Unlike
+/// the client library's pull stream it reports a lost pin, and it can stop asking and wait
+/// until every request it made has ended ([`PinnedPull::drain`]), so a releasing reader leaves
+/// nothing delivered to it unseen (which would otherwise wait out the ack wait). It assumes the
+/// default JetStream API prefix (`$JS.API`, no domain), as Herald's connection uses.
+struct PinnedPull {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    sub: async_nats::Subscriber,
+    inbox: String,
+    subject: String,
+    group: String,
+    batch: usize,
+    expires: Duration,
+    heartbeat: Duration,
+    /// The pin the server gave these pulls (the `Nats-Pin-Id` of delivered messages).
+    pin: Option<String>,
+    /// Messages asked for and neither delivered nor cancelled yet.
+    outstanding: usize,
+    requesting: bool,
+    last_request: Instant,
+    last_heard: Instant,
+}
+
+impl PinnedPull {
+    async fn start(
+        js: &jetstream::Context,
+        cfg: &ReaderConfig,
+        group: &PinnedGroup,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        let client = js.client();
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(inbox.clone()).await?;
+        // A pull expires after half the pin timeout, so a live reader renews its pin in time.
+        let expires = (group.timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        Ok(Self {
+            client,
+            context: js.clone(),
+            sub,
+            inbox,
+            subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", cfg.stream, cfg.durable),
+            group: group.group.clone(),
+            batch: cfg.batch.max(1),
+            expires,
+            heartbeat: expires / 4,
+            pin: None,
+            outstanding: 0,
+            requesting: true,
+            last_request: Instant::now(),
+            last_heard: Instant::now(),
+        })
+    }
+
+    /// Asks for more when half the asked-for messages came, and in any case before the last
+    /// request expires (which keeps the pin).
+    async fn top_up(&mut self) {
+        let due = self.outstanding <= self.batch / 2
+            || (self.last_request.elapsed() >= self.expires * 3 / 4
+                && self.outstanding <= self.batch * 2);
+        if !self.requesting || !due {
+            return;
+        }
+        let mut request = serde_json::json!({
+            "batch": self.batch,
+            "expires": self.expires.as_nanos() as u64,
+            "idle_heartbeat": self.heartbeat.as_nanos() as u64,
+            "group": self.group,
+        });
+        if let Some(pin) = &self.pin {
+            request["id"] = serde_json::Value::from(pin.as_str());
+        }
+        let body = bytes::Bytes::from(request.to_string());
+        if self
+            .client
+            .publish_with_reply(self.subject.clone(), self.inbox.clone(), body)
+            .await
+            .is_ok()
+        {
+            if self.outstanding == 0 {
+                self.last_heard = Instant::now();
+            }
+            self.outstanding += self.batch;
+            self.last_request = Instant::now();
+        }
+    }
+
+    fn stop_requesting(&mut self) {
+        self.requesting = false;
+    }
+
+    /// Requests the server has not answered for a while are taken as lost (a restarted
+    /// server, a reconnect), so they are asked again.
+    fn forget_silent_requests(&mut self) {
+        if self.outstanding > 0 && self.last_heard.elapsed() > self.heartbeat * 3 + self.expires {
+            tracing::debug!(inbox = %self.inbox, "no answer to pull requests; asking again");
+            self.outstanding = 0;
+            self.last_heard = Instant::now();
+        }
+    }
+
+    /// The next message, a lost pin, or [`Pulled::Idle`] after `tick` without either.
+    async fn next(&mut self, tick: Duration) -> Pulled {
+        let deadline = Instant::now() + tick;
+        loop {
+            self.forget_silent_requests();
+            self.top_up().await;
+            let wake = deadline
+                .min(self.last_request + self.expires * 3 / 4)
+                .max(Instant::now() + Duration::from_millis(10));
+            match tokio::time::timeout_at(wake.into(), self.sub.next()).await {
+                Err(_) if Instant::now() >= deadline => return Pulled::Idle,
+                Err(_) => continue,
+                Ok(None) => return Pulled::Closed,
+                Ok(Some(msg)) => match self.handle(msg) {
+                    Some(pulled) => return pulled,
+                    None => continue,
+                },
+            }
+        }
+    }
+
+    /// Accounts for one message on the inbox; `None` for status messages that need no action.
+    fn handle(&mut self, msg: async_nats::Message) -> Option<Pulled> {
+        use async_nats::StatusCode;
+        self.last_heard = Instant::now();
+        match msg.status {
+            None | Some(StatusCode::OK) => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if let Some(pin) = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
+                    && self.pin.as_deref() != Some(pin.as_str())
+                {
+                    self.pin = Some(pin.as_str().to_owned());
+                }
+                Some(Pulled::Message(Box::new(Message {
+                    message: msg,
+                    context: self.context.clone(),
+                })))
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => None,
+            Some(status) => {
+                let left = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Pending-Messages"))
+                    .and_then(|v| v.as_str().parse::<usize>().ok())
+                    .unwrap_or(self.batch);
+                self.outstanding = self.outstanding.saturating_sub(left);
+                if status == StatusCode::PIN_ID_MISMATCH {
+                    return self.pin.take().map(|_| Pulled::PinLost);
+                }
+                if msg.description.as_deref() == Some("Consumer Deleted") {
+                    return Some(Pulled::Closed);
+                }
+                if status == StatusCode::NO_RESPONDERS {
+                    // JetStream is not answering: ask again after a moment.
+                    self.outstanding = 0;
+                    self.last_request = Instant::now();
+                }
+                tracing::trace!(inbox = %self.inbox, %status, description = ?msg.description, "pull status");
+                None
+            }
+        }
+    }
+
+    /// Waits (asking for nothing more) until every request has ended or `within` has passed,
+    /// and returns the messages that arrived meanwhile.
+    async fn drain(&mut self, within: Duration) -> Vec<Message> {
+        self.requesting = false;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline, self.sub.next()).await {
+                Ok(Some(msg)) => {
+                    if let Some(Pulled::Message(m)) = self.handle(msg) {
+                        got.push(*m);
+                    }
+                }
+                _ => break,
+            }
+        }
+        got
+    }
+
+    async fn close(mut self) {
+        let _ = self.sub.unsubscribe().await;
+    }
 }

@@ -8,6 +8,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::auth::ControlAuth;
+
 /// Errors of binding or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -57,11 +59,13 @@ pub async fn serve_http(
 }
 
 /// Serves gRPC `routes` plus grpc.health.v1 (reporting `service_name` and the whole server as
-/// serving) and reflection over Herald's descriptors, until `shutdown`.
+/// serving) and reflection over Herald's descriptors, until `shutdown`. Every call to `routes`
+/// must carry the control token `auth` checks; health and reflection stay open.
 pub async fn serve_grpc(
     listener: TcpListener,
     routes: Routes,
     service_name: &str,
+    auth: ControlAuth,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -76,7 +80,14 @@ pub async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("Herald's descriptor set is valid");
-    let routes = routes.add_service(health).add_service(reflection);
+    // An axum layer wraps only the routes added before it: the control services (and the
+    // fallback for unknown ones), not health and reflection added after.
+    let control = routes
+        .into_axum_router()
+        .layer(tonic::service::InterceptorLayer::new(auth));
+    let routes = Routes::from(control)
+        .add_service(health)
+        .add_service(reflection);
     tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(

@@ -19,6 +19,16 @@ pub struct IngestConfig {
     pub max_event_bytes: usize,
     /// Most events accepted in one batch request.
     pub max_batch_events: usize,
+    /// Largest mParticle (`/v2/*`) request body accepted (after decoding), in bytes.
+    pub max_mparticle_request_bytes: usize,
+    /// Deepest JSON nesting accepted in a request body (objects and arrays), counted from 1.
+    pub max_json_depth: usize,
+    /// Longest client message id (Segment `messageId`, mParticle `source_message_id`), in
+    /// characters.
+    pub max_message_id_chars: usize,
+    /// Origins browsers may send events from (CORS), e.g. `https://shop.example.com`; `*`
+    /// allows any origin.
+    pub cors_allowed_origins: Vec<String>,
     /// How long a request waits for JetStream to acknowledge its events before answering 503.
     pub publish_timeout_ms: u64,
     /// The sources ingest accepts events for.
@@ -34,6 +44,10 @@ impl Default for IngestConfig {
             max_request_bytes: 500 * 1024,
             max_event_bytes: 32 * 1024,
             max_batch_events: 2500,
+            max_mparticle_request_bytes: 256 * 1024,
+            max_json_depth: 64,
+            max_message_id_chars: 100,
+            cors_allowed_origins: vec!["*".into()],
             publish_timeout_ms: 5000,
             sources: Vec::new(),
         }
@@ -57,6 +71,42 @@ pub struct SourceConfig {
     /// Whether the source accepts events; a disabled source's requests get 403.
     #[serde(default = "enabled_default")]
     pub enabled: bool,
+    /// Store bulk requests all-or-nothing with JetStream atomic batch publish.
+    #[serde(default)]
+    pub atomic_publish: bool,
+    /// Events per second accepted from this source; 0 means unlimited.
+    #[serde(default)]
+    pub rate_limit_per_second: f64,
+    /// Burst of the rate limit; 0 means one second's worth.
+    #[serde(default)]
+    pub rate_limit_burst: u32,
+}
+
+impl Default for SourceConfig {
+    /// An enabled source with empty id and key (fill them in) and default settings.
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            name: String::new(),
+            write_key: Secret::default(),
+            write_secret: None,
+            enabled: true,
+            atomic_publish: false,
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: 0,
+        }
+    }
+}
+
+impl SourceConfig {
+    /// The source's settings.
+    pub fn settings(&self) -> crate::sources::SourceSettings {
+        crate::sources::SourceSettings {
+            atomic_publish: self.atomic_publish,
+            rate_limit_per_second: self.rate_limit_per_second,
+            rate_limit_burst: self.rate_limit_burst,
+        }
+    }
 }
 
 fn enabled_default() -> bool {

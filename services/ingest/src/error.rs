@@ -34,6 +34,9 @@ pub enum ApiError {
     /// No write key, an unknown one, or a malformed `Authorization` header.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// Credentials were sent but are not valid (mParticle `/v2/*`: unknown key or wrong secret).
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// The write key belongs to a disabled source.
     #[error("source {0} is disabled; enable it to send events")]
     SourceDisabled(String),
@@ -52,8 +55,14 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// The body nests objects and arrays deeper than `max_json_depth`.
+    #[error("request body nests JSON objects and arrays deeper than the limit of {limit} levels")]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
     /// The body uses a `Content-Encoding` ingest does not decode.
-    #[error("Content-Encoding {0:?} is not supported; send the body uncompressed")]
+    #[error("Content-Encoding {0:?} is not supported; send the body uncompressed, gzip or deflate")]
     UnsupportedEncoding(String),
     /// The batch holds more than `max_batch_events` events.
     #[error("batch holds {count} events, more than the limit of {limit}; send smaller batches")]
@@ -63,6 +72,17 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// An mParticle bulk request holds more batches than the API allows.
+    #[error("bulk request holds {count} batches, more than the limit of {limit}")]
+    TooManyBatches {
+        /// Batches in the request.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// An event sent to `/v2/bulkevents/historical` is not old enough, or has no timestamp.
+    #[error("{0}")]
+    NotHistorical(String),
     /// A single-event call carried an invalid event.
     #[error(transparent)]
     InvalidEvent(#[from] InvalidEvent),
@@ -91,11 +111,15 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
             Self::SourceDisabled(_) => "source_disabled",
             Self::InvalidJson(_) => "invalid_json",
             Self::InvalidBatch(_) => "invalid_batch",
             Self::Body(_) => "invalid_body",
             Self::RequestTooLarge { .. } => "request_too_large",
+            Self::TooDeep { .. } => "too_deep",
+            Self::TooManyBatches { .. } => "too_many_batches",
+            Self::NotHistorical(_) => "not_historical",
             Self::TooManyEvents { .. } => "too_many_events",
             Self::UnsupportedEncoding(_) => "unsupported_encoding",
             Self::InvalidEvent(e) => e.reason(),
@@ -108,10 +132,13 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::SourceDisabled(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::SourceDisabled(_) => StatusCode::FORBIDDEN,
             Self::InvalidJson(_)
             | Self::InvalidBatch(_)
             | Self::Body(_)
+            | Self::TooDeep { .. }
+            | Self::TooManyBatches { .. }
+            | Self::NotHistorical(_)
             | Self::TooManyEvents { .. } => StatusCode::BAD_REQUEST,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -125,6 +152,46 @@ impl ApiError {
     pub fn retryable(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::StreamFull { .. })
     }
+
+    /// The answer in the mParticle Events API's shape, for `/v2/*`: the same status, a body
+    /// `{"errors":[{"code":"BAD_REQUEST","message":...}]}` whose code names the status, and
+    /// `Retry-After` where a retry later will succeed.
+    pub fn into_mparticle_response(self) -> Response {
+        let status = self.status();
+        let code = match status {
+            StatusCode::BAD_REQUEST => "BAD_REQUEST",
+            StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
+            StatusCode::FORBIDDEN => "FORBIDDEN",
+            StatusCode::PAYLOAD_TOO_LARGE => "PAYLOAD_TOO_LARGE",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UNSUPPORTED_MEDIA_TYPE",
+            StatusCode::TOO_MANY_REQUESTS => "TOO_MANY_REQUESTS",
+            StatusCode::SERVICE_UNAVAILABLE => "SERVICE_UNAVAILABLE",
+            _ => "ERROR",
+        };
+        let body = MparticleErrors {
+            errors: [MparticleError {
+                code,
+                message: self.to_string(),
+            }],
+        };
+        let mut res = (status, Json(body)).into_response();
+        if self.retryable() {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        res
+    }
+}
+
+#[derive(Serialize)]
+struct MparticleErrors {
+    errors: [MparticleError; 1],
+}
+
+#[derive(Serialize)]
+struct MparticleError {
+    code: &'static str,
+    message: String,
 }
 
 impl IntoResponse for ApiError {
@@ -150,6 +217,23 @@ mod tests {
     fn statuses_kinds_and_retry_after() {
         let cases = [
             (ApiError::Unauthorized("x"), 401, "unauthorized", false),
+            (ApiError::Forbidden("x"), 403, "forbidden", false),
+            (ApiError::TooDeep { limit: 64 }, 400, "too_deep", false),
+            (
+                ApiError::TooManyBatches {
+                    count: 101,
+                    limit: 100,
+                },
+                400,
+                "too_many_batches",
+                false,
+            ),
+            (
+                ApiError::NotHistorical("x".into()),
+                400,
+                "not_historical",
+                false,
+            ),
             (
                 ApiError::SourceDisabled("web".into()),
                 403,
@@ -218,6 +302,46 @@ mod tests {
                 res.headers()[header::CONTENT_TYPE],
                 "application/json",
                 "{kind}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn mparticle_shape() {
+        use http_body_util::BodyExt as _;
+        let cases = [
+            (ApiError::InvalidJson("x".into()), 400, "BAD_REQUEST", false),
+            (ApiError::Unauthorized("x"), 401, "UNAUTHORIZED", false),
+            (ApiError::Forbidden("x"), 403, "FORBIDDEN", false),
+            (
+                ApiError::RequestTooLarge { limit: 1 },
+                413,
+                "PAYLOAD_TOO_LARGE",
+                false,
+            ),
+            (
+                ApiError::StreamFull { cause: "x".into() },
+                429,
+                "TOO_MANY_REQUESTS",
+                true,
+            ),
+            (
+                ApiError::Unavailable { cause: "x".into() },
+                503,
+                "SERVICE_UNAVAILABLE",
+                true,
+            ),
+        ];
+        for (err, status, code, retry) in cases {
+            let message = err.to_string();
+            let res = err.into_mparticle_response();
+            assert_eq!(res.status().as_u16(), status, "{code}");
+            assert_eq!(res.headers().contains_key(header::RETRY_AFTER), retry);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                json,
+                serde_json::json!({"errors": [{"code": code, "message": message}]})
             );
         }
     }

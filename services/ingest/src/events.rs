@@ -21,9 +21,16 @@ pub const PUBLISH_DURATION_SECONDS: &str = "herald_ingest_publish_duration_secon
 pub const RECEIVED_BYTES_TOTAL: &str = "herald_ingest_received_bytes_total";
 /// `herald_ingest_dedupe_hits_total`.
 pub const DEDUPE_HITS_TOTAL: &str = "herald_ingest_dedupe_hits_total";
+/// `herald_ingest_decoded_bytes_total{encoding}`.
+pub const DECODED_BYTES_TOTAL: &str = "herald_ingest_decoded_bytes_total";
+/// `herald_ingest_requests_rejected_total{route,reason}`.
+pub const REQUESTS_REJECTED_TOTAL: &str = "herald_ingest_requests_rejected_total";
+/// `herald_ingest_duplicate_requests_total{source}`.
+pub const DUPLICATE_REQUESTS_TOTAL: &str = "herald_ingest_duplicate_requests_total";
 
 /// Registers HELP text and units of every ingest metric; later calls do nothing.
 pub fn describe_metrics() {
+    describe_intake_metrics();
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         describe_counter!(
@@ -57,6 +64,19 @@ pub fn describe_metrics() {
             DEDUPE_HITS_TOTAL,
             "Events JetStream acknowledged as duplicates of an event already stored (retries)."
         );
+        describe_counter!(
+            DECODED_BYTES_TOTAL,
+            Unit::Bytes,
+            "Request body bytes after Content-Encoding decoding, by encoding (identity, gzip, deflate)."
+        );
+        describe_counter!(
+            REQUESTS_REJECTED_TOTAL,
+            "HTTP requests refused, by route and reason (unauthorized, too_deep, request_too_large, ...)."
+        );
+        describe_counter!(
+            DUPLICATE_REQUESTS_TOTAL,
+            "mParticle batches not published again because their source_request_id was already stored, by source."
+        );
     });
 }
 
@@ -86,17 +106,28 @@ impl RequestCompleted {
     }
 }
 
-/// A request body was read.
+/// A request body was read and decoded.
 pub struct BodyReceived {
-    /// Its size in bytes.
+    /// Its size on the wire, in bytes.
     pub bytes: usize,
+    /// Its size after decoding, in bytes.
+    pub decoded_bytes: usize,
+    /// Its `Content-Encoding` (`identity`, `gzip`, `deflate`).
+    pub encoding: &'static str,
 }
 
 impl BodyReceived {
     /// Counts it.
     pub fn emit(self) {
-        tracing::trace!(bytes = self.bytes, "request body received");
+        tracing::trace!(
+            bytes = self.bytes,
+            decoded_bytes = self.decoded_bytes,
+            encoding = self.encoding,
+            "request body received"
+        );
         counter!(RECEIVED_BYTES_TOTAL).increment(self.bytes as u64);
+        counter!(DECODED_BYTES_TOTAL, "encoding" => self.encoding)
+            .increment(self.decoded_bytes as u64);
     }
 }
 
@@ -111,7 +142,7 @@ pub struct RequestRejected<'a> {
 }
 
 impl RequestRejected<'_> {
-    /// Logs it (the request counter carries the status).
+    /// Logs and counts it.
     pub fn emit(self) {
         tracing::debug!(
             route = self.route,
@@ -119,6 +150,46 @@ impl RequestRejected<'_> {
             message = self.message,
             "request refused"
         );
+        counter!(REQUESTS_REJECTED_TOTAL, "route" => self.route, "reason" => self.kind)
+            .increment(1);
+    }
+}
+
+/// mParticle batches were already stored (their `source_request_id` is in the request log),
+/// so they were answered without publishing again.
+pub struct DuplicateRequests<'a> {
+    /// The source id.
+    pub source: &'a str,
+    /// How many batches.
+    pub count: usize,
+}
+
+impl DuplicateRequests<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::debug!(
+            source = self.source,
+            count = self.count,
+            "mParticle batches already stored; not published again"
+        );
+        counter!(DUPLICATE_REQUESTS_TOTAL, "source" => self.source.to_string())
+            .increment(self.count as u64);
+    }
+}
+
+/// The mParticle request log (source_request_id dedupe) could not be read or written; events
+/// are still deduplicated by their `Nats-Msg-Id` within the duplicate window.
+pub struct RequestLogFailed<'a> {
+    /// `read` or `write`.
+    pub op: &'static str,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl RequestLogFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(op = self.op, error = %self.error, "mParticle request log unavailable");
     }
 }
 
@@ -205,7 +276,7 @@ impl PublishFailed<'_> {
     }
 }
 
-/// The events stream was created or updated.
+/// A stream ingest owns (events, quarantine, intake) was created or updated.
 pub struct StreamProvisioned<'a> {
     /// The stream name.
     pub stream: &'a str,
@@ -214,7 +285,7 @@ pub struct StreamProvisioned<'a> {
 impl StreamProvisioned<'_> {
     /// Logs it.
     pub fn emit(self) {
-        tracing::info!(stream = self.stream, "events stream ready");
+        tracing::info!(stream = self.stream, "stream ready");
     }
 }
 
@@ -251,5 +322,149 @@ fn status_label(status: u16) -> &'static str {
         s if s < 300 => "2xx",
         s if s < 500 => "4xx",
         _ => "5xx",
+    }
+}
+
+// NATS intake and quarantine.
+
+/// `herald_ingest_intake_messages_total{outcome}`.
+pub const INTAKE_MESSAGES_TOTAL: &str = "herald_ingest_intake_messages_total";
+/// `herald_ingest_intake_retries_total`.
+pub const INTAKE_RETRIES_TOTAL: &str = "herald_ingest_intake_retries_total";
+/// `herald_ingest_quarantined_total{via,reason}`.
+pub const QUARANTINED_TOTAL: &str = "herald_ingest_quarantined_total";
+/// `herald_ingest_quarantine_write_failures_total{kind}`.
+pub const QUARANTINE_WRITE_FAILURES_TOTAL: &str = "herald_ingest_quarantine_write_failures_total";
+/// `herald_ingest_quarantine_redrives_total{outcome}`.
+pub const QUARANTINE_REDRIVES_TOTAL: &str = "herald_ingest_quarantine_redrives_total";
+
+/// Registers HELP text of the NATS intake and quarantine metrics; later calls do nothing.
+pub fn describe_intake_metrics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        describe_counter!(
+            INTAKE_MESSAGES_TOTAL,
+            "NATS intake messages handled and acked, by outcome (accepted: all events published; \
+             partial: some items quarantined; quarantined: nothing published)."
+        );
+        describe_counter!(
+            INTAKE_RETRIES_TOTAL,
+            "Times a batch of NATS intake messages was retried because its events or quarantine \
+             records could not be stored."
+        );
+        describe_counter!(
+            QUARANTINED_TOTAL,
+            "Quarantine records written, by where the payload came from (http, nats, redrive) \
+             and reason."
+        );
+        describe_counter!(
+            QUARANTINE_WRITE_FAILURES_TOTAL,
+            "Failed writes of quarantine records, by kind (unavailable, full); the payloads are \
+             retried (NATS intake) or refused with 503 (HTTP)."
+        );
+        describe_counter!(
+            QUARANTINE_REDRIVES_TOTAL,
+            "Quarantine records redriven, by outcome (redriven, quarantined_again, not_found, \
+             failed)."
+        );
+    });
+}
+
+/// NATS intake messages were handled and acked.
+pub struct IntakeMessagesHandled {
+    /// `accepted`, `partial` or `quarantined`.
+    pub outcome: &'static str,
+}
+
+impl IntakeMessagesHandled {
+    /// Counts it (events and records are logged where they are stored).
+    pub fn emit(self) {
+        counter!(INTAKE_MESSAGES_TOTAL, "outcome" => self.outcome).increment(1);
+    }
+}
+
+/// Storing a batch of intake messages' events and records failed; it is retried.
+pub struct IntakeBatchRetried<'a> {
+    /// Attempts so far.
+    pub attempt: u32,
+    /// Messages in the batch.
+    pub messages: usize,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl IntakeBatchRetried<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::warn!(
+            attempt = self.attempt,
+            messages = self.messages,
+            error = %self.error,
+            "storing NATS intake messages failed; retrying (they stay unacked)"
+        );
+        counter!(INTAKE_RETRIES_TOTAL).increment(1);
+    }
+}
+
+/// A quarantine record was written.
+pub struct Quarantined<'a> {
+    /// `http`, `nats` or `redrive`.
+    pub via: &'static str,
+    /// The source id.
+    pub source: &'a str,
+    /// Bounded reason label.
+    pub reason: &'static str,
+    /// The readable reason.
+    pub message: &'a str,
+}
+
+impl Quarantined<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::info!(
+            via = self.via,
+            source = self.source,
+            reason = self.reason,
+            message = self.message,
+            "payload quarantined"
+        );
+        counter!(QUARANTINED_TOTAL, "via" => self.via, "reason" => self.reason).increment(1);
+    }
+}
+
+/// Quarantine records could not be written.
+pub struct QuarantineWriteFailed<'a> {
+    /// `unavailable` or `full`.
+    pub kind: &'static str,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+    /// Records in the write.
+    pub count: usize,
+}
+
+impl QuarantineWriteFailed<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::warn!(
+            kind = self.kind,
+            error = %self.error,
+            count = self.count,
+            "writing quarantine records failed"
+        );
+        counter!(QUARANTINE_WRITE_FAILURES_TOTAL, "kind" => self.kind).increment(1);
+    }
+}
+
+/// One quarantine record was redriven.
+pub struct RedriveDone {
+    /// `redriven`, `quarantined_again`, `not_found` or `failed`.
+    pub outcome: &'static str,
+}
+
+impl RedriveDone {
+    /// Counts it.
+    pub fn emit(self) {
+        tracing::debug!(outcome = self.outcome, "quarantine record redriven");
+        counter!(QUARANTINE_REDRIVES_TOTAL, "outcome" => self.outcome).increment(1);
     }
 }

@@ -1,4 +1,12 @@
-//! The public HTTP API: Segment's Tracking API (`/v1/batch` and the single-event calls).
+//! The public HTTP API: Segment's Tracking API (`/v1/batch`, the single-event calls and the
+//! short paths analytics.js posts to) and mParticle's Events API v2 (`/v2/events`,
+//! `/v2/bulkevents`, `/v2/bulkevents/historical`), with CORS for browsers.
+//!
+//! Every request goes the same way: authenticate from the header (before the body is read),
+//! read the body within its size cap (decoding gzip or deflate through a bounded reader), check
+//! its JSON nesting depth, parse, normalise, publish every event pipelined, and answer only
+//! after JetStream acknowledged them all: Segment paths with exactly `200 {"success":true}`,
+//! `/v2/*` with `202 {}`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,24 +15,103 @@ use async_nats::Client;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use base64::Engine as _;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_common::{CommonConfig, Topology};
-use herald_proto::v1::EventType;
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use herald_proto::v1::{Event, EventType};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
+use crate::body::{self, Encoding};
 use crate::config::IngestConfig;
 use crate::error::{ApiError, IngestError};
 use crate::events::{
-    BodyReceived, EventsAccepted, EventsRejected, PublishFailed, RequestCompleted, RequestRejected,
-    describe_metrics,
+    BodyReceived, DuplicateRequests, EventsAccepted, EventsRejected, PublishFailed,
+    RequestCompleted, RequestLogFailed, RequestRejected, describe_metrics,
 };
-use crate::publish::Publisher;
-use crate::segment::{Envelope, Normaliser, parse_batch, parse_single};
-use crate::sources::{Source, SourceRegistry};
+use crate::mparticle::{self, Batch};
+use crate::publish::{Published, Publisher};
+use crate::quarantine::Quarantine;
+use crate::requests::RequestLog;
+use crate::segment::{Envelope, InvalidEvent, Normaliser, parse_batch, parse_single};
+use crate::sources::{PairAuthError, Source, SourceRegistry};
+
+/// Segment's single-event paths and the call type each one takes, including the short paths
+/// analytics.js posts to (`/v1/t`, `/v1/p`, ...; `text/plain` bodies carrying `writeKey`).
+pub const SEGMENT_SINGLE_ROUTES: [(&str, EventType); 12] = [
+    ("/v1/track", EventType::Track),
+    ("/v1/identify", EventType::Identify),
+    ("/v1/page", EventType::Page),
+    ("/v1/screen", EventType::Screen),
+    ("/v1/group", EventType::Group),
+    ("/v1/alias", EventType::Alias),
+    ("/v1/t", EventType::Track),
+    ("/v1/i", EventType::Identify),
+    ("/v1/p", EventType::Page),
+    ("/v1/s", EventType::Screen),
+    ("/v1/g", EventType::Group),
+    ("/v1/a", EventType::Alias),
+];
+
+/// The OpenAPI 3 document of this API (committed as `docs/openapi.json`), served at
+/// `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
+
+/// How long browsers may cache a CORS preflight answer.
+const CORS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The request limits, from `ingest.*` config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest Segment request body, decoded (and on the wire).
+    pub max_request_bytes: usize,
+    /// Largest mParticle request body, decoded (and on the wire).
+    pub max_mparticle_request_bytes: usize,
+    /// Largest encoded event.
+    pub max_event_bytes: usize,
+    /// Most events in one request.
+    pub max_batch_events: usize,
+    /// Deepest JSON nesting of a body.
+    pub max_json_depth: usize,
+    /// Longest client message id.
+    pub max_message_id_chars: usize,
+}
+
+impl Limits {
+    /// The limits of `cfg`; each must be above 0.
+    pub fn from_config(cfg: &IngestConfig) -> Result<Self, IngestError> {
+        let limits = Self {
+            max_request_bytes: cfg.max_request_bytes,
+            max_mparticle_request_bytes: cfg.max_mparticle_request_bytes,
+            max_event_bytes: cfg.max_event_bytes,
+            max_batch_events: cfg.max_batch_events,
+            max_json_depth: cfg.max_json_depth,
+            max_message_id_chars: cfg.max_message_id_chars,
+        };
+        let zero = [
+            ("max_request_bytes", limits.max_request_bytes),
+            (
+                "max_mparticle_request_bytes",
+                limits.max_mparticle_request_bytes,
+            ),
+            ("max_event_bytes", limits.max_event_bytes),
+            ("max_batch_events", limits.max_batch_events),
+            ("max_json_depth", limits.max_json_depth),
+            ("max_message_id_chars", limits.max_message_id_chars),
+        ]
+        .into_iter()
+        .find(|(_, v)| *v == 0);
+        if let Some((name, _)) = zero {
+            return Err(IngestError::Config(format!(
+                "ingest.{name} must be above 0"
+            )));
+        }
+        Ok(limits)
+    }
+}
 
 /// Everything request handling needs; cheap to clone.
 #[derive(Clone)]
@@ -35,9 +122,10 @@ pub struct AppState {
 struct Inner {
     sources: SourceRegistry,
     publisher: Publisher,
-    max_request_bytes: usize,
-    max_event_bytes: usize,
-    max_batch_events: usize,
+    quarantine: Quarantine,
+    limits: Limits,
+    cors: CorsLayer,
+    requests: RequestLog,
 }
 
 impl AppState {
@@ -49,26 +137,36 @@ impl AppState {
         client: Client,
     ) -> Result<Self, IngestError> {
         common.topology.validate()?;
-        if cfg.max_batch_events == 0 || cfg.max_event_bytes == 0 || cfg.max_request_bytes == 0 {
-            return Err(IngestError::Config(
-                "ingest.max_request_bytes, max_event_bytes and max_batch_events must be above 0"
-                    .into(),
-            ));
-        }
+        let limits = Limits::from_config(cfg)?;
+        let cors = cors_layer(&cfg.cors_allowed_origins)?;
         let js = herald_common::nats::jetstream(client.clone(), &common.nats);
+        let topology = Topology::new(common.topology.clone());
+        let requests = RequestLog::new(
+            js.clone(),
+            topology.bucket("requests"),
+            Duration::from_secs(common.topology.duplicate_window_seconds),
+            common.topology.replicas,
+        );
+        let quarantine = Quarantine::new(
+            client.clone(),
+            js.clone(),
+            topology.clone(),
+            Duration::from_millis(cfg.publish_timeout_ms),
+        );
         let publisher = Publisher::new(
             client,
             js,
-            Topology::new(common.topology.clone()),
+            topology,
             Duration::from_millis(cfg.publish_timeout_ms),
         );
         Ok(Self {
             inner: Arc::new(Inner {
                 sources: SourceRegistry::from_config(&cfg.sources)?,
                 publisher,
-                max_request_bytes: cfg.max_request_bytes,
-                max_event_bytes: cfg.max_event_bytes,
-                max_batch_events: cfg.max_batch_events,
+                quarantine,
+                limits,
+                cors,
+                requests,
             }),
         })
     }
@@ -87,37 +185,101 @@ impl AppState {
     pub fn topology(&self) -> &Topology {
         self.inner.publisher.topology()
     }
+
+    /// The request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The mParticle request log (`source_request_id` dedupe).
+    pub fn request_log(&self) -> &RequestLog {
+        &self.inner.requests
+    }
 }
 
-/// The public HTTP router (Segment Tracking API), testable with `oneshot` and no socket.
+/// CORS for browsers: the configured origins (`*` for any), POST with any request header
+/// (preflights are answered by the layer itself, before routing), cached for a day.
+fn cors_layer(origins: &[String]) -> Result<CorsLayer, IngestError> {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .max_age(CORS_MAX_AGE);
+    if origins.is_empty() || origins.iter().any(|o| o.trim() == "*") {
+        return Ok(layer.allow_origin(AllowOrigin::any()));
+    }
+    let list = origins
+        .iter()
+        .map(|o| {
+            HeaderValue::from_str(o.trim().trim_end_matches('/')).map_err(|_| {
+                IngestError::Config(format!(
+                    "ingest.cors_allowed_origins: {o:?} is not a valid origin"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(layer.allow_origin(AllowOrigin::list(list)))
+}
+
+/// The public HTTP router (Segment and mParticle APIs, CORS), testable with `oneshot` and no
+/// socket.
 pub fn router(state: AppState) -> Router {
     describe_metrics();
     let single = |route: &'static str, call: EventType| {
         post(
             move |State(s): State<AppState>, headers: HeaderMap, body: Body| {
-                handle(s, route, Some(call), headers, body)
+                segment(s, route, Some(call), headers, body)
             },
         )
     };
-    Router::new()
-        .route(
-            "/v1/batch",
-            post(
-                |State(s): State<AppState>, headers: HeaderMap, body: Body| {
-                    handle(s, "/v1/batch", None, headers, body)
-                },
-            ),
+    let mp = |route: &'static str, api: MparticleApi| {
+        post(
+            move |State(s): State<AppState>, headers: HeaderMap, body: Body| {
+                mparticle(s, route, api, headers, body)
+            },
         )
-        .route("/v1/track", single("/v1/track", EventType::Track))
-        .route("/v1/identify", single("/v1/identify", EventType::Identify))
-        .route("/v1/page", single("/v1/page", EventType::Page))
-        .route("/v1/screen", single("/v1/screen", EventType::Screen))
-        .route("/v1/group", single("/v1/group", EventType::Group))
-        .route("/v1/alias", single("/v1/alias", EventType::Alias))
+    };
+    let mut router = Router::new().route(
+        "/v1/batch",
+        post(
+            |State(s): State<AppState>, headers: HeaderMap, body: Body| {
+                segment(s, "/v1/batch", None, headers, body)
+            },
+        ),
+    );
+    for (route, call) in SEGMENT_SINGLE_ROUTES {
+        router = router.route(route, single(route, call));
+    }
+    let cors = state.inner.cors.clone();
+    router
+        .route("/v2/events", mp("/v2/events", MparticleApi::Events))
+        .route("/v2/bulkevents", mp("/v2/bulkevents", MparticleApi::Bulk))
+        .route(
+            "/v2/bulkevents/historical",
+            mp("/v2/bulkevents/historical", MparticleApi::Historical),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    OPENAPI_JSON,
+                )
+            }),
+        )
+        .layer(cors)
         .with_state(state)
 }
 
-async fn handle(
+/// Invalid items of a batch request, by position, with their reason.
+type RejectedItems = Vec<(usize, InvalidEvent)>;
+
+// ---------------------------------------------------------------------------------------------
+// Segment
+
+async fn segment(
     state: AppState,
     route: &'static str,
     call: Option<EventType>,
@@ -126,9 +288,12 @@ async fn handle(
 ) -> Response {
     let started = Instant::now();
     let received_at = Utc::now();
-    let res = match ingest(&state, route, call, &headers, body, received_at).await {
-        Ok(()) => success(),
-        Err(e) => e.into_response(),
+    let res = match ingest_segment(&state, route, call, &headers, body, received_at).await {
+        Ok(()) => segment_success(),
+        Err(e) => {
+            refused(route, &e);
+            e.into_response()
+        }
     };
     RequestCompleted {
         route,
@@ -140,7 +305,7 @@ async fn handle(
 }
 
 /// Exactly `200 {"success":true}`: Segment and RudderStack SDKs accept nothing else.
-fn success() -> Response {
+fn segment_success() -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -151,7 +316,16 @@ fn success() -> Response {
         .into_response()
 }
 
-async fn ingest(
+fn refused(route: &'static str, e: &ApiError) {
+    RequestRejected {
+        route,
+        kind: e.kind(),
+        message: &e.to_string(),
+    }
+    .emit();
+}
+
+async fn ingest_segment(
     state: &AppState,
     route: &'static str,
     call: Option<EventType>,
@@ -159,61 +333,366 @@ async fn ingest(
     body: Body,
     received_at: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    let refused = |e: ApiError| {
-        RequestRejected {
-            route,
-            kind: e.kind(),
-            message: &e.to_string(),
-        }
-        .emit();
-        e
-    };
     let inner = &state.inner;
+    let limits = &inner.limits;
     // A key in the header is checked before the body is read.
-    let header_source = match basic_auth_user(headers).map_err(refused)? {
-        Some(key) => Some(authenticate(&inner.sources, &key).map_err(refused)?),
+    let header_source = match basic_auth_user(headers)? {
+        Some(key) => Some(authenticate(&inner.sources, &key)?),
         None => None,
     };
-    check_encoding(headers).map_err(refused)?;
-    let bytes = read_body(body, headers, inner.max_request_bytes)
-        .await
-        .map_err(refused)?;
-    BodyReceived { bytes: bytes.len() }.emit();
+    let bytes = read_body(
+        headers,
+        body,
+        limits.max_request_bytes,
+        limits.max_json_depth,
+    )
+    .await?;
     let env = match call {
         Some(_) => parse_single(&bytes),
         None => parse_batch(&bytes),
-    }
-    .map_err(refused)?;
+    }?;
     let source = match header_source {
         Some(s) => s,
         None => match &env.write_key {
-            Some(key) => authenticate(&inner.sources, key).map_err(refused)?,
+            Some(key) => authenticate(&inner.sources, key)?,
             None => {
-                return Err(refused(ApiError::Unauthorized(
+                return Err(ApiError::Unauthorized(
                     "missing write key: send it as the HTTP Basic user name or as `writeKey` in the body",
-                )));
+                ));
             }
         },
     };
-    if env.items.len() > inner.max_batch_events {
-        return Err(refused(ApiError::TooManyEvents {
+    if env.items.len() > limits.max_batch_events {
+        return Err(ApiError::TooManyEvents {
             count: env.items.len(),
-            limit: inner.max_batch_events,
-        }));
+            limit: limits.max_batch_events,
+        });
     }
 
-    let events = normalise_all(state, &source, call, env, received_at)?;
+    let (events, rejected) = normalise_segment(state, &source, call, env, received_at)?;
+    reject_invalid_items(state, &source, route, &bytes, received_at, rejected).await?;
+    publish(state, &source, &events).await?;
+    Ok(())
+}
+
+/// Normalises the envelope's events. A single-event call fails with its event's problem; a
+/// batch returns its valid events and its invalid items (by index) for
+/// [`reject_invalid_items`].
+fn normalise_segment(
+    state: &AppState,
+    source: &Source,
+    call: Option<EventType>,
+    mut env: Envelope,
+    received_at: DateTime<Utc>,
+) -> Result<(Vec<Event>, RejectedItems), ApiError> {
+    let limits = &state.inner.limits;
+    let normaliser = Normaliser {
+        source_id: &source.id,
+        received_at,
+        partitions: state.topology().partitions(),
+        max_event_bytes: limits.max_event_bytes,
+        max_message_id_chars: limits.max_message_id_chars,
+    };
+    let items = std::mem::take(&mut env.items);
+    let mut events = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        match normaliser.normalise(item, call, &env) {
+            Ok(e) => events.push(e),
+            Err(invalid) if call.is_some() => {
+                EventsRejected {
+                    source: &source.id,
+                    reason: invalid.reason(),
+                    message: &invalid.to_string(),
+                    count: 1,
+                }
+                .emit();
+                return Err(ApiError::InvalidEvent(invalid));
+            }
+            Err(invalid) => rejected.push((index, invalid)),
+        }
+    }
+    Ok((events, rejected))
+}
+
+// ---------------------------------------------------------------------------------------------
+// mParticle
+
+/// Which `/v2/*` call a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MparticleApi {
+    /// `/v2/events`: one batch.
+    Events,
+    /// `/v2/bulkevents`: an array of batches.
+    Bulk,
+    /// `/v2/bulkevents/historical`: an array of batches of events at least 72 hours old.
+    Historical,
+}
+
+async fn mparticle(
+    state: AppState,
+    route: &'static str,
+    api: MparticleApi,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let received_at = Utc::now();
+    let res = match ingest_mparticle(&state, route, api, &headers, body, received_at).await {
+        Ok(()) => mparticle_accepted(),
+        Err(e) => {
+            refused(route, &e);
+            e.into_mparticle_response()
+        }
+    };
+    RequestCompleted {
+        route,
+        status: res.status().as_u16(),
+        elapsed: started.elapsed(),
+    }
+    .emit();
+    res
+}
+
+/// `202 {}`: the mParticle Events API's answer to an accepted request.
+fn mparticle_accepted() -> Response {
+    (
+        StatusCode::ACCEPTED,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        "{}",
+    )
+        .into_response()
+}
+
+async fn ingest_mparticle(
+    state: &AppState,
+    route: &'static str,
+    api: MparticleApi,
+    headers: &HeaderMap,
+    body: Body,
+    received_at: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    let inner = &state.inner;
+    let limits = &inner.limits;
+    let source = authenticate_mparticle(&inner.sources, headers)?;
+    let bytes = read_body(
+        headers,
+        body,
+        limits.max_mparticle_request_bytes,
+        limits.max_json_depth,
+    )
+    .await?;
+    let batches = match api {
+        MparticleApi::Events => vec![mparticle::parse_events(&bytes)?],
+        MparticleApi::Bulk | MparticleApi::Historical => mparticle::parse_bulk(&bytes)?,
+    };
+    let count: usize = batches.iter().map(|b| b.events.len()).sum();
+    if count > limits.max_batch_events {
+        return Err(ApiError::TooManyEvents {
+            count,
+            limit: limits.max_batch_events,
+        });
+    }
+    let historical = api == MparticleApi::Historical;
+    if historical {
+        mparticle::check_historical(&batches, received_at)?;
+    }
+
+    let fresh = unseen_batches(state, &source, &batches).await;
+    let normaliser = mparticle::Normaliser {
+        source_id: &source.id,
+        received_at,
+        partitions: state.topology().partitions(),
+        max_event_bytes: limits.max_event_bytes,
+        max_message_id_chars: limits.max_message_id_chars,
+        historical,
+    };
+    let mut events = Vec::with_capacity(count);
+    let mut rejected = Vec::new();
+    let mut index = 0;
+    for (batch, fresh) in batches.iter().zip(&fresh) {
+        if *fresh && let Some(result) = normaliser.normalise_attributes_only(batch) {
+            match result {
+                Ok(e) => events.push(e),
+                Err(invalid) => rejected.push((index, invalid)),
+            }
+        }
+        for item in &batch.events {
+            if *fresh {
+                match normaliser.normalise(item, batch) {
+                    Ok(e) => events.push(e),
+                    Err(invalid) => rejected.push((index, invalid)),
+                }
+            }
+            index += 1;
+        }
+    }
+    reject_invalid_items(state, &source, route, &bytes, received_at, rejected).await?;
+    publish(state, &source, &events).await?;
+
+    // Every event is acknowledged: only now are the batches recorded as stored.
+    let stored: Vec<&str> = batches
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, fresh)| **fresh)
+        .filter_map(|(b, _)| b.source_request_id.as_deref())
+        .collect();
+    if let Err(e) = inner.requests.record(&source.id, &stored).await {
+        RequestLogFailed {
+            op: "write",
+            error: &e,
+        }
+        .emit();
+    }
+    Ok(())
+}
+
+/// For each batch, whether it must be published: `false` for a batch whose
+/// `source_request_id` is in the request log already (counted as a duplicate request). When
+/// the log cannot be read, every batch is published (`Nats-Msg-Id` still dedupes its events).
+async fn unseen_batches(state: &AppState, source: &Source, batches: &[Batch]) -> Vec<bool> {
+    let ids: Vec<&str> = batches
+        .iter()
+        .filter_map(|b| b.source_request_id.as_deref())
+        .collect();
+    let seen = match state.inner.requests.seen(&source.id, &ids).await {
+        Ok(seen) => seen,
+        Err(e) => {
+            RequestLogFailed {
+                op: "read",
+                error: &e,
+            }
+            .emit();
+            vec![false; ids.len()]
+        }
+    };
+    let mut seen = seen.into_iter();
+    let fresh: Vec<bool> = batches
+        .iter()
+        .map(|b| match b.source_request_id {
+            Some(_) => !seen.next().unwrap_or(false),
+            None => true,
+        })
+        .collect();
+    let duplicates = fresh.iter().filter(|f| !**f).count();
+    if duplicates > 0 {
+        DuplicateRequests {
+            source: &source.id,
+            count: duplicates,
+        }
+        .emit();
+    }
+    fresh
+}
+
+/// The source of a `/v2/*` request: Basic `key:secret` is required (401 without it); an
+/// unknown key, a wrong secret or a disabled source is 403.
+fn authenticate_mparticle(
+    sources: &SourceRegistry,
+    headers: &HeaderMap,
+) -> Result<Source, ApiError> {
+    const MISSING: &str =
+        "missing credentials: send the source's key and secret as HTTP Basic key:secret";
+    let Some((key, secret)) = basic_auth_pair(headers).map_err(|_| {
+        ApiError::Unauthorized("malformed Authorization header: expected Basic base64(key:secret)")
+    })?
+    else {
+        return Err(ApiError::Unauthorized(MISSING));
+    };
+    match sources.authenticate_pair(&key, &secret) {
+        Ok(source) if !source.enabled => Err(ApiError::SourceDisabled(source.id.to_string())),
+        Ok(source) => Ok(source),
+        // Until the sources are loaded, an unknown key may be a valid one: retry, don't drop.
+        Err(_) if !sources.is_loaded() => Err(ApiError::Unavailable {
+            cause: "sources not loaded yet".into(),
+        }),
+        Err(PairAuthError::UnknownKey) => Err(ApiError::Forbidden(
+            "unknown key: check the key configured in the SDK",
+        )),
+        Err(PairAuthError::BadSecret) => Err(ApiError::Forbidden(
+            "wrong secret for this key: check the secret configured in the SDK",
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared
+
+/// Reads and decodes the body within `limit` bytes (415 for an unknown `Content-Encoding`,
+/// checked before reading) and checks its nesting depth. Any `Content-Type` is accepted.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    max_depth: usize,
+) -> Result<Bytes, ApiError> {
+    let encoding = Encoding::from_headers(headers)?;
+    let received = body::read(body, headers, encoding, limit).await?;
+    BodyReceived {
+        bytes: received.wire_bytes,
+        decoded_bytes: received.bytes.len(),
+        encoding: encoding.label(),
+    }
+    .emit();
+    body::check_depth(&received.bytes, max_depth)?;
+    Ok(received.bytes)
+}
+
+/// The one place the invalid items of an accepted batch request go (the request itself is
+/// still answered with success, because SDKs drop a whole batch on a 4xx). `rejected` holds
+/// each item's position and reason: for Segment its index in `batch`; for `/v2/*` its position
+/// among all events of the request, batch after batch. `body` is the decoded request body.
+///
+/// Each item is counted with its reason and written to the quarantine (as a one-item batch,
+/// see [`crate::quarantine::http_batch_records`]). An error fails the request: 503 when the
+/// records cannot be stored.
+async fn reject_invalid_items(
+    state: &AppState,
+    source: &Source,
+    route: &'static str,
+    body: &Bytes,
+    received_at: DateTime<Utc>,
+    rejected: RejectedItems,
+) -> Result<(), ApiError> {
+    for (index, invalid) in &rejected {
+        EventsRejected {
+            source: &source.id,
+            reason: invalid.reason(),
+            message: &format!("{route} item {index}: {invalid}"),
+            count: 1,
+        }
+        .emit();
+    }
+    crate::quarantine::quarantine_http_items(
+        &state.inner.quarantine,
+        &source.id,
+        route,
+        body,
+        received_at,
+        &rejected,
+    )
+    .await
+}
+
+/// Publishes the events pipelined and awaits every ack; counts the outcome.
+async fn publish(state: &AppState, source: &Source, events: &[Event]) -> Result<(), ApiError> {
     if events.is_empty() {
         return Ok(());
     }
-    let publisher = &inner.publisher;
-    match publisher.publish(&events).await {
-        Ok(published) => {
+    match state.inner.publisher.publish(events).await {
+        Ok(Published {
+            acked,
+            duplicates,
+            elapsed,
+        }) => {
             EventsAccepted {
                 source: &source.id,
-                count: published.acked,
-                duplicates: published.duplicates,
-                publish_elapsed: published.elapsed,
+                count: acked,
+                duplicates,
+                publish_elapsed: elapsed,
             }
             .emit();
             Ok(())
@@ -235,61 +714,35 @@ async fn ingest(
     }
 }
 
-/// Normalises the envelope's events. A single-event call fails with its event's problem; a
-/// batch skips invalid items (counted by reason) and keeps the rest.
-fn normalise_all(
-    state: &AppState,
-    source: &Source,
-    call: Option<EventType>,
-    mut env: Envelope,
-    received_at: DateTime<Utc>,
-) -> Result<Vec<herald_proto::v1::Event>, ApiError> {
-    let normaliser = Normaliser {
-        source_id: &source.id,
-        received_at,
-        partitions: state.topology().partitions(),
-        max_event_bytes: state.inner.max_event_bytes,
-    };
-    let items = std::mem::take(&mut env.items);
-    let mut events = Vec::with_capacity(items.len());
-    for (index, item) in items.into_iter().enumerate() {
-        match normaliser.normalise(item, call, &env) {
-            Ok(e) => events.push(e),
-            Err(invalid) => {
-                let message = match call {
-                    Some(_) => invalid.to_string(),
-                    None => format!("batch item {index}: {invalid}"),
-                };
-                EventsRejected {
-                    source: &source.id,
-                    reason: invalid.reason(),
-                    message: &message,
-                    count: 1,
-                }
-                .emit();
-                if call.is_some() {
-                    return Err(ApiError::InvalidEvent(invalid));
-                }
-            }
-        }
-    }
-    Ok(events)
-}
-
 fn authenticate(sources: &SourceRegistry, key: &str) -> Result<Source, ApiError> {
-    let source = sources.authenticate(key).ok_or(ApiError::Unauthorized(
-        "unknown write key: check the write key configured in the SDK",
-    ))?;
+    let Some(source) = sources.authenticate(key) else {
+        // Until the sources are loaded, an unknown key may be a valid one: retry, don't drop.
+        if !sources.is_loaded() {
+            return Err(ApiError::Unavailable {
+                cause: "sources not loaded yet".into(),
+            });
+        }
+        return Err(ApiError::Unauthorized(
+            "unknown write key: check the write key configured in the SDK",
+        ));
+    };
     if !source.enabled {
         return Err(ApiError::SourceDisabled(source.id.to_string()));
     }
-    Ok(source.clone())
+    Ok(source)
 }
 
 /// The user name of an HTTP Basic `Authorization` header (the password is ignored). `None`
 /// when there is no header, another scheme, or an empty user name; an error when the Basic
 /// credentials cannot be decoded.
 pub fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(basic_auth_pair(headers)?.map(|(user, _)| user))
+}
+
+/// The user name and password of an HTTP Basic `Authorization` header (the password is empty
+/// when there is no `:`). `None` when there is no header, another scheme, or an empty user
+/// name; an error when the Basic credentials cannot be decoded.
+pub fn basic_auth_pair(headers: &HeaderMap) -> Result<Option<(String, String)>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
@@ -306,48 +759,12 @@ pub fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(creds))
         .map_err(malformed)?;
     let text = String::from_utf8(decoded).map_err(malformed)?;
-    let user = text.split_once(':').map_or(text.as_str(), |(u, _)| u);
-    Ok((!user.is_empty()).then(|| user.to_string()))
+    let (user, password) = text.split_once(':').unwrap_or((text.as_str(), ""));
+    Ok((!user.is_empty()).then(|| (user.to_string(), password.to_string())))
 }
 
 fn malformed<E>(_: E) -> ApiError {
     ApiError::Unauthorized("malformed Authorization header: expected Basic base64(writeKey + ':')")
-}
-
-/// Only identity bodies for now.
-fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers.get(header::CONTENT_ENCODING) {
-        None => Ok(()),
-        Some(v) => {
-            let v = v.to_str().unwrap_or("?").trim();
-            if v.is_empty() || v.eq_ignore_ascii_case("identity") {
-                Ok(())
-            } else {
-                Err(ApiError::UnsupportedEncoding(v.chars().take(32).collect()))
-            }
-        }
-    }
-}
-
-async fn read_body(
-    body: Body,
-    headers: &HeaderMap,
-    limit: usize,
-) -> Result<bytes::Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::RequestTooLarge { limit });
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::RequestTooLarge { limit })
-        }
-        Err(e) => Err(ApiError::Body(e.to_string())),
-    }
 }
 
 #[cfg(test)]
@@ -363,42 +780,64 @@ mod tests {
     #[test]
     fn basic_auth_table() {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        let cases: Vec<(HeaderMap, Result<Option<&str>, ()>)> = vec![
+        type Want = Result<Option<(&'static str, &'static str)>, ()>;
+        let cases: Vec<(HeaderMap, Want)> = vec![
             (HeaderMap::new(), Ok(None)),
-            (auth(&format!("Basic {}", b64("key:"))), Ok(Some("key"))),
             (
-                auth(&format!("basic {}", b64("key:ignored"))),
-                Ok(Some("key")),
+                auth(&format!("Basic {}", b64("key:"))),
+                Ok(Some(("key", ""))),
             ),
-            (auth(&format!("Basic {}", b64("key"))), Ok(Some("key"))),
-            (auth("Basic a2V5Og"), Ok(Some("key"))), // unpadded
+            (
+                auth(&format!("basic {}", b64("key:secret"))),
+                Ok(Some(("key", "secret"))),
+            ),
+            (
+                auth(&format!("Basic {}", b64("key:se:cret"))),
+                Ok(Some(("key", "se:cret"))),
+            ),
+            (
+                auth(&format!("Basic {}", b64("key"))),
+                Ok(Some(("key", ""))),
+            ),
+            (auth("Basic a2V5Og"), Ok(Some(("key", "")))), // unpadded
             (auth(&format!("Basic {}", b64(":secret"))), Ok(None)),
             (auth("Bearer abc"), Ok(None)),
+            (auth("Basic"), Ok(None)),
             (auth("Basic !!!"), Err(())),
         ];
         for (headers, want) in cases {
-            let got = basic_auth_user(&headers).map_err(|_| ());
-            assert_eq!(
-                got.as_ref().map(|o| o.as_deref()),
-                want.as_ref().map(|o| *o),
-                "{headers:?}"
-            );
+            let got = basic_auth_pair(&headers).map_err(|_| ());
+            let got = match &got {
+                Ok(o) => Ok(o.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))),
+                Err(()) => Err(()),
+            };
+            assert_eq!(got, want, "{headers:?}");
+            let user = basic_auth_user(&headers).map_err(|_| ());
+            let user = match &user {
+                Ok(o) => Ok(o.as_deref()),
+                Err(()) => Err(()),
+            };
+            assert_eq!(user, want.map(|o| o.map(|(u, _)| u)), "{headers:?}");
         }
     }
 
     #[test]
-    fn encodings() {
-        let mut h = HeaderMap::new();
-        assert!(check_encoding(&h).is_ok());
-        h.insert(
-            header::CONTENT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        assert!(check_encoding(&h).is_ok());
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        assert_eq!(
-            check_encoding(&h).unwrap_err().kind(),
-            "unsupported_encoding"
-        );
+    fn limits_must_be_positive() {
+        assert!(Limits::from_config(&IngestConfig::default()).is_ok());
+        let cfg = IngestConfig {
+            max_json_depth: 0,
+            ..Default::default()
+        };
+        let err = Limits::from_config(&cfg).unwrap_err();
+        assert!(err.to_string().contains("max_json_depth"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_validated() {
+        assert!(cors_layer(&["*".into()]).is_ok());
+        assert!(cors_layer(&[]).is_ok());
+        assert!(cors_layer(&["https://shop.example.com".into()]).is_ok());
+        let err = cors_layer(&["https://bad\nexample".into()]).unwrap_err();
+        assert!(err.to_string().contains("cors_allowed_origins"), "{err}");
     }
 }

@@ -6,12 +6,17 @@
 
 #![warn(missing_docs)]
 
+pub mod body;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod intake;
+pub mod mparticle;
 pub mod publish;
+pub mod quarantine;
+pub mod requests;
 pub mod segment;
 pub mod sources;
 
@@ -47,6 +52,7 @@ pub async fn start(
 ) -> Result<ServiceHandle, IngestError> {
     events::describe_metrics();
     common.topology.validate()?;
+    let auth = herald_common::auth::ControlAuth::from_config(&common.control)?;
     let http_listener = bind(&cfg.http_addr).await?;
     let grpc_listener = bind(&cfg.grpc_addr).await?;
     let admin_listener = bind(&cfg.admin_addr).await?;
@@ -58,12 +64,35 @@ pub async fn start(
 
     let client = connect(&common.nats, "herald-ingest").await?;
     let state = AppState::new(common, cfg, client.clone())?;
-    let readiness = Readiness::new(client.clone(), &[EVENTS_STREAM_CHECK]);
+    let readiness = Readiness::new(
+        client.clone(),
+        &[
+            EVENTS_STREAM_CHECK,
+            sources::SOURCES_LOADED_CHECK,
+            quarantine::STREAM_CHECK,
+            intake::CONSUMER_CHECK,
+        ],
+    );
+    // Sources come from the config bucket (seeded from `cfg.sources`), watched from now on.
+    state.sources().await_bucket();
+    let source_store = sources::SourceStore::new(state.sources().clone());
 
     // One failing server stops the others; the caller's token stops them all.
     let stop = shutdown.child_token();
 
     let js = jetstream(client.clone(), &common.nats);
+    tokio::spawn(sources::sync(
+        source_store.clone(),
+        js.clone(),
+        state.topology().clone(),
+        cfg.sources.clone(),
+        readiness.clone(),
+        stop.clone(),
+    ));
+    // NATS intake and the quarantine: their streams, the intake consumer, the gRPC service.
+    let intake = intake::Intake::new(state.clone(), common, cfg, js.clone());
+    let quarantine_grpc = quarantine::QuarantineGrpc::new(intake.clone(), js.clone());
+    let intake_task = tokio::spawn(intake.run(js.clone(), readiness.clone(), stop.clone()));
     let stream_config = state.topology().events_stream_config();
     tokio::spawn({
         let stop = stop.clone();
@@ -94,8 +123,10 @@ pub async fn start(
             "grpc",
             tokio::spawn(serve_grpc(
                 grpc_listener,
-                tonic::service::Routes::new(grpc::IngestGrpc::new(state).into_server()),
+                tonic::service::Routes::new(grpc::SourceGrpc::new(source_store).into_server())
+                    .add_service(quarantine_grpc.into_server()),
                 grpc::SERVICE_NAME,
+                auth,
                 stop.clone(),
             )),
         ),
@@ -131,6 +162,8 @@ pub async fn start(
         for w in watched {
             let _ = w.await;
         }
+        // The intake finishes its batch (or leaves it unacked for redelivery) before closing.
+        let _ = intake_task.await;
         // Every request has been answered; hand what is buffered to the server and close.
         match tokio::time::timeout(DRAIN_TIMEOUT, client.drain()).await {
             Ok(Ok(())) => {}

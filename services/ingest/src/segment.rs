@@ -12,9 +12,6 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
-/// Longest client `messageId` accepted.
-const MAX_MESSAGE_ID_CHARS: usize = 256;
-
 /// Why one event was not accepted. `reason()` is a bounded label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidEvent {
@@ -55,6 +52,18 @@ pub enum InvalidEvent {
         /// The value (truncated).
         value: String,
     },
+    /// A required field is missing or empty (mParticle: `event_type`, `data.event_name`, ...).
+    #[error("`{field}` is required")]
+    MissingField {
+        /// The field.
+        field: &'static str,
+    },
+    /// The client's message id is longer than `max_message_id_chars`.
+    #[error("the message id is longer than the limit of {limit} characters")]
+    MessageIdTooLong {
+        /// The limit.
+        limit: usize,
+    },
     /// The event is larger than `max_event_bytes`.
     #[error("event is {size} bytes, more than the limit of {limit} bytes")]
     TooLarge {
@@ -86,6 +95,8 @@ impl InvalidEvent {
             Self::MissingUserId => "missing_user_id",
             Self::InvalidField { .. } => "invalid_field",
             Self::InvalidTimestamp { .. } => "invalid_timestamp",
+            Self::MissingField { .. } => "missing_field",
+            Self::MessageIdTooLong { .. } => "message_id_too_long",
             Self::TooLarge { .. } => "event_too_large",
         }
     }
@@ -190,6 +201,9 @@ pub fn parse_single(body: &[u8]) -> Result<Envelope, ApiError> {
     })
 }
 
+/// The default of `ingest.max_message_id_chars`.
+pub const DEFAULT_MAX_MESSAGE_ID_CHARS: usize = 100;
+
 /// What normalisation needs besides the event itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Normaliser<'a> {
@@ -201,6 +215,8 @@ pub struct Normaliser<'a> {
     pub partitions: u32,
     /// Largest encoded event accepted.
     pub max_event_bytes: usize,
+    /// Longest client `messageId` accepted, in characters.
+    pub max_message_id_chars: usize,
 }
 
 impl Normaliser<'_> {
@@ -217,6 +233,7 @@ impl Normaliser<'_> {
         };
         merge_defaults(&mut obj, "context", env.context.as_ref());
         merge_defaults(&mut obj, "integrations", env.integrations.as_ref());
+        let obj = &obj;
 
         let ty = match call {
             Some(t) => t,
@@ -234,22 +251,22 @@ impl Normaliser<'_> {
             },
         };
 
-        let user_id = id_field(&obj, "userId")?;
-        let anonymous_id = id_field(&obj, "anonymousId")?;
-        let group_id = id_field(&obj, "groupId")?;
-        let previous_id = id_field(&obj, "previousId")?;
+        let user_id = id_field(obj, "userId")?;
+        let anonymous_id = id_field(obj, "anonymousId")?;
+        let group_id = id_field(obj, "groupId")?;
+        let previous_id = id_field(obj, "previousId")?;
         if user_id.is_empty() && anonymous_id.is_empty() {
             return Err(InvalidEvent::MissingIdentity);
         }
         let name = match ty {
             EventType::Track => {
-                let name = string_field(&obj, "event")?;
+                let name = string_field(obj, "event")?;
                 if name.is_empty() {
                     return Err(InvalidEvent::MissingEvent);
                 }
                 name
             }
-            EventType::Page | EventType::Screen => string_field(&obj, "name")?,
+            EventType::Page | EventType::Screen => string_field(obj, "name")?,
             _ => String::new(),
         };
         match ty {
@@ -278,17 +295,12 @@ impl Normaliser<'_> {
 
         let message_id = match obj.get("messageId") {
             Some(Value::String(s)) if !s.is_empty() => {
-                if s.chars().count() > MAX_MESSAGE_ID_CHARS || s.chars().any(char::is_control) {
-                    return Err(InvalidEvent::InvalidField {
-                        field: "messageId",
-                        expected: "at most 256 characters, without control characters",
-                    });
-                }
+                check_message_id(s, "messageId", self.max_message_id_chars)?;
                 s.clone()
             }
             Some(Value::Number(n)) => n.to_string(),
             None | Some(Value::Null) | Some(Value::String(_)) => {
-                derive_message_id(self.source_id, ty, &obj, original)
+                derive_message_id(self.source_id, ty, obj, original)
             }
             Some(_) => {
                 return Err(InvalidEvent::InvalidField {
@@ -312,13 +324,12 @@ impl Normaliser<'_> {
                 updated_at: Some(to_timestamp(timestamp)),
             });
 
-        let mut traits = json_bytes(obj.remove("traits"));
+        let mut traits = json_bytes(obj.get("traits"));
         if traits.is_empty() && ty == EventType::Identify {
             traits = json_bytes(
                 obj.get("context")
                     .and_then(|c| c.get("traits"))
-                    .filter(|t| t.is_object())
-                    .cloned(),
+                    .filter(|t| t.is_object()),
             );
         }
         let partition_key = if user_id.is_empty() {
@@ -335,10 +346,10 @@ impl Normaliser<'_> {
             user_id,
             anonymous_id,
             identities: HashMap::new(),
-            properties: json_bytes(obj.remove("properties")),
+            properties: json_bytes(obj.get("properties")),
             traits,
-            context: json_bytes(obj.remove("context")),
-            integrations: json_bytes(obj.remove("integrations")),
+            context: json_bytes(obj.get("context")),
+            integrations: json_bytes(obj.get("integrations")),
             original_timestamp: original.map(to_timestamp),
             sent_at: sent_at.map(to_timestamp),
             received_at: Some(to_timestamp(self.received_at)),
@@ -405,7 +416,26 @@ pub fn parse_time(
         })
 }
 
-fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+/// Checks a client message id: at most `limit` characters, no control characters.
+pub(crate) fn check_message_id(
+    id: &str,
+    field: &'static str,
+    limit: usize,
+) -> Result<(), InvalidEvent> {
+    if id.chars().count() > limit {
+        return Err(InvalidEvent::MessageIdTooLong { limit });
+    }
+    if id.chars().any(char::is_control) {
+        return Err(InvalidEvent::InvalidField {
+            field,
+            expected: "a string without control characters",
+        });
+    }
+    Ok(())
+}
+
+/// A protobuf timestamp.
+pub(crate) fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         // A leap second shows as nanos above 1e9, which protobuf timestamps do not allow.
@@ -463,14 +493,16 @@ fn static_field(field: &str) -> &'static str {
     }
 }
 
-fn json_bytes(v: Option<Value>) -> Vec<u8> {
+/// A JSON value as bytes; absent and `null` are empty.
+pub(crate) fn json_bytes(v: Option<&Value>) -> Vec<u8> {
     match v {
         None | Some(Value::Null) => Vec::new(),
-        Some(v) => serde_json::to_vec(&v).expect("a JSON value serialises"),
+        Some(v) => serde_json::to_vec(v).expect("a JSON value serialises"),
     }
 }
 
-fn truncate(s: &str) -> String {
+/// At most 64 characters of `s`, for messages.
+pub(crate) fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
@@ -596,6 +628,7 @@ mod tests {
             received_at: now(),
             partitions: 16,
             max_event_bytes: 32 * 1024,
+            max_message_id_chars: 100,
         }
     }
 
@@ -696,6 +729,14 @@ mod tests {
             (
                 json!({"type": "track", "userId": "u", "event": "E", "messageId": true}),
                 Some("invalid_field"),
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "messageId": "m".repeat(100)}),
+                None,
+            ),
+            (
+                json!({"type": "track", "userId": "u", "event": "E", "messageId": "m".repeat(101)}),
+                Some("message_id_too_long"),
             ),
             (
                 json!({"type": "track", "userId": "u", "event": "E", "timestamp": "yesterday"}),

@@ -4,10 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{WRITE_KEY, common_config, ingest_config};
+use common::{CONTROL_TOKEN, WRITE_KEY, common_config, ingest_config};
+use herald_common::auth::BearerToken;
 use herald_common::server::ServiceHandle;
 use herald_proto::v1::ListSourcesRequest;
-use herald_proto::v1::ingest_service_client::IngestServiceClient;
+use herald_proto::v1::source_service_client::SourceServiceClient;
 use herald_testkit::{NatsServer, segment_batch, segment_track, wait_until};
 use tokio_util::sync::CancellationToken;
 
@@ -84,9 +85,15 @@ async fn serves_http_grpc_and_admin_then_shuts_down() {
     ]);
     assert_eq!(post(retry).await.expect("HTTP answer").status(), 200);
 
-    let mut grpc = IngestServiceClient::connect(format!("http://{}", handle.grpc_addr))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", handle.grpc_addr))
+        .expect("URL")
+        .connect()
         .await
         .expect("gRPC connects");
+    let mut grpc = SourceServiceClient::with_interceptor(
+        channel,
+        BearerToken::new(CONTROL_TOKEN).expect("token"),
+    );
     let sources = grpc
         .list_sources(ListSourcesRequest {})
         .await

@@ -8,11 +8,15 @@ use serde::{Deserialize, Serialize};
 pub struct ProcessorConfig {
     /// gRPC control address.
     pub grpc_addr: String,
+    /// HTTP address of the profile API (`GET /v1/profiles/{identity_type}/{value}`).
+    pub http_addr: String,
     /// Admin address (`/healthz`, `/readyz`, `/metrics`).
     pub admin_addr: String,
-    /// Durable consumer name on the events stream.
+    /// Base name of the durable consumers on the events stream: partition `N` is read through
+    /// `<durable>-p<N>`, and replicas join the members bucket under the role `processor`.
     pub durable: String,
-    /// Ack wait of the consumer: how soon a crashed replica's messages are redelivered.
+    /// Ack wait of the consumers: how soon a crashed replica's in-flight messages are
+    /// redelivered to the partitions' new owners.
     pub ack_wait_seconds: u64,
     /// Most events handled in one batch.
     pub batch_size: usize,
@@ -20,18 +24,26 @@ pub struct ProcessorConfig {
     pub max_ack_pending: i64,
     /// Longest pause between retries of a failed publish.
     pub retry_max_backoff_ms: u64,
+    /// Identity resolution guard rails, the hot-profile cache, compare-and-set retries.
+    pub profiles: crate::profiles_config::ProfilesConfig,
+    /// Partition ownership among replicas: heartbeat, member TTL, pin timeout
+    /// (`[processor.ownership]`).
+    pub ownership: herald_common::ownership::OwnershipConfig,
 }
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
         Self {
             grpc_addr: "0.0.0.0:50052".into(),
+            http_addr: "0.0.0.0:8081".into(),
             admin_addr: "0.0.0.0:9092".into(),
             durable: "processor".into(),
             ack_wait_seconds: 10,
             batch_size: 256,
             max_ack_pending: 20_000,
             retry_max_backoff_ms: 2_000,
+            profiles: Default::default(),
+            ownership: Default::default(),
         }
     }
 }

@@ -3,17 +3,17 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use async_nats::jetstream::consumer::Consumer;
-use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use herald_common::ownership::PRIORITY_GROUP;
 use herald_proto::v1::processor_service_server::ProcessorService;
-use herald_proto::v1::{GetStatusRequest, GetStatusResponse};
+use herald_proto::v1::{GetStatusRequest, GetStatusResponse, PartitionStatus};
 use tonic::{Request, Response, Status};
 
 use crate::Stats;
+use crate::partitions::Partitions;
 
 pub(crate) struct Control {
     pub stats: Arc<Stats>,
-    pub consumer: tokio::sync::watch::Receiver<Option<Consumer<PullConfig>>>,
+    pub partitions: Arc<Partitions>,
 }
 
 #[tonic::async_trait]
@@ -22,21 +22,47 @@ impl ProcessorService for Control {
         &self,
         _req: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        let consumer = self.consumer.borrow().clone();
-        let Some(mut consumer) = consumer else {
+        if !self.partitions.joined() {
             return Err(Status::unavailable(
-                "the processor has not bound its consumer yet (is the events stream there? check ingest)",
+                "the processor has not joined its replicas yet (is the events stream there? check ingest)",
             ));
-        };
-        let info = consumer
-            .info()
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot read consumer state: {e}")))?;
+        }
+        let snapshot = self.partitions.snapshot();
+        let infos = futures_util::future::join_all(snapshot.owned.into_iter().map(
+            |(partition, mut consumer, reader)| async move {
+                let info = consumer.info().await.map_err(|e| {
+                    Status::unavailable(format!(
+                        "cannot read partition {partition}'s consumer: {e}"
+                    ))
+                })?;
+                let pinned_client_id = info
+                    .priority_groups
+                    .iter()
+                    .find(|g| g.group == PRIORITY_GROUP)
+                    .and_then(|g| g.pinned_client_id.clone())
+                    .unwrap_or_default();
+                Ok::<_, Status>(PartitionStatus {
+                    partition,
+                    consumer: info.name.clone(),
+                    pending: info.num_pending,
+                    ack_pending: info.num_ack_pending as u64,
+                    pin_id: reader.pin_id.unwrap_or_default(),
+                    pinned_client_id,
+                    active: reader.active,
+                    term: reader.term,
+                })
+            },
+        ))
+        .await;
+        let partitions = infos.into_iter().collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(GetStatusResponse {
-            consumer: info.name.clone(),
-            pending: info.num_pending,
-            ack_pending: info.num_ack_pending as u64,
+            consumer: self.partitions.durable().to_string(),
+            pending: partitions.iter().map(|p| p.pending).sum(),
+            ack_pending: partitions.iter().map(|p| p.ack_pending).sum(),
             processed: self.stats.processed.load(Ordering::Relaxed),
+            member_id: snapshot.member,
+            members: snapshot.members,
+            partitions,
         }))
     }
 }

@@ -2,12 +2,28 @@
 //! profile, and publishes a `ProcessedEvent` per event on the processed stream. Inputs are acked
 //! only after the outputs' PubAcks.
 //!
-//! Identity resolution, live profiles and consent state come in later; for now the profile id is
-//! the event's partition key (user id, else anonymous id).
+//! Identity resolution (`identity`, `resolver`): an identity graph in KV maps every identity to
+//! a profile; profiles merge when an event links two of them (the older survives, the other
+//! becomes a redirect), by compare-and-set only. Profiles (`profile`) keep traits by event time,
+//! counts and consent (`consent`); a consent change is published as its own event. Erasure and
+//! suppression (`erasure`) are served by `ProfileService` (gRPC) next to `ProcessorService`, and
+//! profiles also over HTTP (`http`).
 
+mod cache;
 mod config;
+mod consent;
+mod erasure;
 mod events;
 mod grpc;
+mod http;
+mod identity;
+mod partitions;
+mod profile;
+mod profile_grpc;
+mod profiles_config;
+mod resolver;
+mod store;
+mod timestamp;
 mod worker;
 
 use std::sync::Arc;
@@ -20,7 +36,11 @@ use herald_common::{CommonConfig, Topology, nats};
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProcessorConfig;
-pub use worker::process_event;
+pub use identity::IdentityKey;
+pub use profile::Profile;
+pub use profiles_config::ProfilesConfig;
+pub use resolver::{Outcome, Profiles};
+pub use store::{ErasureRecord, ErasureState, ProfileError};
 
 /// Errors that stop the processor from starting.
 #[derive(Debug, thiserror::Error)]
@@ -51,18 +71,25 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<ServiceHandle, ProcessorError> {
     common.topology.validate()?;
+    cfg.ownership.validate()?;
+    let auth = herald_common::auth::ControlAuth::from_config(&common.control)?;
     let grpc_listener = server::bind(&cfg.grpc_addr).await?;
+    let http_listener = server::bind(&cfg.http_addr).await?;
+    let http_addr = server::local_addr(&http_listener);
     let admin_listener = server::bind(&cfg.admin_addr).await?;
     let grpc_addr = server::local_addr(&grpc_listener);
     let admin_addr = server::local_addr(&admin_listener);
 
     events::describe();
+    events::describe_ownership();
     let client = nats::connect(&common.nats, "herald-processor").await?;
     let js = nats::jetstream(client.clone(), &common.nats);
     let topology = Topology::new(common.topology.clone());
     let ready = Readiness::new(client.clone(), &["processed stream", "events consumer"]);
     let stats = Arc::new(Stats::default());
-    let (reader_tx, reader_rx) = tokio::sync::watch::channel(None);
+    let partitions = Arc::new(partitions::Partitions::new(cfg.durable.clone()));
+    let profiles = resolver::Profiles::new(js.clone(), topology.clone(), cfg.profiles.clone());
+    profiles.start(ready.clone(), shutdown.clone());
 
     let worker = tokio::spawn(worker::run(
         js.clone(),
@@ -70,19 +97,33 @@ pub async fn start(
         cfg.clone(),
         ready.clone(),
         stats.clone(),
-        reader_tx,
+        partitions.clone(),
+        profiles.clone(),
         shutdown.clone(),
     ));
     let routes = tonic::service::Routes::new(
         herald_proto::v1::processor_service_server::ProcessorServiceServer::new(grpc::Control {
             stats,
-            consumer: reader_rx,
+            partitions,
         }),
+    )
+    .add_service(
+        herald_proto::v1::profile_service_server::ProfileServiceServer::new(
+            profile_grpc::ProfileControl {
+                profiles: profiles.clone(),
+            },
+        ),
     );
     let grpc = tokio::spawn(server::serve_grpc(
         grpc_listener,
         routes,
         "herald.v1.ProcessorService",
+        auth.clone(),
+        shutdown.clone(),
+    ));
+    let http = tokio::spawn(server::serve_http(
+        http_listener,
+        http::router(profiles, auth),
         shutdown.clone(),
     ));
     let admin = tokio::spawn(server::serve_http(
@@ -94,7 +135,11 @@ pub async fn start(
         if let Err(e) = worker.await {
             tracing::error!(error = %e, "processor worker panicked");
         }
-        for (name, res) in [("gRPC", grpc.await), ("admin", admin.await)] {
+        for (name, res) in [
+            ("gRPC", grpc.await),
+            ("HTTP", http.await),
+            ("admin", admin.await),
+        ] {
             match res {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, server = name, "server failed"),
@@ -108,7 +153,7 @@ pub async fn start(
     });
     Ok(ServiceHandle {
         name: "processor",
-        http_addr: None,
+        http_addr: Some(http_addr),
         grpc_addr,
         admin_addr,
         task,

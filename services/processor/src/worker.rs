@@ -1,67 +1,113 @@
 //! The processing loop: ordered batches in, processed events out, inputs acked after outputs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::Consumer;
-use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, AckKind, Message};
 use bytes::Bytes;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
 use herald_common::nats::{ensure_stream, retry_until, wait_for_stream};
-use herald_common::ordered::{KeepAlive, OrderedReader, ReaderConfig, backoff};
-use herald_proto::v1::{Event, Identity, ProcessedEvent};
+use herald_common::ordered::{
+    KeepAlive, OrderedReader, PinnedGroup, ReaderConfig, backoff, ensure_consumer,
+};
+use herald_common::ownership::{Ownership, PRIORITY_GROUP, PartitionTasks, partition_consumer};
+use herald_proto::v1::{Event, ProcessedEvent};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::partitions::{OwnedPartition, Partitions};
+use crate::resolver::{Outcome, Profiles};
 use crate::{ProcessorConfig, Stats, events};
 
-/// Resolves one event to its processed form. The profile id is the partition key for now;
-/// identity resolution replaces this.
-pub fn process_event(event: Event) -> ProcessedEvent {
-    let mut identities = Vec::new();
-    if !event.user_id.is_empty() {
-        identities.push(Identity {
-            r#type: "user_id".into(),
-            value: event.user_id.clone(),
-        });
-    }
-    if !event.anonymous_id.is_empty() {
-        identities.push(Identity {
-            r#type: "anonymous_id".into(),
-            value: event.anonymous_id.clone(),
-        });
-    }
-    let mut extra: Vec<_> = event.identities.iter().collect();
-    extra.sort();
-    identities.extend(extra.into_iter().map(|(t, v)| Identity {
-        r#type: t.clone(),
-        value: v.clone(),
-    }));
-    let profile_id = if event.partition_key.is_empty() {
-        event.id.clone()
-    } else {
-        event.partition_key.clone()
-    };
-    let consent = event.consent.clone();
-    ProcessedEvent {
-        event: Some(event),
-        profile_id,
-        identities,
-        consent,
+/// Processes one event through the profile store: identity resolution, profile update,
+/// consent. Retryable store errors are retried with backoff until `cancel` fires (`None`); a
+/// profile that cannot be read (a stored value this processor does not understand) lets the
+/// event through without profile data, so one bad value never blocks a partition.
+pub(crate) async fn process_event(
+    profiles: &Profiles,
+    event: Event,
+    max_backoff: Duration,
+    cancel: &CancellationToken,
+) -> Option<Outcome> {
+    let mut event = event;
+    let mut attempt = 0u32;
+    loop {
+        match profiles.process(event).await {
+            Ok(outcome) => return Some(outcome),
+            Err((e, back)) if !e.retryable() => {
+                events::profile_unreadable(&back.id, &e);
+                let consent = back.consent.clone();
+                return Some(Outcome::Publish(vec![ProcessedEvent {
+                    event: Some(back),
+                    profile_id: String::new(),
+                    identities: Vec::new(),
+                    consent,
+                }]));
+            }
+            Err((e, back)) => {
+                attempt += 1;
+                events::profile_retry(attempt, e.kind(), &e);
+                event = back;
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff(attempt, max_backoff)) => {}
+                }
+            }
+        }
     }
 }
 
+/// The role processor replicas join in the members bucket.
+const ROLE: &str = "processor";
+
+/// What every partition task shares.
+struct PartitionWork {
+    js: jetstream::Context,
+    topology: Topology,
+    profiles: Arc<Profiles>,
+    stats: Arc<Stats>,
+    partitions: Arc<Partitions>,
+    pinned: PinnedGroup,
+    durable: String,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+    batch: usize,
+    keep_alive_every: Duration,
+    max_backoff: Duration,
+}
+
+impl PartitionWork {
+    fn reader_config(&self, partition: u32) -> ReaderConfig {
+        ReaderConfig {
+            stream: self.topology.events_stream(),
+            durable: partition_consumer(&self.durable, partition),
+            filter_subject: self.topology.events_subject(partition),
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            batch: self.batch,
+            description: format!("Herald processor: events partition {partition}"),
+        }
+    }
+}
+
+/// Provisions the processed stream and every partition's consumer, joins the processor
+/// replicas, and runs one task per owned partition as ownership changes, until `cancel`. Then
+/// hands its partitions over: it leaves the member list first, so the other replicas start
+/// pulling at once, then stops each partition (the batch in hand is finished, the rest given
+/// back, the pin released).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     js: jetstream::Context,
     topology: Topology,
     cfg: ProcessorConfig,
     ready: Readiness,
     stats: Arc<Stats>,
-    consumer_tx: tokio::sync::watch::Sender<Option<Consumer<PullConfig>>>,
+    partitions: Arc<Partitions>,
+    profiles: Arc<Profiles>,
     cancel: CancellationToken,
 ) {
     let provisioned = retry_until("creating the processed stream", &cancel, || {
@@ -78,68 +124,163 @@ pub(crate) async fn run(
     {
         return;
     }
-    let reader_cfg = ReaderConfig {
-        stream: topology.events_stream(),
+    let work = Arc::new(PartitionWork {
+        js: js.clone(),
+        topology: topology.clone(),
+        profiles,
+        stats,
+        partitions: partitions.clone(),
+        pinned: PinnedGroup {
+            group: PRIORITY_GROUP.into(),
+            timeout: cfg.ownership.pin_timeout(),
+        },
         durable: cfg.durable.clone(),
-        filter_subject: topology.events_wildcard(),
         ack_wait: Duration::from_secs(cfg.ack_wait_seconds),
         max_ack_pending: cfg.max_ack_pending,
         batch: cfg.batch_size,
-        description: "Herald processor: reads every events partition".into(),
-    };
-    let Some(mut reader) = retry_until("binding the events consumer", &cancel, || {
-        OrderedReader::bind(&js, reader_cfg.clone())
+        keep_alive_every: Duration::from_secs(cfg.ack_wait_seconds.max(3)) / 3,
+        max_backoff: Duration::from_millis(cfg.retry_max_backoff_ms),
+    });
+    // Every partition's consumer exists whether a replica owns the partition or not: the events
+    // stream (interest retention) keeps only what some consumer still has to read.
+    for partition in 0..topology.partitions() {
+        let reader_cfg = work.reader_config(partition);
+        let created = retry_until("creating the partition consumers", &cancel, || {
+            ensure_consumer(&js, &reader_cfg, Some(&work.pinned))
+        })
+        .await;
+        if created.is_none() {
+            return;
+        }
+    }
+    retire_single_consumer(&js, &topology, &cfg.durable).await;
+    let Some(ownership) = retry_until("joining the processor replicas", &cancel, || {
+        Ownership::join(&js, &topology, ROLE, topology.partitions(), &cfg.ownership)
     })
     .await
     else {
         return;
     };
-    let _ = consumer_tx.send(Some(reader.consumer().clone()));
     ready.set("events consumer", true);
-    tracing::info!(consumer = %cfg.durable, "processor consuming events");
+    tracing::info!(member = %ownership.member_id(), consumer = %cfg.durable, "processor consuming its partitions");
 
-    let keep_alive_every = Duration::from_secs(cfg.ack_wait_seconds.max(3)) / 3;
-    let max_backoff = Duration::from_millis(cfg.retry_max_backoff_ms);
+    let mut view = ownership.subscribe();
+    let mut tasks = PartitionTasks::new();
+    loop {
+        let assignment = view.borrow_and_update().clone();
+        partitions.set_view(ownership.member_id(), &assignment.members);
+        let (acquired, released) = tasks.reconcile(&assignment.owned, |partition, token| {
+            run_partition(work.clone(), partition, token)
+        });
+        events::ownership_changed(&acquired, &released, assignment.owned.len());
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            changed = view.changed() => if changed.is_err() { break },
+        }
+    }
+    let released: Vec<u32> = tasks.running().into_iter().collect();
+    ownership.leave().await;
+    tasks.stop_all().await;
+    events::ownership_changed(&[], &released, 0);
+    ready.set("events consumer", false);
+}
+
+/// Processes one owned partition until `cancel` (the partition moved, or shutdown), then
+/// releases it.
+async fn run_partition(work: Arc<PartitionWork>, partition: u32, cancel: CancellationToken) {
+    let reader_cfg = work.reader_config(partition);
+    let Some(mut reader) = retry_until("binding a partition consumer", &cancel, || {
+        OrderedReader::bind_pinned(&work.js, reader_cfg.clone(), work.pinned.clone())
+    })
+    .await
+    else {
+        return;
+    };
+    work.partitions.insert(
+        partition,
+        OwnedPartition {
+            consumer: reader.consumer().clone(),
+            reader: reader.status_handle(),
+        },
+    );
     while let Some(batch) = reader.next_batch(&cancel).await {
         let started = Instant::now();
         let n = batch.len();
         if !handle_batch(
-            &js,
-            &topology,
+            &work.js,
+            &work.topology,
+            &work.profiles,
             batch,
-            keep_alive_every,
-            max_backoff,
+            work.keep_alive_every,
+            work.max_backoff,
             &cancel,
         )
         .await
         {
             break;
         }
-        stats.processed.fetch_add(n as u64, Ordering::Relaxed);
+        work.stats.processed.fetch_add(n as u64, Ordering::Relaxed);
         events::batch_done(n, started.elapsed().as_secs_f64());
+        events::partition_lag(partition, reader.status().lag);
     }
-    ready.set("events consumer", false);
+    work.partitions.remove(partition);
+    reader.release().await;
+    events::partition_lag(partition, 0);
 }
 
-/// Processes one batch. Returns false when cancelled before its outputs were stored (the
-/// inputs then stay unacked and are redelivered).
+/// Deletes the single consumer over every partition (`<durable>`, filter `<prefix>.events.*`)
+/// that processors used before partition ownership: under interest retention it would keep
+/// every event forever. The partition consumers exist by now and read what it left.
+async fn retire_single_consumer(js: &jetstream::Context, topology: &Topology, durable: &str) {
+    let Ok(stream) = js.get_stream(topology.events_stream()).await else {
+        return;
+    };
+    let Ok(info) = stream.consumer_info(durable).await else {
+        return;
+    };
+    if info.config.filter_subject != topology.events_wildcard() {
+        return;
+    }
+    match stream.delete_consumer(durable).await {
+        Ok(_) => tracing::info!(
+            consumer = durable,
+            "deleted the single events consumer of an earlier version; partitions have their own now"
+        ),
+        Err(e) => {
+            tracing::warn!(consumer = durable, error = %e, "cannot delete the old single events consumer")
+        }
+    }
+}
+
+/// Processes one batch. Events of different partition keys are resolved concurrently, each
+/// key's events one after another, in order; outputs are published in input order and the
+/// inputs acked after every PubAck. Returns false when cancelled before its outputs were stored
+/// (the inputs then stay unacked and are redelivered).
 async fn handle_batch(
     js: &jetstream::Context,
     topology: &Topology,
+    profiles: &Profiles,
     batch: Vec<Message>,
     keep_alive_every: Duration,
     max_backoff: Duration,
     cancel: &CancellationToken,
 ) -> bool {
-    let mut outputs: Vec<(String, String, Bytes)> = Vec::with_capacity(batch.len());
     let mut inputs = Vec::with_capacity(batch.len());
+    let mut groups: Vec<Vec<(usize, Event)>> = Vec::new();
+    let mut group_of: HashMap<String, usize> = HashMap::new();
     for msg in batch {
         match Event::decode(msg.payload.as_ref()) {
             Ok(event) => {
-                let subject = topology.processed_subject(event.partition);
-                let id = event.id.clone();
-                let processed = process_event(event);
-                outputs.push((subject, id, Bytes::from(processed.encode_to_vec())));
+                let key = if event.partition_key.is_empty() {
+                    event.id.clone()
+                } else {
+                    event.partition_key.clone()
+                };
+                let g = *group_of.entry(key).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push((inputs.len(), event));
                 inputs.push(msg);
             }
             Err(e) => {
@@ -148,7 +289,52 @@ async fn handle_batch(
             }
         }
     }
+    let work = futures_util::future::join_all(groups.into_iter().map(|group| async move {
+        let mut done = Vec::with_capacity(group.len());
+        for (i, event) in group {
+            done.push((
+                i,
+                process_event(profiles, event, max_backoff, cancel).await?,
+            ));
+        }
+        Some(done)
+    }));
+    tokio::pin!(work);
+    // Resolution normally takes milliseconds; if it waits on KV, keep the inputs alive.
     let mut keep_alive = None;
+    let results = tokio::select! {
+        r = &mut work => r,
+        _ = tokio::time::sleep(keep_alive_every) => {
+            keep_alive = Some(KeepAlive::start(inputs.clone(), keep_alive_every));
+            work.await
+        }
+    };
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; inputs.len()];
+    for group in results {
+        let Some(group) = group else {
+            return false;
+        };
+        for (i, outcome) in group {
+            outcomes[i] = Some(outcome);
+        }
+    }
+    let mut outputs: Vec<(String, String, Bytes)> = Vec::with_capacity(inputs.len());
+    for outcome in outcomes.into_iter().flatten() {
+        if let Outcome::Publish(list) = outcome {
+            for processed in list {
+                let (partition, id) = processed
+                    .event
+                    .as_ref()
+                    .map(|e| (e.partition, e.id.clone()))
+                    .unwrap_or_default();
+                outputs.push((
+                    topology.processed_subject(partition),
+                    id,
+                    Bytes::from(processed.encode_to_vec()),
+                ));
+            }
+        }
+    }
     let mut attempt = 0u32;
     loop {
         match publish_all(js, &outputs).await {
@@ -197,37 +383,4 @@ async fn publish_all(
         ack.await.map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn profile_is_the_partition_key_and_identities_are_listed() {
-        let mut event = Event {
-            id: "src:m1".into(),
-            user_id: "u1".into(),
-            anonymous_id: "a1".into(),
-            partition_key: "u1".into(),
-            ..Default::default()
-        };
-        event
-            .identities
-            .insert("email".into(), "ann@example.com".into());
-        let p = process_event(event);
-        assert_eq!(p.profile_id, "u1");
-        let kinds: Vec<_> = p.identities.iter().map(|i| i.r#type.as_str()).collect();
-        assert_eq!(kinds, ["user_id", "anonymous_id", "email"]);
-        assert_eq!(p.event.expect("event kept").id, "src:m1");
-    }
-
-    #[test]
-    fn event_without_key_gets_its_own_profile() {
-        let p = process_event(Event {
-            id: "src:m2".into(),
-            ..Default::default()
-        });
-        assert_eq!(p.profile_id, "src:m2");
-    }
 }

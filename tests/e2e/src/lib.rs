@@ -7,13 +7,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind};
 use herald_common::server::ServiceHandle;
-use herald_common::{CommonConfig, NatsConfig, Secret, TopologyConfig, telemetry};
+use herald_common::{CommonConfig, ControlConfig, NatsConfig, Secret, TopologyConfig, telemetry};
 use herald_ingest::{IngestConfig, SourceConfig};
 use herald_processor::ProcessorConfig;
 use tokio_util::sync::CancellationToken;
 
 /// The write key of the test source.
 pub const WRITE_KEY: &str = "e2e-write-key";
+/// The bearer token of the control APIs.
+pub const CONTROL_TOKEN: &str = "e2e-control-token";
 /// The id of the test source.
 pub const SOURCE_ID: &str = "e2e";
 
@@ -61,6 +63,7 @@ impl Pipeline {
                 ..Default::default()
             },
             topology: opts.topology.clone(),
+            control: ControlConfig::with_token(CONTROL_TOKEN),
         };
         let ingest_cfg = IngestConfig {
             http_addr: "127.0.0.1:0".into(),
@@ -72,11 +75,13 @@ impl Pipeline {
                 write_key: Secret(WRITE_KEY.into()),
                 write_secret: None,
                 enabled: true,
+                ..Default::default()
             }],
             ..Default::default()
         };
         let processor_cfg = ProcessorConfig {
             grpc_addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
             admin_addr: "127.0.0.1:0".into(),
             ack_wait_seconds: opts.ack_wait_seconds,
             ..Default::default()

@@ -3,14 +3,17 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use herald_common::{CommonConfig, NatsConfig, telemetry};
-use herald_e2e::{Pipeline, PipelineOptions, SOURCE_ID, wait_ready};
+use herald_common::auth::BearerToken;
+use herald_common::{CommonConfig, ControlConfig, NatsConfig, telemetry};
+use herald_e2e::{CONTROL_TOKEN, Pipeline, PipelineOptions, SOURCE_ID, wait_ready};
 use herald_proto::v1::activator_service_client::ActivatorServiceClient;
-use herald_proto::v1::ingest_service_client::IngestServiceClient;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
+use herald_proto::v1::source_service_client::SourceServiceClient;
 use herald_proto::v1::{GetStatusRequest, ListDestinationsRequest, ListSourcesRequest};
 use herald_testkit::{NatsServer, WebhookServer, segment_batch, segment_track};
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -31,7 +34,7 @@ async fn control_rpcs_report_sources_status_and_destinations() -> Result<()> {
     hook.wait_for(10, Duration::from_secs(30)).await?;
 
     let url = |a: std::net::SocketAddr| format!("http://{a}");
-    let mut ingest = IngestServiceClient::connect(url(p.ingest.grpc_addr)).await?;
+    let mut ingest = SourceServiceClient::new(authed(p.ingest.grpc_addr, CONTROL_TOKEN).await?);
     let sources = ingest
         .list_sources(ListSourcesRequest {})
         .await?
@@ -41,7 +44,8 @@ async fn control_rpcs_report_sources_status_and_destinations() -> Result<()> {
     assert_eq!(sources[0].id, SOURCE_ID);
     assert!(sources[0].enabled);
 
-    let mut processor = ProcessorServiceClient::connect(url(p.processor.grpc_addr)).await?;
+    let mut processor =
+        ProcessorServiceClient::new(authed(p.processor.grpc_addr, CONTROL_TOKEN).await?);
     let status = processor
         .get_status(GetStatusRequest {})
         .await?
@@ -50,7 +54,8 @@ async fn control_rpcs_report_sources_status_and_destinations() -> Result<()> {
     assert_eq!(status.processed, 10);
     assert_eq!(status.pending, 0);
 
-    let mut activator = ActivatorServiceClient::connect(url(p.activator.grpc_addr)).await?;
+    let mut activator =
+        ActivatorServiceClient::new(authed(p.activator.grpc_addr, CONTROL_TOKEN).await?);
     let dests = activator
         .list_destinations(ListDestinationsRequest {})
         .await?
@@ -64,7 +69,7 @@ async fn control_rpcs_report_sources_status_and_destinations() -> Result<()> {
     assert_eq!(dests[0].delivered, 10);
 
     for (addr, service) in [
-        (p.ingest.grpc_addr, "herald.v1.IngestService"),
+        (p.ingest.grpc_addr, "herald.v1.SourceService"),
         (p.processor.grpc_addr, "herald.v1.ProcessorService"),
         (p.activator.grpc_addr, "herald.v1.ActivatorService"),
     ] {
@@ -92,10 +97,12 @@ async fn processor_waits_not_ready_until_the_events_stream_exists() -> Result<()
             servers: nats.url(),
             ..Default::default()
         },
+        control: ControlConfig::with_token(CONTROL_TOKEN),
         ..Default::default()
     };
     let cfg = herald_processor::ProcessorConfig {
         grpc_addr: "127.0.0.1:0".into(),
+        http_addr: "127.0.0.1:0".into(),
         admin_addr: "127.0.0.1:0".into(),
         ..Default::default()
     };
@@ -137,5 +144,137 @@ async fn processor_waits_not_ready_until_the_events_stream_exists() -> Result<()
     wait_ready(&http, h.admin_addr).await?;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), h.task).await??;
+    Ok(())
+}
+
+async fn authed(
+    addr: std::net::SocketAddr,
+    token: &str,
+) -> Result<InterceptedService<Channel, BearerToken>> {
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(InterceptedService::new(channel, BearerToken::new(token)?))
+}
+
+/// Every control API wants the bearer token; health stays open; a service without a configured
+/// token refuses to start and says how to set one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_apis_require_the_token_and_health_does_not() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let p = Pipeline::start(&nats.url(), PipelineOptions::default()).await?;
+    for token in [None, Some("wrong-token")] {
+        // No authorization metadata at all, or a wrong token.
+        let bearer = token.map(BearerToken::new).transpose()?;
+        let intercept = move |req: tonic::Request<()>| match &bearer {
+            Some(b) => tonic::service::Interceptor::call(&mut b.clone(), req),
+            None => Ok(req),
+        };
+        let connect = |addr| async move {
+            Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        let ingest = SourceServiceClient::with_interceptor(
+            connect(p.ingest.grpc_addr).await?,
+            intercept.clone(),
+        )
+        .list_sources(ListSourcesRequest {})
+        .await
+        .map(|_| ());
+        let processor = ProcessorServiceClient::with_interceptor(
+            connect(p.processor.grpc_addr).await?,
+            intercept.clone(),
+        )
+        .get_status(GetStatusRequest {})
+        .await
+        .map(|_| ());
+        let activator = ActivatorServiceClient::with_interceptor(
+            connect(p.activator.grpc_addr).await?,
+            intercept,
+        )
+        .list_destinations(ListDestinationsRequest {})
+        .await
+        .map(|_| ());
+        for (service, res) in [
+            ("ingest", ingest),
+            ("processor", processor),
+            ("activator", activator),
+        ] {
+            let status = res.expect_err("refused without the right token");
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unauthenticated,
+                "{service} with {token:?}: {status:?}"
+            );
+            assert!(
+                status.message().contains("authorization: Bearer"),
+                "{service}: the answer says how to pass the token: {status:?}"
+            );
+        }
+    }
+    for addr in [
+        p.ingest.grpc_addr,
+        p.processor.grpc_addr,
+        p.activator.grpc_addr,
+    ] {
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        let res = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(res.status, 1, "health answers without a token");
+    }
+    p.stop().await;
+
+    // No token configured: each service refuses to start, saying what to set.
+    let common = CommonConfig {
+        nats: NatsConfig {
+            servers: nats.url(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let errors = [
+        herald_ingest::start(
+            &common,
+            &herald_ingest::IngestConfig::default(),
+            telemetry::metrics(),
+            shutdown.clone(),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string(),
+        herald_processor::start(
+            &common,
+            &herald_processor::ProcessorConfig::default(),
+            telemetry::metrics(),
+            shutdown.clone(),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string(),
+        herald_activator::start(
+            &common,
+            &herald_activator::ActivatorConfig::default(),
+            telemetry::metrics(),
+            shutdown.clone(),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string(),
+    ];
+    for e in errors {
+        assert!(e.contains("set control.token or control.token_file"), "{e}");
+    }
     Ok(())
 }

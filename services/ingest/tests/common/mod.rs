@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use base64::Engine as _;
 use herald_common::nats::{ensure_stream, is_connected};
-use herald_common::{CommonConfig, NatsConfig, Secret, Topology, TopologyConfig};
+use herald_common::{CommonConfig, ControlConfig, NatsConfig, Secret, Topology, TopologyConfig};
 use herald_ingest::{AppState, IngestConfig, SourceConfig, router};
 use herald_proto::v1::{Event, EventType};
 use herald_testkit::{NatsServer, wait_until};
@@ -26,6 +26,10 @@ use tower::ServiceExt as _;
 pub const WRITE_KEY: &str = "acceptance-write-key";
 /// The source that key belongs to.
 pub const SOURCE: &str = "acceptance";
+/// The mParticle secret the SDK fixtures were recorded with (paired with [`WRITE_KEY`]).
+pub const WRITE_SECRET: &str = "acceptance-secret";
+/// The control APIs' bearer token.
+pub const CONTROL_TOKEN: &str = "ingest-test-control-token";
 /// A disabled source's key.
 pub const DISABLED_KEY: &str = "disabled-write-key";
 
@@ -38,8 +42,9 @@ pub fn ingest_config() -> IngestConfig {
                 id: SOURCE.into(),
                 name: "Acceptance".into(),
                 write_key: Secret(WRITE_KEY.into()),
-                write_secret: None,
+                write_secret: Some(Secret(WRITE_SECRET.into())),
                 enabled: true,
+                ..Default::default()
             },
             SourceConfig {
                 id: "disabled".into(),
@@ -47,6 +52,7 @@ pub fn ingest_config() -> IngestConfig {
                 write_key: Secret(DISABLED_KEY.into()),
                 write_secret: None,
                 enabled: false,
+                ..Default::default()
             },
         ],
         ..Default::default()
@@ -65,6 +71,7 @@ pub fn common_config(url: &str) -> CommonConfig {
             partitions: 4,
             ..Default::default()
         },
+        control: ControlConfig::with_token(CONTROL_TOKEN),
     }
 }
 
@@ -112,6 +119,10 @@ impl Harness {
         ensure_stream(&js, topology.events_stream_config())
             .await
             .expect("events stream");
+        // Invalid items of accepted batches are written to the quarantine.
+        ensure_stream(&js, herald_ingest::quarantine::stream_config(&topology))
+            .await
+            .expect("quarantine stream");
         js.get_stream(topology.events_stream())
             .await
             .expect("stream exists")
@@ -188,6 +199,14 @@ impl Harness {
         }
         events
     }
+}
+
+/// `data` gzipped.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
 }
 
 /// `Basic base64(key:)`.
@@ -269,8 +288,8 @@ pub fn fixtures(folder: &str) -> Vec<Fixture> {
                 .expect("headers")
                 .iter()
                 .filter(|(k, _)| {
-                    // Bodies are stored decoded (no gzip yet); the client sets length and host.
-                    !["host", "content-length", "content-encoding", "connection"]
+                    // The client sets length and host.
+                    !["host", "content-length", "connection"]
                         .contains(&k.to_ascii_lowercase().as_str())
                 })
                 .map(|(k, v)| (k.clone(), v.as_str().expect("header value").to_string()))
@@ -330,14 +349,33 @@ pub struct Expected {
 
 impl Fixture {
     /// The request to replay.
+    /// Bodies are stored decoded: where the SDK sent `Content-Encoding: gzip`, the body is
+    /// compressed again and the header kept.
     pub fn request(&self) -> Request<Body> {
         let mut req = Request::builder()
             .method(self.method.as_str())
             .uri(self.path.as_str());
+        let mut gzipped = false;
         for (k, v) in &self.headers {
+            if k.eq_ignore_ascii_case("content-encoding") {
+                assert_eq!(v, "gzip", "{}: only gzip fixtures are recorded", self.name);
+                gzipped = true;
+            }
             req = req.header(k.as_str(), v.as_str());
         }
-        req.body(Body::from(self.body.clone())).expect("request")
+        let body = if gzipped {
+            gzip(&self.body)
+        } else {
+            self.body.clone()
+        };
+        req.body(Body::from(body)).expect("request")
+    }
+
+    /// Whether the SDK sent the body gzipped.
+    pub fn gzipped(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-encoding"))
     }
 
     /// The events the request carries.

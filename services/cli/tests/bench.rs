@@ -1,0 +1,127 @@
+//! `herald bench` runs end to end with small loads and reports what docs/benchmarks.md relies
+//! on. Speed is never asserted here: only that every number is there and positive.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tokio::process::Command;
+
+/// Runs `herald bench <args>` and returns its stdout and the JSON summary (its last line).
+async fn bench(args: &[&str]) -> Result<(String, Value)> {
+    let nats = herald_testkit::nats_server_binary()?;
+    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("bench")
+        .args(args)
+        .env("HERALD_NATS_SERVER", nats)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+        .await
+        .context("herald bench did not finish within 240 s")??;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "herald bench {args:?} failed ({}):\n{stdout}\n{stderr}",
+            out.status
+        );
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no JSON summary line in:\n{stdout}"))?;
+    let summary = serde_json::from_str(line).context("the summary line is JSON")?;
+    assert!(
+        stderr.contains("/s  total"),
+        "progress lines are printed:\n{stderr}"
+    );
+    Ok((stdout, summary))
+}
+
+fn positive(v: &Value, path: &str) -> f64 {
+    let x = v
+        .pointer(path)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{path} missing in {v}"));
+    assert!(x > 0.0, "{path} = {x} in {v}");
+    x
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_bench_reports_raw_and_ingest_rates_latencies_and_ratios() -> Result<()> {
+    let (stdout, s) = bench(&["ingest", "--duration", "2", "--connections", "4"]).await?;
+    assert_eq!(s["bench"], "ingest");
+    assert!(
+        s["nats_server"]
+            .as_str()
+            .is_some_and(|v| v.starts_with('v')),
+        "{s}"
+    );
+    positive(&s, "/machine/cores");
+    positive(&s, "/raw/events_per_s");
+    positive(&s, "/raw/stored_bytes_per_message");
+    positive(&s, "/ratio");
+    for run in ["/ingest_flat_out", "/ingest_fixed_rate"] {
+        positive(&s, &format!("{run}/events_per_s"));
+        positive(&s, &format!("{run}/ratio_to_raw"));
+        positive(&s, &format!("{run}/latency_2xx/p50_ms"));
+        positive(&s, &format!("{run}/latency_2xx/p99_ms"));
+        positive(&s, &format!("{run}/latency_2xx/p999_ms"));
+        assert!(
+            s.pointer(&format!("{run}/errors"))
+                .is_some_and(Value::is_object),
+            "{s}"
+        );
+    }
+    // The fixed-rate run offers half of what raw publishing reached.
+    let offered = positive(&s, "/ingest_fixed_rate/offered_events_per_s");
+    let raw = positive(&s, "/raw/events_per_s");
+    assert!((offered - raw / 2.0).abs() < 1.0, "{offered} vs {raw}");
+    assert!(s["targets"]["ratio_met"].is_boolean() && s["targets"]["p99_met"].is_boolean());
+    for text in ["raw JetStream publish", "ingest flat out", "of raw", "p99"] {
+        assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_bench_reports_both_baselines_ratios_and_memory() -> Result<()> {
+    let (stdout, s) = bench(&[
+        "processor",
+        "--users",
+        "1000",
+        "--events",
+        "5000",
+        "--cache-mb",
+        "16",
+    ])
+    .await?;
+    assert_eq!(s["bench"], "processor");
+    assert_eq!(s["events"], 5000);
+    assert_eq!(s["users"], 1000);
+    positive(&s, "/preload/events_per_s");
+    positive(&s, "/raw_consume_publish/events_per_s");
+    positive(&s, "/raw_consume_kv_publish/events_per_s");
+    positive(&s, "/processor/events_per_s");
+    positive(&s, "/processor/rss_peak_mb");
+    positive(&s, "/ratio_to_raw");
+    positive(&s, "/ratio_to_kv");
+    assert_eq!(s["processor"]["processed"], 5000);
+    assert_eq!(s["processor"]["complete"], true);
+    assert_eq!(s["processor"]["cache_mb"], 16);
+    assert!(s["targets"]["rss_met"].is_boolean());
+    for text in [
+        "raw consume + publish",
+        "KV CAS write",
+        "processor",
+        "resident memory",
+    ] {
+        assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The profile and privacy commands against `herald dev`: `herald profile get`,
+//! `herald suppress`, `herald unsuppress`, `herald erase`, `herald erasure status`, and the
+//! processor's HTTP profile API.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use herald_testkit::{free_port, wait_until};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+struct Cli {
+    processor_url: String,
+    token: String,
+}
+
+impl Cli {
+    /// Runs `herald <args>` against the dev processor; (success, stdout, stderr).
+    async fn run(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(args)
+            .args([
+                "--processor-url",
+                &self.processor_url,
+                "--token",
+                &self.token,
+            ])
+            .output()
+            .await?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    async fn ok(&self, args: &[&str]) -> Result<String> {
+        let (ok, stdout, stderr) = self.run(args).await?;
+        if !ok {
+            bail!("herald {args:?} failed: {stderr}");
+        }
+        Ok(stdout)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_and_privacy_commands_reach_herald_dev() -> Result<()> {
+    let nats = herald_testkit::nats_server_binary()?;
+    let dir = tempfile::tempdir()?;
+    let ingest_port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.arg("dev")
+        .arg("--ingest-addr")
+        .arg(format!("127.0.0.1:{ingest_port}"))
+        .arg("--log-file")
+        .arg(dir.path().join("events.jsonl"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("HERALD_NATS_SERVER", nats)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let (processor_grpc, processor_http) = (free_port(), free_port());
+    for (var, port) in [
+        ("HERALD__INGEST__GRPC_ADDR", free_port()),
+        ("HERALD__INGEST__ADMIN_ADDR", free_port()),
+        ("HERALD__PROCESSOR__GRPC_ADDR", processor_grpc),
+        ("HERALD__PROCESSOR__ADMIN_ADDR", free_port()),
+        ("HERALD__PROCESSOR__HTTP_ADDR", processor_http),
+        ("HERALD__ACTIVATOR__GRPC_ADDR", free_port()),
+        ("HERALD__ACTIVATOR__ADMIN_ADDR", free_port()),
+    ] {
+        cmd.env(var, format!("127.0.0.1:{port}"));
+    }
+    let mut child = cmd.spawn()?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let mut banner = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 4096];
+    while !banner.contains("Press Ctrl-C") {
+        let n = tokio::time::timeout_at(deadline, stderr.read(&mut buf)).await??;
+        if n == 0 {
+            bail!("herald dev exited early:\n{banner}");
+        }
+        banner.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = stderr.read_to_end(&mut sink).await;
+    });
+    assert!(
+        banner.contains(&format!("http://127.0.0.1:{processor_http} (profiles)")),
+        "the banner shows the profile API:\n{banner}"
+    );
+    let write_key = std::fs::read_to_string(dir.path().join("data/write_key"))?;
+    let token = std::fs::read_to_string(dir.path().join("data/token"))
+        .context("herald dev writes the control token")?
+        .trim()
+        .to_string();
+    let cli = Cli {
+        processor_url: format!("http://127.0.0.1:{processor_grpc}"),
+        token: token.clone(),
+    };
+
+    // An identify through ingest links the user id, the anonymous id and the email.
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("http://127.0.0.1:{ingest_port}/v1/identify"))
+        .basic_auth(write_key.trim(), Some(""))
+        .json(&serde_json::json!({
+            "userId": "cli-user",
+            "anonymousId": "cli-anon",
+            "traits": {"email": "Cli@Example.com", "plan": "pro"},
+        }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    wait_until("the profile exists", Duration::from_secs(20), || async {
+        cli.run(&["profile", "get", "email:cli@example.com"])
+            .await
+            .is_ok_and(|(ok, out, _)| ok && out.contains("plan = \"pro\""))
+    })
+    .await?;
+    let shown = cli.ok(&["profile", "get", "anonymous_id:cli-anon"]).await?;
+    assert!(shown.contains("user_id:cli-user"), "{shown}");
+    assert!(shown.contains("email:cli@example.com"), "{shown}");
+
+    // The HTTP profile API, with the same token.
+    let url = format!("http://127.0.0.1:{processor_http}/v1/profiles/user_id/cli-user");
+    let res = http.get(&url).bearer_auth(&token).send().await?;
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await?;
+    assert_eq!(body["traits"]["plan"], "pro");
+    assert_eq!(http.get(&url).send().await?.status(), 401);
+
+    // Suppress and unsuppress.
+    let out = cli.ok(&["suppress", "user_id:cli-user"]).await?;
+    assert!(out.contains("anonymous_id:cli-anon"), "{out}");
+    let out = cli.ok(&["unsuppress", "user_id:cli-user"]).await?;
+    assert!(out.contains("unsuppressed"), "{out}");
+    let out = cli.ok(&["unsuppress", "user_id:cli-user"]).await?;
+    assert!(out.contains("not suppressed"), "{out}");
+
+    // Erase, then ask for the request's status.
+    let out = cli.ok(&["erase", "email:cli@example.com"]).await?;
+    assert!(out.contains("state        completed"), "{out}");
+    let request = out
+        .lines()
+        .find_map(|l| l.strip_prefix("request").map(str::trim))
+        .context("the request id is printed")?
+        .to_string();
+    let out = cli.ok(&["erasure", "status", &request]).await?;
+    assert!(out.contains("state        completed"), "{out}");
+    assert!(out.contains("user_id:cli-user"), "{out}");
+    let (ok, _, err) = cli.run(&["profile", "get", "user_id:cli-user"]).await?;
+    assert!(!ok);
+    assert!(err.contains("no profile has identity"), "{err}");
+    let (ok, _, err) = cli.run(&["profile", "get", "cli-user"]).await?;
+    assert!(!ok);
+    assert!(err.contains("<type>:<value>"), "{err}");
+
+    let pid = child.id().expect("running");
+    Command::new("kill")
+        .arg("-INT")
+        .arg(pid.to_string())
+        .status()
+        .await?;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await??;
+    assert!(status.success(), "herald dev exits cleanly: {status:?}");
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! The hot-profile cache of a processor replica: profiles (with their KV revision) and identity
+//! mappings, bounded by an approximate memory cap. It is never the authority: every write is a
+//! compare-and-set against the KV revision, and a conflict refreshes the entry.
+
+use std::sync::Arc;
+
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
+
+use crate::events;
+use crate::profile::Profile;
+
+/// Fixed per-entry overhead assumed on top of the key and value sizes (map slot, Arc, shard
+/// bookkeeping).
+const ENTRY_OVERHEAD: u64 = 96;
+
+/// A cached profile.
+#[derive(Debug, Clone)]
+pub struct CachedProfile {
+    /// Its KV revision when read or written.
+    pub revision: u64,
+    /// The profile.
+    pub profile: Arc<Profile>,
+    /// Approximate bytes it takes in memory.
+    pub weight: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Profile(CachedProfile),
+    Identity(Arc<str>),
+}
+
+#[derive(Debug, Clone)]
+struct ByBytes;
+
+impl Weighter<String, Entry> for ByBytes {
+    fn weight(&self, key: &String, val: &Entry) -> u64 {
+        key.len() as u64
+            + ENTRY_OVERHEAD
+            + match val {
+                Entry::Profile(p) => p.weight,
+                Entry::Identity(id) => id.len() as u64,
+            }
+    }
+}
+
+/// The cache; disabled (every lookup a miss) when its cap is 0.
+pub struct HotCache {
+    inner: Option<Cache<String, Entry, ByBytes>>,
+}
+
+impl std::fmt::Debug for HotCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotCache")
+            .field("bytes", &self.weight())
+            .finish()
+    }
+}
+
+impl HotCache {
+    /// A cache holding at most about `max_bytes`.
+    pub fn new(max_bytes: u64) -> Self {
+        let inner = (max_bytes > 0).then(|| {
+            // Profiles of about 2 KiB on average, to size the hash tables.
+            let items = (max_bytes / 2048).clamp(64, 4_000_000) as usize;
+            Cache::with_weighter(items, max_bytes, ByBytes)
+        });
+        Self { inner }
+    }
+
+    /// Approximate bytes held.
+    pub fn weight(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |c| c.weight())
+    }
+
+    /// The cached profile `id`, counting a hit or a miss.
+    pub fn profile(&self, id: &str) -> Option<CachedProfile> {
+        let hit = self
+            .inner
+            .as_ref()
+            .and_then(|c| match c.get(&profile_key(id)) {
+                Some(Entry::Profile(p)) => Some(p),
+                _ => None,
+            });
+        events::cache_lookup(hit.is_some());
+        hit
+    }
+
+    /// Caches profile `p` at `revision`; `encoded_len` is the size of its stored JSON.
+    pub fn put_profile(&self, p: Arc<Profile>, revision: u64, encoded_len: usize) {
+        if let Some(c) = &self.inner {
+            // Parsed JSON takes roughly twice its text in memory.
+            let weight = encoded_len as u64 * 2;
+            c.insert(
+                profile_key(&p.id),
+                Entry::Profile(CachedProfile {
+                    revision,
+                    profile: p,
+                    weight,
+                }),
+            );
+            events::cache_size(c.weight());
+        }
+    }
+
+    /// The cached profile id of identity bucket key `kv_key`, counting a hit or a miss.
+    pub fn identity(&self, kv_key: &str) -> Option<Arc<str>> {
+        let hit = self
+            .inner
+            .as_ref()
+            .and_then(|c| match c.get(&identity_key(kv_key)) {
+                Some(Entry::Identity(p)) => Some(p),
+                _ => None,
+            });
+        events::cache_lookup(hit.is_some());
+        hit
+    }
+
+    /// Caches that identity `kv_key` maps to `profile_id`.
+    pub fn put_identity(&self, kv_key: &str, profile_id: &str) {
+        if let Some(c) = &self.inner {
+            c.insert(identity_key(kv_key), Entry::Identity(profile_id.into()));
+        }
+    }
+
+    /// Forgets profile `id`.
+    pub fn forget_profile(&self, id: &str) {
+        if let Some(c) = &self.inner {
+            c.remove(&profile_key(id));
+        }
+    }
+
+    /// Forgets identity `kv_key`.
+    pub fn forget_identity(&self, kv_key: &str) {
+        if let Some(c) = &self.inner {
+            c.remove(&identity_key(kv_key));
+        }
+    }
+
+    /// Forgets everything (e.g. when this replica stops owning partitions).
+    pub fn clear(&self) {
+        if let Some(c) = &self.inner {
+            c.clear();
+            events::cache_size(0);
+        }
+    }
+}
+
+fn profile_key(id: &str) -> String {
+    format!("p:{id}")
+}
+
+fn identity_key(kv_key: &str) -> String {
+    format!("i:{kv_key}")
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+
+    #[test]
+    fn stays_within_its_cap() {
+        let cache = HotCache::new(64 * 1024);
+        for i in 0..10_000 {
+            let p = Arc::new(Profile::new(format!("p{i}"), Utc::now()));
+            cache.put_profile(p, i, 400);
+            cache.put_identity(&format!("user_id.{i}"), &format!("p{i}"));
+        }
+        assert!(cache.weight() <= 64 * 1024, "{}", cache.weight());
+        let p = Arc::new(Profile::new("hot".into(), Utc::now()));
+        cache.put_profile(p, 7, 400);
+        assert_eq!(cache.profile("hot").map(|c| c.revision), Some(7));
+        cache.forget_profile("hot");
+        assert!(cache.profile("hot").is_none());
+    }
+
+    #[test]
+    fn a_zero_cap_disables_it() {
+        let cache = HotCache::new(0);
+        cache.put_identity("user_id.x", "p");
+        assert!(cache.identity("user_id.x").is_none());
+    }
+}

@@ -1,0 +1,494 @@
+//! Erasure and suppression (GDPR/CCPA), given any identity.
+//!
+//! - **Suppress**: the identity and every identity of its profile go on the suppression list
+//!   (`herald-suppressions`); events naming any of them are dropped with reason `suppressed`.
+//! - **Unsuppress**: lifts every suppression made by the same request.
+//! - **Erase**: suppresses first (so nothing re-creates the profile meanwhile), then deletes the
+//!   identity mappings, the profile (by compare-and-set, so a concurrent merge is not missed),
+//!   the profiles merged into it and their consent records, and publishes an erasure event on
+//!   every processed partition the profile's identities route to. Each request leaves an audit
+//!   record in `herald-erasures` whose status can be queried.
+//!
+//! Every replica keeps the suppression list in memory, fed by a KV watch; a request waits until
+//! its own replica has seen it. Creating a new identity mapping checks KV directly, so an erased
+//! identity can never be linked again while suppressed.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::Operation;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::StreamExt;
+use herald_common::partition::partition_for;
+use herald_proto::v1::{Event, EventType, ProcessedEvent};
+use prost::Message as _;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::events;
+use crate::identity::{ANONYMOUS_ID, IdentityKey, USER_ID};
+use crate::resolver::Profiles;
+use crate::store::{
+    Bucket, Cas, ErasureRecord, ErasureState, ProfileError, RECORD_SCHEMA_VERSION, Store,
+    Suppression,
+};
+use crate::timestamp::to_proto;
+
+/// How long a request waits for this replica's suppression list to catch up.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// The suppression list of one replica: identity bucket keys, kept current by a KV watch.
+#[derive(Debug)]
+pub struct Suppressions {
+    set: RwLock<HashSet<String>>,
+    /// (highest revision applied, loaded).
+    state: watch::Sender<(u64, bool)>,
+}
+
+impl Default for Suppressions {
+    fn default() -> Self {
+        Self {
+            set: RwLock::new(HashSet::new()),
+            state: watch::Sender::new((0, false)),
+        }
+    }
+}
+
+impl Suppressions {
+    /// Whether identity bucket key `kv_key` is suppressed.
+    pub fn contains(&self, kv_key: &str) -> bool {
+        self.set.read().expect("suppressions lock").contains(kv_key)
+    }
+
+    /// Whether the list has been read once.
+    pub fn is_loaded(&self) -> bool {
+        self.state.borrow().1
+    }
+
+    /// Waits until loaded; false when cancelled first.
+    pub async fn wait_loaded(&self, cancel: &CancellationToken) -> bool {
+        let mut rx = self.state.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|s| s.1) => r.is_ok(),
+            _ = cancel.cancelled() => false,
+        }
+    }
+
+    /// Waits (up to a few seconds) until the list has applied bucket revision `rev`.
+    async fn wait_revision(&self, rev: u64) {
+        let mut rx = self.state.subscribe();
+        if tokio::time::timeout(CATCH_UP, rx.wait_for(|s| s.1 && s.0 >= rev))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                revision = rev,
+                "the suppression list did not catch up in time; it will shortly"
+            );
+        }
+    }
+
+    /// Keeps the list current until `cancel`, re-reading the bucket after any watch failure.
+    pub async fn watch(this: Arc<Self>, bucket: Bucket, cancel: CancellationToken) {
+        loop {
+            if let Err(e) = this.watch_once(&bucket, &cancel).await {
+                tracing::warn!(error = %e, "suppression watch failed; re-reading the list");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn watch_once(&self, bucket: &Bucket, cancel: &CancellationToken) -> Result<(), String> {
+        let last = bucket
+            .kv()
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        let mut w = bucket
+            .kv()
+            .watch_with_history(">")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut loading: Option<HashSet<String>> = Some(HashSet::new());
+        if last == 0 {
+            self.swap_in(loading.take().unwrap_or_default(), 0);
+        }
+        loop {
+            let entry = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                e = w.next() => e,
+            };
+            let entry = match entry {
+                None => return Err("the watch ended".into()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(e)) => e,
+            };
+            let apply = |set: &mut HashSet<String>| match entry.operation {
+                Operation::Put => {
+                    set.insert(entry.key.clone());
+                }
+                Operation::Delete | Operation::Purge => {
+                    set.remove(&entry.key);
+                }
+            };
+            match loading.as_mut() {
+                Some(set) => {
+                    apply(set);
+                    if entry.seen_current || entry.revision >= last {
+                        self.swap_in(loading.take().unwrap_or_default(), entry.revision);
+                    }
+                }
+                None => {
+                    apply(&mut self.set.write().expect("suppressions lock"));
+                    self.state.send_modify(|s| s.0 = s.0.max(entry.revision));
+                }
+            }
+        }
+    }
+
+    fn swap_in(&self, set: HashSet<String>, revision: u64) {
+        *self.set.write().expect("suppressions lock") = set;
+        self.state.send_modify(|s| {
+            s.0 = s.0.max(revision);
+            s.1 = true;
+        });
+    }
+}
+
+/// A new request id: `req-` and 96 random bits in hex.
+fn new_request_id() -> String {
+    format!("req-{:024x}", rand::random::<u128>() >> 32)
+}
+
+impl Profiles {
+    /// Erases the profile of identity `key` (see the module docs). The returned record says
+    /// whether it completed; a failed erasure can simply be requested again.
+    pub async fn erase(&self, key: &IdentityKey) -> Result<ErasureRecord, ProfileError> {
+        let store = self.store()?;
+        let mut record = ErasureRecord {
+            schema_version: RECORD_SCHEMA_VERSION,
+            request_id: new_request_id(),
+            request: "erase".into(),
+            identity: key.clone(),
+            state: ErasureState::Pending,
+            profile_id: None,
+            erased_profiles: Vec::new(),
+            identities: vec![key.clone()],
+            events_published: 0,
+            requested_at: Utc::now(),
+            completed_at: None,
+            error: None,
+        };
+        store.erasures.put(&record.request_id, &record).await?;
+        match self.erase_steps(store, key, &mut record).await {
+            Ok(()) => {
+                record.state = ErasureState::Completed;
+                record.completed_at = Some(Utc::now());
+            }
+            Err(e) => {
+                record.state = ErasureState::Failed;
+                record.error = Some(e.to_string());
+            }
+        }
+        store.erasures.put(&record.request_id, &record).await?;
+        events::privacy_request(
+            "erase",
+            record.state == ErasureState::Completed,
+            &record.request_id,
+        );
+        Ok(record)
+    }
+
+    async fn erase_steps(
+        &self,
+        store: &Store,
+        key: &IdentityKey,
+        record: &mut ErasureRecord,
+    ) -> Result<(), ProfileError> {
+        let mut identities: BTreeSet<IdentityKey> = BTreeSet::from([key.clone()]);
+        let mut profile_ids: Vec<String> = Vec::new();
+        let mut erased = None;
+        for _ in 0..self.cfg.cas_max_attempts.max(1) {
+            let found = self.lookup(key).await?;
+            if let Some((_, p)) = &found {
+                identities.extend(p.identities.iter().cloned());
+                for id in std::iter::once(&p.id).chain(p.merged_from.iter()) {
+                    if !profile_ids.contains(id) {
+                        profile_ids.push(id.clone());
+                    }
+                }
+            }
+            // Suppress before anything disappears, so no event re-creates the profile.
+            self.suppress_keys(store, &identities, "erasure", &record.request_id)
+                .await?;
+            let Some((rev, p)) = found else {
+                break;
+            };
+            match store.profiles.purge_at(&p.id, rev).await? {
+                Cas::Written(_) => {
+                    erased = Some(p);
+                    break;
+                }
+                // Changed since read (an event or a merge): read it again.
+                Cas::Conflict => events::cas_conflict("profiles"),
+            }
+        }
+        for k in &identities {
+            let kv_key = k.kv_key();
+            store.identities.purge(&kv_key).await?;
+            self.cache.forget_identity(&kv_key);
+        }
+        for id in &profile_ids {
+            store.profiles.purge(id).await?;
+            store.consent.purge(id).await?;
+            self.cache.forget_profile(id);
+        }
+        record.profile_id = erased.as_ref().map(|p| p.id.clone());
+        record.erased_profiles = profile_ids;
+        record.identities = identities.iter().cloned().collect();
+        record.events_published = self
+            .publish_erasure(
+                &record.request_id,
+                erased.as_ref().map(|p| p.id.as_str()),
+                &identities,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes one erasure event per processed partition that `identities` route to, so it
+    /// queues behind that partition's earlier events of the person.
+    async fn publish_erasure(
+        &self,
+        request_id: &str,
+        profile_id: Option<&str>,
+        identities: &BTreeSet<IdentityKey>,
+    ) -> Result<u32, ProfileError> {
+        let partitions = self.topology.partitions();
+        let mut by_partition: BTreeMap<u32, &IdentityKey> = BTreeMap::new();
+        for k in identities {
+            by_partition
+                .entry(partition_for(&k.value, partitions))
+                .or_insert(k);
+        }
+        let first = |kind: &str| {
+            identities
+                .iter()
+                .find(|k| k.kind == kind)
+                .map(|k| k.value.clone())
+                .unwrap_or_default()
+        };
+        let mut others = std::collections::HashMap::new();
+        for k in identities {
+            if k.kind != USER_ID && k.kind != ANONYMOUS_ID {
+                others
+                    .entry(k.kind.clone())
+                    .or_insert_with(|| k.value.clone());
+            }
+        }
+        let now = to_proto(Utc::now());
+        let all: Vec<_> = identities
+            .iter()
+            .map(|k| herald_proto::v1::Identity {
+                r#type: k.kind.clone(),
+                value: k.value.clone(),
+            })
+            .collect();
+        let mut acks = Vec::new();
+        for (p, via) in &by_partition {
+            let id = format!("erasure:{request_id}:{p}");
+            let event = Event {
+                id: id.clone(),
+                message_id: request_id.to_string(),
+                source_id: "herald".into(),
+                r#type: EventType::Erasure as i32,
+                user_id: first(USER_ID),
+                anonymous_id: first(ANONYMOUS_ID),
+                identities: others.clone(),
+                timestamp: Some(now),
+                received_at: Some(now),
+                partition_key: via.value.clone(),
+                partition: *p,
+                ..Default::default()
+            };
+            let processed = ProcessedEvent {
+                event: Some(event),
+                profile_id: profile_id.unwrap_or_default().to_string(),
+                identities: all.clone(),
+                consent: None,
+            };
+            let ack = self
+                .js
+                .send_publish(
+                    self.topology.processed_subject(*p),
+                    PublishMessage::build()
+                        .payload(Bytes::from(processed.encode_to_vec()))
+                        .message_id(&id),
+                )
+                .await
+                .map_err(|e| ProfileError::Kv {
+                    bucket: "processed stream",
+                    message: e.to_string(),
+                })?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| ProfileError::Kv {
+                bucket: "processed stream",
+                message: e.to_string(),
+            })?;
+        }
+        Ok(by_partition.len() as u32)
+    }
+
+    /// Suppresses identity `key` and every identity of its profile. Returns the request's
+    /// audit record (its `identities` are those suppressed).
+    pub async fn suppress(&self, key: &IdentityKey) -> Result<ErasureRecord, ProfileError> {
+        let store = self.store()?;
+        let mut identities = BTreeSet::from([key.clone()]);
+        let mut profile_id = None;
+        if let Some((_, p)) = self.lookup(key).await? {
+            identities.extend(p.identities.iter().cloned());
+            profile_id = Some(p.id);
+        }
+        let request_id = new_request_id();
+        let now = Utc::now();
+        let record = ErasureRecord {
+            schema_version: RECORD_SCHEMA_VERSION,
+            request_id: request_id.clone(),
+            request: "suppress".into(),
+            identity: key.clone(),
+            state: ErasureState::Completed,
+            profile_id,
+            erased_profiles: Vec::new(),
+            identities: identities.iter().cloned().collect(),
+            events_published: 0,
+            requested_at: now,
+            completed_at: Some(now),
+            error: None,
+        };
+        store.erasures.put(&request_id, &record).await?;
+        let res = self
+            .suppress_keys(store, &identities, "suppress", &request_id)
+            .await;
+        events::privacy_request("suppress", res.is_ok(), &request_id);
+        res.map(|()| record)
+    }
+
+    /// Lifts the suppression of `key` and of every identity suppressed by the same request.
+    /// Returns the identities no longer suppressed (empty when `key` was not suppressed).
+    pub async fn unsuppress(&self, key: &IdentityKey) -> Result<Vec<IdentityKey>, ProfileError> {
+        let store = self.store()?;
+        let Some(s) = store.suppressions.get::<Suppression>(&key.kv_key()).await? else {
+            return Ok(Vec::new());
+        };
+        let mut keys = BTreeSet::from([key.clone()]);
+        if let Some(r) = store
+            .erasures
+            .get::<ErasureRecord>(&s.value.request_id)
+            .await?
+        {
+            keys.extend(r.value.identities);
+        }
+        let mut lifted = Vec::new();
+        for k in keys {
+            let kv_key = k.kv_key();
+            match store.suppressions.get::<Suppression>(&kv_key).await? {
+                Some(cur) if cur.value.request_id == s.value.request_id => {
+                    store.suppressions.purge(&kv_key).await?;
+                    lifted.push(k);
+                }
+                _ => {}
+            }
+        }
+        let last = store
+            .suppressions
+            .kv()
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| ProfileError::Kv {
+                bucket: "suppressions",
+                message: e.to_string(),
+            })?
+            .state
+            .last_sequence;
+        self.suppressions.wait_revision(last).await;
+        events::privacy_request("unsuppress", true, &s.value.request_id);
+        Ok(lifted)
+    }
+
+    /// The audit record of request `request_id`.
+    pub async fn request_status(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<ErasureRecord>, ProfileError> {
+        let store = self.store()?;
+        if request_id.is_empty()
+            || !request_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Ok(None);
+        }
+        Ok(store
+            .erasures
+            .get::<ErasureRecord>(request_id)
+            .await?
+            .map(|v| v.value))
+    }
+
+    /// Whether identity `key` is suppressed, asking KV (not the in-memory list).
+    pub(crate) async fn is_suppressed_in_kv(
+        &self,
+        store: &Store,
+        key: &IdentityKey,
+    ) -> Result<bool, ProfileError> {
+        Ok(store
+            .suppressions
+            .get::<Suppression>(&key.kv_key())
+            .await?
+            .is_some())
+    }
+
+    async fn suppress_keys(
+        &self,
+        store: &Store,
+        keys: &BTreeSet<IdentityKey>,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<(), ProfileError> {
+        let mut last = 0;
+        for k in keys {
+            let kv_key = k.kv_key();
+            if let Some(cur) = store.suppressions.get::<Suppression>(&kv_key).await?
+                && cur.value.reason == "erasure"
+                && reason != "erasure"
+            {
+                // An erasure's suppression stays with the erasure's request.
+                continue;
+            }
+            let s = Suppression {
+                schema_version: RECORD_SCHEMA_VERSION,
+                identity: k.clone(),
+                reason: reason.to_string(),
+                request_id: request_id.to_string(),
+                created_at: Utc::now(),
+            };
+            last = store.suppressions.put(&kv_key, &s).await?;
+        }
+        if last > 0 {
+            self.suppressions.wait_revision(last).await;
+        }
+        Ok(())
+    }
+}

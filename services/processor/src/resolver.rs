@@ -1,0 +1,766 @@
+//! Identity resolution and profile updates over KV, by compare-and-set only.
+//!
+//! For each event: read which profile each of its identities belongs to (following merge
+//! redirects), plan with [`identity::plan`], then carry the plan out: create a profile, merge
+//! profiles (the older survives; the other becomes a redirect), link identities, and apply the
+//! event to the profile. Every write is a compare-and-set against the KV revision; a conflict
+//! re-reads and starts the event's resolution again. Nothing relies on which replica or
+//! partition touches a profile, so two partitions can merge the same profiles concurrently.
+//!
+//! A merge is crash-safe: the merged profile first becomes a redirect that still holds its
+//! data, then its data is folded into the survivor (idempotently: the survivor lists what it
+//! absorbed), then the redirect drops its data. Whoever follows a redirect that still holds
+//! data finishes the fold.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use herald_common::Topology;
+use herald_common::admin::Readiness;
+use herald_common::nats::retry_until;
+use herald_proto::v1::{Event, ProcessedEvent};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::HotCache;
+use crate::consent::{self, ConsentRecord};
+use crate::erasure::Suppressions;
+use crate::events;
+use crate::identity::{self, ANONYMOUS_ID, Guard, IdentityKey, PlanProfile, USER_ID};
+use crate::profile::Profile;
+use crate::profiles_config::ProfilesConfig;
+use crate::store::{Cas, IdentityLink, ProfileError, RECORD_SCHEMA_VERSION, Store};
+use crate::timestamp::event_time;
+
+/// Longest redirect chain followed before giving up (chains are short: every follow shortens
+/// the identity mappings it passes).
+const MAX_HOPS: usize = 32;
+
+/// The readiness check this module sets.
+pub const READY_CHECK: &str = "profile store";
+
+/// What processing one event produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Publish these, in order: the processed event, then a consent-changed event when the
+    /// event changed the profile's consent.
+    Publish(Vec<ProcessedEvent>),
+    /// The event names a suppressed identity: drop it.
+    Suppressed,
+}
+
+/// A profile read from KV (or the cache) at a revision.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub revision: u64,
+    pub profile: Arc<Profile>,
+}
+
+/// The profile store of one processor replica: KV buckets, hot cache, guard rails and the
+/// suppression list. Shared by the worker, the gRPC ProfileService and the HTTP profile API.
+pub struct Profiles {
+    pub(crate) store: OnceCell<Store>,
+    pub(crate) cache: HotCache,
+    pub(crate) guard: Guard,
+    pub(crate) cfg: ProfilesConfig,
+    pub(crate) suppressions: Arc<Suppressions>,
+    pub(crate) js: jetstream::Context,
+    pub(crate) topology: Topology,
+}
+
+impl std::fmt::Debug for Profiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Profiles")
+            .field("ready", &self.store.initialized())
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl Profiles {
+    /// A store over `js`; [`Profiles::start`] provisions it.
+    pub fn new(js: jetstream::Context, topology: Topology, cfg: ProfilesConfig) -> Arc<Self> {
+        Arc::new(Self {
+            store: OnceCell::new(),
+            cache: HotCache::new(cfg.cache_max_bytes),
+            guard: Guard::new(&cfg),
+            cfg,
+            suppressions: Arc::new(Suppressions::default()),
+            js,
+            topology,
+        })
+    }
+
+    /// Provisions the buckets (retrying until NATS answers or `cancel` fires), then keeps the
+    /// suppression list current; flips the `profile store` readiness check once both are there.
+    pub fn start(self: &Arc<Self>, ready: Readiness, cancel: CancellationToken) {
+        ready.set(READY_CHECK, false);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Some(store) = retry_until("creating the profile buckets", &cancel, || {
+                Store::ensure(&this.js, &this.topology)
+            })
+            .await
+            else {
+                return;
+            };
+            let _ = this.store.set(store.clone());
+            let watcher = tokio::spawn(Suppressions::watch(
+                this.suppressions.clone(),
+                store.suppressions.clone(),
+                cancel.clone(),
+            ));
+            if this.suppressions.wait_loaded(&cancel).await {
+                ready.set(READY_CHECK, true);
+                tracing::info!("profile store ready");
+            }
+            let _ = watcher.await;
+        });
+    }
+
+    /// Provisions the buckets and loads the suppression list, waiting for both (tests and tools
+    /// that use a store without a running processor).
+    pub async fn open(
+        js: jetstream::Context,
+        topology: Topology,
+        cfg: ProfilesConfig,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, ProfileError> {
+        let this = Self::new(js, topology, cfg);
+        let store = Store::ensure(&this.js, &this.topology).await?;
+        let _ = this.store.set(store.clone());
+        tokio::spawn(Suppressions::watch(
+            this.suppressions.clone(),
+            store.suppressions,
+            cancel.clone(),
+        ));
+        if !this.suppressions.wait_loaded(&cancel).await {
+            return Err(ProfileError::NotReady);
+        }
+        Ok(this)
+    }
+
+    /// The buckets, once provisioned and the suppression list is loaded.
+    pub(crate) fn store(&self) -> Result<&Store, ProfileError> {
+        match self.store.get() {
+            Some(s) if self.suppressions.is_loaded() => Ok(s),
+            _ => Err(ProfileError::NotReady),
+        }
+    }
+
+    /// Forgets every cached profile (e.g. when this replica gives up partitions).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    /// Resolves `event` to its profile, updates the profile, and returns what to publish.
+    /// On error the event comes back with it, to retry when [`ProfileError::retryable`].
+    pub async fn process(&self, event: Event) -> Result<Outcome, (ProfileError, Event)> {
+        let resolution = match self.resolve(&event).await {
+            Ok(r) => r,
+            Err(e) => return Err((e, event)),
+        };
+        Ok(match resolution {
+            Resolution::Suppressed => {
+                events::suppressed(&event.id);
+                Outcome::Suppressed
+            }
+            Resolution::Unresolved => {
+                events::outcome("unresolved", 1);
+                let consent = event.consent.clone();
+                Outcome::Publish(vec![ProcessedEvent {
+                    event: Some(event),
+                    profile_id: String::new(),
+                    identities: Vec::new(),
+                    consent,
+                }])
+            }
+            Resolution::Resolved(done) => {
+                let profile = &done.loaded.profile;
+                events::outcome("processed", 1);
+                let processed = ProcessedEvent {
+                    profile_id: profile.id.clone(),
+                    identities: profile.proto_identities(),
+                    consent: profile.consent.snapshot(),
+                    event: Some(event),
+                };
+                if done.consent_changed {
+                    let changed = consent::changed_event(&processed);
+                    Outcome::Publish(vec![processed, changed])
+                } else {
+                    Outcome::Publish(vec![processed])
+                }
+            }
+        })
+    }
+
+    async fn resolve(&self, event: &Event) -> Result<Resolution, ProfileError> {
+        let store = self.store()?;
+        let extracted = identity::extract(event, &self.guard);
+        events::identities_blocked(extracted.blocked);
+        let mut ids = extracted.identities;
+        if let Some(prev) = &extracted.alias_previous {
+            let candidates = [
+                IdentityKey::new(USER_ID, prev),
+                IdentityKey::new(ANONYMOUS_ID, prev),
+            ];
+            if candidates
+                .iter()
+                .any(|k| self.suppressions.contains(&k.kv_key()))
+            {
+                return Ok(Resolution::Suppressed);
+            }
+            // A previous id is whichever identity is known: a user id, else an anonymous id.
+            let mut chosen = candidates[1].clone();
+            for k in &candidates {
+                if self.mapped_profile(store, k, false).await?.is_some() {
+                    chosen = k.clone();
+                    break;
+                }
+            }
+            ids.push(chosen);
+            self.guard.sort(&mut ids);
+        }
+        if ids.iter().any(|k| self.suppressions.contains(&k.kv_key())) {
+            return Ok(Resolution::Suppressed);
+        }
+        if ids.is_empty() {
+            return Ok(Resolution::Unresolved);
+        }
+        let explicit = extracted.alias_previous.is_some();
+        let at = event_time(event);
+        let Some(done) = self
+            .resolve_and_apply(store, event, &ids, explicit, at)
+            .await?
+        else {
+            return Ok(Resolution::Suppressed);
+        };
+        if done.consent_changed {
+            events::consent_changed();
+            let p = &done.loaded.profile;
+            self.write_consent(
+                store,
+                ConsentRecord::of(&p.id, &p.consent, done.loaded.revision),
+            )
+            .await?;
+        }
+        Ok(Resolution::Resolved(done))
+    }
+
+    /// Looks a profile up by identity, reading KV (never the cache): the canonical profile and
+    /// its revision, or `None`.
+    pub async fn lookup(&self, key: &IdentityKey) -> Result<Option<(u64, Profile)>, ProfileError> {
+        let store = self.store()?;
+        let mut seen = BTreeMap::new();
+        let Some(id) = self.mapped_profile(store, key, true).await? else {
+            return Ok(None);
+        };
+        let Some(canonical) = self.canonical(store, &id, true, &mut seen).await? else {
+            return Ok(None);
+        };
+        Ok(seen
+            .remove(&canonical)
+            .map(|l| (l.revision, (*l.profile).clone())))
+    }
+
+    async fn resolve_and_apply(
+        &self,
+        store: &Store,
+        event: &Event,
+        ids: &[IdentityKey],
+        explicit: bool,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Applied>, ProfileError> {
+        let mut fresh = false;
+        let mut attempt = 0u32;
+        'attempt: loop {
+            attempt += 1;
+            if attempt > self.cfg.cas_max_attempts.max(1) {
+                return Err(ProfileError::Contended(
+                    ids.first().map(ToString::to_string).unwrap_or_default(),
+                ));
+            }
+            if attempt > 1 {
+                events::cas_retry();
+                if attempt > 3 {
+                    // Spread concurrent writers of one profile apart.
+                    let ms = rand::random_range(1..=(attempt as u64).min(20));
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            }
+            let mut loaded: BTreeMap<String, Loaded> = BTreeMap::new();
+            let mut lookups = Vec::with_capacity(ids.len());
+            for key in ids {
+                let canonical = self
+                    .resolve_identity(store, key, fresh, &mut loaded)
+                    .await?;
+                lookups.push((key.clone(), canonical));
+            }
+            let plan_profiles: BTreeMap<String, PlanProfile> = loaded
+                .iter()
+                .map(|(id, l)| {
+                    (
+                        id.clone(),
+                        PlanProfile {
+                            identities: l.profile.identity_set(),
+                        },
+                    )
+                })
+                .collect();
+            let plan = identity::plan(&lookups, &plan_profiles, &self.guard, explicit);
+            if !plan.is_steady() && !fresh {
+                // The graph changes: decide on what KV says, not on the cache.
+                fresh = true;
+                attempt -= 1;
+                continue;
+            }
+            for (_, why) in &plan.skipped {
+                events::identity_skipped(why.label());
+            }
+
+            // The survivor: the oldest of the group, or a new profile.
+            let mut group: Vec<Loaded> = plan
+                .group
+                .iter()
+                .filter_map(|id| loaded.get(id).cloned())
+                .collect();
+            group.sort_by(|a, b| a.profile.rank().cmp(&b.profile.rank()));
+            let created_now = group.is_empty();
+            let mut survivor = if group.is_empty() {
+                let id = new_profile_id();
+                let p = Profile::new(id.clone(), at);
+                match store.profiles.create(&id, &p).await? {
+                    (Cas::Written(revision), _) => {
+                        events::profile_created();
+                        Loaded {
+                            revision,
+                            profile: Arc::new(p),
+                        }
+                    }
+                    (Cas::Conflict, _) => continue 'attempt,
+                }
+            } else {
+                group.remove(0)
+            };
+            // The survivor's effective consent before this event touched it, to detect a
+            // change (a new profile starts with none).
+            let before: Effective = survivor.profile.consent.effective();
+
+            // Merge the younger profiles into the survivor.
+            for loser in group {
+                match self.merge(store, loser, &survivor.profile.id).await? {
+                    Some(s) => survivor = s,
+                    None => continue 'attempt,
+                }
+            }
+            if survivor.profile.merged_into.is_some() {
+                continue 'attempt;
+            }
+
+            // Link new identities: first on the profile (where the limits are enforced by
+            // compare-and-set), then in the identity graph.
+            if !plan.link.is_empty() {
+                let mut p = (*survivor.profile).clone();
+                let mut to_map = Vec::new();
+                for k in &plan.link {
+                    if p.identities.contains(k) {
+                        to_map.push(k.clone());
+                        continue;
+                    }
+                    let n = p.identities.iter().filter(|i| i.kind == k.kind).count();
+                    if explicit || n < self.guard.limit(&k.kind) {
+                        p.identities.push(k.clone());
+                        to_map.push(k.clone());
+                    } else {
+                        events::identity_skipped(identity::Skip::Limit.label());
+                    }
+                }
+                if p.identities.len() != survivor.profile.identities.len() {
+                    p.updated_at = Utc::now();
+                    match self.write_profile(store, p, survivor.revision).await? {
+                        Some(l) => survivor = l,
+                        None => continue 'attempt,
+                    }
+                }
+                let mut mapped_any = false;
+                for k in &to_map {
+                    let kv_key = k.kv_key();
+                    // The in-memory list may lag a request on another replica by a moment;
+                    // an identity is never linked while KV says it is suppressed.
+                    if self.is_suppressed_in_kv(store, k).await? {
+                        self.abandon(store, &survivor, created_now && !mapped_any, k)
+                            .await?;
+                        return Ok(None);
+                    }
+                    let link = IdentityLink {
+                        schema_version: RECORD_SCHEMA_VERSION,
+                        profile_id: survivor.profile.id.clone(),
+                        identity: k.clone(),
+                        linked_at: Utc::now(),
+                    };
+                    match store.identities.create(&kv_key, &link).await? {
+                        (Cas::Written(_), _) => {
+                            mapped_any = true;
+                            events::identity_linked();
+                            self.cache.put_identity(&kv_key, &survivor.profile.id);
+                        }
+                        (Cas::Conflict, _) => {
+                            events::cas_conflict("identities");
+                            let mut seen = BTreeMap::new();
+                            let owner = match self.mapped_profile(store, k, true).await? {
+                                Some(id) => self.canonical(store, &id, true, &mut seen).await?,
+                                None => None,
+                            };
+                            if owner.as_deref() != Some(survivor.profile.id.as_str()) {
+                                // Someone linked it elsewhere first: take it off this profile
+                                // and plan again (now as a merge, or a skip).
+                                self.abandon(store, &survivor, created_now && !mapped_any, k)
+                                    .await?;
+                                continue 'attempt;
+                            }
+                            mapped_any = true;
+                        }
+                    }
+                }
+            }
+
+            // Apply the event.
+            let mut p = (*survivor.profile).clone();
+            let redelivered_change = p.consent.changed_by.as_deref() == Some(event.id.as_str());
+            p.apply_event(event, at);
+            let changed = before != p.consent.effective();
+            if changed {
+                p.consent.changed_by = Some(event.id.clone());
+            }
+            match self.write_profile(store, p, survivor.revision).await? {
+                Some(l) => {
+                    return Ok(Some(Applied {
+                        loaded: l,
+                        consent_changed: changed || redelivered_change,
+                    }));
+                }
+                None => continue 'attempt,
+            }
+        }
+    }
+
+    /// The profile id identity `key` is mapped to (not following redirects).
+    async fn mapped_profile(
+        &self,
+        store: &Store,
+        key: &IdentityKey,
+        fresh: bool,
+    ) -> Result<Option<String>, ProfileError> {
+        let kv_key = key.kv_key();
+        if !fresh && let Some(id) = self.cache.identity(&kv_key) {
+            return Ok(Some(id.to_string()));
+        }
+        Ok(match store.identities.get::<IdentityLink>(&kv_key).await? {
+            Some(v) => {
+                self.cache.put_identity(&kv_key, &v.value.profile_id);
+                Some(v.value.profile_id)
+            }
+            None => None,
+        })
+    }
+
+    /// The canonical profile identity `key` belongs to, loading it (and any profile on the
+    /// way) into `loaded`. Shortens the mapping when it points at a redirect, and removes a
+    /// mapping whose profile is gone (an interrupted erasure).
+    async fn resolve_identity(
+        &self,
+        store: &Store,
+        key: &IdentityKey,
+        fresh: bool,
+        loaded: &mut BTreeMap<String, Loaded>,
+    ) -> Result<Option<String>, ProfileError> {
+        let kv_key = key.kv_key();
+        let Some(mapped) = self.mapped_profile(store, key, fresh).await? else {
+            return Ok(None);
+        };
+        let canonical = self.canonical(store, &mapped, fresh, loaded).await?;
+        match &canonical {
+            Some(c) if *c == mapped => {}
+            Some(c) => {
+                // Point the mapping straight at the survivor.
+                if let Some(v) = store.identities.get::<IdentityLink>(&kv_key).await?
+                    && v.value.profile_id == mapped
+                {
+                    let link = IdentityLink {
+                        profile_id: c.clone(),
+                        ..v.value
+                    };
+                    if let (Cas::Conflict, _) =
+                        store.identities.update(&kv_key, &link, v.revision).await?
+                    {
+                        events::cas_conflict("identities");
+                    }
+                }
+                self.cache.put_identity(&kv_key, c);
+            }
+            None => {
+                self.cache.forget_identity(&kv_key);
+                if !fresh {
+                    // The cached mapping may be stale: ask KV.
+                    return Box::pin(self.resolve_identity(store, key, true, loaded)).await;
+                }
+                if let Some(v) = store.identities.get::<IdentityLink>(&kv_key).await?
+                    && v.value.profile_id == mapped
+                {
+                    let _ = store.identities.purge_at(&kv_key, v.revision).await?;
+                }
+            }
+        }
+        Ok(canonical)
+    }
+
+    /// Loads profile `id` (from the cache unless `fresh`).
+    async fn load(
+        &self,
+        store: &Store,
+        id: &str,
+        fresh: bool,
+    ) -> Result<Option<Loaded>, ProfileError> {
+        if !fresh && let Some(c) = self.cache.profile(id) {
+            return Ok(Some(Loaded {
+                revision: c.revision,
+                profile: c.profile,
+            }));
+        }
+        match store.profiles.get::<Profile>(id).await? {
+            Some(v) => {
+                let p = Arc::new(v.value);
+                self.cache.put_profile(p.clone(), v.revision, v.len);
+                Ok(Some(Loaded {
+                    revision: v.revision,
+                    profile: p,
+                }))
+            }
+            None => {
+                self.cache.forget_profile(id);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Follows redirects from `id` to the canonical profile, finishing any interrupted fold on
+    /// the way. `None` when the chain ends at a missing (erased) profile.
+    pub(crate) async fn canonical(
+        &self,
+        store: &Store,
+        id: &str,
+        fresh: bool,
+        loaded: &mut BTreeMap<String, Loaded>,
+    ) -> Result<Option<String>, ProfileError> {
+        let mut id = id.to_string();
+        for _ in 0..MAX_HOPS {
+            if loaded.contains_key(&id) {
+                return Ok(Some(id));
+            }
+            let Some(l) = self.load(store, &id, fresh).await? else {
+                return Ok(None);
+            };
+            match l.profile.merged_into.clone() {
+                None => {
+                    loaded.insert(id.clone(), l);
+                    return Ok(Some(id));
+                }
+                Some(next) => {
+                    if !l.profile.folded {
+                        self.finish_fold(store, l, &next).await?;
+                    }
+                    id = next;
+                }
+            }
+        }
+        Err(ProfileError::Contended(format!("redirect chain from {id}")))
+    }
+
+    /// Merges `loser` into `survivor_id`: redirect, fold, slim. Returns the survivor after the
+    /// fold, or `None` when a concurrent write got in the way (plan again).
+    async fn merge(
+        &self,
+        store: &Store,
+        loser: Loaded,
+        survivor_id: &str,
+    ) -> Result<Option<Loaded>, ProfileError> {
+        let mut redirect = (*loser.profile).clone();
+        redirect.redirect_to(survivor_id);
+        let Some(red) = self.write_profile(store, redirect, loser.revision).await? else {
+            return Ok(None);
+        };
+        events::profile_merged(&loser.profile.id, survivor_id);
+        let survivor = self.finish_fold(store, red, survivor_id).await?;
+        Ok(survivor)
+    }
+
+    /// Folds redirect `red` (still holding data) into the canonical profile reached from
+    /// `into`, then slims the redirect and points its consent record at the survivor.
+    async fn finish_fold(
+        &self,
+        store: &Store,
+        red: Loaded,
+        into: &str,
+    ) -> Result<Option<Loaded>, ProfileError> {
+        let mut target = into.to_string();
+        let mut survivor = None;
+        for _ in 0..self.cfg.cas_max_attempts.max(1) {
+            let mut seen = BTreeMap::new();
+            let Some(canonical) = Box::pin(self.canonical(store, &target, true, &mut seen)).await?
+            else {
+                // The survivor is gone (erased meanwhile): undo the redirect.
+                let mut back = (*red.profile).clone();
+                back.merged_into = None;
+                back.folded = false;
+                let _ = self.write_profile(store, back, red.revision).await?;
+                return Ok(None);
+            };
+            target = canonical.clone();
+            let s = seen.remove(&canonical).expect("canonical is loaded");
+            let mut p = (*s.profile).clone();
+            if !p.fold(&red.profile) {
+                survivor = Some(s);
+                break;
+            }
+            if let Some(l) = self.write_profile(store, p, s.revision).await? {
+                survivor = Some(l);
+                break;
+            }
+        }
+        let Some(survivor) = survivor else {
+            return Err(ProfileError::Contended(into.to_string()));
+        };
+        let mut slim = (*red.profile).clone();
+        slim.slim();
+        let _ = self.write_profile(store, slim, red.revision).await?;
+        self.write_consent(
+            store,
+            ConsentRecord::redirect(&red.profile.id, &survivor.profile.id, red.revision),
+        )
+        .await?;
+        if !red.profile.consent.is_empty() {
+            self.write_consent(
+                store,
+                ConsentRecord::of(
+                    &survivor.profile.id,
+                    &survivor.profile.consent,
+                    survivor.revision,
+                ),
+            )
+            .await?;
+        }
+        Ok(Some(survivor))
+    }
+
+    /// Compare-and-set write of a profile; `None` on conflict (the cache entry is dropped).
+    pub(crate) async fn write_profile(
+        &self,
+        store: &Store,
+        p: Profile,
+        revision: u64,
+    ) -> Result<Option<Loaded>, ProfileError> {
+        match store.profiles.update(&p.id, &p, revision).await? {
+            (Cas::Written(rev), len) => {
+                let p = Arc::new(p);
+                self.cache.put_profile(p.clone(), rev, len);
+                Ok(Some(Loaded {
+                    revision: rev,
+                    profile: p,
+                }))
+            }
+            (Cas::Conflict, _) => {
+                events::cas_conflict("profiles");
+                self.cache.forget_profile(&p.id);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Gives up linking `k` to `survivor`: deletes the survivor when it was just created and
+    /// nothing maps to it yet, else takes `k` off its list.
+    async fn abandon(
+        &self,
+        store: &Store,
+        survivor: &Loaded,
+        delete: bool,
+        k: &IdentityKey,
+    ) -> Result<(), ProfileError> {
+        if delete
+            && let Cas::Written(_) = store
+                .profiles
+                .purge_at(&survivor.profile.id, survivor.revision)
+                .await?
+        {
+            self.cache.forget_profile(&survivor.profile.id);
+            return Ok(());
+        }
+        self.unlist_identity(store, &survivor.profile.id, k).await
+    }
+
+    /// Takes identity `k` off profile `id`'s list.
+    async fn unlist_identity(
+        &self,
+        store: &Store,
+        id: &str,
+        k: &IdentityKey,
+    ) -> Result<(), ProfileError> {
+        for _ in 0..self.cfg.cas_max_attempts.max(1) {
+            let Some(l) = self.load(store, id, true).await? else {
+                return Ok(());
+            };
+            if !l.profile.identities.contains(k) {
+                return Ok(());
+            }
+            let mut p = (*l.profile).clone();
+            p.identities.retain(|i| i != k);
+            if self.write_profile(store, p, l.revision).await?.is_some() {
+                return Ok(());
+            }
+        }
+        Err(ProfileError::Contended(id.to_string()))
+    }
+
+    /// Writes a consent record unless one from a newer profile revision is already there.
+    pub(crate) async fn write_consent(
+        &self,
+        store: &Store,
+        record: ConsentRecord,
+    ) -> Result<(), ProfileError> {
+        let key = record.profile_id.clone();
+        for _ in 0..self.cfg.cas_max_attempts.max(1) {
+            let res = match store.consent.get::<ConsentRecord>(&key).await? {
+                Some(cur) if cur.value.profile_revision > record.profile_revision => return Ok(()),
+                Some(cur) if cur.value == record => return Ok(()),
+                Some(cur) => store.consent.update(&key, &record, cur.revision).await?,
+                None => store.consent.create(&key, &record).await?,
+            };
+            match res.0 {
+                Cas::Written(_) => return Ok(()),
+                Cas::Conflict => events::cas_conflict("consent"),
+            }
+        }
+        Err(ProfileError::Contended(key))
+    }
+}
+
+/// A profile's effective consent (purposes, opted out), without timestamps.
+type Effective = (BTreeMap<String, bool>, bool);
+
+struct Applied {
+    loaded: Loaded,
+    consent_changed: bool,
+}
+
+enum Resolution {
+    Suppressed,
+    Unresolved,
+    Resolved(Applied),
+}
+
+/// A new profile id: 128 random bits in hex.
+fn new_profile_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
