@@ -188,7 +188,8 @@ impl Topology {
     }
 
     /// Config of the events stream: interest retention (consumed events free their space),
-    /// DiscardNew (a full stream pushes back), file storage.
+    /// DiscardNew (a full stream pushes back), file storage, atomic batch publish allowed
+    /// (ingest stores bulk requests of `atomic_publish` sources all-or-nothing).
     pub fn events_stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.events_stream(),
@@ -202,6 +203,7 @@ impl Topology {
             max_bytes: self.cfg.events_max_bytes,
             num_replicas: self.cfg.replicas,
             duplicate_window: Duration::from_secs(self.cfg.duplicate_window_seconds),
+            allow_atomic_publish: true,
             ..Default::default()
         }
     }

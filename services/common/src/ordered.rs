@@ -48,9 +48,6 @@ const OPEN_TICK: Duration = Duration::from_secs(5);
 /// How long a releasing reader waits for messages already on their way to it.
 const RELEASE_QUIET: Duration = Duration::from_millis(50);
 
-/// How long a releasing reader waits for the server to end its pulls after unpinning.
-const RELEASE_DEADLINE: Duration = Duration::from_secs(2);
-
 /// Messages admitted per wait before the gate is looked at again.
 const DRAIN_LIMIT: usize = 4_096;
 
@@ -384,32 +381,50 @@ impl OrderedReader {
         let mut drained = Vec::new();
         if let (Some(group), Some(mut puller)) = (self.pinned.clone(), self.puller.take()) {
             puller.stop_requesting();
-            // Anything already on its way arrives within a moment; a pin found meanwhile
-            // counts as well.
-            drained.extend(puller.drain(RELEASE_QUIET).await);
-            let ours = puller.pin.clone().or_else(|| self.term.pin.clone());
-            let pinned_now = match (&ours, self.consumer.info().await) {
-                (Some(pin), Ok(info)) => pinned_id(info, &group.group) == Some(pin.as_str()),
-                (Some(_), Err(_)) => true,
-                (None, _) => false,
-            };
-            if pinned_now {
-                match self
-                    .stream
-                    .unpin_consumer(&self.cfg.durable, &group.group)
-                    .await
-                {
-                    // The server ends the pulls that carry the old pin (423): after those, no
-                    // message can still be on its way here.
-                    Ok(()) => drained.extend(puller.drain(RELEASE_DEADLINE).await),
-                    Err(e) => tracing::warn!(
-                        consumer = %self.cfg.durable,
-                        error = %e,
-                        "cannot unpin; the pin expires after the priority timeout"
-                    ),
+            // Until every pull this reader made has ended, the server may still deliver to it
+            // (a standby pull can even be pinned meanwhile): take what comes, and unpin
+            // whenever the consumer's pin is one this reader received.
+            let deadline = Instant::now() + puller.longest_wait() + Duration::from_secs(1);
+            let mut unpinned: Option<String> = None;
+            loop {
+                // Deliveries already on their way arrive within a moment.
+                drained.extend(puller.drain_quiet(RELEASE_QUIET).await);
+                let ours = puller.pin.clone().or_else(|| self.term.pin.clone());
+                if let Some(pin) = ours.filter(|p| unpinned.as_ref() != Some(p)) {
+                    let pinned_now = match self.consumer.info().await {
+                        Ok(info) => pinned_id(info, &group.group) == Some(pin.as_str()),
+                        Err(_) => true,
+                    };
+                    if pinned_now
+                        && let Err(e) = self
+                            .stream
+                            .unpin_consumer(&self.cfg.durable, &group.group)
+                            .await
+                    {
+                        tracing::warn!(
+                            consumer = %self.cfg.durable,
+                            error = %e,
+                            "cannot unpin; the pin expires after the priority timeout"
+                        );
+                    }
+                    unpinned = Some(pin);
+                    drained.extend(puller.drain_quiet(RELEASE_QUIET).await);
+                }
+                // Pulls that carried the unpinned pin can no longer be served; wait for the
+                // others (standby pulls) to end, unless one of them is pinned meanwhile.
+                let target = unpinned.clone();
+                drained.extend(
+                    puller
+                        .drain_until(deadline, |p| {
+                            p.idle_after_unpin(target.as_deref()) || p.pin != target
+                        })
+                        .await,
+                );
+                if puller.idle_after_unpin(unpinned.as_deref()) || Instant::now() >= deadline {
+                    break;
                 }
             }
-            puller.close().await;
+            puller.close();
         }
         let returned = self.held.len() + self.ready.len() + drained.len();
         for m in self
@@ -418,8 +433,12 @@ impl OrderedReader {
             .chain(self.ready.iter())
             .chain(drained.iter())
         {
-            let _ = m.ack_with(AckKind::Nak(None)).await;
+            if let Err(e) = m.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(consumer = %self.cfg.durable, error = %e, "nak failed");
+            }
         }
+        // Make sure the server has them before this reader is gone.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.js.client().flush()).await;
         if self.pinned.is_some() {
             tracing::info!(consumer = %self.cfg.durable, returned, "released the partition");
         }
@@ -554,7 +573,11 @@ impl OrderedReader {
             Ok(info) => pinned_id(info, &group.group) == Some(pin.as_str()),
             Err(_) => false,
         };
-        if !still_ours {
+        if still_ours {
+            if let Some(puller) = self.puller.as_mut() {
+                puller.pin = Some(pin);
+            }
+        } else {
             self.lose_pin().await;
         }
     }
@@ -626,6 +649,9 @@ impl OrderedReader {
         for m in self.held.values().chain(self.ready.iter()) {
             let _ = m.ack_with(AckKind::Nak(None)).await;
         }
+        if returned > 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.js.client().flush()).await;
+        }
         self.held.clear();
         self.ready.clear();
         self.open = false;
@@ -691,28 +717,42 @@ enum Pulled {
     Closed,
 }
 
-/// Pull requests through a `pinned_client` priority group, made by hand on one inbox. Unlike
-/// the client library's pull stream it reports a lost pin, and it can stop asking and wait
-/// until every request it made has ended ([`PinnedPull::drain`]), so a releasing reader leaves
-/// nothing delivered to it unseen (which would otherwise wait out the ack wait). It assumes the
-/// default JetStream API prefix (`$JS.API`, no domain), as Herald's connection uses.
+/// One pull request, with its own inbox subscription so that its deliveries and its end are
+/// known exactly.
+struct PullRequest {
+    sub: async_nats::Subscriber,
+    /// The pin it carried.
+    pin: Option<String>,
+    /// Messages it may still deliver.
+    remaining: usize,
+    /// When the server lets it expire.
+    expires_at: Instant,
+}
+
+/// Pull requests through a `pinned_client` priority group, made by hand, each on its own
+/// inbox. Unlike the client library's pull stream it reports a lost pin, knows exactly which
+/// requests are still open, and can stop asking and wait until they have ended
+/// ([`PinnedPull::drain`]), so a releasing reader leaves no request behind for the server to
+/// pin or deliver to (a delivery nobody reads waits out the ack wait, a pin nobody renews the
+/// pin timeout). It assumes the default JetStream API prefix (`$JS.API`, no domain), as
+/// Herald's connection uses.
 struct PinnedPull {
     client: async_nats::Client,
     context: jetstream::Context,
-    sub: async_nats::Subscriber,
-    inbox: String,
     subject: String,
     group: String,
     batch: usize,
+    /// Expiry of a request that carries the pin: half the pin timeout, so the pin is renewed.
     expires: Duration,
-    heartbeat: Duration,
+    /// Expiry of a standby request (no pin yet): short, so a released reader's standby pulls
+    /// end soon.
+    standby_expires: Duration,
     /// The pin the server gave these pulls (the `Nats-Pin-Id` of delivered messages).
     pin: Option<String>,
-    /// Messages asked for and neither delivered nor cancelled yet.
-    outstanding: usize,
+    requests: BTreeMap<u64, PullRequest>,
+    next_id: u64,
     requesting: bool,
     last_request: Instant,
-    last_heard: Instant,
 }
 
 impl PinnedPull {
@@ -721,104 +761,160 @@ impl PinnedPull {
         cfg: &ReaderConfig,
         group: &PinnedGroup,
     ) -> Result<Self, async_nats::SubscribeError> {
-        let client = js.client();
-        let inbox = client.new_inbox();
-        let sub = client.subscribe(inbox.clone()).await?;
-        // A pull expires after half the pin timeout, so a live reader renews its pin in time.
         let expires = (group.timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
         Ok(Self {
-            client,
+            client: js.client(),
             context: js.clone(),
-            sub,
-            inbox,
             subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", cfg.stream, cfg.durable),
             group: group.group.clone(),
             batch: cfg.batch.max(1),
             expires,
-            heartbeat: expires / 4,
+            standby_expires: Duration::from_secs(1).min(expires),
             pin: None,
-            outstanding: 0,
+            requests: BTreeMap::new(),
+            next_id: 0,
             requesting: true,
             last_request: Instant::now(),
-            last_heard: Instant::now(),
         })
     }
 
-    /// Asks for more when half the asked-for messages came, and in any case before the last
-    /// request expires (which keeps the pin).
-    async fn top_up(&mut self) {
-        let due = self.outstanding <= self.batch / 2
-            || (self.last_request.elapsed() >= self.expires * 3 / 4
-                && self.outstanding <= self.batch * 2);
-        if !self.requesting || !due {
-            return;
+    fn current_expiry(&self) -> Duration {
+        if self.pin.is_some() {
+            self.expires
+        } else {
+            self.standby_expires
         }
+    }
+
+    /// The longest an open request can still last.
+    fn longest_wait(&self) -> Duration {
+        self.requests
+            .values()
+            .map(|r| r.expires_at.saturating_duration_since(Instant::now()))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Asks for more when half the asked-for messages came, and in any case before the newest
+    /// request expires (which keeps the pin).
+    async fn top_up(&mut self) -> Result<(), String> {
+        if !self.requesting {
+            return Ok(());
+        }
+        let remaining: usize = self.requests.values().map(|r| r.remaining).sum();
+        let renew = self.last_request.elapsed() >= self.current_expiry() * 3 / 4;
+        let due = self.requests.is_empty()
+            || remaining <= self.batch / 2
+            || (renew && self.requests.len() < 3);
+        if !due {
+            return Ok(());
+        }
+        let expires = self.current_expiry();
         let mut request = serde_json::json!({
             "batch": self.batch,
-            "expires": self.expires.as_nanos() as u64,
-            "idle_heartbeat": self.heartbeat.as_nanos() as u64,
+            "expires": expires.as_nanos() as u64,
+            "idle_heartbeat": (expires / 4).as_nanos() as u64,
             "group": self.group,
         });
         if let Some(pin) = &self.pin {
             request["id"] = serde_json::Value::from(pin.as_str());
         }
-        let body = bytes::Bytes::from(request.to_string());
-        if self
+        let inbox = self.client.new_inbox();
+        let sub = self
             .client
-            .publish_with_reply(self.subject.clone(), self.inbox.clone(), body)
+            .subscribe(inbox.clone())
             .await
-            .is_ok()
-        {
-            if self.outstanding == 0 {
-                self.last_heard = Instant::now();
-            }
-            self.outstanding += self.batch;
-            self.last_request = Instant::now();
-        }
+            .map_err(|e| e.to_string())?;
+        self.client
+            .publish_with_reply(
+                self.subject.clone(),
+                inbox,
+                bytes::Bytes::from(request.to_string()),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.next_id += 1;
+        self.requests.insert(
+            self.next_id,
+            PullRequest {
+                sub,
+                pin: self.pin.clone(),
+                remaining: self.batch,
+                expires_at: Instant::now() + expires,
+            },
+        );
+        self.last_request = Instant::now();
+        Ok(())
     }
 
     fn stop_requesting(&mut self) {
         self.requesting = false;
     }
 
-    /// Requests the server has not answered for a while are taken as lost (a restarted
-    /// server, a reconnect), so they are asked again.
-    fn forget_silent_requests(&mut self) {
-        if self.outstanding > 0 && self.last_heard.elapsed() > self.heartbeat * 3 + self.expires {
-            tracing::debug!(inbox = %self.inbox, "no answer to pull requests; asking again");
-            self.outstanding = 0;
-            self.last_heard = Instant::now();
+    /// Forgets requests the server should have ended long ago (lost in a reconnect).
+    fn reap(&mut self) {
+        let now = Instant::now();
+        self.requests
+            .retain(|_, r| now < r.expires_at + Duration::from_secs(2));
+    }
+
+    /// The next answer on any open request, tagged with the request.
+    fn poll_requests(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<(u64, Option<async_nats::Message>)> {
+        for (id, r) in self.requests.iter_mut() {
+            if let std::task::Poll::Ready(m) = r.sub.poll_next_unpin(cx) {
+                return std::task::Poll::Ready((*id, m));
+            }
         }
+        std::task::Poll::Pending
     }
 
     /// The next message, a lost pin, or [`Pulled::Idle`] after `tick` without either.
     async fn next(&mut self, tick: Duration) -> Pulled {
         let deadline = Instant::now() + tick;
         loop {
-            self.forget_silent_requests();
-            self.top_up().await;
+            self.reap();
+            if let Err(e) = self.top_up().await {
+                tracing::debug!(error = %e, "cannot send a pull request");
+                return Pulled::Closed;
+            }
             let wake = deadline
-                .min(self.last_request + self.expires * 3 / 4)
+                .min(self.last_request + self.current_expiry() * 3 / 4)
                 .max(Instant::now() + Duration::from_millis(10));
-            match tokio::time::timeout_at(wake.into(), self.sub.next()).await {
+            let answer = tokio::time::timeout_at(
+                wake.into(),
+                std::future::poll_fn(|cx| self.poll_requests(cx)),
+            )
+            .await;
+            match answer {
                 Err(_) if Instant::now() >= deadline => return Pulled::Idle,
                 Err(_) => continue,
-                Ok(None) => return Pulled::Closed,
-                Ok(Some(msg)) => match self.handle(msg) {
-                    Some(pulled) => return pulled,
-                    None => continue,
-                },
+                Ok((id, None)) => {
+                    self.requests.remove(&id);
+                }
+                Ok((id, Some(msg))) => {
+                    if let Some(pulled) = self.handle(id, msg) {
+                        return pulled;
+                    }
+                }
             }
         }
     }
 
-    /// Accounts for one message on the inbox; `None` for status messages that need no action.
-    fn handle(&mut self, msg: async_nats::Message) -> Option<Pulled> {
+    /// Accounts for one answer to request `id`; `None` for status messages that need no
+    /// action.
+    fn handle(&mut self, id: u64, msg: async_nats::Message) -> Option<Pulled> {
         use async_nats::StatusCode;
-        self.last_heard = Instant::now();
         match msg.status {
             None | Some(StatusCode::OK) => {
-                self.outstanding = self.outstanding.saturating_sub(1);
+                if let Some(r) = self.requests.get_mut(&id) {
+                    r.remaining = r.remaining.saturating_sub(1);
+                    if r.remaining == 0 {
+                        self.requests.remove(&id);
+                    }
+                }
                 if let Some(pin) = msg
                     .headers
                     .as_ref()
@@ -834,50 +930,90 @@ impl PinnedPull {
             }
             Some(StatusCode::IDLE_HEARTBEAT) => None,
             Some(status) => {
-                let left = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Nats-Pending-Messages"))
-                    .and_then(|v| v.as_str().parse::<usize>().ok())
-                    .unwrap_or(self.batch);
-                self.outstanding = self.outstanding.saturating_sub(left);
+                // Any other status ends the request: expired (408), refused or ended (409),
+                // or its pin is not (or no longer) the consumer's (423).
+                let ended = self.requests.remove(&id);
                 if status == StatusCode::PIN_ID_MISMATCH {
-                    return self.pin.take().map(|_| Pulled::PinLost);
+                    let carried = ended.and_then(|r| r.pin);
+                    if carried.is_some() && carried == self.pin {
+                        self.pin = None;
+                        return Some(Pulled::PinLost);
+                    }
+                    return None;
                 }
                 if msg.description.as_deref() == Some("Consumer Deleted") {
                     return Some(Pulled::Closed);
                 }
-                if status == StatusCode::NO_RESPONDERS {
-                    // JetStream is not answering: ask again after a moment.
-                    self.outstanding = 0;
-                    self.last_request = Instant::now();
-                }
-                tracing::trace!(inbox = %self.inbox, %status, description = ?msg.description, "pull status");
+                tracing::trace!(%status, description = ?msg.description, "pull ended");
                 None
             }
         }
     }
 
-    /// Waits (asking for nothing more) until every request has ended or `within` has passed,
-    /// and returns the messages that arrived meanwhile.
-    async fn drain(&mut self, within: Duration) -> Vec<Message> {
+    /// Whether nothing can be delivered any more once `unpinned` was unpinned: no request is
+    /// open, or only requests that carried that pin (which the server no longer serves).
+    fn idle_after_unpin(&self, unpinned: Option<&str>) -> bool {
+        self.requests
+            .values()
+            .all(|r| unpinned.is_some() && r.pin.as_deref() == unpinned)
+    }
+
+    /// Asks for nothing more and collects what arrives until `quiet` passes without any
+    /// answer (or no request is open).
+    async fn drain_quiet(&mut self, quiet: Duration) -> Vec<Message> {
         self.requesting = false;
-        let deadline = tokio::time::Instant::now() + within;
         let mut got = Vec::new();
-        while self.outstanding > 0 {
-            match tokio::time::timeout_at(deadline, self.sub.next()).await {
-                Ok(Some(msg)) => {
-                    if let Some(Pulled::Message(m)) = self.handle(msg) {
+        while !self.requests.is_empty() {
+            let answer =
+                tokio::time::timeout(quiet, std::future::poll_fn(|cx| self.poll_requests(cx)))
+                    .await;
+            match answer {
+                Err(_) => break,
+                Ok((id, None)) => {
+                    self.requests.remove(&id);
+                }
+                Ok((id, Some(msg))) => {
+                    if let Some(Pulled::Message(m)) = self.handle(id, msg) {
                         got.push(*m);
                     }
                 }
-                _ => break,
             }
         }
         got
     }
 
-    async fn close(mut self) {
-        let _ = self.sub.unsubscribe().await;
+    /// Asks for nothing more and collects what arrives until `done` holds, no request is open,
+    /// or `deadline` passes.
+    async fn drain_until(
+        &mut self,
+        deadline: Instant,
+        done: impl Fn(&Self) -> bool,
+    ) -> Vec<Message> {
+        self.requesting = false;
+        let mut got = Vec::new();
+        while !self.requests.is_empty() && !done(self) {
+            let answer = tokio::time::timeout_at(
+                deadline.into(),
+                std::future::poll_fn(|cx| self.poll_requests(cx)),
+            )
+            .await;
+            match answer {
+                Err(_) => break,
+                Ok((id, None)) => {
+                    self.requests.remove(&id);
+                }
+                Ok((id, Some(msg))) => {
+                    if let Some(Pulled::Message(m)) = self.handle(id, msg) {
+                        got.push(*m);
+                    }
+                }
+            }
+        }
+        got
+    }
+
+    /// Drops every request's subscription.
+    fn close(mut self) {
+        self.requests.clear();
     }
 }

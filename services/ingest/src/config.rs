@@ -31,6 +31,10 @@ pub struct IngestConfig {
     pub cors_allowed_origins: Vec<String>,
     /// How long a request waits for JetStream to acknowledge its events before answering 503.
     pub publish_timeout_ms: u64,
+    /// Hours an event id is remembered in the KV seen-set (`<prefix>-seen`), so a retry arriving
+    /// after JetStream's duplicate window (`topology.duplicate_window_seconds`) is still not
+    /// stored twice (Segment dedupes over 24 hours). 0 turns the seen-set off.
+    pub dedupe_window_hours: u64,
     /// The sources ingest accepts events for.
     pub sources: Vec<SourceConfig>,
 }
@@ -49,6 +53,7 @@ impl Default for IngestConfig {
             max_message_id_chars: 100,
             cors_allowed_origins: vec!["*".into()],
             publish_timeout_ms: 5000,
+            dedupe_window_hours: 0,
             sources: Vec::new(),
         }
     }

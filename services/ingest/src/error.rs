@@ -98,6 +98,23 @@ pub enum ApiError {
         /// What the server said, for logs.
         cause: String,
     },
+    /// The source sent more events than its rate limit allows: retry after `retry_after`
+    /// seconds.
+    #[error(
+        "source {source_id} is over its rate limit of {rate} events per second (burst {burst}); this request of {events} event(s) fits in {retry_after} s: retry then, or ask for a higher limit"
+    )]
+    RateLimited {
+        /// The source.
+        source_id: String,
+        /// Its rate, events per second.
+        rate: f64,
+        /// Its bucket's capacity.
+        burst: u64,
+        /// Events in the request.
+        events: u64,
+        /// Seconds until the request fits (`Retry-After`).
+        retry_after: u64,
+    },
 }
 
 #[derive(Serialize)]
@@ -125,6 +142,7 @@ impl ApiError {
             Self::InvalidEvent(e) => e.reason(),
             Self::Unavailable { .. } => "unavailable",
             Self::StreamFull { .. } => "stream_full",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -144,13 +162,29 @@ impl ApiError {
             Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InvalidEvent(e) => e.status(),
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::StreamFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::StreamFull { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// Whether sending the same request later can succeed.
     pub fn retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::StreamFull { .. })
+        self.retry_after().is_some()
+    }
+
+    /// The `Retry-After` of the answer, in seconds, where a retry later will succeed.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Unavailable { .. } | Self::StreamFull { .. } => Some(1),
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    fn set_retry_after(&self, res: &mut Response) {
+        if let Some(seconds) = self.retry_after() {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
     }
 
     /// The answer in the mParticle Events API's shape, for `/v2/*`: the same status, a body
@@ -175,10 +209,7 @@ impl ApiError {
             }],
         };
         let mut res = (status, Json(body)).into_response();
-        if self.retryable() {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
+        self.set_retry_after(&mut res);
         res
     }
 }
@@ -201,10 +232,7 @@ impl IntoResponse for ApiError {
             message: self.to_string(),
         };
         let mut res = (self.status(), Json(body)).into_response();
-        if self.retryable() {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
+        self.set_retry_after(&mut res);
         res
     }
 }
@@ -288,6 +316,7 @@ mod tests {
                 "stream_full",
                 true,
             ),
+            (rate_limited(), 429, "rate_limited", true),
         ];
         for (err, status, kind, retry) in cases {
             assert_eq!(err.kind(), kind);
@@ -304,6 +333,30 @@ mod tests {
                 "{kind}"
             );
         }
+    }
+
+    fn rate_limited() -> ApiError {
+        ApiError::RateLimited {
+            source_id: "web".into(),
+            rate: 10.0,
+            burst: 20,
+            events: 5,
+            retry_after: 3,
+        }
+    }
+
+    #[test]
+    fn rate_limited_says_when_to_retry() {
+        let err = rate_limited();
+        assert_eq!(
+            err.to_string(),
+            "source web is over its rate limit of 10 events per second (burst 20); this request of 5 event(s) fits in 3 s: retry then, or ask for a higher limit"
+        );
+        assert_eq!(err.into_response().headers()[header::RETRY_AFTER], "3");
+        assert_eq!(
+            rate_limited().into_mparticle_response().headers()[header::RETRY_AFTER],
+            "3"
+        );
     }
 
     #[tokio::test]
@@ -331,6 +384,7 @@ mod tests {
                 "SERVICE_UNAVAILABLE",
                 true,
             ),
+            (rate_limited(), 429, "TOO_MANY_REQUESTS", true),
         ];
         for (err, status, code, retry) in cases {
             let message = err.to_string();

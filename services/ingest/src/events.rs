@@ -19,8 +19,12 @@ pub const REQUEST_DURATION_SECONDS: &str = "herald_ingest_request_duration_secon
 pub const PUBLISH_DURATION_SECONDS: &str = "herald_ingest_publish_duration_seconds";
 /// `herald_ingest_received_bytes_total`.
 pub const RECEIVED_BYTES_TOTAL: &str = "herald_ingest_received_bytes_total";
-/// `herald_ingest_dedupe_hits_total`.
+/// `herald_ingest_dedupe_hits_total{layer}` (`jetstream`, `seen_set`).
 pub const DEDUPE_HITS_TOTAL: &str = "herald_ingest_dedupe_hits_total";
+/// `herald_ingest_seen_set_failures_total{op}` (`read`, `write`).
+pub const SEEN_SET_FAILURES_TOTAL: &str = "herald_ingest_seen_set_failures_total";
+/// `herald_ingest_atomic_batches_total{outcome}`.
+pub const ATOMIC_BATCHES_TOTAL: &str = "herald_ingest_atomic_batches_total";
 /// `herald_ingest_decoded_bytes_total{encoding}`.
 pub const DECODED_BYTES_TOTAL: &str = "herald_ingest_decoded_bytes_total";
 /// `herald_ingest_requests_rejected_total{route,reason}`.
@@ -43,7 +47,7 @@ pub fn describe_metrics() {
         );
         describe_counter!(
             EVENTS_REJECTED_TOTAL,
-            "Events not accepted, by reason (validation failure, unavailable, stream_full)."
+            "Events not accepted, by reason (a validation failure, rate_limited, unavailable, stream_full)."
         );
         describe_histogram!(
             REQUEST_DURATION_SECONDS,
@@ -62,7 +66,24 @@ pub fn describe_metrics() {
         );
         describe_counter!(
             DEDUPE_HITS_TOTAL,
-            "Events JetStream acknowledged as duplicates of an event already stored (retries)."
+            "Events not stored again because they were stored already (retries), by layer: \
+             jetstream (a duplicate ack within the stream's duplicate window) or seen_set (found \
+             in the ingest.dedupe_window_hours seen-set, not published)."
+        );
+        // Both layers show from the start, so a rate of 0 is not an absent series.
+        for layer in ["jetstream", "seen_set"] {
+            counter!(DEDUPE_HITS_TOTAL, "layer" => layer).increment(0);
+        }
+        describe_counter!(
+            SEEN_SET_FAILURES_TOTAL,
+            "Times the dedupe seen-set could not be read or written (op: read, write); events are \
+             still stored, deduplicated by JetStream's duplicate window only."
+        );
+        describe_counter!(
+            ATOMIC_BATCHES_TOTAL,
+            "Bulk requests of atomic_publish sources, by outcome: committed (stored as one atomic \
+             batch) or the reason they were published per message instead (duplicate_id, \
+             too_large, too_many_in_flight, incomplete, disabled, refused)."
         );
         describe_counter!(
             DECODED_BYTES_TOTAL,
@@ -219,6 +240,30 @@ impl EventsRejected<'_> {
     }
 }
 
+/// A request was refused because its source is over its rate limit (logged at debug: a source
+/// over its limit can send many).
+pub struct RateLimited<'a> {
+    /// The source id.
+    pub source: &'a str,
+    /// Events in the request.
+    pub events: usize,
+    /// Seconds until the request fits.
+    pub retry_after: u64,
+}
+
+impl RateLimited<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::debug!(
+            source = self.source,
+            events = self.events,
+            retry_after = self.retry_after,
+            "source over its rate limit; request refused"
+        );
+        counter!(EVENTS_REJECTED_TOTAL, "reason" => "rate_limited").increment(self.events as u64);
+    }
+}
+
 /// Events were acknowledged by JetStream.
 pub struct EventsAccepted<'a> {
     /// The source id.
@@ -244,9 +289,88 @@ impl EventsAccepted<'_> {
         counter!(EVENTS_ACCEPTED_TOTAL, "source" => self.source.to_string())
             .increment(self.count as u64);
         if self.duplicates > 0 {
-            counter!(DEDUPE_HITS_TOTAL).increment(self.duplicates as u64);
+            DedupeHits {
+                layer: "jetstream",
+                count: self.duplicates,
+            }
+            .emit();
         }
         histogram!(PUBLISH_DURATION_SECONDS).record(self.publish_elapsed.as_secs_f64());
+    }
+}
+
+/// Events were not stored again because they were stored already.
+pub struct DedupeHits {
+    /// `jetstream` (duplicate acks) or `seen_set` (found in the seen-set, not published).
+    pub layer: &'static str,
+    /// How many events.
+    pub count: usize,
+}
+
+impl DedupeHits {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::debug!(
+            layer = self.layer,
+            count = self.count,
+            "events stored already; not stored again"
+        );
+        counter!(DEDUPE_HITS_TOTAL, "layer" => self.layer).increment(self.count as u64);
+    }
+}
+
+/// The dedupe seen-set could not be used for a request; its events are stored anyway.
+pub struct SeenSetFailed<'a> {
+    /// `read` or `write`.
+    pub op: &'static str,
+    /// The bucket.
+    pub bucket: &'a str,
+    /// What failed.
+    pub error: &'a str,
+    /// Events of the request.
+    pub events: usize,
+}
+
+impl SeenSetFailed<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::warn!(
+            op = self.op,
+            bucket = self.bucket,
+            error = self.error,
+            events = self.events,
+            "dedupe seen-set unavailable; relying on JetStream's duplicate window"
+        );
+        counter!(SEEN_SET_FAILURES_TOTAL, "op" => self.op).increment(1);
+    }
+}
+
+/// A group of events meant for one atomic batch was stored: atomically, or per message.
+pub struct AtomicBatchStored {
+    /// Why it was published per message; `None` when committed atomically.
+    pub fallback: Option<crate::publish::Fallback>,
+    /// Events in the batch.
+    pub events: usize,
+}
+
+impl AtomicBatchStored {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        let outcome = match self.fallback {
+            None => {
+                tracing::debug!(events = self.events, "atomic batch committed");
+                "committed"
+            }
+            Some(f) => {
+                tracing::info!(
+                    events = self.events,
+                    reason = f.label(),
+                    "atomic batch refused; publishing its events one by one (pipelined)"
+                );
+                f.label()
+            }
+        };
+        counter!(ATOMIC_BATCHES_TOTAL, "outcome" => outcome).increment(1);
     }
 }
 

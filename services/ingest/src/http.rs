@@ -29,13 +29,15 @@ use crate::body::{self, Encoding};
 use crate::config::IngestConfig;
 use crate::error::{ApiError, IngestError};
 use crate::events::{
-    BodyReceived, DuplicateRequests, EventsAccepted, EventsRejected, PublishFailed,
+    BodyReceived, DuplicateRequests, EventsAccepted, EventsRejected, PublishFailed, RateLimited,
     RequestCompleted, RequestLogFailed, RequestRejected, describe_metrics,
 };
 use crate::mparticle::{self, Batch};
 use crate::publish::{Published, Publisher};
 use crate::quarantine::Quarantine;
+use crate::ratelimit::{Limited, RateLimiter};
 use crate::requests::RequestLog;
+use crate::seen::SeenSet;
 use crate::segment::{Envelope, InvalidEvent, Normaliser, parse_batch, parse_single};
 use crate::sources::{PairAuthError, Source, SourceRegistry};
 
@@ -126,6 +128,7 @@ struct Inner {
     limits: Limits,
     cors: CorsLayer,
     requests: RequestLog,
+    rate_limits: RateLimiter,
 }
 
 impl AppState {
@@ -153,12 +156,21 @@ impl AppState {
             topology.clone(),
             Duration::from_millis(cfg.publish_timeout_ms),
         );
+        let seen = (cfg.dedupe_window_hours > 0).then(|| {
+            SeenSet::new(
+                js.clone(),
+                topology.bucket("seen"),
+                Duration::from_secs(cfg.dedupe_window_hours.saturating_mul(3600)),
+                common.topology.replicas,
+            )
+        });
         let publisher = Publisher::new(
             client,
             js,
             topology,
             Duration::from_millis(cfg.publish_timeout_ms),
-        );
+        )
+        .with_seen_set(seen);
         Ok(Self {
             inner: Arc::new(Inner {
                 sources: SourceRegistry::from_config(&cfg.sources)?,
@@ -167,6 +179,7 @@ impl AppState {
                 limits,
                 cors,
                 requests,
+                rate_limits: RateLimiter::default(),
             }),
         })
     }
@@ -194,6 +207,16 @@ impl AppState {
     /// The mParticle request log (`source_request_id` dedupe).
     pub fn request_log(&self) -> &RequestLog {
         &self.inner.requests
+    }
+
+    /// The publisher events go out with (shared with the NATS intake, seen-set included).
+    pub fn publisher(&self) -> &Publisher {
+        &self.inner.publisher
+    }
+
+    /// The per-source rate limits of this replica.
+    pub fn rate_limits(&self) -> &RateLimiter {
+        &self.inner.rate_limits
     }
 }
 
@@ -340,6 +363,9 @@ async fn ingest_segment(
         Some(key) => Some(authenticate(&inner.sources, &key)?),
         None => None,
     };
+    if let Some(source) = &header_source {
+        has_token(state, source)?;
+    }
     let bytes = read_body(
         headers,
         body,
@@ -368,6 +394,7 @@ async fn ingest_segment(
             limit: limits.max_batch_events,
         });
     }
+    admit(state, &source, env.items.len())?;
 
     let (events, rejected) = normalise_segment(state, &source, call, env, received_at)?;
     reject_invalid_items(state, &source, route, &bytes, received_at, rejected).await?;
@@ -478,6 +505,7 @@ async fn ingest_mparticle(
     let inner = &state.inner;
     let limits = &inner.limits;
     let source = authenticate_mparticle(&inner.sources, headers)?;
+    has_token(state, &source)?;
     let bytes = read_body(
         headers,
         body,
@@ -500,6 +528,7 @@ async fn ingest_mparticle(
     if historical {
         mparticle::check_historical(&batches, received_at)?;
     }
+    admit(state, &source, count)?;
 
     let fresh = unseen_batches(state, &source, &batches).await;
     let normaliser = mparticle::Normaliser {
@@ -677,16 +706,64 @@ async fn reject_invalid_items(
     .await
 }
 
-/// Publishes the events pipelined and awaits every ack; counts the outcome.
+/// Whether the source's bucket holds a token at all: checked before the body is read, so a
+/// source far over its limit costs no body reading. Counted as a refused request only (its
+/// events are not known yet).
+fn has_token(state: &AppState, source: &Source) -> Result<(), ApiError> {
+    state
+        .inner
+        .rate_limits
+        .has_token(source)
+        .map_err(|l| rate_limited(source, l))
+}
+
+/// Takes a token per event of the request (valid or not) from the source's bucket; a refusal
+/// counts the events as rejected with reason `rate_limited`.
+fn admit(state: &AppState, source: &Source, events: usize) -> Result<(), ApiError> {
+    state
+        .inner
+        .rate_limits
+        .admit(source, events as u64)
+        .map_err(|l| {
+            RateLimited {
+                source: &source.id,
+                events,
+                retry_after: l.retry_after_seconds(),
+            }
+            .emit();
+            rate_limited(source, l)
+        })
+}
+
+fn rate_limited(source: &Source, l: Limited) -> ApiError {
+    ApiError::RateLimited {
+        source_id: source.id.to_string(),
+        rate: l.rate,
+        burst: l.burst,
+        events: l.events,
+        retry_after: l.retry_after_seconds(),
+    }
+}
+
+/// Publishes the events and awaits every ack; counts the outcome. A request of two or more
+/// events from an `atomic_publish` source is stored as one atomic batch (all or nothing),
+/// else pipelined.
 async fn publish(state: &AppState, source: &Source, events: &[Event]) -> Result<(), ApiError> {
     if events.is_empty() {
         return Ok(());
     }
-    match state.inner.publisher.publish(events).await {
+    let publisher = &state.inner.publisher;
+    let published = if source.settings.atomic_publish {
+        publisher.publish_atomic(events).await
+    } else {
+        publisher.publish(events).await
+    };
+    match published {
         Ok(Published {
             acked,
             duplicates,
             elapsed,
+            ..
         }) => {
             EventsAccepted {
                 source: &source.id,

@@ -156,6 +156,24 @@ pub struct Decoded {
     pub events: Vec<Event>,
     /// What failed, as quarantine records.
     pub rejected: Vec<QuarantineRecord>,
+    /// Ranges of `events` to store as one atomic batch each (a batch message of an
+    /// `atomic_publish` source); the others are published pipelined.
+    pub atomic: Vec<std::ops::Range<usize>>,
+}
+
+impl Decoded {
+    /// Appends another submission's outcome, keeping its atomic ranges.
+    pub fn extend(&mut self, other: Decoded) {
+        let offset = self.events.len();
+        self.atomic.extend(
+            other
+                .atomic
+                .into_iter()
+                .map(|r| r.start + offset..r.end + offset),
+        );
+        self.events.extend(other.events);
+        self.rejected.extend(other.rejected);
+    }
 }
 
 /// Why a whole payload (not one item of it) was not accepted.
@@ -188,7 +206,8 @@ impl Intake {
         let timeout = Duration::from_millis(cfg.publish_timeout_ms);
         let client = state.client().clone();
         Self {
-            publisher: Publisher::new(client.clone(), js.clone(), topology.clone(), timeout),
+            // The HTTP API's publisher: the same seen-set.
+            publisher: state.publisher().clone(),
             quarantine: Quarantine::new(client, js, topology.clone(), timeout),
             partitions: topology.partitions(),
             max_event_bytes: cfg.max_event_bytes,
@@ -219,14 +238,15 @@ impl Intake {
         self.state.sources().is_loaded()
     }
 
-    /// [`Intake::submit`] against a snapshot of the sources.
+    /// [`Intake::submit`] against a snapshot of the sources. The events of a batch message
+    /// from an `atomic_publish` source are marked to be stored as one atomic batch.
     fn submit_among(&self, sub: &Submission<'_>, sources: &[Source]) -> Decoded {
         let refuse = |r: Refusal| Decoded {
-            events: Vec::new(),
             rejected: vec![record(sub, r.reason, r.message, sub.payload.clone(), None)],
+            ..Decoded::default()
         };
-        match source_status(sources, sub.source_id) {
-            SourceStatus::Enabled => {}
+        let atomic = match source_status(sources, sub.source_id) {
+            SourceStatus::Enabled { atomic } => atomic,
             SourceStatus::Unknown => {
                 return refuse(Refusal {
                     reason: "unknown_source",
@@ -245,14 +265,14 @@ impl Intake {
                     ),
                 });
             }
-        }
-        match sub.format {
+        };
+        let mut decoded = match sub.format {
             PayloadFormat::SegmentJson => self.submit_json(sub),
             PayloadFormat::MparticleJson => self.submit_mparticle(sub),
             PayloadFormat::ProtobufEvent => match self.normalise_protobuf(sub) {
                 Ok(event) => Decoded {
                     events: vec![event],
-                    rejected: Vec::new(),
+                    ..Decoded::default()
                 },
                 Err(r) => refuse(r),
             },
@@ -263,15 +283,19 @@ impl Intake {
                     sub.content_type
                 ),
             }),
+        };
+        if atomic && decoded.events.len() > 1 {
+            decoded.atomic.push(0..decoded.events.len());
         }
+        decoded
     }
 
     /// One mParticle batch (`/v2/events` shape), normalised like the HTTP API does; a failing
     /// event is recorded as its batch with only that event.
     fn submit_mparticle(&self, sub: &Submission<'_>) -> Decoded {
         let whole = |reason: &str, message: String| Decoded {
-            events: Vec::new(),
             rejected: vec![record(sub, reason, message, sub.payload.clone(), None)],
+            ..Decoded::default()
         };
         let batch = match mparticle::parse_events(sub.payload) {
             Ok(b) => b,
@@ -337,8 +361,8 @@ impl Intake {
             Err(e) => {
                 let rec = record(sub, e.kind(), e.to_string(), sub.payload.clone(), None);
                 return Decoded {
-                    events: Vec::new(),
                     rejected: vec![rec],
+                    ..Decoded::default()
                 };
             }
         };
@@ -349,8 +373,8 @@ impl Intake {
             };
             let rec = record(sub, e.kind(), e.to_string(), sub.payload.clone(), None);
             return Decoded {
-                events: Vec::new(),
                 rejected: vec![rec],
+                ..Decoded::default()
             };
         }
         let normaliser = Normaliser {
@@ -363,7 +387,7 @@ impl Intake {
         let items = std::mem::take(&mut env.items);
         let mut decoded = Decoded {
             events: Vec::with_capacity(items.len()),
-            rejected: Vec::new(),
+            ..Decoded::default()
         };
         let mut failed: Vec<(usize, InvalidEvent)> = Vec::new();
         for (index, item) in items.into_iter().enumerate() {
@@ -483,7 +507,8 @@ impl Intake {
         Ok(e)
     }
 
-    /// Publishes events and quarantine records pipelined, and waits for every PubAck.
+    /// Publishes events (the atomic ranges as atomic batches, the others pipelined) and
+    /// quarantine records, and waits for every PubAck.
     pub async fn store(
         &self,
         decoded: &Decoded,
@@ -492,7 +517,10 @@ impl Intake {
             if decoded.events.is_empty() {
                 Ok(None)
             } else {
-                self.publisher.publish(&decoded.events).await.map(Some)
+                self.publisher
+                    .publish_grouped(&decoded.events, &decoded.atomic)
+                    .await
+                    .map(Some)
             }
         };
         let records = self.quarantine.record_all(&decoded.rejected);
@@ -576,8 +604,7 @@ impl Intake {
             let decoded = self.decode_message(msg, &sources);
             chunk.outcomes.push(MessageOutcome::of(&decoded));
             chunk.messages.push(msg);
-            chunk.decoded.events.extend(decoded.events);
-            chunk.decoded.rejected.extend(decoded.rejected);
+            chunk.decoded.extend(decoded);
             let full = chunk.decoded.events.len() + chunk.decoded.rejected.len() >= CHUNK_EVENTS;
             if (full || i + 1 == batch.len())
                 && !self
@@ -719,14 +746,16 @@ fn api_cause(e: &ApiError) -> &str {
 enum SourceStatus {
     Unknown,
     Disabled,
-    Enabled,
+    Enabled { atomic: bool },
 }
 
 fn source_status(sources: &[Source], id: &str) -> SourceStatus {
     match sources.iter().find(|s| &*s.id == id) {
         None => SourceStatus::Unknown,
         Some(s) if !s.enabled => SourceStatus::Disabled,
-        Some(_) => SourceStatus::Enabled,
+        Some(s) => SourceStatus::Enabled {
+            atomic: s.settings.atomic_publish,
+        },
     }
 }
 

@@ -16,7 +16,9 @@ pub mod intake;
 pub mod mparticle;
 pub mod publish;
 pub mod quarantine;
+pub mod ratelimit;
 pub mod requests;
+pub mod seen;
 pub mod segment;
 pub mod sources;
 

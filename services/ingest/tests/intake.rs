@@ -126,7 +126,10 @@ async fn json_and_protobuf_messages_become_events_once() {
         "{metrics}"
     );
     assert!(
-        metric(&metrics, "herald_ingest_dedupe_hits_total") >= 2.0,
+        metric(
+            &metrics,
+            r#"herald_ingest_dedupe_hits_total{layer="jetstream"}"#
+        ) >= 2.0,
         "{metrics}"
     );
 }

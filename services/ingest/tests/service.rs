@@ -136,7 +136,8 @@ async fn serves_http_grpc_and_admin_then_shuts_down() {
     for line in [
         r#"herald_ingest_events_accepted_total{source="acceptance"} 2"#,
         r#"herald_ingest_events_rejected_total{reason="missing_event"} 1"#,
-        "herald_ingest_dedupe_hits_total 1",
+        r#"herald_ingest_dedupe_hits_total{layer="jetstream"} 1"#,
+        r#"herald_ingest_dedupe_hits_total{layer="seen_set"} 0"#,
     ] {
         assert!(metrics.contains(line), "{line}:\n{metrics}");
     }

@@ -170,7 +170,8 @@ pub(crate) async fn run(
         let assignment = view.borrow_and_update().clone();
         partitions.set_view(ownership.member_id(), &assignment.members);
         let (acquired, released) = tasks.reconcile(&assignment.owned, |partition, token| {
-            run_partition(work.clone(), partition, token)
+            let span = tracing::info_span!("partition", member = %ownership.member_id(), partition);
+            tracing::Instrument::instrument(run_partition(work.clone(), partition, token), span)
         });
         events::ownership_changed(&acquired, &released, assignment.owned.len());
         tokio::select! {

@@ -4,6 +4,7 @@
 //! reordering or double-owning anything.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -228,24 +229,52 @@ async fn publish(
     Ok(n)
 }
 
-/// Publishes one round of events (one per user) every few milliseconds, from round `from`
-/// until `stop`; returns the first round it did not publish.
-fn load(
-    js: jetstream::Context,
-    topology: Topology,
-    from: u64,
+/// Load: one round of events (one per user) every few milliseconds, from round `from` on.
+struct Load {
+    task: tokio::task::JoinHandle<Result<u64>>,
+    next_round: Arc<AtomicU64>,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<Result<u64>> {
-    tokio::spawn(async move {
-        let mut seq = from;
-        while !stop.is_cancelled() {
-            publish(&js, &topology, seq..seq + 1).await?;
-            seq += 1;
-            // Pacing of the load, not synchronisation.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+impl Load {
+    fn start(js: jetstream::Context, topology: Topology, from: u64) -> Self {
+        let next_round = Arc::new(AtomicU64::new(from));
+        let stop = CancellationToken::new();
+        let task = {
+            let (next_round, stop) = (next_round.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seq = from;
+                while !stop.is_cancelled() {
+                    publish(&js, &topology, seq..seq + 1).await?;
+                    seq += 1;
+                    next_round.store(seq, Ordering::SeqCst);
+                    // Pacing of the load, not synchronisation.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(seq)
+            })
+        };
+        Self {
+            task,
+            next_round,
+            stop,
         }
-        Ok(seq)
-    })
+    }
+
+    /// Waits until `rounds` more rounds were published.
+    async fn keep_on_for(&self, rounds: u64) -> Result<()> {
+        let target = self.next_round.load(Ordering::SeqCst) + rounds;
+        wait_until("the load publishes more rounds", WAIT, || async {
+            self.next_round.load(Ordering::SeqCst) >= target
+        })
+        .await
+    }
+
+    /// Stops it; returns the first round it did not publish.
+    async fn finish(self) -> Result<u64> {
+        self.stop.cancel();
+        self.task.await?
+    }
 }
 
 /// Reads the processed stream and checks each user's events `0..rounds` are all there, once,
@@ -347,8 +376,7 @@ async fn two_replicas_share_the_partitions_and_hand_over_quickly_on_shutdown() -
     assert_eq!(s1.members, s2.members);
 
     // A rolling deploy stops one replica under load: its partitions move at once.
-    let stop_load = CancellationToken::new();
-    let load = load(js.clone(), topology.clone(), rounds, stop_load.clone());
+    let load = Load::start(js.clone(), topology.clone(), rounds);
     let handover = Instant::now();
     r2.stop().await?;
     wait_balanced(&[&r1], true).await?;
@@ -358,8 +386,7 @@ async fn two_replicas_share_the_partitions_and_hand_over_quickly_on_shutdown() -
         took < Duration::from_secs(5),
         "handover took {took:?}: it must not wait for the pin timeout"
     );
-    stop_load.cancel();
-    let rounds = load.await??;
+    let rounds = load.finish().await?;
     check_processed(&js, &topology, rounds).await?;
     r1.stop().await?;
     Ok(())
@@ -420,7 +447,8 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
         member_ttl_seconds: 3,
         pin_timeout_seconds: 3,
     };
-    let servers = cluster.servers();
+    // One URL: the client learns the other nodes from the server.
+    let servers = cluster.url(0);
     let r1 = Replica::start(&servers, &topology_cfg, &ownership).await?;
 
     // Sample every live replica's status continuously.
@@ -463,18 +491,22 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
         })
     };
 
-    let stop_load = CancellationToken::new();
-    let load = load(js.clone(), topology.clone(), 0, stop_load.clone());
+    let load = Load::start(js.clone(), topology.clone(), 0);
     wait_balanced(&[&r1], true).await?;
+    // Each stage runs under load for a while (STAGE rounds) before the next change.
+    const STAGE: u64 = 30;
+    load.keep_on_for(STAGE).await?;
 
     let r2 = Replica::start(&servers, &topology_cfg, &ownership).await?;
     live.lock().expect("lock").insert(2, r2.client.clone());
     let t = wait_balanced(&[&r1, &r2], true).await?;
     println!("1 -> 2 replicas: every partition processed by its new owner {t:?} after start");
+    load.keep_on_for(STAGE).await?;
     let r3 = Replica::start(&servers, &topology_cfg, &ownership).await?;
     live.lock().expect("lock").insert(3, r3.client.clone());
     let t = wait_balanced(&[&r1, &r2, &r3], true).await?;
     println!("2 -> 3 replicas: every partition processed by its new owner {t:?} after start");
+    load.keep_on_for(STAGE).await?;
 
     // A stopped replica's gRPC server goes first: stop sampling it.
     live.lock().expect("lock").remove(&3);
@@ -485,6 +517,7 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
         "3 -> 2 replicas: taken over {:?} after the stop began",
         stopping.elapsed()
     );
+    load.keep_on_for(STAGE).await?;
     live.lock().expect("lock").remove(&2);
     let stopping = Instant::now();
     r2.stop().await?;
@@ -494,8 +527,8 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
         stopping.elapsed()
     );
 
-    stop_load.cancel();
-    let rounds = load.await??;
+    load.keep_on_for(STAGE).await?;
+    let rounds = load.finish().await?;
     stop_sampling.cancel();
     sampler.await?;
     check_processed(&js, &topology, rounds).await?;

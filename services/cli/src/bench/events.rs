@@ -179,13 +179,23 @@ impl RawTemplate {
     }
 }
 
-/// `herald.v1.Event`s as ingest would store them, for preloading the events stream: event `n`
-/// belongs to user `n % users`; each user's first event is an `identify` with an email trait,
-/// later ones alternate `track` and `page`. Every event carries a user id and an anonymous id,
-/// as SDKs send them.
+/// Users per chunk of the event layout (see [`EventFactory`]).
+pub const CHUNK_USERS: u64 = 100_000;
+
+/// `herald.v1.Event`s as ingest would store them, for preloading the events stream.
+///
+/// `total` events for `users` users, each user getting `total / users` of them (at least one):
+/// users come in chunks of [`CHUNK_USERS`]; a chunk's events go round after round over its
+/// users, so a user's first event (an `identify` with an email trait) is followed by its
+/// later ones (`track` and `page`, alternating) one chunk-round later. Any stretch of a few
+/// chunks therefore has the whole run's mix of first-seen and returning users, and the
+/// profile store still grows to every user. Every event carries a user id and an anonymous
+/// id, as SDKs send them.
 pub struct EventFactory {
     run: String,
     users: u64,
+    total: u64,
+    chunk: u64,
     partitions: u32,
     event_bytes: usize,
     prefix: String,
@@ -194,8 +204,15 @@ pub struct EventFactory {
 }
 
 impl EventFactory {
-    /// Events of about `event_bytes` encoded bytes for `users` users.
-    pub fn new(run: &str, users: u64, partitions: u32, prefix: &str, event_bytes: usize) -> Self {
+    /// `total` events of about `event_bytes` encoded bytes for `users` users.
+    pub fn new(
+        run: &str,
+        users: u64,
+        total: u64,
+        partitions: u32,
+        prefix: &str,
+        event_bytes: usize,
+    ) -> Self {
         let now = Utc::now();
         let context = json!({
             "library": {"name": "analytics.js", "version": "5.2.1"},
@@ -206,6 +223,8 @@ impl EventFactory {
         Self {
             run: run.to_string(),
             users: users.max(1),
+            total,
+            chunk: CHUNK_USERS.min(users.max(1)),
             partitions,
             event_bytes,
             prefix: prefix.to_string(),
@@ -217,13 +236,27 @@ impl EventFactory {
         }
     }
 
+    /// The user of event `n`, and whether it is that user's first event.
+    pub fn user_of(&self, n: u64) -> (u64, bool) {
+        let rounds = (self.total / self.users).max(1);
+        let full = self.users * rounds;
+        if n >= full {
+            // The remainder of a total that is not a multiple of the users: returning users.
+            return ((n - full) % self.users, false);
+        }
+        let start = n / (self.chunk * rounds) * self.chunk;
+        let size = self.chunk.min(self.users - start);
+        let offset = n - start * rounds;
+        (start + offset % size, offset < size)
+    }
+
     /// Event `n`: its subject, message id and encoded payload.
     pub fn event(&self, n: u64) -> (String, String, Bytes) {
-        let user = n % self.users;
+        let (user, first) = self.user_of(n);
         let user_id = format!("user-{user:07}");
         let message_id = message_id(&self.run, n);
         let partition = partition_for(&user_id, self.partitions);
-        let (ty, name, traits, properties) = if n < self.users {
+        let (ty, name, traits, properties) = if first {
             let traits = json!({
                 "email": format!("{user_id}@example.com"),
                 "name": format!("Bench User {user}"),
@@ -322,8 +355,34 @@ mod tests {
     }
 
     #[test]
+    fn every_user_gets_its_share_and_its_identify_first() {
+        for (users, total, chunk) in [(10, 20, 4), (10, 25, 3), (7, 7, 100), (10, 4, 4)] {
+            let mut f = EventFactory::new("r", users, total, 16, "herald", 0);
+            f.chunk = chunk;
+            let mut seen = std::collections::HashMap::<u64, u64>::new();
+            for n in 0..total {
+                let (user, first) = f.user_of(n);
+                assert!(
+                    user < users,
+                    "{users}/{total}/{chunk}: event {n} -> user {user}"
+                );
+                let count = seen.entry(user).or_default();
+                assert_eq!(first, *count == 0, "{users}/{total}/{chunk}: event {n}");
+                *count += 1;
+            }
+            let rounds = (total / users).max(1);
+            if total >= users {
+                assert_eq!(seen.len() as u64, users);
+                assert!(seen.values().all(|&c| c == rounds || c == rounds + 1));
+            } else {
+                assert_eq!(seen.len() as u64, total);
+            }
+        }
+    }
+
+    #[test]
     fn factory_events_round_trip_and_have_about_the_target_size() {
-        let f = EventFactory::new("r2", 10, 16, "herald", 600);
+        let f = EventFactory::new("r2", 10, 20, 16, "herald", 600);
         for n in [0, 10, 11] {
             let (subject, id, payload) = f.event(n);
             let e = Event::decode(payload.as_ref()).expect("decodes");

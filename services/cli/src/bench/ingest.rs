@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use super::events::{RawTemplate, SOURCE_ID, SegmentBatches};
 use super::nats::BenchNats;
 use super::report::{
-    Counters, CpuMeter, Errors, Latency, Progress, cpu_summary, load_average, machine,
-    print_machine, ratio, round3, thousands,
+    CLIENT_THREADS, Counters, CpuMeter, Errors, Latency, Progress, cpu_summary, load_average,
+    machine, print_machine, ratio, round3, thousands,
 };
 
 /// The throughput target: ingest at least this share of raw publishing.
@@ -122,12 +122,22 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         args.event_bytes,
         TEMPLATES,
     ));
+    // The HTTP client runs on threads of its own, so its CPU time is reported apart from
+    // ingest's.
+    let client_rt = ClientRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(CLIENT_THREADS)
+            .enable_all()
+            .build()?,
+    ));
     let http = Arc::new(Http::new(
         format!("http://{http_addr}/v1/batch"),
         write_key,
         args.connections,
         args.batch,
         batches.clone(),
+        client_rt.handle(),
     )?);
     eprintln!(
         "ingest at http://{http_addr}; {} events of {} B per request ({} B), {} connections",
@@ -138,7 +148,13 @@ pub async fn run(args: IngestArgs) -> Result<()> {
     );
 
     // Request 0 is stored first: its events, read back, are the raw baseline's payloads.
-    let status = http.post(http.next_seq()).await;
+    let status = {
+        let http = http.clone();
+        http.rt
+            .clone()
+            .spawn(async move { http.post(http.next_seq()).await })
+            .await?
+    };
     if status != Ok(200) {
         bail!("the first request to ingest failed: {status:?}");
     }
@@ -476,6 +492,28 @@ async fn settle(
     }
 }
 
+/// The load generator's runtime; dropped without blocking (it may be dropped on an async
+/// task, where blocking is not allowed).
+struct ClientRuntime(Option<tokio::runtime::Runtime>);
+
+impl ClientRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("present until dropped")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for ClientRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The HTTP side: one client, one body generator, one request counter for the whole run.
 struct Http {
     client: reqwest::Client,
@@ -485,6 +523,8 @@ struct Http {
     seq: AtomicU64,
     connections: usize,
     batch: u64,
+    /// The load generator's own runtime (threads named [`CLIENT_THREADS`]).
+    rt: tokio::runtime::Handle,
 }
 
 impl Http {
@@ -494,6 +534,7 @@ impl Http {
         connections: usize,
         batch: usize,
         batches: Arc<SegmentBatches>,
+        rt: tokio::runtime::Handle,
     ) -> Result<Self> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(connections)
@@ -508,6 +549,7 @@ impl Http {
             seq: AtomicU64::new(0),
             connections,
             batch: batch as u64,
+            rt,
         })
     }
 
@@ -662,7 +704,7 @@ async fn flat_out(
     let workers: Vec<_> = (0..http.connections)
         .map(|_| {
             let (http, counters, sent) = (http.clone(), counters.clone(), sent.clone());
-            tokio::spawn(async move {
+            http.rt.clone().spawn(async move {
                 let mut tally = Tally::default();
                 while Instant::now() < deadline
                     && max_requests.is_none_or(|max| sent.fetch_add(1, Ordering::Relaxed) < max)
@@ -708,7 +750,7 @@ async fn fixed_rate(
     let workers: Vec<_> = (0..http.connections)
         .map(|_| {
             let (http, counters, slot) = (http.clone(), counters.clone(), slot.clone());
-            tokio::spawn(async move {
+            http.rt.clone().spawn(async move {
                 let mut tally = Tally::default();
                 loop {
                     let k = slot.fetch_add(1, Ordering::Relaxed);

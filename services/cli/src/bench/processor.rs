@@ -65,8 +65,10 @@ pub struct ProcessorArgs {
     /// Approximate encoded size of one event, in bytes.
     #[arg(long, default_value_t = 600)]
     pub event_bytes: usize,
-    /// Longest one phase may take, in seconds.
-    #[arg(long, default_value_t = 1800)]
+    /// Longest the processor (and each baseline) may run, in seconds. A processor that has not
+    /// processed every event by then is measured over what it did process (the events are
+    /// laid out so that any stretch has the whole run's mix), and the report says so.
+    #[arg(long, default_value_t = 900)]
     pub timeout: u64,
 }
 
@@ -116,6 +118,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
     let factory = Arc::new(EventFactory::new(
         &run_id,
         users,
+        total,
         topology.partitions(),
         &topology.config().prefix,
         args.event_bytes,
@@ -200,7 +203,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
             String::new()
         } else {
             format!(
-                " (INCOMPLETE: {} of {} after {:.0} s)",
+                " (INCOMPLETE: {} of {} after {:.0} s, --timeout; the rate is over those)",
                 run.processed,
                 total,
                 run.elapsed.as_secs_f64()
@@ -273,13 +276,6 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
         },
     });
     println!("{summary}");
-    if !run.complete {
-        bail!(
-            "the processor processed {} of {total} events within {} s",
-            run.processed,
-            args.timeout
-        );
-    }
     Ok(())
 }
 

@@ -210,6 +210,11 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
         || "/proc/self/stat".to_string(),
         |p| format!("/proc/{p}/stat"),
     );
+    stat_cpu_seconds(std::path::Path::new(&path))
+}
+
+/// User plus system seconds from a `stat` file of `/proc`.
+fn stat_cpu_seconds(path: &std::path::Path) -> f64 {
     let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
@@ -227,11 +232,31 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Cores used by this process and by nats-server over a phase.
+/// The name of the threads the HTTP load generator runs on (so its CPU time can be told
+/// apart from the service's).
+pub const CLIENT_THREADS: &str = "bench-client";
+
+/// CPU time, in seconds, of this process's threads named `name`.
+pub fn threads_cpu_seconds(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .map(|t| stat_cpu_seconds(&t.path().join("stat")))
+        .sum()
+}
+
+/// Cores used over a phase by this process, by its load-generator threads, and by
+/// nats-server.
 pub struct CpuMeter {
     nats_pid: u32,
     at: Instant,
     own: f64,
+    client: f64,
     nats: f64,
 }
 
@@ -242,25 +267,34 @@ impl CpuMeter {
             nats_pid,
             at: Instant::now(),
             own: cpu_seconds(None),
+            client: threads_cpu_seconds(CLIENT_THREADS),
             nats: cpu_seconds(Some(nats_pid)),
         }
     }
 
-    /// Average cores used since the start: `{"bench_process": .., "nats_server": ..}`.
+    /// Average cores used since the start: `{"bench_process", "http_client", "nats_server"}`
+    /// (`http_client` is part of `bench_process`).
     pub fn stop(&self) -> Value {
         let secs = self.at.elapsed().as_secs_f64().max(1e-9);
         json!({
             "bench_process": round3((cpu_seconds(None) - self.own) / secs),
+            "http_client": round3((threads_cpu_seconds(CLIENT_THREADS) - self.client) / secs),
             "nats_server": round3((cpu_seconds(Some(self.nats_pid)) - self.nats) / secs),
         })
     }
 }
 
-/// `cpu: herald 1.20 + nats-server 0.70 cores`.
+/// `cpu: herald 1.20 (HTTP client 0.20) + nats-server 0.70 cores`.
 pub fn cpu_summary(cpu: &Value) -> String {
+    let client = cpu["http_client"].as_f64().unwrap_or(0.0);
     format!(
-        "cpu: herald {:.2} + nats-server {:.2} cores",
+        "cpu: herald {:.2}{} + nats-server {:.2} cores",
         cpu["bench_process"].as_f64().unwrap_or(0.0),
+        if client > 0.0 {
+            format!(" (HTTP client {client:.2})")
+        } else {
+            String::new()
+        },
         cpu["nats_server"].as_f64().unwrap_or(0.0)
     )
 }
@@ -362,6 +396,7 @@ mod tests {
         std::hint::black_box(x);
         assert!(cpu_seconds(None) >= start);
         assert_eq!(cpu_seconds(Some(u32::MAX)), 0.0);
+        assert_eq!(threads_cpu_seconds("no-such-thread"), 0.0);
     }
 
     #[test]

@@ -95,7 +95,18 @@ impl Harness {
 
     /// With config changes applied before anything is created.
     pub async fn with(tweak: impl FnOnce(&mut CommonConfig, &mut IngestConfig)) -> Self {
-        let nats = NatsServer::start().await.expect("nats-server starts");
+        Self::with_server_config("", tweak).await
+    }
+
+    /// Like [`Harness::with`], with `server_config` in the nats-server's configuration file
+    /// (e.g. `jetstream { limits { batch { max_msgs: 5 } } }`).
+    pub async fn with_server_config(
+        server_config: &str,
+        tweak: impl FnOnce(&mut CommonConfig, &mut IngestConfig),
+    ) -> Self {
+        let nats = NatsServer::start_with_config(server_config)
+            .await
+            .expect("nats-server starts");
         let mut common = common_config(&nats.url());
         let mut cfg = ingest_config();
         tweak(&mut common, &mut cfg);
