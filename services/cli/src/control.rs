@@ -120,6 +120,20 @@ pub async fn processor_status(control: &Control) -> Result<()> {
     println!("pending      {}", s.pending);
     println!("ack pending  {}", s.ack_pending);
     println!("processed    {}", s.processed);
+    println!("member       {}", s.member_id);
+    println!("members      {}", s.members.join(", "));
+    let active: Vec<String> = s
+        .partitions
+        .iter()
+        .map(|p| {
+            if p.active {
+                p.partition.to_string()
+            } else {
+                format!("{} (standby)", p.partition)
+            }
+        })
+        .collect();
+    println!("partitions   {}", active.join(", "));
     Ok(())
 }
 

@@ -752,7 +752,6 @@ struct PinnedPull {
     requests: BTreeMap<u64, PullRequest>,
     next_id: u64,
     requesting: bool,
-    last_request: Instant,
 }
 
 impl PinnedPull {
@@ -774,7 +773,6 @@ impl PinnedPull {
             requests: BTreeMap::new(),
             next_id: 0,
             requesting: true,
-            last_request: Instant::now(),
         })
     }
 
@@ -795,18 +793,11 @@ impl PinnedPull {
             .unwrap_or_default()
     }
 
-    /// Asks for more when half the asked-for messages came, and in any case before the newest
-    /// request expires (which keeps the pin).
+    /// Asks for the next batch once the open request has ended: one request at a time, so
+    /// messages arrive in delivery order. A request expires after half the pin timeout at
+    /// most, so the next one renews the pin in time.
     async fn top_up(&mut self) -> Result<(), String> {
-        if !self.requesting {
-            return Ok(());
-        }
-        let remaining: usize = self.requests.values().map(|r| r.remaining).sum();
-        let renew = self.last_request.elapsed() >= self.current_expiry() * 3 / 4;
-        let due = self.requests.is_empty()
-            || remaining <= self.batch / 2
-            || (renew && self.requests.len() < 3);
-        if !due {
+        if !self.requesting || !self.requests.is_empty() {
             return Ok(());
         }
         let expires = self.current_expiry();
@@ -843,7 +834,6 @@ impl PinnedPull {
                 expires_at: Instant::now() + expires,
             },
         );
-        self.last_request = Instant::now();
         Ok(())
     }
 
@@ -851,11 +841,11 @@ impl PinnedPull {
         self.requesting = false;
     }
 
-    /// Forgets requests the server should have ended long ago (lost in a reconnect).
+    /// Forgets a request the server should have ended by now (lost in a reconnect).
     fn reap(&mut self) {
         let now = Instant::now();
-        self.requests
-            .retain(|_, r| now < r.expires_at + Duration::from_secs(2));
+        let grace = (self.expires / 2).min(Duration::from_secs(1));
+        self.requests.retain(|_, r| now < r.expires_at + grace);
     }
 
     /// The next answer on any open request, tagged with the request.
@@ -880,8 +870,14 @@ impl PinnedPull {
                 tracing::debug!(error = %e, "cannot send a pull request");
                 return Pulled::Closed;
             }
+            let reap_at = self
+                .requests
+                .values()
+                .map(|r| r.expires_at + (self.expires / 2).min(Duration::from_secs(1)))
+                .min()
+                .unwrap_or(deadline);
             let wake = deadline
-                .min(self.last_request + self.current_expiry() * 3 / 4)
+                .min(reap_at)
                 .max(Instant::now() + Duration::from_millis(10));
             let answer = tokio::time::timeout_at(
                 wake.into(),

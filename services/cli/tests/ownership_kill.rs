@@ -1,0 +1,309 @@
+//! Partition ownership between two real `herald processor` processes: one is killed with
+//! SIGKILL mid-stream, and the other takes its partitions over within a few times the
+//! configured limit, losing nothing and keeping each user's events in order.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt;
+use herald_common::Topology;
+use herald_common::auth::BearerToken;
+use herald_common::partition::partition_for;
+use herald_proto::v1::processor_service_client::ProcessorServiceClient;
+use herald_proto::v1::{Event, EventType, GetStatusRequest, GetStatusResponse, ProcessedEvent};
+use herald_testkit::{NatsServer, free_port, wait_until};
+use prost::Message as _;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "ownership-kill-test-token";
+const PARTITIONS: u32 = 16;
+const WAIT: Duration = Duration::from_secs(30);
+
+// The configured ownership timing (see the config file below).
+const HEARTBEAT: Duration = Duration::from_millis(500);
+const MEMBER_TTL: Duration = Duration::from_secs(2);
+const PIN_TIMEOUT: Duration = Duration::from_secs(2);
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
+type StatusClient = ProcessorServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// A real `herald processor` process.
+struct Processor {
+    child: Child,
+    grpc: u16,
+}
+
+impl Processor {
+    async fn spawn(dir: &Path, name: &str, nats: &str) -> Result<Self> {
+        let (admin, grpc) = (free_port(), free_port());
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[nats]
+servers = "{nats}"
+request_timeout_ms = 2000
+
+[control]
+token = "{TOKEN}"
+
+[processor]
+grpc_addr = "127.0.0.1:{grpc}"
+http_addr = "127.0.0.1:0"
+admin_addr = "127.0.0.1:{admin}"
+ack_wait_seconds = {ack_wait}
+
+[processor.ownership]
+heartbeat_ms = {heartbeat}
+member_ttl_seconds = {ttl}
+pin_timeout_seconds = {pin}
+"#,
+                ack_wait = ACK_WAIT.as_secs(),
+                heartbeat = HEARTBEAT.as_millis(),
+                ttl = MEMBER_TTL.as_secs(),
+                pin = PIN_TIMEOUT.as_secs(),
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("processor")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning herald processor {name}"))?;
+        let url = format!("http://127.0.0.1:{admin}/readyz");
+        wait_until(&format!("processor {name} is ready"), WAIT, || async {
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await?;
+        Ok(Self { child, grpc })
+    }
+
+    async fn client(&self) -> Result<StatusClient> {
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc))?
+            .connect()
+            .await?;
+        Ok(ProcessorServiceClient::with_interceptor(
+            channel,
+            BearerToken::new(TOKEN)?,
+        ))
+    }
+}
+
+async fn status(client: &StatusClient) -> Result<GetStatusResponse> {
+    Ok(client
+        .clone()
+        .get_status(GetStatusRequest {})
+        .await?
+        .into_inner())
+}
+
+/// The partitions a status reports active (pinned, processing).
+fn active(s: &GetStatusResponse) -> BTreeSet<u32> {
+    s.partitions
+        .iter()
+        .filter(|p| p.active && p.pin_id == p.pinned_client_id)
+        .map(|p| p.partition)
+        .collect()
+}
+
+/// One user per partition, so that load reaches every partition.
+fn users() -> Vec<String> {
+    (0..PARTITIONS)
+        .map(|p| {
+            (0..)
+                .map(|i| format!("user-{i}"))
+                .find(|u| partition_for(u, PARTITIONS) == p)
+                .expect("some user falls in every partition")
+        })
+        .collect()
+}
+
+fn event(user: &str, seq: u64) -> Event {
+    Event {
+        id: format!("kill:{user}-{seq}"),
+        message_id: format!("{user}-{seq}"),
+        source_id: "kill".into(),
+        r#type: EventType::Track as i32,
+        name: "Tick".into(),
+        user_id: user.into(),
+        partition_key: user.into(),
+        partition: partition_for(user, PARTITIONS),
+        properties: format!("{{\"seq\":{seq}}}").into_bytes(),
+        ..Default::default()
+    }
+}
+
+/// Publishes one round (one event per user) every 50 ms until `stop`; `rounds` counts them.
+fn load(
+    js: jetstream::Context,
+    topology: Topology,
+    rounds: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Result<u64>> {
+    tokio::spawn(async move {
+        let users = users();
+        let mut seq = 0;
+        while !stop.is_cancelled() {
+            let mut acks = Vec::new();
+            for user in &users {
+                let e = event(user, seq);
+                acks.push(
+                    js.send_publish(
+                        topology.events_subject(e.partition),
+                        jetstream::message::PublishMessage::build()
+                            .payload(e.encode_to_vec().into())
+                            .message_id(&e.id),
+                    )
+                    .await?,
+                );
+            }
+            for ack in acks {
+                ack.await?;
+            }
+            seq += 1;
+            rounds.store(seq, Ordering::SeqCst);
+            // Pacing of the load, not synchronisation.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(seq)
+    })
+}
+
+async fn more_rounds(rounds: &AtomicU64, n: u64) -> Result<()> {
+    let target = rounds.load(Ordering::SeqCst) + n;
+    wait_until("the load publishes more rounds", WAIT, || async {
+        rounds.load(Ordering::SeqCst) >= target
+    })
+    .await
+}
+
+/// Checks every user's events `0..rounds` reached the processed stream, each once, in order.
+async fn check_processed(js: &jetstream::Context, topology: &Topology, rounds: u64) -> Result<()> {
+    let total = PARTITIONS as usize * rounds as usize;
+    let consumer = js
+        .get_stream(topology.processed_stream())
+        .await?
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer
+        .stream()
+        .heartbeat(Duration::from_secs(1))
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await?;
+    let mut per_user: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen < total {
+        let msg = tokio::time::timeout_at(deadline, messages.next())
+            .await
+            .with_context(|| format!("only {seen} of {total} events were processed"))?
+            .context("the processed stream ended")??;
+        let Some(e) = ProcessedEvent::decode(msg.payload.as_ref())?.event else {
+            continue;
+        };
+        if e.r#type != EventType::Track as i32 {
+            continue;
+        }
+        let (user, seq) = e.message_id.rsplit_once('-').context("user-seq")?;
+        per_user
+            .entry(user.to_string())
+            .or_default()
+            .push(seq.parse()?);
+        seen += 1;
+    }
+    for (user, seqs) in per_user {
+        let expected: Vec<u64> = (0..rounds).collect();
+        ensure!(
+            seqs == expected,
+            "{user}: events missing, repeated or out of order: {seqs:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_processor_s_partitions_are_taken_over_without_loss_or_reordering() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let js = nats.jetstream().await;
+    let topology = Topology::new(Default::default());
+    herald_common::nats::ensure_stream(&js, topology.events_stream_config()).await?;
+    let dir = tempfile::tempdir()?;
+    let logs: PathBuf = dir.path().to_path_buf();
+    let mut p1 = Processor::spawn(dir.path(), "p1", &nats.url()).await?;
+    let p2 = Processor::spawn(dir.path(), "p2", &nats.url()).await?;
+    let (c1, c2) = (p1.client().await?, p2.client().await?);
+
+    let rounds = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let load = load(js.clone(), topology.clone(), rounds.clone(), stop.clone());
+    wait_until(
+        "both processors share the partitions, each active on its own",
+        WAIT,
+        || async {
+            let (Ok(s1), Ok(s2)) = (status(&c1).await, status(&c2).await) else {
+                return false;
+            };
+            let (a1, a2) = (active(&s1), active(&s2));
+            !a1.is_empty() && !a2.is_empty() && a1.is_disjoint(&a2) && a1.len() + a2.len() == 16
+        },
+    )
+    .await
+    .with_context(|| format!("logs in {}", logs.display()))?;
+    more_rounds(&rounds, 20).await?;
+
+    // Kill -9 the first processor mid-stream.
+    let owned_by_p1 = active(&status(&c1).await?);
+    p1.child.kill().await?;
+    let killed = Instant::now();
+    wait_until("the survivor processes every partition", WAIT, || async {
+        status(&c2)
+            .await
+            .is_ok_and(|s| s.members.len() == 1 && active(&s).len() == PARTITIONS as usize)
+    })
+    .await
+    .with_context(|| format!("logs in {}", logs.display()))?;
+    let takeover = killed.elapsed();
+    // The survivor notices the dead member after its TTL (or the dead pin after the pin
+    // timeout), and resumes once the in-flight messages come back after the ack wait.
+    let limit = (MEMBER_TTL + HEARTBEAT)
+        .max(PIN_TIMEOUT + HEARTBEAT)
+        .max(ACK_WAIT);
+    println!(
+        "takeover of partitions {owned_by_p1:?} took {takeover:?} (configured limit {limit:?})"
+    );
+    assert!(
+        takeover <= limit * 3,
+        "takeover took {takeover:?}, more than 3 x {limit:?}"
+    );
+
+    more_rounds(&rounds, 20).await?;
+    stop.cancel();
+    let published = load.await??;
+    check_processed(&js, &topology, published)
+        .await
+        .with_context(|| format!("logs in {}", logs.display()))?;
+    Ok(())
+}
