@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, ConnectOptions};
+use async_nats::{Client, ConnectOptions, ServerAddr};
 
 use crate::config::{NatsConfig, TopologyConfig};
 
@@ -17,6 +17,16 @@ pub enum NatsError {
         path: String,
         /// The cause.
         source: std::io::Error,
+    },
+    /// `nats.servers` does not parse.
+    #[error(
+        "nats.servers {servers:?} is not a valid server list: {message} (give one or more URLs separated by commas, e.g. nats://nats-0:4222,nats://nats-1:4222)"
+    )]
+    Servers {
+        /// The configured value.
+        servers: String,
+        /// Why.
+        message: String,
     },
     /// The connection could not be set up.
     #[error(
@@ -36,6 +46,28 @@ pub enum NatsError {
         /// What the server said.
         message: String,
     },
+}
+
+/// The server addresses of `nats.servers`: one URL, or several separated by commas (spaces
+/// around them allowed); the client picks among them and fails over between them.
+pub fn server_addrs(servers: &str) -> Result<Vec<ServerAddr>, NatsError> {
+    let bad = |message: String| NatsError::Servers {
+        servers: servers.to_string(),
+        message,
+    };
+    let addrs = servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .map_err(|e| bad(format!("{s:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(bad("no server given".into()));
+    }
+    Ok(addrs)
 }
 
 /// Connects to NATS with the configured authentication and TLS. The first connection is retried
@@ -76,7 +108,8 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, NatsError> 
     if cfg.tls_required {
         opts = opts.require_tls(true);
     }
-    opts.connect(cfg.servers.as_str())
+    let addrs = server_addrs(&cfg.servers)?;
+    opts.connect(addrs)
         .await
         .map_err(|source| NatsError::Connect {
             servers: cfg.servers.clone(),
@@ -301,6 +334,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_lists_split_on_commas() {
+        let addrs = server_addrs("nats://10.0.0.1:4222, nats://10.0.0.2:4223 ,10.0.0.3").unwrap();
+        let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4222]);
+        assert_eq!(addrs[2].host(), "10.0.0.3");
+        let err = server_addrs("nats://a:4222,nats://b:notaport").unwrap_err();
+        assert!(err.to_string().contains("nats://b:notaport"), "{err}");
+        assert!(server_addrs(" , ").is_err());
+    }
 
     #[test]
     fn names_follow_the_prefix() {

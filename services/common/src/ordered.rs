@@ -140,6 +140,8 @@ struct Term {
     first_new: Option<u64>,
     /// Abandoned messages already admitted in this term (further copies are duplicates).
     seen: HashSet<u64>,
+    /// Consumer sequence of the latest delivery in this term.
+    last_delivery: Option<u64>,
 }
 
 impl Term {
@@ -149,6 +151,7 @@ impl Term {
             pin,
             first_new: None,
             seen: HashSet::new(),
+            last_delivery: None,
         }
     }
 }
@@ -182,6 +185,8 @@ pub struct OrderedReader {
     last_keep_alive: Instant,
     last_pending: u64,
     duplicates: u64,
+    /// Deliveries that never arrived (seen as gaps in the consumer sequence).
+    lost_deliveries: u64,
     status: ReaderStatusHandle,
 }
 
@@ -297,6 +302,7 @@ impl OrderedReader {
             last_keep_alive: Instant::now(),
             last_pending: 0,
             duplicates: 0,
+            lost_deliveries: 0,
             status,
         })
     }
@@ -314,6 +320,12 @@ impl OrderedReader {
     /// Duplicate copies dropped so far: redeliveries of messages this reader already held.
     pub fn duplicates_dropped(&self) -> u64 {
         self.duplicates
+    }
+
+    /// Deliveries that never reached this reader so far (gaps in the consumer sequence); each
+    /// gap starts a new term, so the lost messages are processed in order when redelivered.
+    pub fn lost_deliveries(&self) -> u64 {
+        self.lost_deliveries
     }
 
     /// What the reader is doing now.
@@ -519,6 +531,29 @@ impl OrderedReader {
             self.new_term(pin);
         }
         self.last_pending = pending;
+        let delivery = info.consumer_sequence;
+        if let Some(last) = self.term.last_delivery
+            && delivery > last + 1
+        {
+            // Deliveries in between never arrived (a pull ended with messages on the way).
+            // They come back after their ack wait as redeliveries of sequences at or above
+            // `first_new`, which this term would drop as copies: start a new term, in which
+            // they count as abandoned, so newer messages wait for them and they are released
+            // in stream order.
+            self.lost_deliveries += delivery - last - 1;
+            tracing::warn!(
+                consumer = %self.cfg.durable,
+                lost = delivery - last - 1,
+                "deliveries lost on the way; holding newer messages until they are redelivered"
+            );
+            let pin = self.term.pin.clone();
+            self.restart_term(pin);
+        }
+        self.term.last_delivery = Some(
+            self.term
+                .last_delivery
+                .map_or(delivery, |l| l.max(delivery)),
+        );
         if delivered <= 1 {
             self.term.first_new.get_or_insert(seq);
         } else if self.term.first_new.is_some_and(|first| seq >= first)
@@ -542,16 +577,22 @@ impl OrderedReader {
 
     /// The server pinned this reader anew: hold everything until what others left is back.
     fn new_term(&mut self, pin: String) {
+        self.restart_term(Some(pin));
+    }
+
+    /// Starts a new term under `pin`: hold everything until what is pending elsewhere (or
+    /// was lost on the way) is back.
+    fn restart_term(&mut self, pin: Option<String>) {
         for m in self.ready.drain(..) {
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
             self.held.insert(seq, m);
         }
         self.open = false;
-        self.term = Term::new(Some(pin.clone()));
+        self.term = Term::new(pin.clone());
         self.last_check = Instant::now() - GATE_CHECK;
-        tracing::debug!(consumer = %self.cfg.durable, pin = %pin, term = self.term.id, "pinned");
+        tracing::debug!(consumer = %self.cfg.durable, pin = ?pin, term = self.term.id, "new term");
         let mut s = self.status.lock();
-        s.pin_id = Some(pin);
+        s.pin_id = pin;
         s.active = false;
         s.term = self.term.id;
         s.held = self.held.len();
@@ -841,7 +882,8 @@ impl PinnedPull {
         self.requesting = false;
     }
 
-    /// Forgets a request the server should have ended by now (lost in a reconnect).
+    /// Forgets a request the server should have ended by now (lost in a reconnect). Only
+    /// called with nothing buffered on any request.
     fn reap(&mut self) {
         let now = Instant::now();
         let grace = (self.expires / 2).min(Duration::from_secs(1));
@@ -865,6 +907,24 @@ impl PinnedPull {
     async fn next(&mut self, tick: Duration) -> Pulled {
         let deadline = Instant::now() + tick;
         loop {
+            // What arrived already comes first: a request past its expiry can still hold
+            // messages delivered before it ended (the reader was busy with a batch), and
+            // reaping it would lose them until their ack wait ran out.
+            if let Some((id, answer)) =
+                std::future::poll_fn(|cx| self.poll_requests(cx)).now_or_never()
+            {
+                match answer {
+                    None => {
+                        self.requests.remove(&id);
+                    }
+                    Some(msg) => {
+                        if let Some(pulled) = self.handle(id, msg) {
+                            return pulled;
+                        }
+                    }
+                }
+                continue;
+            }
             self.reap();
             if let Err(e) = self.top_up().await {
                 tracing::debug!(error = %e, "cannot send a pull request");

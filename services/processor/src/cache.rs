@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use quick_cache::Weighter;
 use quick_cache::sync::Cache;
+use quick_cache::{OptionsBuilder, Weighter};
 
 use crate::events;
 use crate::profile::Profile;
@@ -36,11 +36,12 @@ struct ByBytes;
 
 impl Weighter<String, Entry> for ByBytes {
     fn weight(&self, key: &String, val: &Entry) -> u64 {
-        key.len() as u64
+        crate::profile::heap_bytes(key.len()) as u64
             + ENTRY_OVERHEAD
             + match val {
                 Entry::Profile(p) => p.weight,
-                Entry::Identity(id) => id.len() as u64,
+                // An Arc<str>: two counters and the text.
+                Entry::Identity(id) => crate::profile::heap_bytes(16 + id.len()) as u64,
             }
     }
 }
@@ -64,9 +65,30 @@ impl HotCache {
         let inner = (max_bytes > 0).then(|| {
             // Profiles of about 2 KiB on average, to size the hash tables.
             let items = (max_bytes / 2048).clamp(64, 4_000_000) as usize;
-            Cache::with_weighter(items, max_bytes, ByBytes)
+            // Mostly recency: a person active now is likely active again soon, often only
+            // once or twice more, so a new entry must survive a while without a second
+            // access (the default keeps only 3 % of the space for such entries).
+            let options = OptionsBuilder::new()
+                .estimated_items_capacity(items)
+                .weight_capacity(max_bytes)
+                .hot_allocation(0.05)
+                .build()
+                .expect("cache options are complete");
+            Cache::with_options(options, ByBytes, Default::default(), Default::default())
         });
         Self { inner }
+    }
+
+    /// Whether it holds anything at all (its cap is above 0).
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Whether identity `kv_key` is cached (not counted as a lookup).
+    pub fn knows_identity(&self, kv_key: &str) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|c| c.contains_key(&identity_key(kv_key)))
     }
 
     /// Approximate bytes held.
@@ -87,11 +109,10 @@ impl HotCache {
         hit
     }
 
-    /// Caches profile `p` at `revision`; `encoded_len` is the size of its stored JSON.
-    pub fn put_profile(&self, p: Arc<Profile>, revision: u64, encoded_len: usize) {
+    /// Caches profile `p` at `revision`.
+    pub fn put_profile(&self, p: Arc<Profile>, revision: u64) {
         if let Some(c) = &self.inner {
-            // Parsed JSON takes roughly twice its text in memory.
-            let weight = encoded_len as u64 * 2;
+            let weight = p.memory_bytes();
             c.insert(
                 profile_key(&p.id),
                 Entry::Profile(CachedProfile {
@@ -166,12 +187,12 @@ mod tests {
         let cache = HotCache::new(64 * 1024);
         for i in 0..10_000 {
             let p = Arc::new(Profile::new(format!("p{i}"), Utc::now()));
-            cache.put_profile(p, i, 400);
+            cache.put_profile(p, i);
             cache.put_identity(&format!("user_id.{i}"), &format!("p{i}"));
         }
         assert!(cache.weight() <= 64 * 1024, "{}", cache.weight());
         let p = Arc::new(Profile::new("hot".into(), Utc::now()));
-        cache.put_profile(p, 7, 400);
+        cache.put_profile(p, 7);
         assert_eq!(cache.profile("hot").map(|c| c.revision), Some(7));
         cache.forget_profile("hot");
         assert!(cache.profile("hot").is_none());

@@ -9,9 +9,13 @@
 //!   every processed partition the profile's identities route to. Each request leaves an audit
 //!   record in `herald-erasures` whose status can be queried.
 //!
-//! Every replica keeps the suppression list in memory, fed by a KV watch; a request waits until
-//! its own replica has seen it. Creating a new identity mapping checks KV directly, so an erased
-//! identity can never be linked again while suppressed.
+//! Every replica keeps the suppression list in memory, fed by a KV watch (a request waits until
+//! its own replica has seen it) and drops events naming a suppressed identity before resolving
+//! them. Another replica's list can lag by the watch's delivery time, so an event it resolved
+//! just then could link an erased identity again: an erasure therefore sweeps a second time,
+//! `processor.profiles.erasure_sweep_ms` (2 s) after the first pass, and erases whatever it
+//! finds again. A replica whose watch is broken for longer than that (it re-reads the list
+//! within a second of noticing) is the remaining window.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, RwLock};
@@ -217,40 +221,33 @@ impl Profiles {
         let mut identities: BTreeSet<IdentityKey> = BTreeSet::from([key.clone()]);
         let mut profile_ids: Vec<String> = Vec::new();
         let mut erased = None;
-        for _ in 0..self.cfg.cas_max_attempts.max(1) {
-            let found = self.lookup(key).await?;
-            if let Some((_, p)) = &found {
-                identities.extend(p.identities.iter().cloned());
-                for id in std::iter::once(&p.id).chain(p.merged_from.iter()) {
-                    if !profile_ids.contains(id) {
-                        profile_ids.push(id.clone());
-                    }
-                }
+        self.erase_pass(
+            store,
+            std::slice::from_ref(key),
+            &mut identities,
+            &mut profile_ids,
+            &mut erased,
+            &record.request_id,
+        )
+        .await?;
+        // A replica whose suppression list had not caught up yet may have linked one of the
+        // identities again meanwhile: sweep once more after the lists surely have.
+        if self.cfg.erasure_sweep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.cfg.erasure_sweep_ms)).await;
+            let again: Vec<IdentityKey> = identities.iter().cloned().collect();
+            let mut late = None;
+            self.erase_pass(
+                store,
+                &again,
+                &mut identities,
+                &mut profile_ids,
+                &mut late,
+                &record.request_id,
+            )
+            .await?;
+            if erased.is_none() {
+                erased = late;
             }
-            // Suppress before anything disappears, so no event re-creates the profile.
-            self.suppress_keys(store, &identities, "erasure", &record.request_id)
-                .await?;
-            let Some((rev, p)) = found else {
-                break;
-            };
-            match store.profiles.purge_at(&p.id, rev).await? {
-                Cas::Written(_) => {
-                    erased = Some(p);
-                    break;
-                }
-                // Changed since read (an event or a merge): read it again.
-                Cas::Conflict => events::cas_conflict("profiles"),
-            }
-        }
-        for k in &identities {
-            let kv_key = k.kv_key();
-            store.identities.purge(&kv_key).await?;
-            self.cache.forget_identity(&kv_key);
-        }
-        for id in &profile_ids {
-            store.profiles.purge(id).await?;
-            store.consent.purge(id).await?;
-            self.cache.forget_profile(id);
         }
         record.profile_id = erased.as_ref().map(|p| p.id.clone());
         record.erased_profiles = profile_ids;
@@ -262,6 +259,61 @@ impl Profiles {
                 &identities,
             )
             .await?;
+        Ok(())
+    }
+
+    /// One pass of an erasure over `keys`: for each, suppress it and every identity of its
+    /// profile, delete the profile (by compare-and-set), then every identity mapping and every
+    /// profile found (with those merged into it and their consent records). `identities`,
+    /// `profile_ids` and `erased` collect what was found.
+    async fn erase_pass(
+        &self,
+        store: &Store,
+        keys: &[IdentityKey],
+        identities: &mut BTreeSet<IdentityKey>,
+        profile_ids: &mut Vec<String>,
+        erased: &mut Option<crate::profile::Profile>,
+        request_id: &str,
+    ) -> Result<(), ProfileError> {
+        for key in keys {
+            for _ in 0..self.cfg.cas_max_attempts.max(1) {
+                let found = self.lookup(key).await?;
+                if let Some((_, p)) = &found {
+                    identities.extend(p.identities.iter().cloned());
+                    for id in std::iter::once(&p.id).chain(p.merged_from.iter()) {
+                        if !profile_ids.contains(id) {
+                            profile_ids.push(id.clone());
+                        }
+                    }
+                }
+                // Suppress before anything disappears, so no event re-creates the profile.
+                self.suppress_keys(store, identities, "erasure", request_id)
+                    .await?;
+                let Some((rev, p)) = found else {
+                    break;
+                };
+                match store.profiles.purge_at(&p.id, rev).await? {
+                    Cas::Written(_) => {
+                        if erased.is_none() {
+                            *erased = Some(p);
+                        }
+                        break;
+                    }
+                    // Changed since read (an event or a merge): read it again.
+                    Cas::Conflict => events::cas_conflict("profiles"),
+                }
+            }
+        }
+        for k in identities.iter() {
+            let kv_key = k.kv_key();
+            store.identities.purge(&kv_key).await?;
+            self.cache.forget_identity(&kv_key);
+        }
+        for id in profile_ids.iter() {
+            store.profiles.purge(id).await?;
+            store.consent.purge(id).await?;
+            self.cache.forget_profile(id);
+        }
         Ok(())
     }
 
@@ -448,18 +500,6 @@ impl Profiles {
     }
 
     /// Whether identity `key` is suppressed, asking KV (not the in-memory list).
-    pub(crate) async fn is_suppressed_in_kv(
-        &self,
-        store: &Store,
-        key: &IdentityKey,
-    ) -> Result<bool, ProfileError> {
-        Ok(store
-            .suppressions
-            .get::<Suppression>(&key.kv_key())
-            .await?
-            .is_some())
-    }
-
     async fn suppress_keys(
         &self,
         store: &Store,

@@ -61,6 +61,14 @@ fn describe_profiles() {
         "Profiles created."
     );
     describe_counter!(
+        "herald_processor_profiles_undone_total",
+        "Profiles deleted right after creation because an identity of the event belonged to another profile already."
+    );
+    describe_counter!(
+        "herald_processor_speculative_creates_total",
+        "Events of identities unknown to the cache given a new profile without looking them up first, by result (right: they were new; wrong: one was known, the profile was undone)."
+    );
+    describe_counter!(
         "herald_processor_profile_merges_total",
         "Profiles merged into an older one (the merged profile becomes a redirect)."
     );
@@ -147,6 +155,17 @@ pub fn identity_skipped(reason: &'static str) {
 /// A profile was created.
 pub fn profile_created() {
     counter!("herald_processor_profiles_created_total").increment(1);
+}
+
+/// A profile created for an event was deleted again: one of its identities was mapped.
+pub fn profile_undone() {
+    counter!("herald_processor_profiles_undone_total").increment(1);
+}
+
+/// A profile was created without looking the event's identities up first.
+pub fn speculative_create(right: bool) {
+    let result = if right { "right" } else { "wrong" };
+    counter!("herald_processor_speculative_creates_total", "result" => result).increment(1);
 }
 
 /// A profile merged into another.

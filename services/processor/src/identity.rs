@@ -308,6 +308,11 @@ pub fn plan(
             None if out.group.is_empty() => pending.push(key.clone()),
             None => {
                 if held.contains(key) {
+                    // Listed on the group's profile but not mapped (a link interrupted by a
+                    // crash): map it.
+                    if !out.link.contains(key) {
+                        out.link.push(key.clone());
+                    }
                     continue;
                 }
                 let n = held.iter().filter(|k| k.kind == key.kind).count();
@@ -518,6 +523,15 @@ mod tests {
                 explicit: false,
                 group: vec![],
                 link: vec!["user_id:u1", "anonymous_id:a1"],
+                skipped: vec![],
+            },
+            Case {
+                name: "listed on the profile but not mapped (an interrupted link): map it",
+                lookups: lookups(&[("user_id:u1", Some("P")), ("anonymous_id:a1", None)]),
+                profiles: profiles(&[("P", &["user_id:u1", "anonymous_id:a1"])]),
+                explicit: false,
+                group: vec!["P"],
+                link: vec!["anonymous_id:a1"],
                 skipped: vec![],
             },
             Case {

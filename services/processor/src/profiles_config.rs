@@ -25,6 +25,9 @@ pub struct ProfilesConfig {
     pub cache_max_bytes: u64,
     /// Most attempts of one compare-and-set write before the event's batch is retried.
     pub cas_max_attempts: u32,
+    /// How long after its first pass an erasure sweeps again (milliseconds; 0: never), to
+    /// undo a link made by a replica whose suppression list had not caught up yet.
+    pub erasure_sweep_ms: u64,
 }
 
 impl Default for ProfilesConfig {
@@ -56,6 +59,7 @@ impl Default for ProfilesConfig {
                 .collect(),
             cache_max_bytes: 256 * 1024 * 1024,
             cas_max_attempts: 50,
+            erasure_sweep_ms: 2000,
         }
     }
 }

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -57,6 +58,8 @@ pub enum Outcome {
 pub(crate) struct Loaded {
     pub revision: u64,
     pub profile: Arc<Profile>,
+    /// Read from the hot cache (it may be stale) rather than from KV or a write.
+    pub from_cache: bool,
 }
 
 /// The profile store of one processor replica: KV buckets, hot cache, guard rails and the
@@ -67,6 +70,7 @@ pub struct Profiles {
     pub(crate) guard: Guard,
     pub(crate) cfg: ProfilesConfig,
     pub(crate) suppressions: Arc<Suppressions>,
+    pub(crate) speculation: Speculation,
     pub(crate) js: jetstream::Context,
     pub(crate) topology: Topology,
 }
@@ -89,6 +93,7 @@ impl Profiles {
             guard: Guard::new(&cfg),
             cfg,
             suppressions: Arc::new(Suppressions::default()),
+            speculation: Speculation::default(),
             js,
             topology,
         })
@@ -275,6 +280,37 @@ impl Profiles {
         at: DateTime<Utc>,
     ) -> Result<Option<Applied>, ProfileError> {
         let mut fresh = false;
+        // Set once the event is applied to a profile (with whether that changed its consent)
+        // while the identity graph is not complete yet: a retry must not apply it again to
+        // that profile, or to one that absorbed it.
+        let mut applied: Option<(String, bool)> = None;
+        if !explicit && self.speculation.should_try(ids, &self.cache) {
+            // No identity of the event is known here: most likely a new person. Create the
+            // profile and link its identities straight away; a link that exists already
+            // undoes it (one wasted write), and the event is resolved the long way.
+            let links = identity::plan(
+                &ids.iter().map(|k| (k.clone(), None)).collect::<Vec<_>>(),
+                &BTreeMap::new(),
+                &self.guard,
+                false,
+            )
+            .link;
+            match self.create_profile(store, event, &links, at).await? {
+                Created::Done(done) => {
+                    self.speculation.record(true);
+                    return Ok(Some(done));
+                }
+                Created::Undone => {
+                    self.speculation.record(false);
+                    fresh = true;
+                }
+                Created::Partial(id, changed) => {
+                    self.speculation.record(false);
+                    applied = Some((id, changed));
+                    fresh = true;
+                }
+            }
+        }
         let mut attempt = 0u32;
         'attempt: loop {
             attempt += 1;
@@ -293,12 +329,15 @@ impl Profiles {
             }
             let mut loaded: BTreeMap<String, Loaded> = BTreeMap::new();
             let mut lookups = Vec::with_capacity(ids.len());
+            let mut used_cache = false;
             for key in ids {
-                let canonical = self
+                let (canonical, cached) = self
                     .resolve_identity(store, key, fresh, &mut loaded)
                     .await?;
+                used_cache |= cached;
                 lookups.push((key.clone(), canonical));
             }
+            used_cache |= loaded.values().any(|l| l.from_cache);
             let plan_profiles: BTreeMap<String, PlanProfile> = loaded
                 .iter()
                 .map(|(id, l)| {
@@ -311,7 +350,7 @@ impl Profiles {
                 })
                 .collect();
             let plan = identity::plan(&lookups, &plan_profiles, &self.guard, explicit);
-            if !plan.is_steady() && !fresh {
+            if !plan.is_steady() && !fresh && used_cache {
                 // The graph changes: decide on what KV says, not on the cache.
                 fresh = true;
                 attempt -= 1;
@@ -327,26 +366,22 @@ impl Profiles {
                 .iter()
                 .filter_map(|id| loaded.get(id).cloned())
                 .collect();
-            group.sort_by(|a, b| a.profile.rank().cmp(&b.profile.rank()));
-            let created_now = group.is_empty();
-            let mut survivor = if group.is_empty() {
-                let id = new_profile_id();
-                let p = Profile::new(id.clone(), at);
-                match store.profiles.create(&id, &p).await? {
-                    (Cas::Written(revision), _) => {
-                        events::profile_created();
-                        Loaded {
-                            revision,
-                            profile: Arc::new(p),
-                        }
+            if group.is_empty() {
+                // Whatever held the event before is gone (erased meanwhile): apply it anew.
+                applied = None;
+                match self.create_profile(store, event, &plan.link, at).await? {
+                    Created::Done(done) => return Ok(Some(done)),
+                    Created::Undone => continue 'attempt,
+                    Created::Partial(id, changed) => {
+                        applied = Some((id, changed));
+                        continue 'attempt;
                     }
-                    (Cas::Conflict, _) => continue 'attempt,
                 }
-            } else {
-                group.remove(0)
-            };
+            }
+            group.sort_by(|a, b| a.profile.rank().cmp(&b.profile.rank()));
+            let mut survivor = group.remove(0);
             // The survivor's effective consent before this event touched it, to detect a
-            // change (a new profile starts with none).
+            // change.
             let before: Effective = survivor.profile.consent.effective();
 
             // Merge the younger profiles into the survivor.
@@ -360,89 +395,171 @@ impl Profiles {
                 continue 'attempt;
             }
 
-            // Link new identities: first on the profile (where the limits are enforced by
-            // compare-and-set), then in the identity graph.
-            if !plan.link.is_empty() {
-                let mut p = (*survivor.profile).clone();
-                let mut to_map = Vec::new();
-                for k in &plan.link {
-                    if p.identities.contains(k) {
-                        to_map.push(k.clone());
-                        continue;
-                    }
-                    let n = p.identities.iter().filter(|i| i.kind == k.kind).count();
-                    if explicit || n < self.guard.limit(&k.kind) {
-                        p.identities.push(k.clone());
-                        to_map.push(k.clone());
-                    } else {
-                        events::identity_skipped(identity::Skip::Limit.label());
-                    }
-                }
-                if p.identities.len() != survivor.profile.identities.len() {
-                    p.updated_at = Utc::now();
-                    match self.write_profile(store, p, survivor.revision).await? {
-                        Some(l) => survivor = l,
-                        None => continue 'attempt,
-                    }
-                }
-                let mut mapped_any = false;
-                for k in &to_map {
-                    let kv_key = k.kv_key();
-                    // The in-memory list may lag a request on another replica by a moment;
-                    // an identity is never linked while KV says it is suppressed.
-                    if self.is_suppressed_in_kv(store, k).await? {
-                        self.abandon(store, &survivor, created_now && !mapped_any, k)
-                            .await?;
-                        return Ok(None);
-                    }
-                    let link = IdentityLink {
-                        schema_version: RECORD_SCHEMA_VERSION,
-                        profile_id: survivor.profile.id.clone(),
-                        identity: k.clone(),
-                        linked_at: Utc::now(),
-                    };
-                    match store.identities.create(&kv_key, &link).await? {
-                        (Cas::Written(_), _) => {
-                            mapped_any = true;
-                            events::identity_linked();
-                            self.cache.put_identity(&kv_key, &survivor.profile.id);
-                        }
-                        (Cas::Conflict, _) => {
-                            events::cas_conflict("identities");
-                            let mut seen = BTreeMap::new();
-                            let owner = match self.mapped_profile(store, k, true).await? {
-                                Some(id) => self.canonical(store, &id, true, &mut seen).await?,
-                                None => None,
-                            };
-                            if owner.as_deref() != Some(survivor.profile.id.as_str()) {
-                                // Someone linked it elsewhere first: take it off this profile
-                                // and plan again (now as a merge, or a skip).
-                                self.abandon(store, &survivor, created_now && !mapped_any, k)
-                                    .await?;
-                                continue 'attempt;
-                            }
-                            mapped_any = true;
-                        }
-                    }
-                }
-            }
-
-            // Apply the event.
+            // One write: the new identities listed on the profile (where the limits are
+            // enforced by compare-and-set) and the event applied; then the identity graph.
+            let done_before = applied.as_ref().and_then(|(id, changed)| {
+                (survivor.profile.id == *id || survivor.profile.merged_from.contains(id))
+                    .then_some(*changed)
+            });
             let mut p = (*survivor.profile).clone();
-            let redelivered_change = p.consent.changed_by.as_deref() == Some(event.id.as_str());
-            p.apply_event(event, at);
-            let changed = before != p.consent.effective();
-            if changed {
-                p.consent.changed_by = Some(event.id.clone());
-            }
-            match self.write_profile(store, p, survivor.revision).await? {
-                Some(l) => {
-                    return Ok(Some(Applied {
-                        loaded: l,
-                        consent_changed: changed || redelivered_change,
-                    }));
+            let mut to_map = Vec::new();
+            for k in &plan.link {
+                if p.identities.contains(k) {
+                    to_map.push(k.clone());
+                    continue;
                 }
-                None => continue 'attempt,
+                let n = p.identities.iter().filter(|i| i.kind == k.kind).count();
+                if explicit || n < self.guard.limit(&k.kind) {
+                    p.identities.push(k.clone());
+                    to_map.push(k.clone());
+                } else {
+                    events::identity_skipped(identity::Skip::Limit.label());
+                }
+            }
+            let listed_more = p.identities.len() != survivor.profile.identities.len();
+            let consent_changed = match done_before {
+                Some(changed) => changed,
+                None => {
+                    let redelivered_change =
+                        p.consent.changed_by.as_deref() == Some(event.id.as_str());
+                    p.apply_event(event, at);
+                    let changed = before != p.consent.effective();
+                    if changed {
+                        p.consent.changed_by = Some(event.id.clone());
+                    }
+                    changed || redelivered_change
+                }
+            };
+            if done_before.is_none() || listed_more {
+                p.updated_at = Utc::now();
+                match self.write_profile(store, p, survivor.revision).await? {
+                    Some(l) => survivor = l,
+                    None => continue 'attempt,
+                }
+                applied = Some((survivor.profile.id.clone(), consent_changed));
+            }
+            for k in &to_map {
+                if !self.link_identity(store, k, &survivor.profile.id).await? {
+                    // Someone linked it elsewhere first: take it off this profile and plan
+                    // again (now as a merge, or a skip); the event stays applied.
+                    self.unlist_identity(store, &survivor.profile.id, k).await?;
+                    continue 'attempt;
+                }
+            }
+            return Ok(Some(Applied {
+                loaded: survivor,
+                consent_changed,
+            }));
+        }
+    }
+
+    /// Creates a profile for `event` holding identities `links` with the event applied (one
+    /// write), then maps the identities to it, the one most likely mapped already first
+    /// (an anonymous id). When one is mapped already, the profile is deleted again (and the
+    /// links made so far); if someone reached the profile meanwhile, it stays, without that
+    /// identity, holding the event.
+    async fn create_profile(
+        &self,
+        store: &Store,
+        event: &Event,
+        links: &[IdentityKey],
+        at: DateTime<Utc>,
+    ) -> Result<Created, ProfileError> {
+        let id = new_profile_id();
+        let mut p = Profile::new(id.clone(), at);
+        let before: Effective = p.consent.effective();
+        p.identities = links.to_vec();
+        p.apply_event(event, at);
+        let changed = before != p.consent.effective();
+        if changed {
+            p.consent.changed_by = Some(event.id.clone());
+        }
+        let revision = match store.profiles.create(&id, &p).await? {
+            (Cas::Written(rev), _) => rev,
+            (Cas::Conflict, _) => return Ok(Created::Undone),
+        };
+        events::profile_created();
+        let profile = Arc::new(p);
+        self.cache.put_profile(profile.clone(), revision);
+        let mut order: Vec<&IdentityKey> = links.iter().collect();
+        order.sort_by_key(|k| k.kind != ANONYMOUS_ID);
+        let mut made: Vec<(String, u64)> = Vec::with_capacity(order.len());
+        for k in order {
+            let kv_key = k.kv_key();
+            let link = IdentityLink {
+                schema_version: RECORD_SCHEMA_VERSION,
+                profile_id: id.clone(),
+                identity: k.clone(),
+                linked_at: Utc::now(),
+            };
+            match store.identities.create(&kv_key, &link).await? {
+                (Cas::Written(rev), _) => made.push((kv_key, rev)),
+                (Cas::Conflict, _) => {
+                    events::cas_conflict("identities");
+                    return match store.profiles.purge_at(&id, revision).await? {
+                        Cas::Written(_) => {
+                            self.cache.forget_profile(&id);
+                            events::profile_undone();
+                            for (key, rev) in &made {
+                                let _ = store.identities.purge_at(key, *rev).await?;
+                            }
+                            Ok(Created::Undone)
+                        }
+                        Cas::Conflict => {
+                            for (key, _) in &made {
+                                events::identity_linked();
+                                self.cache.put_identity(key, &id);
+                            }
+                            self.unlist_identity(store, &id, k).await?;
+                            Ok(Created::Partial(id, changed))
+                        }
+                    };
+                }
+            }
+        }
+        for (key, _) in &made {
+            events::identity_linked();
+            self.cache.put_identity(key, &id);
+        }
+        Ok(Created::Done(Applied {
+            loaded: Loaded {
+                revision,
+                profile,
+                from_cache: false,
+            },
+            consent_changed: changed,
+        }))
+    }
+
+    /// Maps identity `k` to profile `id` unless it is mapped already. True when it now maps
+    /// to `id` (directly or through redirects); false when it belongs to another profile.
+    async fn link_identity(
+        &self,
+        store: &Store,
+        k: &IdentityKey,
+        id: &str,
+    ) -> Result<bool, ProfileError> {
+        let kv_key = k.kv_key();
+        let link = IdentityLink {
+            schema_version: RECORD_SCHEMA_VERSION,
+            profile_id: id.to_string(),
+            identity: k.clone(),
+            linked_at: Utc::now(),
+        };
+        match store.identities.create(&kv_key, &link).await? {
+            (Cas::Written(_), _) => {
+                events::identity_linked();
+                self.cache.put_identity(&kv_key, id);
+                Ok(true)
+            }
+            (Cas::Conflict, _) => {
+                events::cas_conflict("identities");
+                let mut seen = BTreeMap::new();
+                let owner = match self.mapped_profile(store, k, true).await? {
+                    Some(mapped) => self.canonical(store, &mapped, true, &mut seen).await?,
+                    None => None,
+                };
+                Ok(owner.as_deref() == Some(id))
             }
         }
     }
@@ -468,18 +585,32 @@ impl Profiles {
     }
 
     /// The canonical profile identity `key` belongs to, loading it (and any profile on the
-    /// way) into `loaded`. Shortens the mapping when it points at a redirect, and removes a
-    /// mapping whose profile is gone (an interrupted erasure).
+    /// way) into `loaded`, and whether the mapping came from the cache. Shortens the mapping
+    /// when it points at a redirect, and removes a mapping whose profile is gone (an
+    /// interrupted erasure).
     async fn resolve_identity(
         &self,
         store: &Store,
         key: &IdentityKey,
         fresh: bool,
         loaded: &mut BTreeMap<String, Loaded>,
-    ) -> Result<Option<String>, ProfileError> {
+    ) -> Result<(Option<String>, bool), ProfileError> {
         let kv_key = key.kv_key();
-        let Some(mapped) = self.mapped_profile(store, key, fresh).await? else {
-            return Ok(None);
+        let cached = if fresh {
+            None
+        } else {
+            self.cache.identity(&kv_key)
+        };
+        let from_cache = cached.is_some();
+        let mapped = match cached {
+            Some(id) => id.to_string(),
+            None => match store.identities.get::<IdentityLink>(&kv_key).await? {
+                Some(v) => {
+                    self.cache.put_identity(&kv_key, &v.value.profile_id);
+                    v.value.profile_id
+                }
+                None => return Ok((None, false)),
+            },
         };
         let canonical = self.canonical(store, &mapped, fresh, loaded).await?;
         match &canonical {
@@ -514,7 +645,7 @@ impl Profiles {
                 }
             }
         }
-        Ok(canonical)
+        Ok((canonical, from_cache))
     }
 
     /// Loads profile `id` (from the cache unless `fresh`).
@@ -528,15 +659,17 @@ impl Profiles {
             return Ok(Some(Loaded {
                 revision: c.revision,
                 profile: c.profile,
+                from_cache: true,
             }));
         }
         match store.profiles.get::<Profile>(id).await? {
             Some(v) => {
                 let p = Arc::new(v.value);
-                self.cache.put_profile(p.clone(), v.revision, v.len);
+                self.cache.put_profile(p.clone(), v.revision);
                 Ok(Some(Loaded {
                     revision: v.revision,
                     profile: p,
+                    from_cache: false,
                 }))
             }
             None => {
@@ -663,12 +796,13 @@ impl Profiles {
         revision: u64,
     ) -> Result<Option<Loaded>, ProfileError> {
         match store.profiles.update(&p.id, &p, revision).await? {
-            (Cas::Written(rev), len) => {
+            (Cas::Written(rev), _) => {
                 let p = Arc::new(p);
-                self.cache.put_profile(p.clone(), rev, len);
+                self.cache.put_profile(p.clone(), rev);
                 Ok(Some(Loaded {
                     revision: rev,
                     profile: p,
+                    from_cache: false,
                 }))
             }
             (Cas::Conflict, _) => {
@@ -677,27 +811,6 @@ impl Profiles {
                 Ok(None)
             }
         }
-    }
-
-    /// Gives up linking `k` to `survivor`: deletes the survivor when it was just created and
-    /// nothing maps to it yet, else takes `k` off its list.
-    async fn abandon(
-        &self,
-        store: &Store,
-        survivor: &Loaded,
-        delete: bool,
-        k: &IdentityKey,
-    ) -> Result<(), ProfileError> {
-        if delete
-            && let Cas::Written(_) = store
-                .profiles
-                .purge_at(&survivor.profile.id, survivor.revision)
-                .await?
-        {
-            self.cache.forget_profile(&survivor.profile.id);
-            return Ok(());
-        }
-        self.unlist_identity(store, &survivor.profile.id, k).await
     }
 
     /// Takes identity `k` off profile `id`'s list.
@@ -754,6 +867,17 @@ struct Applied {
     consent_changed: bool,
 }
 
+/// What [`Profiles::create_profile`] did.
+enum Created {
+    /// The profile exists with every identity mapped and the event applied.
+    Done(Applied),
+    /// Nothing is left of it: resolve the event again.
+    Undone,
+    /// The profile (this id) stays, holding the event (whether it changed consent), without
+    /// an identity that was mapped elsewhere: resolve again without applying the event twice.
+    Partial(String, bool),
+}
+
 enum Resolution {
     Suppressed,
     Unresolved,
@@ -763,4 +887,46 @@ enum Resolution {
 /// A new profile id: 128 random bits in hex.
 fn new_profile_id() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// Whether to create a profile for an event none of whose identities is cached without
+/// looking them up first (see [`Profiles::create_profile`]). Right for new people, one wasted
+/// write and delete for a known person the cache forgot; so it keeps a score of recent
+/// guesses, stops guessing while most are wrong, and tries one event in 16 meanwhile to
+/// notice when that changes.
+#[derive(Debug, Default)]
+pub(crate) struct Speculation {
+    score: AtomicI64,
+    skipped: AtomicU64,
+}
+
+impl Speculation {
+    /// Highest score kept: a long run of right guesses is forgotten after a few wrong ones.
+    const MAX: i64 = 64;
+    /// Lowest score kept.
+    const MIN: i64 = -64;
+
+    fn should_try(&self, ids: &[IdentityKey], cache: &HotCache) -> bool {
+        if ids.is_empty()
+            || !cache.enabled()
+            || ids.iter().any(|k| cache.knows_identity(&k.kv_key()))
+        {
+            return false;
+        }
+        self.score.load(Ordering::Relaxed) >= 0
+            || self
+                .skipped
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(16)
+    }
+
+    fn record(&self, right: bool) {
+        let delta = if right { 1 } else { -2 };
+        let _ = self
+            .score
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some((s + delta).clamp(Self::MIN, Self::MAX))
+            });
+        events::speculative_create(right);
+    }
 }

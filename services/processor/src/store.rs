@@ -167,8 +167,6 @@ pub struct Versioned<T> {
     pub revision: u64,
     /// The value.
     pub value: T,
-    /// Size of the stored bytes.
-    pub len: usize,
 }
 
 /// One bucket with typed access.
@@ -216,7 +214,6 @@ impl Bucket {
         Ok(Some(Versioned {
             revision: entry.revision,
             value,
-            len: entry.value.len(),
         }))
     }
 

@@ -327,3 +327,95 @@ async fn consent_is_kept_by_event_time_and_opt_out_denies_everything() -> Result
     assert_eq!(rec["schema_version"], 1);
     Ok(())
 }
+
+/// A replica that has never seen a person creates a profile for their event without looking
+/// their identities up (most such events are new people). When one identity is known after
+/// all (here: created by another replica, so not in this one's cache), the new profile is
+/// undone and the event resolves to the existing profile: no stray profile, no stray link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_guess_that_a_person_is_new_leaves_nothing_behind() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let a = open(&nats, ProfilesConfig::default()).await?;
+    let b = open(&nats, ProfilesConfig::default()).await?;
+    let known = process(
+        &a,
+        identify("k1", "user-k", "anon-k1", 10, r#"{"plan":"pro"}"#),
+    )
+    .await?;
+    // Replica b knows nothing: its guess that user-k is new is wrong. The anonymous id (tried
+    // first) is new, so the guess has linked it before the user id conflicts.
+    let other = process(&b, event("k2", EventType::Track, "user-k", "anon-k2", 11)).await?;
+    assert_eq!(other[0].profile_id, known[0].profile_id);
+    let (_, prof) = a.lookup(&id("anonymous_id:anon-k2")).await?.expect("found");
+    assert_eq!(prof.id, known[0].profile_id);
+    assert_eq!(prof.event_count, 2, "the event applied once: {prof:?}");
+    // Exactly one profile is stored: the undone one is gone.
+    let js = nats.jetstream().await;
+    let kv = js
+        .get_key_value(Topology::new(TopologyConfig::default()).bucket("profiles"))
+        .await?;
+    let mut keys = futures_util::TryStreamExt::try_collect::<Vec<String>>(kv.keys().await?).await?;
+    keys.sort();
+    assert_eq!(keys, vec![known[0].profile_id.clone()]);
+    // A person who is new is created in one go.
+    let new = process(&b, identify("n1", "user-n", "anon-n", 12, "{}")).await?;
+    let (_, prof) = b.lookup(&id("user_id:user-n")).await?.expect("found");
+    assert_eq!(prof.id, new[0].profile_id);
+    assert_eq!(prof.identities.len(), 2);
+    Ok(())
+}
+
+/// An erasure sweeps again after its first pass: a replica whose suppression list is behind
+/// (here: frozen, its watch stopped) can link an erased identity again in between, and the
+/// second pass erases that too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_sweeps_up_a_link_made_by_a_lagging_replica() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let cfg = ProfilesConfig {
+        erasure_sweep_ms: 1500,
+        ..ProfilesConfig::default()
+    };
+    let a = open(&nats, cfg.clone()).await?;
+    let frozen = CancellationToken::new();
+    let lagging = Profiles::open(
+        nats.jetstream().await,
+        common::topology(),
+        cfg,
+        frozen.clone(),
+    )
+    .await?;
+    frozen.cancel();
+    // Erasure events go to the processed stream.
+    let topology = common::topology();
+    herald_common::nats::ensure_stream(&nats.jetstream().await, topology.processed_stream_config())
+        .await?;
+    process(&a, identify("s1", "user-s", "anon-s", 10, "{}")).await?;
+
+    let eraser = a.clone();
+    let erase = tokio::spawn(async move { eraser.erase(&id("user_id:user-s")).await });
+    // Wait for the first pass to remove the mapping, then let the lagging replica link the
+    // erased user id again.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.lookup(&id("user_id:user-s")).await?.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first pass too slow"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let relinked = process(&lagging, event("s2", EventType::Track, "user-s", "", 11)).await?;
+    assert!(!relinked.is_empty() && !relinked[0].profile_id.is_empty());
+    assert!(
+        a.lookup(&id("user_id:user-s")).await?.is_some(),
+        "the lagging replica linked the erased id again"
+    );
+    let record = erase.await??;
+    assert_eq!(
+        record.state,
+        herald_processor::ErasureState::Completed,
+        "{record:?}"
+    );
+    assert!(a.lookup(&id("user_id:user-s")).await?.is_none());
+    assert!(record.erased_profiles.contains(&relinked[0].profile_id));
+    Ok(())
+}

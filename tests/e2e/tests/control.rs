@@ -278,3 +278,21 @@ async fn control_apis_require_the_token_and_health_does_not() -> Result<()> {
     }
     Ok(())
 }
+
+/// `nats.servers` takes several URLs separated by commas; the client reaches whichever is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comma_separated_server_list_connects_to_the_live_server() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let cfg = NatsConfig {
+        servers: format!("nats://127.0.0.1:{dead}, {}", nats.url()),
+        ..Default::default()
+    };
+    let client = herald_common::nats::connect(&cfg, "server-list-test").await?;
+    tokio::time::timeout(std::time::Duration::from_secs(20), client.flush()).await??;
+    let js = herald_common::nats::jetstream(client, &cfg);
+    js.query_account().await?;
+    Ok(())
+}

@@ -116,3 +116,52 @@ async fn copies_redelivered_while_held_are_dropped() -> Result<()> {
     }
     Ok(())
 }
+
+/// A pinned reader busy with a batch for longer than its pull's expiry still gets what the
+/// server delivered on that pull meanwhile: nothing is left to come back only as a dropped
+/// "copy" (the processor stalled on such messages under load before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_delivered_while_a_batch_is_busy_are_not_lost() -> Result<()> {
+    use herald_common::ordered::{PinnedGroup, ensure_consumer};
+    let nats = NatsServer::start().await?;
+    let js = setup(&nats, 10).await?;
+    let cfg = ReaderConfig {
+        batch: 10,
+        ..reader_config(Duration::from_secs(2))
+    };
+    let pinned = PinnedGroup {
+        group: "owners".into(),
+        // Pulls live 3 s (half the pin timeout) and are forgotten 1 s after; the pin outlives
+        // the busy batch below.
+        timeout: Duration::from_secs(6),
+    };
+    ensure_consumer(&js, &cfg, Some(&pinned)).await?;
+    let mut reader = OrderedReader::bind_pinned(&js, cfg, pinned).await?;
+    let mut got = Vec::new();
+    let mut lost_before = 0;
+    for round in 0..3 {
+        let cancel = CancellationToken::new();
+        let batch = tokio::time::timeout(Duration::from_secs(20), reader.next_batch(&cancel))
+            .await?
+            .expect("not cancelled");
+        // New messages arrive on the open pull while this batch is "processed" for longer
+        // than the pull lives (3 s, plus its grace), and than their ack wait.
+        for i in 0..5 {
+            js.publish("order.a", format!("r{round}-{i}").into())
+                .await?
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(4_500)).await;
+        for m in &batch {
+            m.ack().await.expect("ack");
+        }
+        got.extend(seqs(&batch));
+        lost_before = reader.lost_deliveries();
+    }
+    let total = 10 + 3 * 5;
+    let rest = collect(&mut reader, total - got.len()).await?;
+    got.extend(seqs(&rest));
+    assert_eq!(got, (1..=total as u64).collect::<Vec<_>>());
+    assert_eq!(lost_before, 0, "nothing lost on the way");
+    Ok(())
+}
