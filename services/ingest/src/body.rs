@@ -187,33 +187,116 @@ pub fn read_capped<R: Read>(mut reader: R, limit: usize, hint: usize) -> Result<
 /// (with escapes) are skipped, so brackets inside them do not count. Runs before parsing, so
 /// the parsers never recurse deeper than this.
 pub fn check_depth(body: &[u8], max_depth: usize) -> Result<(), ApiError> {
+    scan(body, max_depth).map(|_| ())
+}
+
+/// What [`scan`] noticed in a body, besides its depth: what tells the Segment fast path
+/// (`crate::segment::parse_batch_raw`) whether keeping JSON verbatim gives exactly what
+/// parsing it into `serde_json::Value` and writing it back would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JsonScan {
+    /// The deepest nesting seen (the outermost value is depth 1).
+    pub max_depth: usize,
+    /// A number `Value` may refuse (out of range) or write back longer than it came: one with
+    /// an exponent, one of 16 or more characters, or `-0`.
+    pub unusual_numbers: bool,
+    /// A `\uD800`-`\uDFFF` escape in a string: a surrogate, which `Value` refuses when lone.
+    pub surrogate_escapes: bool,
+}
+
+impl JsonScan {
+    /// Whether the body holds no unusual number and no surrogate escape.
+    pub fn plain(&self) -> bool {
+        !self.unusual_numbers && !self.surrogate_escapes
+    }
+}
+
+/// [`check_depth`], also reporting what [`JsonScan`] describes. One pass that allocates
+/// nothing; strings are skipped eight bytes at a time.
+pub fn scan(body: &[u8], max_depth: usize) -> Result<JsonScan, ApiError> {
+    let mut out = JsonScan::default();
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let n = body.len();
+    let mut i = 0;
+    while i < n {
+        match body[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    i = skip_plain(body, i);
+                    if i >= n {
+                        // Unterminated: the parser reports it.
+                        return Ok(out);
+                    }
+                    if body[i] == b'"' {
+                        i += 1;
+                        break;
+                    }
+                    // A backslash and the byte it escapes.
+                    if body.get(i + 1) == Some(&b'u') && is_surrogate(&body[(i + 2).min(n)..]) {
+                        out.surrogate_escapes = true;
+                    }
+                    i += 2;
+                }
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
                     return Err(ApiError::TooDeep { limit: max_depth });
                 }
+                out.max_depth = out.max_depth.max(depth);
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < n && matches!(body[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                    i += 1;
+                }
+                let token = &body[start..i];
+                if token.len() >= 16
+                    || token == b"-0"
+                    || token.iter().any(|c| matches!(c, b'e' | b'E'))
+                {
+                    out.unusual_numbers = true;
+                }
+                continue;
+            }
             _ => {}
         }
+        i += 1;
     }
-    Ok(())
+    Ok(out)
+}
+
+/// The position of the first `"` or backslash at or after `i` (or `body.len()`).
+fn skip_plain(body: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const QUOTES: u64 = ONES * b'"' as u64;
+    const BACKSLASHES: u64 = ONES * b'\\' as u64;
+    while let Some(chunk) = body.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let (q, s) = (w ^ QUOTES, w ^ BACKSLASHES);
+        // The lowest set bit marks the first zero byte of q or s exactly.
+        let hits = ((q.wrapping_sub(ONES) & !q) | (s.wrapping_sub(ONES) & !s)) & HIGH;
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < body.len() && body[i] != b'"' && body[i] != b'\\' {
+        i += 1;
+    }
+    i
+}
+
+/// Whether the four hex digits at the start of `hex` name a UTF-16 surrogate (D800-DFFF).
+fn is_surrogate(hex: &[u8]) -> bool {
+    matches!(
+        hex,
+        [b'd' | b'D', b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F', ..]
+    )
 }
 
 #[cfg(test)]
@@ -351,6 +434,66 @@ mod tests {
             assert_eq!(got.is_ok(), ok, "{body} at {max}");
             if let Err(e) = got {
                 assert_eq!(e.kind(), "too_deep");
+            }
+        }
+    }
+
+    #[test]
+    fn scan_table() {
+        // (body, max depth seen, unusual numbers, surrogate escapes)
+        let cases = [
+            (
+                r#"{"a": [1, 2.5, -3, 0, true, false, null]}"#,
+                2,
+                false,
+                false,
+            ),
+            (r#"{"a": 1e3}"#, 1, true, false),
+            (r#"{"a": 1.5E-3}"#, 1, true, false),
+            (r#"{"a": -0}"#, 1, true, false),
+            (r#"{"a": -0.5}"#, 1, false, false),
+            (r#"{"a": 123456789012345}"#, 1, false, false),
+            (r#"{"a": 1234567890123456}"#, 1, true, false),
+            (r#"{"a": "1e3 -0 12345678901234567890"}"#, 1, false, false),
+            (r#"{"a": "\ud83d\ude00"}"#, 1, false, true),
+            (r#"{"a": "\uDFFF"}"#, 1, false, true),
+            (r#"{"a": "\u00e9 \ue000 \\ud800"}"#, 1, false, false),
+            (r#"{"a\"[{": "x\\", "b": [[{}]]}"#, 4, false, false),
+            (r#"{"a": "unterminated [[["#, 1, false, false),
+            (
+                r#"{"s": "a long string without any escape, longer than eight"}"#,
+                1,
+                false,
+                false,
+            ),
+        ];
+        for (body, depth, numbers, surrogates) in cases {
+            let got = scan(body.as_bytes(), 64).expect("not too deep");
+            let want = JsonScan {
+                max_depth: depth,
+                unusual_numbers: numbers,
+                surrogate_escapes: surrogates,
+            };
+            assert_eq!(got, want, "{body}");
+        }
+    }
+
+    #[test]
+    fn skip_plain_finds_the_first_quote_or_backslash() {
+        for len in 0..40 {
+            for at in 0..=len {
+                for stop in [b'"', b'\\'] {
+                    let mut body = vec![b'x'; len];
+                    if at < len {
+                        body[at] = stop;
+                    }
+                    assert_eq!(skip_plain(&body, 0), at, "{len} {at}");
+                    // High bytes (UTF-8) are plain.
+                    body.iter_mut()
+                        .filter(|b| **b == b'x')
+                        .for_each(|b| *b = 0xe9);
+                    assert_eq!(skip_plain(&body, 0), at, "{len} {at} high");
+                }
             }
         }
     }

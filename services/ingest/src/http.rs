@@ -25,7 +25,7 @@ use herald_common::{CommonConfig, Topology};
 use herald_proto::v1::{Event, EventType};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::body::{self, Encoding};
+use crate::body::{self, Encoding, JsonScan};
 use crate::config::IngestConfig;
 use crate::error::{ApiError, IngestError};
 use crate::events::{
@@ -38,7 +38,9 @@ use crate::quarantine::Quarantine;
 use crate::ratelimit::{Limited, RateLimiter};
 use crate::requests::RequestLog;
 use crate::seen::SeenSet;
-use crate::segment::{Envelope, InvalidEvent, Normaliser, parse_batch, parse_single};
+use crate::segment::{
+    Envelope, InvalidEvent, Normaliser, RawBatch, parse_batch, parse_batch_raw, parse_single,
+};
 use crate::sources::{PairAuthError, Source, SourceRegistry};
 
 /// Segment's single-event paths and the call type each one takes, including the short paths
@@ -366,7 +368,7 @@ async fn ingest_segment(
     if let Some(source) = &header_source {
         has_token(state, source)?;
     }
-    let bytes = read_body(
+    let (bytes, scan) = read_body(
         headers,
         body,
         limits.max_request_bytes,
@@ -374,12 +376,15 @@ async fn ingest_segment(
     )
     .await?;
     let env = match call {
-        Some(_) => parse_single(&bytes),
-        None => parse_batch(&bytes),
-    }?;
+        Some(_) => SegmentBody::Parsed(parse_single(&bytes)?),
+        None => match parse_batch_raw(&bytes, &scan) {
+            Some(raw) => SegmentBody::Raw(raw),
+            None => SegmentBody::Parsed(parse_batch(&bytes)?),
+        },
+    };
     let source = match header_source {
         Some(s) => s,
-        None => match &env.write_key {
+        None => match env.write_key() {
             Some(key) => authenticate(&inner.sources, key)?,
             None => {
                 return Err(ApiError::Unauthorized(
@@ -388,28 +393,52 @@ async fn ingest_segment(
             }
         },
     };
-    if env.items.len() > limits.max_batch_events {
+    if env.len() > limits.max_batch_events {
         return Err(ApiError::TooManyEvents {
-            count: env.items.len(),
+            count: env.len(),
             limit: limits.max_batch_events,
         });
     }
-    admit(state, &source, env.items.len())?;
+    admit(state, &source, env.len())?;
 
-    let (events, rejected) = normalise_segment(state, &source, call, env, received_at)?;
+    let (events, rejected) = normalise_segment(state, &source, call, env, &bytes, received_at)?;
     reject_invalid_items(state, &source, route, &bytes, received_at, rejected).await?;
     publish(state, &source, &events).await?;
     Ok(())
 }
 
-/// Normalises the envelope's events. A single-event call fails with its event's problem; a
-/// batch returns its valid events and its invalid items (by index) for
-/// [`reject_invalid_items`].
+/// A Segment body, parsed: a batch on the fast path with its items as raw JSON, or parsed into
+/// `Value`s.
+enum SegmentBody<'a> {
+    Raw(RawBatch<'a>),
+    Parsed(Envelope),
+}
+
+impl SegmentBody<'_> {
+    fn write_key(&self) -> Option<&str> {
+        match self {
+            Self::Raw(raw) => raw.write_key(),
+            Self::Parsed(env) => env.write_key.as_deref(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Raw(raw) => raw.len(),
+            Self::Parsed(env) => env.items.len(),
+        }
+    }
+}
+
+/// Normalises the envelope's events (`body` is the request body it was parsed from). A
+/// single-event call fails with its event's problem; a batch returns its valid events and its
+/// invalid items (by index) for [`reject_invalid_items`].
 fn normalise_segment(
     state: &AppState,
     source: &Source,
     call: Option<EventType>,
-    mut env: Envelope,
+    env: SegmentBody<'_>,
+    body: &[u8],
     received_at: DateTime<Utc>,
 ) -> Result<(Vec<Event>, RejectedItems), ApiError> {
     let limits = &state.inner.limits;
@@ -419,6 +448,14 @@ fn normalise_segment(
         partitions: state.topology().partitions(),
         max_event_bytes: limits.max_event_bytes,
         max_message_id_chars: limits.max_message_id_chars,
+    };
+    let mut env = match env {
+        SegmentBody::Raw(raw) => match normaliser.normalise_batch_fast(raw) {
+            Some(events) => return Ok((events, Vec::new())),
+            // An item the fast path cannot build exactly: the whole body goes the Value way.
+            None => parse_batch(body)?,
+        },
+        SegmentBody::Parsed(env) => env,
     };
     let items = std::mem::take(&mut env.items);
     let mut events = Vec::with_capacity(items.len());
@@ -506,7 +543,7 @@ async fn ingest_mparticle(
     let limits = &inner.limits;
     let source = authenticate_mparticle(&inner.sources, headers)?;
     has_token(state, &source)?;
-    let bytes = read_body(
+    let (bytes, _) = read_body(
         headers,
         body,
         limits.max_mparticle_request_bytes,
@@ -651,13 +688,14 @@ fn authenticate_mparticle(
 // Shared
 
 /// Reads and decodes the body within `limit` bytes (415 for an unknown `Content-Encoding`,
-/// checked before reading) and checks its nesting depth. Any `Content-Type` is accepted.
+/// checked before reading) and checks its nesting depth, returning what that scan saw. Any
+/// `Content-Type` is accepted.
 async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     max_depth: usize,
-) -> Result<Bytes, ApiError> {
+) -> Result<(Bytes, JsonScan), ApiError> {
     let encoding = Encoding::from_headers(headers)?;
     let received = body::read(body, headers, encoding, limit).await?;
     BodyReceived {
@@ -666,8 +704,8 @@ async fn read_body(
         encoding: encoding.label(),
     }
     .emit();
-    body::check_depth(&received.bytes, max_depth)?;
-    Ok(received.bytes)
+    let scan = body::scan(&received.bytes, max_depth)?;
+    Ok((received.bytes, scan))
 }
 
 /// The one place the invalid items of an accepted batch request go (the request itself is

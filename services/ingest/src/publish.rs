@@ -24,13 +24,14 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, Context};
-use async_nats::{Client, HeaderMap, header::NATS_MESSAGE_ID};
+use async_nats::{Client, HeaderMap, Subject, header::NATS_MESSAGE_ID};
 use futures_util::future::join_all;
 use herald_common::Topology;
 use herald_common::nats::is_connected;
@@ -128,6 +129,8 @@ pub struct Publisher {
     client: Client,
     js: Context,
     topology: Topology,
+    /// The events subject of each partition, built once: a clone is a reference count.
+    subjects: Arc<[Subject]>,
     timeout: Duration,
     seen: Option<SeenSet>,
 }
@@ -149,10 +152,14 @@ struct StartReply {
 impl Publisher {
     /// A publisher over this client; acks are awaited at most `timeout` per request.
     pub fn new(client: Client, js: Context, topology: Topology, timeout: Duration) -> Self {
+        let subjects = (0..topology.partitions())
+            .map(|p| Subject::from(topology.events_subject(p)))
+            .collect();
         Self {
             client,
             js,
             topology,
+            subjects,
             timeout,
             seen: None,
         }
@@ -177,6 +184,14 @@ impl Publisher {
     /// The topology events are published by.
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+
+    /// The events subject of a partition.
+    fn subject(&self, partition: u32) -> Subject {
+        match self.subjects.get(partition as usize) {
+            Some(s) => s.clone(),
+            None => Subject::from(self.topology.events_subject(partition)),
+        }
     }
 
     /// Fails at once when NATS is not connected, so clients are told to retry without waiting
@@ -309,7 +324,7 @@ impl Publisher {
             let publish = PublishMessage::build()
                 .payload(event.encode_to_vec().into())
                 .message_id(&event.id);
-            let subject = self.topology.events_subject(event.partition);
+            let subject = self.subject(event.partition);
             acks.push(
                 self.js
                     .send_publish(subject, publish)
@@ -359,7 +374,7 @@ impl Publisher {
             headers.insert(NATS_MESSAGE_ID, event.id.as_str());
             headers.insert(BATCH_ID_HEADER, batch_id.as_str());
             headers.insert(BATCH_SEQUENCE_HEADER, sequence.to_string().as_str());
-            let subject = self.topology.events_subject(event.partition);
+            let subject = self.subject(event.partition);
             let payload = event.encode_to_vec().into();
             if sequence == last {
                 headers.insert(BATCH_COMMIT_HEADER, "1");

@@ -1,6 +1,7 @@
 //! The Segment Tracking API shape: parsing batches and single events, validating them per call
 //! type, and normalising them into `herald.v1.Event`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use axum::http::StatusCode;
@@ -8,8 +9,11 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use herald_common::partition::partition_for;
 use herald_proto::v1::{Consent, Event, EventType};
 use prost::Message as _;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::body::JsonScan;
 use crate::error::ApiError;
 
 /// Why one event was not accepted. `reason()` is a bounded label.
@@ -315,14 +319,7 @@ impl Normaliser<'_> {
             .and_then(|c| c.get("consent"))
             .and_then(|c| c.get("categoryPreferences"))
             .and_then(Value::as_object)
-            .map(|prefs| Consent {
-                purposes: prefs
-                    .iter()
-                    .filter_map(|(k, v)| v.as_bool().map(|b| (k.to_lowercase(), b)))
-                    .collect(),
-                opted_out: false,
-                updated_at: Some(to_timestamp(timestamp)),
-            });
+            .map(|prefs| consent_of(prefs, timestamp));
 
         let mut traits = json_bytes(obj.get("traits"));
         if traits.is_empty() && ty == EventType::Identify {
@@ -338,7 +335,7 @@ impl Normaliser<'_> {
             user_id.clone()
         };
         let event = Event {
-            id: format!("{}:{message_id}", self.source_id),
+            id: event_id(self.source_id, &message_id),
             message_id,
             source_id: self.source_id.to_string(),
             r#type: ty as i32,
@@ -370,6 +367,372 @@ impl Normaliser<'_> {
             });
         }
         Ok(event)
+    }
+}
+
+/// The consent snapshot of a `context.consent.categoryPreferences` object: its boolean
+/// entries, purpose names in lower case.
+fn consent_of(prefs: &Map<String, Value>, timestamp: DateTime<Utc>) -> Consent {
+    Consent {
+        purposes: prefs
+            .iter()
+            .filter_map(|(k, v)| v.as_bool().map(|b| (k.to_lowercase(), b)))
+            .collect(),
+        opted_out: false,
+        updated_at: Some(to_timestamp(timestamp)),
+    }
+}
+
+/// An event's id: `<source id>:<message id>`.
+pub(crate) fn event_id(source_id: &str, message_id: &str) -> String {
+    let mut id = String::with_capacity(source_id.len() + 1 + message_id.len());
+    id.push_str(source_id);
+    id.push(':');
+    id.push_str(message_id);
+    id
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast path of `/v1/batch`
+//
+// A batch is parsed into borrowed typed structs instead of a `Value` tree, and `properties`,
+// `traits`, `context` and `integrations` are stored as the client sent them (its whitespace
+// and key order) instead of being built into `Value`s and written out again. It only answers
+// where it decides exactly as the `Value` path above would; anywhere else (batch-level
+// `context` or `integrations` to merge, no `messageId`, ids sent as numbers, wrong types,
+// duplicate keys, invalid events, ...) the `Value` path runs, so results, errors and limits
+// are the same either way; only the stored JSON bytes may differ in whitespace, key order,
+// escapes and repeated keys, never in the value they parse to.
+//
+// What makes verbatim bytes exact: the body is valid UTF-8 and valid JSON (the typed parse
+// checks both), and the scan that checks its depth (`crate::body::scan`) found no number
+// `Value` could refuse or write longer, and no surrogate escape. Then the `Value` path parses
+// the body too, each object's verbatim JSON parses to the `Value` it would have built, and is
+// never shorter than that `Value` written out, so an event under the size limit here is under
+// it there too (an event over it sends the body the `Value` way, which decides). The fast
+// path takes a body only when it can build every item; otherwise the whole body goes the
+// `Value` way, as before.
+
+/// A `/v1/batch` body read by the fast path: each item's fields borrowed from the body, its
+/// JSON objects kept as raw JSON. See [`parse_batch_raw`].
+pub struct RawBatch<'a> {
+    items: Vec<RawItem<'a>>,
+    sent_at: Option<DateTime<Utc>>,
+    write_key: Option<Cow<'a, str>>,
+}
+
+impl RawBatch<'_> {
+    /// How many items `batch` holds.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether `batch` is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// `writeKey` from the body (a non-empty string).
+    pub fn write_key(&self) -> Option<&str> {
+        self.write_key.as_deref()
+    }
+}
+
+/// The items of `batch`, each read straight into a [`RawItem`] in the one pass over the body.
+struct RawItems<'a>(Vec<RawItem<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawItems<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_seq(RawItemsVisitor(std::marker::PhantomData))
+    }
+}
+
+struct RawItemsVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for RawItemsVisitor<'a> {
+    type Value = RawItems<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of objects")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element_seed(RawItemSeed(std::marker::PhantomData))? {
+            items.push(item);
+        }
+        Ok(RawItems(items))
+    }
+}
+
+/// Reads one item, which must be a JSON object: a derived struct would also take an array,
+/// field by field.
+struct RawItemSeed<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::DeserializeSeed<'de> for RawItemSeed<'a> {
+    type Value = RawItem<'a>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for RawItemSeed<'a> {
+    type Value = RawItem<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<Self::Value, M::Error> {
+        RawItem::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+    }
+}
+
+/// A JSON string, borrowed from the body unless it holds escapes.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// The fields of a batch body the fast path reads; any other key is skipped.
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow)]
+    batch: Option<RawItems<'a>>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow)]
+    integrations: Option<&'a RawValue>,
+    #[serde(rename = "sentAt", borrow)]
+    sent_at: Option<Text<'a>>,
+    #[serde(rename = "writeKey", borrow)]
+    write_key: Option<&'a RawValue>,
+}
+
+/// The fields of an item [`Normaliser::normalise`] reads.
+#[derive(Deserialize)]
+struct RawItem<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<Text<'a>>,
+    #[serde(rename = "userId", borrow)]
+    user_id: Option<Text<'a>>,
+    #[serde(rename = "anonymousId", borrow)]
+    anonymous_id: Option<Text<'a>>,
+    #[serde(rename = "groupId", borrow)]
+    group_id: Option<Text<'a>>,
+    #[serde(rename = "previousId", borrow)]
+    previous_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    event: Option<Text<'a>>,
+    #[serde(borrow)]
+    name: Option<Text<'a>>,
+    #[serde(rename = "messageId", borrow)]
+    message_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    timestamp: Option<Text<'a>>,
+    #[serde(rename = "originalTimestamp", borrow)]
+    original_timestamp: Option<Text<'a>>,
+    #[serde(rename = "sentAt", borrow)]
+    sent_at: Option<Text<'a>>,
+    #[serde(borrow)]
+    properties: Option<&'a RawValue>,
+    #[serde(borrow)]
+    traits: Option<&'a RawValue>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow)]
+    integrations: Option<&'a RawValue>,
+}
+
+/// What normalisation reads inside `context`.
+#[derive(Deserialize)]
+struct RawContext<'a> {
+    #[serde(borrow)]
+    consent: Option<&'a RawValue>,
+    #[serde(borrow)]
+    traits: Option<&'a RawValue>,
+}
+
+/// What normalisation reads inside `context.consent`.
+#[derive(Deserialize)]
+struct RawConsent<'a> {
+    #[serde(rename = "categoryPreferences", borrow)]
+    category_preferences: Option<&'a RawValue>,
+}
+
+/// Deepest body the fast path takes: `Value` parsing stops at 128 levels, and the fast path
+/// must only take bodies the `Value` path would parse.
+const RAW_MAX_DEPTH: usize = 100;
+
+fn is_object(raw: &RawValue) -> bool {
+    raw.get().starts_with('{')
+}
+
+fn text(t: Option<Text<'_>>) -> String {
+    t.map(|t| t.0.into_owned()).unwrap_or_default()
+}
+
+/// Parses a `/v1/batch` body keeping its items as raw JSON, for
+/// [`Normaliser::normalise_raw`]; `scan` is what [`crate::body::scan`] found in it. `None`
+/// when the fast path cannot take the body (batch-level `context` or `integrations`, an
+/// unusual number, a surrogate escape, any error): then [`parse_batch`] decides.
+pub fn parse_batch_raw<'a>(body: &'a [u8], scan: &JsonScan) -> Option<RawBatch<'a>> {
+    if !scan.plain() || scan.max_depth > RAW_MAX_DEPTH {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    // A struct would also take a JSON array, field by field.
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let env: RawEnvelope<'a> = serde_json::from_str(text).ok()?;
+    if env.context.is_some() || env.integrations.is_some() {
+        return None;
+    }
+    let sent_at = match env.sent_at {
+        None => None,
+        Some(t) => parse_time_str(&t.0, "sentAt").ok()?,
+    };
+    let write_key = match env.write_key {
+        Some(raw) if raw.get().starts_with('"') => {
+            Some(serde_json::from_str::<Text<'a>>(raw.get()).ok()?.0).filter(|k| !k.is_empty())
+        }
+        _ => None,
+    };
+    Some(RawBatch {
+        items: env.batch?.0,
+        sent_at,
+        write_key,
+    })
+}
+
+impl Normaliser<'_> {
+    /// The events [`Normaliser::normalise`] makes of the items of a [`RawBatch`], when every
+    /// item is a valid event the fast path can build exactly; `None` when any is not: then
+    /// the body goes the `Value` way ([`parse_batch`] and [`Normaliser::normalise`]).
+    pub fn normalise_batch_fast(&self, batch: RawBatch<'_>) -> Option<Vec<Event>> {
+        let mut events = Vec::with_capacity(batch.items.len());
+        for item in batch.items {
+            events.push(self.normalise_fast(item, batch.sent_at)?);
+        }
+        Some(events)
+    }
+
+    /// The event [`Normaliser::normalise`] makes of a valid batch item, built from borrowed
+    /// fields with its JSON objects kept verbatim; `None` where it cannot decide exactly.
+    fn normalise_fast(
+        &self,
+        it: RawItem<'_>,
+        batch_sent_at: Option<DateTime<Utc>>,
+    ) -> Option<Event> {
+        let ty = call_type(&it.ty?.0)?;
+        let user_id = text(it.user_id);
+        let anonymous_id = text(it.anonymous_id);
+        let group_id = text(it.group_id);
+        let previous_id = text(it.previous_id);
+        if user_id.is_empty() && anonymous_id.is_empty() {
+            return None;
+        }
+        let name = match ty {
+            EventType::Track => Some(text(it.event)).filter(|n| !n.is_empty())?,
+            EventType::Page | EventType::Screen => text(it.name),
+            _ => String::new(),
+        };
+        let missing = match ty {
+            EventType::Group => group_id.is_empty(),
+            EventType::Alias => previous_id.is_empty() || user_id.is_empty(),
+            _ => false,
+        };
+        if missing {
+            return None;
+        }
+        let objects = [it.properties, it.traits, it.context, it.integrations];
+        if objects.iter().flatten().any(|raw| !is_object(raw)) {
+            return None;
+        }
+        let time = |t: Option<Text<'_>>, field| match t {
+            None => Some(None),
+            Some(t) => parse_time_str(&t.0, field).ok(),
+        };
+        // As in `normalise`: `timestamp` is read only without `originalTimestamp`.
+        let original = match time(it.original_timestamp, "originalTimestamp")? {
+            Some(t) => Some(t),
+            None => time(it.timestamp, "timestamp")?,
+        };
+        let sent_at = time(it.sent_at, "sentAt")?.or(batch_sent_at);
+        let timestamp = corrected_timestamp(self.received_at, sent_at, original);
+
+        // No or empty messageId: the derived id needs the whole item as a `Value`.
+        let message_id = it.message_id.map(|t| t.0).filter(|m| !m.is_empty())?;
+        check_message_id(&message_id, "messageId", self.max_message_id_chars).ok()?;
+        let message_id = message_id.into_owned();
+
+        let (consent, context_traits) = match it.context {
+            // Without a backslash, a key that is `consent` or `traits` is spelled out.
+            Some(ctx)
+                if ctx.get().contains("consent")
+                    || ctx.get().contains('\\')
+                    || (ty == EventType::Identify
+                        && it.traits.is_none()
+                        && ctx.get().contains("traits")) =>
+            {
+                let look: RawContext<'_> = serde_json::from_str(ctx.get()).ok()?;
+                let consent = match look.consent {
+                    Some(c) if is_object(c) => {
+                        let c: RawConsent<'_> = serde_json::from_str(c.get()).ok()?;
+                        match c.category_preferences {
+                            Some(p) if is_object(p) => {
+                                let prefs: Map<String, Value> =
+                                    serde_json::from_str(p.get()).ok()?;
+                                Some(consent_of(&prefs, timestamp))
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                (consent, look.traits.filter(|t| is_object(t)))
+            }
+            _ => (None, None),
+        };
+        let traits = match (it.traits, ty) {
+            (Some(t), _) => Some(t),
+            (None, EventType::Identify) => context_traits,
+            (None, _) => None,
+        };
+        let bytes = |raw: Option<&RawValue>| raw.map(|r| r.get().as_bytes().to_vec());
+        let partition_key = if user_id.is_empty() {
+            anonymous_id.clone()
+        } else {
+            user_id.clone()
+        };
+        let event = Event {
+            id: event_id(self.source_id, &message_id),
+            message_id,
+            source_id: self.source_id.to_string(),
+            r#type: ty as i32,
+            name,
+            user_id,
+            anonymous_id,
+            identities: HashMap::new(),
+            properties: bytes(it.properties).unwrap_or_default(),
+            traits: bytes(traits).unwrap_or_default(),
+            context: bytes(it.context).unwrap_or_default(),
+            integrations: bytes(it.integrations).unwrap_or_default(),
+            original_timestamp: original.map(to_timestamp),
+            sent_at: sent_at.map(to_timestamp),
+            received_at: Some(to_timestamp(self.received_at)),
+            timestamp: Some(to_timestamp(timestamp)),
+            consent,
+            historical: false,
+            group_id,
+            previous_id,
+            partition: partition_for(&partition_key, self.partitions),
+            partition_key,
+            ..Default::default()
+        };
+        // Over the limit here may still be under it with the JSON rewritten: let that decide.
+        (event.encoded_len() <= self.max_event_bytes).then_some(event)
     }
 }
 
@@ -405,6 +768,14 @@ pub fn parse_time(
             });
         }
     };
+    parse_time_str(s, field)
+}
+
+/// [`parse_time`] of a string: `""` is `None`.
+fn parse_time_str(s: &str, field: &'static str) -> Result<Option<DateTime<Utc>>, InvalidEvent> {
+    if s.is_empty() {
+        return Ok(None);
+    }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(Some(t.to_utc()));
     }
@@ -638,6 +1009,14 @@ mod tests {
 
     fn one(item: Value) -> Result<Event, InvalidEvent> {
         norm().normalise(item, None, &Envelope::default())
+    }
+
+    #[test]
+    fn text_borrows_unless_escaped() {
+        let t: Text<'_> = serde_json::from_str(r#""plain""#).unwrap();
+        assert!(matches!(t.0, Cow::Borrowed("plain")));
+        let t: Text<'_> = serde_json::from_str(r#""caf\u00e9""#).unwrap();
+        assert!(matches!(t.0, Cow::Owned(ref s) if s == "café"));
     }
 
     #[test]

@@ -338,18 +338,26 @@ impl Profiles {
                 lookups.push((key.clone(), canonical));
             }
             used_cache |= loaded.values().any(|l| l.from_cache);
-            let plan_profiles: BTreeMap<String, PlanProfile> = loaded
-                .iter()
-                .map(|(id, l)| {
-                    (
-                        id.clone(),
-                        PlanProfile {
-                            identities: l.profile.identity_set(),
-                        },
-                    )
-                })
-                .collect();
-            let plan = identity::plan(&lookups, &plan_profiles, &self.guard, explicit);
+            let plan = match steady(&lookups, &loaded) {
+                Some(id) => identity::Plan {
+                    group: vec![id.to_string()],
+                    ..Default::default()
+                },
+                None => {
+                    let plan_profiles: BTreeMap<String, PlanProfile> = loaded
+                        .iter()
+                        .map(|(id, l)| {
+                            (
+                                id.clone(),
+                                PlanProfile {
+                                    identities: l.profile.identity_set(),
+                                },
+                            )
+                        })
+                        .collect();
+                    identity::plan(&lookups, &plan_profiles, &self.guard, explicit)
+                }
+            };
             if !plan.is_steady() && !fresh && used_cache {
                 // The graph changes: decide on what KV says, not on the cache.
                 fresh = true;
@@ -882,6 +890,21 @@ enum Resolution {
     Suppressed,
     Unresolved,
     Resolved(Applied),
+}
+
+/// The profile of an event whose every identity maps to it and is listed on it: the common
+/// case, which [`identity::plan`] would answer the same way (one group, nothing to link), found
+/// without building its inputs.
+fn steady<'a>(
+    lookups: &'a [(IdentityKey, Option<String>)],
+    loaded: &BTreeMap<String, Loaded>,
+) -> Option<&'a str> {
+    let first = lookups.first()?.1.as_deref()?;
+    let profile = &loaded.get(first)?.profile;
+    lookups
+        .iter()
+        .all(|(k, p)| p.as_deref() == Some(first) && profile.identities.contains(k))
+        .then_some(first)
 }
 
 /// A new profile id: 128 random bits in hex.
