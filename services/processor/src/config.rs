@@ -20,7 +20,11 @@ pub struct ProcessorConfig {
     pub ack_wait_seconds: u64,
     /// Most events handled in one batch.
     pub batch_size: usize,
-    /// Most events delivered and not yet acked.
+    /// Most events delivered and not yet acked, per partition consumer. It also bounds what a
+    /// reader holds in memory while its gate is closed after it was pinned (the gate opens
+    /// once the consumer has nothing pending but what the reader holds, and with a backlog
+    /// that is when this limit is reached): 16 partitions x 1,024 events of about 1.5 KiB in
+    /// memory is about 24 MiB.
     pub max_ack_pending: i64,
     /// Longest pause between retries of a failed publish.
     pub retry_max_backoff_ms: u64,
@@ -40,7 +44,7 @@ impl Default for ProcessorConfig {
             durable: "processor".into(),
             ack_wait_seconds: 10,
             batch_size: 256,
-            max_ack_pending: 20_000,
+            max_ack_pending: 1_024,
             retry_max_backoff_ms: 2_000,
             profiles: Default::default(),
             ownership: Default::default(),
