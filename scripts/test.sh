@@ -2,8 +2,8 @@
 # Herald's one test command (the README's, and CI's through .ci/run):
 #   scripts/test.sh [extra arguments for cargo nextest run]
 # Installs or finds nats-server, makes sure the cargo tools are present, then checks formatting,
-# runs clippy with warnings denied and runs every test with nextest. Each step is announced on
-# stderr; a failure says which step failed.
+# runs clippy with warnings denied, runs every test with nextest and checks that the fuzz targets
+# build. Each step is announced on stderr; a failure says which step failed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -66,5 +66,9 @@ step "lint (cargo clippy --workspace --all-targets --locked -- -D warnings)" \
     cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests (cargo nextest run --workspace --locked)" \
     cargo nextest run --workspace --locked "$@"
+# The fuzz targets (fuzz/, outside the workspace) must keep building; fuzzing itself runs by
+# hand (see fuzz/Cargo.toml). Shares the workspace's target directory to reuse what is built.
+step "fuzz targets build (cargo check --manifest-path fuzz/Cargo.toml --bins --locked)" \
+    env CARGO_TARGET_DIR="$PWD/target" cargo check --manifest-path fuzz/Cargo.toml --bins --locked
 
 announce "all steps passed"

@@ -329,36 +329,23 @@ impl Normaliser<'_> {
                     .filter(|t| t.is_object()),
             );
         }
-        let partition_key = if user_id.is_empty() {
-            anonymous_id.clone()
-        } else {
-            user_id.clone()
-        };
-        let event = Event {
-            id: event_id(self.source_id, &message_id),
+        let event = self.event(Parts {
+            ty,
             message_id,
-            source_id: self.source_id.to_string(),
-            r#type: ty as i32,
             name,
             user_id,
             anonymous_id,
-            identities: HashMap::new(),
+            group_id,
+            previous_id,
             properties: json_bytes(obj.get("properties")),
             traits,
             context: json_bytes(obj.get("context")),
             integrations: json_bytes(obj.get("integrations")),
-            original_timestamp: original.map(to_timestamp),
-            sent_at: sent_at.map(to_timestamp),
-            received_at: Some(to_timestamp(self.received_at)),
-            timestamp: Some(to_timestamp(timestamp)),
+            original,
+            sent_at,
+            timestamp,
             consent,
-            historical: false,
-            group_id,
-            previous_id,
-            partition: partition_for(&partition_key, self.partitions),
-            partition_key,
-            ..Default::default()
-        };
+        });
         let size = event.encoded_len();
         if size > self.max_event_bytes {
             return Err(InvalidEvent::TooLarge {
@@ -701,38 +688,81 @@ impl Normaliser<'_> {
             (None, _) => None,
         };
         let bytes = |raw: Option<&RawValue>| raw.map(|r| r.get().as_bytes().to_vec());
-        let partition_key = if user_id.is_empty() {
-            anonymous_id.clone()
-        } else {
-            user_id.clone()
-        };
-        let event = Event {
-            id: event_id(self.source_id, &message_id),
+        let event = self.event(Parts {
+            ty,
             message_id,
-            source_id: self.source_id.to_string(),
-            r#type: ty as i32,
             name,
             user_id,
             anonymous_id,
-            identities: HashMap::new(),
+            group_id,
+            previous_id,
             properties: bytes(it.properties).unwrap_or_default(),
             traits: bytes(traits).unwrap_or_default(),
             context: bytes(it.context).unwrap_or_default(),
             integrations: bytes(it.integrations).unwrap_or_default(),
-            original_timestamp: original.map(to_timestamp),
-            sent_at: sent_at.map(to_timestamp),
-            received_at: Some(to_timestamp(self.received_at)),
-            timestamp: Some(to_timestamp(timestamp)),
+            original,
+            sent_at,
+            timestamp,
             consent,
+        });
+        // Over the limit here may still be under it with the JSON rewritten: let that decide.
+        (event.encoded_len() <= self.max_event_bytes).then_some(event)
+    }
+}
+
+/// The fields of a normalised Segment event, whichever way its JSON was read.
+struct Parts {
+    ty: EventType,
+    message_id: String,
+    name: String,
+    user_id: String,
+    anonymous_id: String,
+    group_id: String,
+    previous_id: String,
+    properties: Vec<u8>,
+    traits: Vec<u8>,
+    context: Vec<u8>,
+    integrations: Vec<u8>,
+    original: Option<DateTime<Utc>>,
+    sent_at: Option<DateTime<Utc>>,
+    timestamp: DateTime<Utc>,
+    consent: Option<Consent>,
+}
+
+impl Normaliser<'_> {
+    /// The `herald.v1.Event` of `p`: its id, partition key (user id, else anonymous id) and
+    /// partition, and its times as protobuf timestamps.
+    fn event(&self, p: Parts) -> Event {
+        let partition_key = if p.user_id.is_empty() {
+            p.anonymous_id.clone()
+        } else {
+            p.user_id.clone()
+        };
+        Event {
+            id: event_id(self.source_id, &p.message_id),
+            message_id: p.message_id,
+            source_id: self.source_id.to_string(),
+            r#type: p.ty as i32,
+            name: p.name,
+            user_id: p.user_id,
+            anonymous_id: p.anonymous_id,
+            identities: HashMap::new(),
+            properties: p.properties,
+            traits: p.traits,
+            context: p.context,
+            integrations: p.integrations,
+            original_timestamp: p.original.map(to_timestamp),
+            sent_at: p.sent_at.map(to_timestamp),
+            received_at: Some(to_timestamp(self.received_at)),
+            timestamp: Some(to_timestamp(p.timestamp)),
+            consent: p.consent,
             historical: false,
-            group_id,
-            previous_id,
+            group_id: p.group_id,
+            previous_id: p.previous_id,
             partition: partition_for(&partition_key, self.partitions),
             partition_key,
             ..Default::default()
-        };
-        // Over the limit here may still be under it with the JSON rewritten: let that decide.
-        (event.encoded_len() <= self.max_event_bytes).then_some(event)
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use crate::events;
 use crate::identity::{self, ANONYMOUS_ID, Guard, IdentityKey, PlanProfile, USER_ID};
 use crate::profile::Profile;
 use crate::profiles_config::ProfilesConfig;
-use crate::store::{Cas, IdentityLink, ProfileError, RECORD_SCHEMA_VERSION, Store};
+use crate::store::{Cas, IdentityLink, ProfileError, Store};
 use crate::timestamp::event_time;
 
 /// Longest redirect chain followed before giving up (chains are short: every follow shortens
@@ -494,12 +494,7 @@ impl Profiles {
         let mut made: Vec<(String, u64)> = Vec::with_capacity(order.len());
         for k in order {
             let kv_key = k.kv_key();
-            let link = IdentityLink {
-                schema_version: RECORD_SCHEMA_VERSION,
-                profile_id: id.clone(),
-                identity: k.clone(),
-                linked_at: Utc::now(),
-            };
+            let link = IdentityLink::new(k, &id);
             match store.identities.create(&kv_key, &link).await? {
                 (Cas::Written(rev), _) => made.push((kv_key, rev)),
                 (Cas::Conflict, _) => {
@@ -548,12 +543,7 @@ impl Profiles {
         id: &str,
     ) -> Result<bool, ProfileError> {
         let kv_key = k.kv_key();
-        let link = IdentityLink {
-            schema_version: RECORD_SCHEMA_VERSION,
-            profile_id: id.to_string(),
-            identity: k.clone(),
-            linked_at: Utc::now(),
-        };
+        let link = IdentityLink::new(k, id);
         match store.identities.create(&kv_key, &link).await? {
             (Cas::Written(_), _) => {
                 events::identity_linked();

@@ -81,6 +81,18 @@ pub struct IdentityLink {
     pub linked_at: DateTime<Utc>,
 }
 
+impl IdentityLink {
+    /// A link of identity `k` to profile `profile_id`, made now.
+    pub fn new(k: &IdentityKey, profile_id: &str) -> Self {
+        Self {
+            schema_version: RECORD_SCHEMA_VERSION,
+            profile_id: profile_id.to_string(),
+            identity: k.clone(),
+            linked_at: Utc::now(),
+        }
+    }
+}
+
 /// A value of the suppressions bucket: events naming this identity are dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Suppression {
