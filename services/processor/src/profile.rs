@@ -104,50 +104,6 @@ impl Profile {
         }
     }
 
-    /// About how many bytes this profile takes in memory behind an `Arc`: itself and every
-    /// allocation it owns (strings rounded up to the allocator's 16-byte classes, B-tree nodes
-    /// about two-thirds full). The hot cache is bounded by this.
-    pub fn memory_bytes(&self) -> u64 {
-        fn s(x: &str) -> usize {
-            heap_bytes(x.len())
-        }
-        fn json(v: &Value) -> usize {
-            match v {
-                Value::String(x) => s(x),
-                Value::Array(a) => {
-                    heap_bytes(a.len() * size_of::<Value>()) + a.iter().map(json).sum::<usize>()
-                }
-                Value::Object(m) => {
-                    btree::<String, Value>(m.len())
-                        + m.iter().map(|(k, v)| s(k) + json(v)).sum::<usize>()
-                }
-                _ => 0,
-            }
-        }
-        let mut n = size_of::<Profile>() + 16 + s(&self.id);
-        n += heap_bytes(self.identities.capacity() * size_of::<IdentityKey>())
-            + self
-                .identities
-                .iter()
-                .map(|i| s(&i.kind) + s(&i.value))
-                .sum::<usize>();
-        n += btree::<String, TraitValue>(self.traits.len())
-            + self
-                .traits
-                .iter()
-                .map(|(k, t)| s(k) + json(&t.value))
-                .sum::<usize>();
-        n += btree::<String, u64>(self.event_counts.len())
-            + self.event_counts.keys().map(|k| s(k)).sum::<usize>();
-        n += btree::<String, crate::consent::Timed<bool>>(self.consent.purposes.len())
-            + self.consent.purposes.keys().map(|k| s(k)).sum::<usize>();
-        n += self.consent.changed_by.as_deref().map_or(0, s);
-        n += self.merged_into.as_deref().map_or(0, s);
-        n += heap_bytes(self.merged_from.capacity() * size_of::<String>())
-            + self.merged_from.iter().map(|m| s(m)).sum::<usize>();
-        n as u64
-    }
-
     /// The merge order: the smaller survives.
     pub fn rank(&self) -> (DateTime<Utc>, &str) {
         (self.created_at, &self.id)
@@ -285,47 +241,12 @@ impl Profile {
     }
 }
 
-/// Bytes an allocation of `len` bytes takes (0 for none): rounded up to 16.
-pub(crate) fn heap_bytes(len: usize) -> usize {
-    if len == 0 { 0 } else { (len + 15) & !15 }
-}
-
-/// Bytes the nodes of a B-tree map of `len` entries take: up to 11 entries a node, nodes
-/// about two-thirds full, plus the node header and edges of inner nodes.
-fn btree<K, V>(len: usize) -> usize {
-    if len == 0 {
-        return 0;
-    }
-    len.div_ceil(7) * (11 * (size_of::<K>() + size_of::<V>()) + 112)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn t(s: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_700_000_000 + s, 0).expect("valid")
-    }
-
-    #[test]
-    fn memory_estimate_counts_what_a_profile_owns() {
-        let empty = Profile::new("0123456789abcdef0123456789abcdef".into(), t(0));
-        let mut p = empty.clone();
-        p.identities = vec![
-            IdentityKey::new("user_id", "user-000123"),
-            IdentityKey::new("anonymous_id", "a1b2c3d4-0000-4000-8000-000000000001"),
-            IdentityKey::new("email", "someone@example.com"),
-        ];
-        p.apply_event(
-            &identify(r#"{"email":"someone@example.com","name":"Some One","plan":"pro"}"#),
-            t(1),
-        );
-        let json = serde_json::to_vec(&p).unwrap().len() as u64;
-        let (small, full) = (empty.memory_bytes(), p.memory_bytes());
-        assert!(small >= size_of::<Profile>() as u64, "{small}");
-        // Parsed, the B-tree nodes and per-string allocations take well over the JSON text.
-        assert!(full > json && full > small + 1000, "{full} vs json {json}");
-        assert!(full < 8 * json, "{full} vs json {json}");
     }
 
     fn identify(traits: &str) -> Event {

@@ -483,12 +483,14 @@ impl Profiles {
             p.consent.changed_by = Some(event.id.clone());
         }
         let revision = match store.profiles.create(&id, &p).await? {
-            (Cas::Written(rev), _) => rev,
+            (Cas::Written(rev), bytes) => {
+                self.cache.put_profile(&id, rev, bytes);
+                rev
+            }
             (Cas::Conflict, _) => return Ok(Created::Undone),
         };
         events::profile_created();
         let profile = Arc::new(p);
-        self.cache.put_profile(profile.clone(), revision);
         let mut order: Vec<&IdentityKey> = links.iter().collect();
         order.sort_by_key(|k| k.kind != ANONYMOUS_ID);
         let mut made: Vec<(String, u64)> = Vec::with_capacity(order.len());
@@ -653,17 +655,24 @@ impl Profiles {
         id: &str,
         fresh: bool,
     ) -> Result<Option<Loaded>, ProfileError> {
-        if !fresh && let Some(c) = self.cache.profile(id) {
+        if !fresh
+            && let Some(c) = self.cache.profile(id)
+            // Bytes this processor wrote or read and checked: no version check again.
+            && let Ok(p) = serde_json::from_slice::<Profile>(&c.bytes)
+        {
             return Ok(Some(Loaded {
                 revision: c.revision,
-                profile: c.profile,
+                profile: Arc::new(p),
                 from_cache: true,
             }));
         }
         match store.profiles.get::<Profile>(id).await? {
             Some(v) => {
                 let p = Arc::new(v.value);
-                self.cache.put_profile(p.clone(), v.revision);
+                // A copy: the read's bytes are a slice of the connection's read buffer, which
+                // would stay alive as long as the slice.
+                self.cache
+                    .put_profile(id, v.revision, bytes::Bytes::copy_from_slice(&v.raw));
                 Ok(Some(Loaded {
                     revision: v.revision,
                     profile: p,
@@ -794,9 +803,9 @@ impl Profiles {
         revision: u64,
     ) -> Result<Option<Loaded>, ProfileError> {
         match store.profiles.update(&p.id, &p, revision).await? {
-            (Cas::Written(rev), _) => {
+            (Cas::Written(rev), bytes) => {
+                self.cache.put_profile(&p.id, rev, bytes);
                 let p = Arc::new(p);
-                self.cache.put_profile(p.clone(), rev);
                 Ok(Some(Loaded {
                     revision: rev,
                     profile: p,

@@ -179,6 +179,8 @@ pub struct Versioned<T> {
     pub revision: u64,
     /// The value.
     pub value: T,
+    /// The stored bytes it was decoded from.
+    pub raw: Bytes,
 }
 
 /// One bucket with typed access.
@@ -226,6 +228,7 @@ impl Bucket {
         Ok(Some(Versioned {
             revision: entry.revision,
             value,
+            raw: entry.value,
         }))
     }
 
@@ -250,35 +253,33 @@ impl Bucket {
         serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
     }
 
-    /// Creates `key` only if it does not exist (or was deleted).
+    /// Creates `key` only if it does not exist (or was deleted); also returns the bytes written.
     pub async fn create<T: Serialize>(
         &self,
         key: &str,
         value: &T,
-    ) -> Result<(Cas, usize), ProfileError> {
+    ) -> Result<(Cas, Bytes), ProfileError> {
         let bytes = encode(value);
-        let len = bytes.len();
-        match self.kv.create(key, bytes).await {
-            Ok(rev) => Ok((Cas::Written(rev), len)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok((Cas::Conflict, len)),
-            Err(e) if lost_race(&e) => Ok((Cas::Conflict, len)),
+        match self.kv.create(key, bytes.clone()).await {
+            Ok(rev) => Ok((Cas::Written(rev), bytes)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok((Cas::Conflict, bytes)),
+            Err(e) if lost_race(&e) => Ok((Cas::Conflict, bytes)),
             Err(e) => Err(self.err(e)),
         }
     }
 
-    /// Writes `key` only if its revision is still `revision`.
+    /// Writes `key` only if its revision is still `revision`; also returns the bytes written.
     pub async fn update<T: Serialize>(
         &self,
         key: &str,
         value: &T,
         revision: u64,
-    ) -> Result<(Cas, usize), ProfileError> {
+    ) -> Result<(Cas, Bytes), ProfileError> {
         let bytes = encode(value);
-        let len = bytes.len();
-        match self.kv.update(key, bytes, revision).await {
-            Ok(rev) => Ok((Cas::Written(rev), len)),
+        match self.kv.update(key, bytes.clone(), revision).await {
+            Ok(rev) => Ok((Cas::Written(rev), bytes)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost_race(&e) => {
-                Ok((Cas::Conflict, len))
+                Ok((Cas::Conflict, bytes))
             }
             Err(e) => Err(self.err(e)),
         }
