@@ -83,12 +83,22 @@ pub fn consent(purposes: &[(&str, bool)], opted_out: bool, secs: i64) -> Option<
     })
 }
 
-/// Processes `e`, expecting it to be published; returns what would be published.
+/// Processes `e`, expecting it to be published; returns what would be published. Retryable
+/// store errors are retried for a few seconds, as the worker retries them (a fresh replicated
+/// bucket can answer "no responders" for a moment after it was created).
 pub async fn process(p: &Profiles, e: Event) -> Result<Vec<ProcessedEvent>> {
-    match p.process(e).await {
-        Ok(Outcome::Publish(list)) => Ok(list),
-        Ok(Outcome::Suppressed) => bail!("the event was suppressed"),
-        Err((err, _)) => Err(err.into()),
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut e = e;
+    loop {
+        match p.process(e).await {
+            Ok(Outcome::Publish(list)) => return Ok(list),
+            Ok(Outcome::Suppressed) => bail!("the event was suppressed"),
+            Err((err, back)) if err.retryable() && std::time::Instant::now() < deadline => {
+                e = back;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err((err, _)) => return Err(err.into()),
+        }
     }
 }
 
