@@ -117,9 +117,13 @@ impl HotCache {
         hit
     }
 
-    /// Caches profile `id` at `revision`, as stored (`bytes`).
-    pub fn put_profile(&self, id: &str, revision: u64, bytes: Bytes) {
+    /// Caches profile `id` at `revision`, as stored (`bytes`). Always a copy of exactly
+    /// `bytes.len()`: what callers hold is a slice of a connection's read buffer, or an
+    /// encoder's `Vec`, whose capacity is up to twice its length (by doubling); kept as they
+    /// are, those would hold more than the weight counts.
+    pub fn put_profile(&self, id: &str, revision: u64, bytes: &[u8]) {
         if let Some(c) = &self.inner {
+            let bytes = Bytes::copy_from_slice(bytes);
             c.insert(
                 profile_key(id),
                 Entry::Profile(CachedProfile { revision, bytes }),
@@ -193,11 +197,11 @@ mod tests {
     fn stays_within_its_cap() {
         let cache = HotCache::new(64 * 1024);
         for i in 0..10_000 {
-            cache.put_profile(&format!("p{i}"), i, Bytes::from(vec![b'x'; 400]));
+            cache.put_profile(&format!("p{i}"), i, &[b'x'; 400]);
             cache.put_identity(&format!("user_id.{i}"), &format!("p{i}"));
         }
         assert!(cache.weight() <= 64 * 1024, "{}", cache.weight());
-        cache.put_profile("hot", 7, Bytes::from_static(b"{}"));
+        cache.put_profile("hot", 7, b"{}");
         assert_eq!(cache.profile("hot").map(|c| c.revision), Some(7));
         cache.forget_profile("hot");
         assert!(cache.profile("hot").is_none());

@@ -20,6 +20,11 @@ pub struct ProcessorConfig {
     pub ack_wait_seconds: u64,
     /// Most events handled in one batch.
     pub batch_size: usize,
+    /// Most events of one batch resolved at once (events of different partition keys; one
+    /// key's events are always resolved one after another), per partition. Each costs a few
+    /// KiB of state while it waits on KV: 16 partitions x 64 is about 8 MiB. More only helps
+    /// when KV round trips, not CPU, limit the rate.
+    pub concurrency: usize,
     /// Most events delivered and not yet acked, per partition consumer. It also bounds what a
     /// reader holds in memory while its gate is closed after it was pinned (the gate opens
     /// once the consumer has nothing pending but what the reader holds, and with a backlog
@@ -44,6 +49,7 @@ impl Default for ProcessorConfig {
             durable: "processor".into(),
             ack_wait_seconds: 10,
             batch_size: 256,
+            concurrency: 64,
             max_ack_pending: 1_024,
             retry_max_backoff_ms: 2_000,
             profiles: Default::default(),

@@ -484,7 +484,7 @@ impl Profiles {
         }
         let revision = match store.profiles.create(&id, &p).await? {
             (Cas::Written(rev), bytes) => {
-                self.cache.put_profile(&id, rev, bytes);
+                self.cache.put_profile(&id, rev, &bytes);
                 rev
             }
             (Cas::Conflict, _) => return Ok(Created::Undone),
@@ -669,10 +669,7 @@ impl Profiles {
         match store.profiles.get::<Profile>(id).await? {
             Some(v) => {
                 let p = Arc::new(v.value);
-                // A copy: the read's bytes are a slice of the connection's read buffer, which
-                // would stay alive as long as the slice.
-                self.cache
-                    .put_profile(id, v.revision, bytes::Bytes::copy_from_slice(&v.raw));
+                self.cache.put_profile(id, v.revision, &v.raw);
                 Ok(Some(Loaded {
                     revision: v.revision,
                     profile: p,
@@ -804,7 +801,7 @@ impl Profiles {
     ) -> Result<Option<Loaded>, ProfileError> {
         match store.profiles.update(&p.id, &p, revision).await? {
             (Cas::Written(rev), bytes) => {
-                self.cache.put_profile(&p.id, rev, bytes);
+                self.cache.put_profile(&p.id, rev, &bytes);
                 let p = Arc::new(p);
                 Ok(Some(Loaded {
                     revision: rev,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, AckKind, Message};
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
 use herald_common::nats::{ensure_stream, retry_until, wait_for_stream};
@@ -76,6 +77,7 @@ struct PartitionWork {
     ack_wait: Duration,
     max_ack_pending: i64,
     batch: usize,
+    concurrency: usize,
     keep_alive_every: Duration,
     max_backoff: Duration,
 }
@@ -138,6 +140,7 @@ pub(crate) async fn run(
         ack_wait: Duration::from_secs(cfg.ack_wait_seconds),
         max_ack_pending: cfg.max_ack_pending,
         batch: cfg.batch_size,
+        concurrency: cfg.concurrency,
         keep_alive_every: Duration::from_secs(cfg.ack_wait_seconds.max(3)) / 3,
         max_backoff: Duration::from_millis(cfg.retry_max_backoff_ms),
     });
@@ -207,17 +210,7 @@ async fn run_partition(work: Arc<PartitionWork>, partition: u32, cancel: Cancell
     while let Some(batch) = reader.next_batch(&cancel).await {
         let started = Instant::now();
         let n = batch.len();
-        if !handle_batch(
-            &work.js,
-            &work.topology,
-            &work.profiles,
-            batch,
-            work.keep_alive_every,
-            work.max_backoff,
-            &cancel,
-        )
-        .await
-        {
+        if !handle_batch(&work, batch, &cancel).await {
             break;
         }
         work.stats.processed.fetch_add(n as u64, Ordering::Relaxed);
@@ -253,19 +246,26 @@ async fn retire_single_consumer(js: &jetstream::Context, topology: &Topology, du
     }
 }
 
-/// Processes one batch. Events of different partition keys are resolved concurrently, each
-/// key's events one after another, in order; outputs are published in input order and the
+/// Processes one batch. Events of different partition keys are resolved concurrently (at most
+/// `concurrency` keys at once), each key's events one after another, in order; outputs are published in input order and the
 /// inputs acked after every PubAck. Returns false when cancelled before its outputs were stored
 /// (the inputs then stay unacked and are redelivered).
 async fn handle_batch(
-    js: &jetstream::Context,
-    topology: &Topology,
-    profiles: &Profiles,
+    work: &PartitionWork,
     batch: Vec<Message>,
-    keep_alive_every: Duration,
-    max_backoff: Duration,
     cancel: &CancellationToken,
 ) -> bool {
+    let PartitionWork {
+        js,
+        topology,
+        profiles,
+        concurrency,
+        keep_alive_every,
+        max_backoff,
+        ..
+    } = work;
+    let (concurrency, keep_alive_every, max_backoff) =
+        (*concurrency, *keep_alive_every, *max_backoff);
     let mut inputs = Vec::with_capacity(batch.len());
     let mut groups: Vec<Vec<(usize, Event)>> = Vec::new();
     let mut group_of: HashMap<String, usize> = HashMap::new();
@@ -290,7 +290,8 @@ async fn handle_batch(
             }
         }
     }
-    let work = futures_util::future::join_all(groups.into_iter().map(|group| async move {
+    // At most `concurrency` keys at once: each waiting event holds a few KiB of future state.
+    let work = futures_util::stream::iter(groups.into_iter().map(|group| async move {
         let mut done = Vec::with_capacity(group.len());
         for (i, event) in group {
             done.push((
@@ -299,7 +300,9 @@ async fn handle_batch(
             ));
         }
         Some(done)
-    }));
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect::<Vec<_>>();
     tokio::pin!(work);
     // Resolution normally takes milliseconds; if it waits on KV, keep the inputs alive.
     let mut keep_alive = None;
