@@ -18,7 +18,9 @@ use herald_common::{server, telemetry};
 use crate::config::Config;
 
 /// mimalloc: per-thread heaps without glibc's arena lock (which took a quarter of ingest's
-/// samples under load) and much less fragmentation under many small allocations.
+/// samples under load) and much less fragmentation under many small allocations. Built without
+/// the `mimalloc` feature, the system allocator (for heap profilers that hook malloc).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -54,7 +54,18 @@ fn positive(v: &Value, path: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_bench_reports_raw_and_ingest_rates_latencies_and_ratios() -> Result<()> {
-    let (stdout, s) = bench(&["ingest", "--duration", "2", "--connections", "4"]).await?;
+    let traces = tempfile::tempdir()?;
+    let trace_dir = traces.path().to_str().context("a UTF-8 temp dir")?;
+    let (stdout, s) = bench(&[
+        "ingest",
+        "--duration",
+        "2",
+        "--connections",
+        "4",
+        "--trace-dir",
+        trace_dir,
+    ])
+    .await?;
     assert_eq!(s["bench"], "ingest");
     assert!(
         s["nats_server"]
@@ -86,6 +97,33 @@ async fn ingest_bench_reports_raw_and_ingest_rates_latencies_and_ratios() -> Res
     for text in ["raw JetStream publish", "ingest flat out", "of raw", "p99"] {
         assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
     }
+    // --trace-dir: one line per 2xx request of each HTTP phase, in send order.
+    for (file, run) in [
+        ("flat-out.tsv", "/ingest_flat_out"),
+        ("fixed-rate.tsv", "/ingest_fixed_rate"),
+    ] {
+        let text = std::fs::read_to_string(traces.path().join(file))?;
+        let rows: Vec<(f64, f64)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (sent, ms) = l.split_once('\t').expect("two tab-separated columns");
+                (sent.parse().unwrap(), ms.parse().unwrap())
+            })
+            .collect();
+        let requests = s
+            .pointer(&format!("{run}/requests_2xx"))
+            .and_then(Value::as_u64);
+        assert_eq!(Some(rows.len() as u64), requests, "{file}: {s}");
+        assert!(
+            rows.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{file} in send order"
+        );
+        assert!(
+            rows.iter().all(|&(sent, ms)| sent > 1.7e9 && ms > 0.0),
+            "{file}"
+        );
+    }
     Ok(())
 }
 
@@ -114,6 +152,8 @@ async fn processor_bench_reports_both_baselines_ratios_and_memory() -> Result<()
     assert_eq!(s["processor"]["processed"], 5000);
     assert_eq!(s["processor"]["complete"], true);
     assert_eq!(s["processor"]["cache_mb"], 16);
+    // Counters scraped from the processor process's own metrics endpoint.
+    assert_eq!(s["processor"]["counters"]["events_total"], 5000, "{s}");
     assert!(s["targets"]["rss_met"].is_boolean());
     for text in [
         "raw consume + publish",
@@ -123,5 +163,34 @@ async fn processor_bench_reports_both_baselines_ratios_and_memory() -> Result<()
     ] {
         assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_only_skips_the_baselines_and_still_measures_the_processor_process() -> Result<()>
+{
+    let (stdout, s) = bench(&[
+        "processor",
+        "--processor-only",
+        "--users",
+        "2000",
+        "--events",
+        "20000",
+        "--cache-mb",
+        "8",
+    ])
+    .await?;
+    assert!(s["raw_consume_publish"].is_null(), "{s}");
+    assert!(s["raw_consume_kv_publish"].is_null(), "{s}");
+    assert!(
+        s["ratio_to_kv"].is_null() && s["targets"]["ratio_met"].is_null(),
+        "{s}"
+    );
+    positive(&s, "/processor/events_per_s");
+    positive(&s, "/processor/rss_peak_mb");
+    positive(&s, "/processor/cpu_cores/service_process");
+    assert_eq!(s["processor"]["processed"], 20000);
+    assert_eq!(s["processor"]["counters"]["events_total"], 20000, "{s}");
+    assert!(stdout.contains("not measured"), "{stdout}");
     Ok(())
 }

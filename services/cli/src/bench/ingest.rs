@@ -73,6 +73,14 @@ pub struct IngestArgs {
     /// Publish acknowledgements in flight in the raw baseline.
     #[arg(long, default_value_t = 1024)]
     pub raw_window: usize,
+    /// Write each HTTP phase's requests (send time, latency) to `flat-out.tsv` and
+    /// `fixed-rate.tsv` in this directory, to see when slow requests happen.
+    #[arg(long)]
+    pub trace_dir: Option<std::path::PathBuf>,
+    /// The bench's source stores each request all-or-nothing with JetStream atomic batch
+    /// publish (`atomic_publish`), one PubAck per request instead of one per event.
+    #[arg(long)]
+    pub atomic: bool,
 }
 
 /// Runs the benchmark and prints its report.
@@ -100,6 +108,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             id: SOURCE_ID.into(),
             name: "herald bench".into(),
             write_key: Secret(write_key.clone()),
+            atomic_publish: args.atomic,
             ..Default::default()
         }],
         ..Default::default()
@@ -131,6 +140,10 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             .enable_all()
             .build()?,
     ));
+    if let Some(dir) = &args.trace_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --trace-dir {}", dir.display()))?;
+    }
     let http = Arc::new(Http::new(
         format!("http://{http_addr}/v1/batch"),
         write_key,
@@ -138,7 +151,9 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         args.batch,
         batches.clone(),
         client_rt.handle(),
+        args.trace_dir.clone(),
     )?);
+
     eprintln!(
         "ingest at http://{http_addr}; {} events of {} B per request ({} B), {} connections",
         args.batch,
@@ -282,6 +297,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         "load_average_after": load_after,
         "duration_s": args.duration,
         "batch": args.batch,
+        "atomic_publish": args.atomic,
         "event_json_bytes": batches.event_bytes(),
         "connections": args.connections,
         "raw": {
@@ -523,6 +539,8 @@ struct Http {
     seq: AtomicU64,
     connections: usize,
     batch: u64,
+    /// Where to write per-request traces (`--trace-dir`).
+    trace_dir: Option<std::path::PathBuf>,
     /// The load generator's own runtime (threads named [`CLIENT_THREADS`]).
     rt: tokio::runtime::Handle,
 }
@@ -535,6 +553,7 @@ impl Http {
         batch: usize,
         batches: Arc<SegmentBatches>,
         rt: tokio::runtime::Handle,
+        trace_dir: Option<std::path::PathBuf>,
     ) -> Result<Self> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(connections)
@@ -549,6 +568,7 @@ impl Http {
             seq: AtomicU64::new(0),
             connections,
             batch: batch as u64,
+            trace_dir,
             rt,
         })
     }
@@ -623,6 +643,8 @@ struct Tally {
     latency: Latency,
     from_schedule: Latency,
     errors: Errors,
+    /// Send time and latency of each 2xx request, when tracing (`--trace-dir`).
+    trace: Vec<(Instant, Duration)>,
 }
 
 impl Tally {
@@ -641,6 +663,9 @@ impl Tally {
                 let done = Instant::now();
                 self.ok += 1;
                 self.latency.record(done - sent);
+                if http.trace_dir.is_some() {
+                    self.trace.push((sent, done - sent));
+                }
                 self.from_schedule.record(done - scheduled);
                 counters.done.fetch_add(http.batch, Ordering::Relaxed);
             }
@@ -670,6 +695,17 @@ fn finish(
     for t in &tallies {
         all.merge(t);
     }
+    if let Some(dir) = &http.trace_dir {
+        let stem = if offered.is_some() {
+            "fixed-rate"
+        } else {
+            "flat-out"
+        };
+        let path = dir.join(format!("{stem}.tsv"));
+        if let Err(e) = write_trace(&path, &tallies) {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+    }
     HttpRun {
         label: label.to_string(),
         offered,
@@ -682,6 +718,34 @@ fn finish(
         stored_bytes: 0,
         cpu,
     }
+}
+
+/// Writes every 2xx request of a phase, in send order, as `sent_unix_seconds latency_ms` lines
+/// (wall-clock send times, to line up with other logs such as nats-server's).
+fn write_trace(path: &std::path::Path, tallies: &[Tally]) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let mut rows: Vec<(Instant, Duration)> = tallies
+        .iter()
+        .flat_map(|t| t.trace.iter().copied())
+        .collect();
+    rows.sort();
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let unix = |t: Instant| {
+        (wall - now.duration_since(t))
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let mut text = String::from("# sent_unix_seconds\tlatency_ms\n");
+    for (sent, latency) in rows {
+        let _ = writeln!(
+            text,
+            "{:.6}\t{:.3}",
+            unix(sent),
+            latency.as_secs_f64() * 1e3
+        );
+    }
+    std::fs::write(path, text)
 }
 
 /// Every connection posts its next batch as soon as the last one is answered, for `duration`

@@ -20,6 +20,11 @@ pub struct BenchNats {
 }
 
 impl BenchNats {
+    /// The run's directory (the store, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Finds a nats-server >= 2.12 (like `herald dev`) and starts it with a fresh file store
     /// under the system temp dir.
     pub async fn start() -> Result<Self> {

@@ -190,9 +190,14 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { round3(a / b) } else { 0.0 }
 }
 
-/// A field of `/proc/self/status` in MiB (`VmRSS`, `VmHWM`); 0 where unavailable.
-pub fn proc_status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A field of `/proc/<pid>/status` (this process when `pid` is `None`) in MiB; 0 where
+/// unavailable.
+pub fn pid_status_mib(pid: Option<u32>, field: &str) -> f64 {
+    let path = pid.map_or_else(
+        || "/proc/self/status".to_string(),
+        |p| format!("/proc/{p}/status"),
+    );
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -258,6 +263,8 @@ pub struct CpuMeter {
     own: f64,
     client: f64,
     nats: f64,
+    /// A service under test running as a process of its own, and its CPU time at the start.
+    service: Option<(u32, f64)>,
 }
 
 impl CpuMeter {
@@ -269,26 +276,44 @@ impl CpuMeter {
             own: cpu_seconds(None),
             client: threads_cpu_seconds(CLIENT_THREADS),
             nats: cpu_seconds(Some(nats_pid)),
+            service: None,
+        }
+    }
+
+    /// Starts measuring, counting apart the service process `pid` as well.
+    pub fn with_service(nats_pid: u32, pid: u32) -> Self {
+        Self {
+            service: Some((pid, cpu_seconds(Some(pid)))),
+            ..Self::start(nats_pid)
         }
     }
 
     /// Average cores used since the start: `{"bench_process", "http_client", "nats_server"}`
-    /// (`http_client` is part of `bench_process`).
+    /// (`http_client` is part of `bench_process`), and `service_process` when measured apart.
     pub fn stop(&self) -> Value {
         let secs = self.at.elapsed().as_secs_f64().max(1e-9);
-        json!({
+        let mut v = json!({
             "bench_process": round3((cpu_seconds(None) - self.own) / secs),
             "http_client": round3((threads_cpu_seconds(CLIENT_THREADS) - self.client) / secs),
             "nats_server": round3((cpu_seconds(Some(self.nats_pid)) - self.nats) / secs),
-        })
+        });
+        if let Some((pid, start)) = self.service {
+            v["service_process"] = json!(round3((cpu_seconds(Some(pid)) - start) / secs));
+        }
+        v
     }
 }
 
-/// `cpu: herald 1.20 (HTTP client 0.20) + nats-server 0.70 cores`.
+/// `cpu: herald 1.20 (HTTP client 0.20) + nats-server 0.70 cores`; with a service process
+/// measured apart, `cpu: service 0.90 + herald bench 0.05 + nats-server 0.70 cores`.
 pub fn cpu_summary(cpu: &Value) -> String {
     let client = cpu["http_client"].as_f64().unwrap_or(0.0);
+    let service = cpu["service_process"]
+        .as_f64()
+        .map_or(String::new(), |c| format!("service {c:.2} + "));
     format!(
-        "cpu: herald {:.2}{} + nats-server {:.2} cores",
+        "cpu: {service}herald{} {:.2}{} + nats-server {:.2} cores",
+        if service.is_empty() { "" } else { " bench" },
         cpu["bench_process"].as_f64().unwrap_or(0.0),
         if client > 0.0 {
             format!(" (HTTP client {client:.2})")
