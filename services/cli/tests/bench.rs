@@ -194,3 +194,27 @@ async fn processor_only_skips_the_baselines_and_still_measures_the_processor_pro
     assert!(stdout.contains("not measured"), "{stdout}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_bench_with_atomic_stores_requests_as_atomic_batches() -> Result<()> {
+    let (stdout, s) = bench(&[
+        "ingest",
+        "--flat-out",
+        "--duration",
+        "2",
+        "--connections",
+        "2",
+        "--atomic",
+    ])
+    .await?;
+    assert_eq!(s["atomic_publish"], true, "{s}");
+    positive(&s, "/ingest_flat_out/events_per_s");
+    // Ingest's own counter: the requests went as committed atomic batches.
+    positive(&s, "/atomic_batches/committed");
+    assert!(s["ingest_fixed_rate"].is_null(), "{s}");
+    assert!(
+        stdout.contains("atomic batches (--atomic): committed"),
+        "{stdout}"
+    );
+    Ok(())
+}

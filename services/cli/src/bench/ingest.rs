@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use super::events::{RawTemplate, SOURCE_ID, SegmentBatches};
 use super::nats::BenchNats;
 use super::report::{
-    CLIENT_THREADS, Counters, CpuMeter, Errors, Latency, Progress, cpu_summary, load_average,
-    machine, print_machine, ratio, round3, thousands,
+    CLIENT_THREADS, Counters, CpuMeter, Errors, Latency, Progress, counter_by_label, cpu_summary,
+    load_average, machine, print_machine, ratio, round3, thousands,
 };
 
 /// The throughput target: ingest at least this share of raw publishing.
@@ -224,6 +224,24 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         }
     }
     let load_after = load_average();
+    // With --atomic: how ingest stored the requests (committed atomically, or each fallback).
+    let atomic_batches = if args.atomic {
+        let url = format!("http://{}/metrics", ingest.admin_addr);
+        let text = async { reqwest::get(&url).await?.error_for_status()?.text().await };
+        match text.await {
+            Ok(text) => Some(counter_by_label(
+                &text,
+                herald_ingest::events::ATOMIC_BATCHES_TOTAL,
+                "outcome",
+            )),
+            Err(e) => {
+                eprintln!("could not read ingest's metrics at {url}: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     shutdown.cancel();
     let _ = ingest.task.await;
@@ -285,6 +303,13 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             }
         );
     }
+    if let Some(batches) = &atomic_batches {
+        let list: Vec<String> = batches
+            .iter()
+            .map(|(outcome, n)| format!("{outcome} {}", thousands(*n)))
+            .collect();
+        println!("  atomic batches (--atomic): {}", list.join(", "));
+    }
     println!(
         "  load average {:.2} before, {:.2} after (1 min)",
         load_before[0], load_after[0]
@@ -298,6 +323,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         "duration_s": args.duration,
         "batch": args.batch,
         "atomic_publish": args.atomic,
+        "atomic_batches": atomic_batches,
         "event_json_bytes": batches.event_bytes(),
         "connections": args.connections,
         "raw": {

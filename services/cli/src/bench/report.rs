@@ -168,6 +168,35 @@ impl Progress {
 }
 
 /// `1234567` as `1,234,567`.
+/// The samples of counter `name` in a Prometheus exposition, by the value of `label` (one
+/// entry per value, summed over the other labels).
+pub fn counter_by_label(exposition: &str, name: &str, label: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once('}') {
+                Some((labels, value)) => (labels, value),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue, // another metric whose name starts with `name`
+        };
+        let key = labels
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.trim() == label)
+            .map(|(_, v)| v.trim().trim_matches('"').to_string())
+            .unwrap_or_default();
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *out.entry(key).or_default() += v as u64;
+        }
+    }
+    out
+}
+
 pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
@@ -374,6 +403,20 @@ pub fn print_machine(nats_version: &str) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn counter_by_label_sums_each_label_value() {
+        let text = "# TYPE x_total counter\n\
+                    x_total{outcome=\"committed\",source=\"a\"} 3\n\
+                    x_total{source=\"b\",outcome=\"committed\"} 4\n\
+                    x_total{outcome=\"too_large\"} 1\n\
+                    x_total_other{outcome=\"committed\"} 100\n";
+        let got = counter_by_label(text, "x_total", "outcome");
+        assert_eq!(got.get("committed"), Some(&7));
+        assert_eq!(got.get("too_large"), Some(&1));
+        assert_eq!(got.len(), 2);
+    }
+
     use super::*;
 
     #[test]
