@@ -1,72 +1,34 @@
 //! `herald dev` starts everything with one command, and the event of the printed curl reaches
 //! the log destination.
 
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
-use herald_testkit::{free_port, wait_until};
-use tokio::io::AsyncReadExt;
+use anyhow::Result;
+use herald_testkit::{HeraldDev, free_port, wait_until};
 use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()> {
-    let nats = herald_testkit::nats_server_binary()?;
-    let dir = tempfile::tempdir()?;
-    let log_file = dir.path().join("events.jsonl");
-    let http_port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.arg("dev")
-        .arg("--ingest-addr")
-        .arg(format!("127.0.0.1:{http_port}"))
-        .arg("--log-file")
-        .arg(&log_file)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("HERALD_NATS_SERVER", nats)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let grpc = [free_port(), free_port(), free_port()];
-    for (var, port) in [
-        ("HERALD__INGEST__GRPC_ADDR", grpc[0]),
-        ("HERALD__INGEST__ADMIN_ADDR", free_port()),
-        ("HERALD__PROCESSOR__GRPC_ADDR", grpc[1]),
-        ("HERALD__PROCESSOR__ADMIN_ADDR", free_port()),
-        ("HERALD__PROCESSOR__HTTP_ADDR", free_port()),
-        ("HERALD__ACTIVATOR__GRPC_ADDR", grpc[2]),
-        ("HERALD__ACTIVATOR__ADMIN_ADDR", free_port()),
-    ] {
-        cmd.env(var, format!("127.0.0.1:{port}"));
-    }
-    let mut child = cmd.spawn()?;
-    let mut stderr = child.stderr.take().expect("piped");
-
-    // Read the banner until the curl line appears.
-    let mut banner = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut buf = [0u8; 4096];
-    while !banner.contains("Press Ctrl-C") {
-        let n = tokio::time::timeout_at(deadline, stderr.read(&mut buf)).await??;
-        if n == 0 {
-            bail!("herald dev exited early:\n{banner}");
-        }
-        banner.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    tokio::spawn(async move {
-        let mut sink = Vec::new();
-        let _ = stderr.read_to_end(&mut sink).await;
-    });
+    let mut dev = HeraldDev::start(Path::new(env!("CARGO_BIN_EXE_herald"))).await?;
+    let banner = dev.banner.clone();
+    let log_file = dev.log_file();
+    let http_port = dev.ports.ingest_http;
+    let grpc = [
+        dev.ports.ingest_grpc,
+        dev.ports.processor_grpc,
+        dev.ports.activator_grpc,
+    ];
     let curl = banner
         .lines()
         .find(|l| l.trim_start().starts_with("curl "))
         .expect("the banner prints a curl command")
         .trim()
         .to_string();
-    let key = std::fs::read_to_string(dir.path().join("data/write_key"))?;
+    let key = std::fs::read_to_string(dev.data_dir().join("write_key"))?;
     assert!(curl.contains(&format!("-u '{key}:'")), "{curl}");
     // The control token was generated in the data dir, readable by its owner only.
-    let token_file = dir.path().join("data/token");
+    let token_file = dev.data_dir().join("token");
     let token = std::fs::read_to_string(&token_file)?;
     assert!(token.len() >= 32, "a generated token: {token:?}");
     assert!(
@@ -89,7 +51,7 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
         .await?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), r#"{"success":true}"#);
     // The default source serves mParticle too: its key with the generated, printed secret.
-    let secret = std::fs::read_to_string(dir.path().join("data/write_secret"))?;
+    let secret = std::fs::read_to_string(dev.data_dir().join("write_secret"))?;
     assert!(banner.contains(&format!("{key}:{secret}")), "{banner}");
     let mp = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{http_port}/v2/events"))
@@ -158,13 +120,13 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
     );
 
     // Ctrl-C stops everything cleanly.
-    let pid = child.id().expect("running");
+    let pid = dev.child.id().expect("running");
     Command::new("kill")
         .arg("-INT")
         .arg(pid.to_string())
         .status()
         .await?;
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await??;
+    let status = tokio::time::timeout(Duration::from_secs(20), dev.child.wait()).await??;
     assert!(
         status.success(),
         "herald dev exits cleanly on Ctrl-C: {status:?}"

@@ -2,12 +2,11 @@
 //! `herald suppress`, `herald unsuppress`, `herald erase`, `herald erasure status`, and the
 //! processor's HTTP profile API.
 
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use herald_testkit::{free_port, wait_until};
-use tokio::io::AsyncReadExt;
+use herald_testkit::{HeraldDev, wait_until};
 use tokio::process::Command;
 
 struct Cli {
@@ -46,55 +45,19 @@ impl Cli {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profile_and_privacy_commands_reach_herald_dev() -> Result<()> {
-    let nats = herald_testkit::nats_server_binary()?;
-    let dir = tempfile::tempdir()?;
-    let ingest_port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.arg("dev")
-        .arg("--ingest-addr")
-        .arg(format!("127.0.0.1:{ingest_port}"))
-        .arg("--log-file")
-        .arg(dir.path().join("events.jsonl"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("HERALD_NATS_SERVER", nats)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let (processor_grpc, processor_http) = (free_port(), free_port());
-    for (var, port) in [
-        ("HERALD__INGEST__GRPC_ADDR", free_port()),
-        ("HERALD__INGEST__ADMIN_ADDR", free_port()),
-        ("HERALD__PROCESSOR__GRPC_ADDR", processor_grpc),
-        ("HERALD__PROCESSOR__ADMIN_ADDR", free_port()),
-        ("HERALD__PROCESSOR__HTTP_ADDR", processor_http),
-        ("HERALD__ACTIVATOR__GRPC_ADDR", free_port()),
-        ("HERALD__ACTIVATOR__ADMIN_ADDR", free_port()),
-    ] {
-        cmd.env(var, format!("127.0.0.1:{port}"));
-    }
-    let mut child = cmd.spawn()?;
-    let mut stderr = child.stderr.take().expect("piped");
-    let mut banner = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut buf = [0u8; 4096];
-    while !banner.contains("Press Ctrl-C") {
-        let n = tokio::time::timeout_at(deadline, stderr.read(&mut buf)).await??;
-        if n == 0 {
-            bail!("herald dev exited early:\n{banner}");
-        }
-        banner.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    tokio::spawn(async move {
-        let mut sink = Vec::new();
-        let _ = stderr.read_to_end(&mut sink).await;
-    });
+    let mut dev = HeraldDev::start(Path::new(env!("CARGO_BIN_EXE_herald"))).await?;
+    let banner = dev.banner.clone();
+    let (ingest_port, processor_grpc, processor_http) = (
+        dev.ports.ingest_http,
+        dev.ports.processor_grpc,
+        dev.ports.processor_http,
+    );
     assert!(
         banner.contains(&format!("http://127.0.0.1:{processor_http} (profiles)")),
         "the banner shows the profile API:\n{banner}"
     );
-    let write_key = std::fs::read_to_string(dir.path().join("data/write_key"))?;
-    let token = std::fs::read_to_string(dir.path().join("data/token"))
+    let write_key = std::fs::read_to_string(dev.data_dir().join("write_key"))?;
+    let token = std::fs::read_to_string(dev.data_dir().join("token"))
         .context("herald dev writes the control token")?
         .trim()
         .to_string();
@@ -160,13 +123,13 @@ async fn profile_and_privacy_commands_reach_herald_dev() -> Result<()> {
     assert!(!ok);
     assert!(err.contains("<type>:<value>"), "{err}");
 
-    let pid = child.id().expect("running");
+    let pid = dev.child.id().expect("running");
     Command::new("kill")
         .arg("-INT")
         .arg(pid.to_string())
         .status()
         .await?;
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await??;
+    let status = tokio::time::timeout(Duration::from_secs(20), dev.child.wait()).await??;
     assert!(status.success(), "herald dev exits cleanly: {status:?}");
     Ok(())
 }

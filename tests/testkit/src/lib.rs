@@ -9,6 +9,7 @@
 
 mod binary;
 mod cluster;
+mod dev;
 mod events;
 mod process;
 mod server;
@@ -17,6 +18,7 @@ mod webhook;
 
 pub use binary::{MIN_NATS_SERVER_VERSION, nats_server_binary};
 pub use cluster::NatsCluster;
+pub use dev::{DevPorts, HeraldDev};
 pub use events::{segment_batch, segment_identify, segment_track};
 pub use server::NatsServer;
 pub use wait::{free_port, wait_until};
