@@ -247,8 +247,8 @@ async fn retire_single_consumer(js: &jetstream::Context, topology: &Topology, du
 }
 
 /// Processes one batch. Events of different partition keys are resolved concurrently (at most
-/// `concurrency` keys at once), each key's events one after another, in order; outputs are published in input order and the
-/// inputs acked after every PubAck. Returns false when cancelled before its outputs were stored
+/// `concurrency` keys at once, see [`per_key`]), each key's events one after another, in order;
+/// outputs are published in input order and the inputs acked after every PubAck. Returns false when cancelled before its outputs were stored
 /// (the inputs then stay unacked and are redelivered).
 async fn handle_batch(
     work: &PartitionWork,
@@ -290,38 +290,22 @@ async fn handle_batch(
             }
         }
     }
-    // At most `concurrency` keys at once: each waiting event holds a few KiB of future state.
-    let work = futures_util::stream::iter(groups.into_iter().map(|group| async move {
-        let mut done = Vec::with_capacity(group.len());
-        for (i, event) in group {
-            done.push((
-                i,
-                process_event(profiles, event, max_backoff, cancel).await?,
-            ));
-        }
-        Some(done)
-    }))
-    .buffer_unordered(concurrency.max(1))
-    .collect::<Vec<_>>();
-    tokio::pin!(work);
+    let resolved = per_key(groups, inputs.len(), concurrency, |event| {
+        process_event(profiles, event, max_backoff, cancel)
+    });
+    tokio::pin!(resolved);
     // Resolution normally takes milliseconds; if it waits on KV, keep the inputs alive.
     let mut keep_alive = None;
-    let results = tokio::select! {
-        r = &mut work => r,
+    let resolved = tokio::select! {
+        r = &mut resolved => r,
         _ = tokio::time::sleep(keep_alive_every) => {
             keep_alive = Some(KeepAlive::start(inputs.clone(), keep_alive_every));
-            work.await
+            resolved.await
         }
     };
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; inputs.len()];
-    for group in results {
-        let Some(group) = group else {
-            return false;
-        };
-        for (i, outcome) in group {
-            outcomes[i] = Some(outcome);
-        }
-    }
+    let Some(outcomes) = resolved else {
+        return false;
+    };
     let mut outputs: Vec<(String, String, Bytes)> = Vec::with_capacity(inputs.len());
     for outcome in outcomes.into_iter().flatten() {
         if let Outcome::Publish(list) = outcome {
@@ -365,6 +349,46 @@ async fn handle_batch(
     true
 }
 
+/// Runs `f` over the items of every key (`groups`: one list of `(input index, item)` per key),
+/// each key's items one after another, in order, and at most `concurrency` keys at once (0 is
+/// taken as 1): every item waiting on KV holds its future's state, a few KiB for an event.
+/// Returns the results by input index (`len` slots; `None` where no item had that index), or
+/// `None` when `f` gave up on an item (it was cancelled); the other keys still run to their end,
+/// as they would have without the cancelled one.
+async fn per_key<T, R, F, Fut>(
+    groups: Vec<Vec<(usize, T)>>,
+    len: usize,
+    concurrency: usize,
+    f: F,
+) -> Option<Vec<Option<R>>>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Option<R>>,
+{
+    let f = &f;
+    let mut keys = futures_util::stream::iter(groups.into_iter().map(|group| async move {
+        let mut done = Vec::with_capacity(group.len());
+        for (i, item) in group {
+            done.push((i, f(item).await?));
+        }
+        Some(done)
+    }))
+    .buffer_unordered(concurrency.max(1));
+    let mut out: Vec<Option<R>> = (0..len).map(|_| None).collect();
+    let mut gave_up = false;
+    while let Some(done) = keys.next().await {
+        match done {
+            Some(done) => {
+                for (i, r) in done {
+                    out[i] = Some(r);
+                }
+            }
+            None => gave_up = true,
+        }
+    }
+    (!gave_up).then_some(out)
+}
+
 /// Publishes every output pipelined and waits for all PubAcks.
 async fn publish_all(
     js: &jetstream::Context,
@@ -387,4 +411,84 @@ async fn publish_all(
         ack.await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// 10 keys of 3 items each, numbered by input index as a batch would be (interleaved).
+    fn groups() -> Vec<Vec<(usize, (usize, usize))>> {
+        (0..10)
+            .map(|key| (0..3).map(|n| (n * 10 + key, (key, n))).collect())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn per_key_runs_at_most_concurrency_keys_at_once_each_in_order() {
+        let (running, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let seen: Mutex<Vec<(usize, usize)>> = Mutex::default();
+        let out = per_key(groups(), 30, 3, |(key, n)| {
+            let (running, peak, seen) = (&running, &peak, &seen);
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                seen.lock().unwrap().push((key, n));
+                running.fetch_sub(1, Ordering::SeqCst);
+                Some(key * 100 + n)
+            }
+        })
+        .await
+        .expect("nothing gave up");
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            3,
+            "at most 3 keys at once, and 3 used"
+        );
+        // Results land at their input index.
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(*r, Some((i % 10) * 100 + i / 10), "index {i}");
+        }
+        // Each key's items ran one after another, in order.
+        let seen = seen.into_inner().unwrap();
+        for key in 0..10 {
+            let order: Vec<usize> = seen
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, n)| *n)
+                .collect();
+            assert_eq!(order, [0, 1, 2], "key {key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn per_key_gives_up_when_an_item_does_but_finishes_the_other_keys() {
+        let finished = AtomicUsize::new(0);
+        let out = per_key(groups(), 30, 4, |(key, n)| {
+            let finished = &finished;
+            async move {
+                if key == 2 && n == 1 {
+                    return None;
+                }
+                finished.fetch_add(1, Ordering::SeqCst);
+                Some(())
+            }
+        })
+        .await;
+        assert!(out.is_none());
+        // Key 2 stops at its second item; the 9 other keys run all 3.
+        assert_eq!(finished.load(Ordering::SeqCst), 9 * 3 + 1);
+    }
+
+    #[tokio::test]
+    async fn per_key_leaves_unused_indexes_empty_and_takes_0_as_1() {
+        let out = per_key(vec![vec![(1, 7)]], 3, 0, |x| async move { Some(x) })
+            .await
+            .expect("nothing gave up");
+        assert_eq!(out, [None, Some(7), None]);
+    }
 }

@@ -153,7 +153,6 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         client_rt.handle(),
         args.trace_dir.clone(),
     )?);
-
     eprintln!(
         "ingest at http://{http_addr}; {} events of {} B per request ({} B), {} connections",
         args.batch,

@@ -10,8 +10,9 @@
 //!
 //! Then the processor itself consumes until the processed stream holds every event. It runs
 //! as a process of its own (`herald processor`, from this binary), as it is deployed, so the
-//! resident memory reported is the processor's alone (the kernel's high-water mark). A durable consumer that never reads keeps every
-//! preloaded event in the (interest-retention) events stream for all three readers.
+//! resident memory reported is the processor's alone (its sampled `VmRSS` and the kernel's
+//! high-water mark `VmHWM`). A durable consumer that never reads keeps every preloaded event in
+//! the (interest-retention) events stream for all three readers.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -35,7 +36,7 @@ use super::events::EventFactory;
 use super::nats::BenchNats;
 use super::report::{
     Counters, CpuMeter, Errors, Progress, cpu_summary, load_average, machine, pid_status_mib,
-    print_machine, ratio, round3, thousands,
+    print_machine, ratio, round3, samples, thousands,
 };
 
 /// The throughput target: the processor at least this share of the KV baseline.
@@ -319,16 +320,12 @@ fn processor_config(cache_mb: u64) -> Result<(ProcessorConfig, bool)> {
 /// `herald_processor_` prefix. Whatever the processor counts today shows up.
 fn processor_counters(exposition: &str) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
-    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
-        let name = line.split(['{', ' ']).next().unwrap_or("");
+    for (name, _, value) in samples(exposition) {
         let Some(short) = name.strip_prefix("herald_processor_") else {
             continue;
         };
-        if !(short.ends_with("_total") || short == "profile_cache_bytes") {
-            continue;
-        }
-        if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-            *out.entry(short.to_string()).or_default() += v as u64;
+        if short.ends_with("_total") || short == "profile_cache_bytes" {
+            *out.entry(short.to_string()).or_default() += value as u64;
         }
     }
     out

@@ -167,36 +167,39 @@ impl Progress {
     }
 }
 
-/// `1234567` as `1,234,567`.
+/// The samples of a Prometheus text exposition: `(metric name, labels text, value)`, comments
+/// and unparsable lines skipped (`x_total{a="1",b="2"} 3` gives `("x_total", "a=\"1\",b=\"2\"", 3.0)`).
+pub fn samples(exposition: &str) -> impl Iterator<Item = (&str, &str, f64)> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value = value.parse::<f64>().ok()?;
+            Some(match series.split_once('{') {
+                Some((name, labels)) => (name, labels.strip_suffix('}')?, value),
+                None => (series, "", value),
+            })
+        })
+}
+
 /// The samples of counter `name` in a Prometheus exposition, by the value of `label` (one
 /// entry per value, summed over the other labels).
 pub fn counter_by_label(exposition: &str, name: &str, label: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (labels, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.split_once('}') {
-                Some((labels, value)) => (labels, value),
-                None => continue,
-            },
-            None if rest.starts_with(' ') => ("", rest),
-            None => continue, // another metric whose name starts with `name`
-        };
+    for (_, labels, value) in samples(exposition).filter(|(n, _, _)| *n == name) {
         let key = labels
             .split(',')
             .filter_map(|kv| kv.split_once('='))
             .find(|(k, _)| k.trim() == label)
             .map(|(_, v)| v.trim().trim_matches('"').to_string())
             .unwrap_or_default();
-        if let Ok(v) = value.trim().parse::<f64>() {
-            *out.entry(key).or_default() += v as u64;
-        }
+        *out.entry(key).or_default() += value as u64;
     }
     out
 }
 
+/// `1234567` as `1,234,567`.
 pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
@@ -403,6 +406,7 @@ pub fn print_machine(nats_version: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn counter_by_label_sums_each_label_value() {
@@ -416,8 +420,6 @@ mod tests {
         assert_eq!(got.get("too_large"), Some(&1));
         assert_eq!(got.len(), 2);
     }
-
-    use super::*;
 
     #[test]
     fn thousands_groups_digits() {
