@@ -93,8 +93,22 @@ async fn ingest_bench_reports_raw_and_ingest_rates_latencies_and_ratios() -> Res
     let offered = positive(&s, "/ingest_fixed_rate/offered_events_per_s");
     let raw = positive(&s, "/raw/events_per_s");
     assert!((offered - raw / 2.0).abs() < 1.0, "{offered} vs {raw}");
+    // The raw floor of the fixed-rate run: raw publishing at the same rate, in groups of a
+    // request's worth, each timed to its last PubAck.
+    let floor = positive(&s, "/raw_fixed_rate/offered_events_per_s");
+    assert!((floor - offered).abs() < 1e-6, "{floor} vs {offered}");
+    positive(&s, "/raw_fixed_rate/groups");
+    positive(&s, "/raw_fixed_rate/latency_group/p50_ms");
+    positive(&s, "/raw_fixed_rate/latency_group/p99_ms");
+    assert_eq!(s["raw_fixed_rate"]["errors"], serde_json::json!({}), "{s}");
     assert!(s["targets"]["ratio_met"].is_boolean() && s["targets"]["p99_met"].is_boolean());
-    for text in ["raw JetStream publish", "ingest flat out", "of raw", "p99"] {
+    for text in [
+        "raw JetStream publish",
+        "ingest flat out",
+        "of raw",
+        "p99",
+        "groups of 100 pipelined",
+    ] {
         assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
     }
     // --trace-dir: one line per 2xx request of each HTTP phase, in send order.
@@ -212,6 +226,10 @@ async fn ingest_bench_with_atomic_stores_requests_as_atomic_batches() -> Result<
     // Ingest's own counter: the requests went as committed atomic batches.
     positive(&s, "/atomic_batches/committed");
     assert!(s["ingest_fixed_rate"].is_null(), "{s}");
+    assert!(
+        s["raw_fixed_rate"].is_null(),
+        "--flat-out has no raw floor: {s}"
+    );
     assert!(
         stdout.contains("atomic batches (--atomic): committed"),
         "{stdout}"

@@ -5,6 +5,10 @@
 //! 1. raw: the stored form of ingest's own events (read back from the events stream after a
 //!    warm-up request), published with async-nats, `--raw-window` acks in flight, to a fresh
 //!    stream with the events stream's settings;
+//!
+//!    Then (unless `--flat-out`) raw at the fixed rate of phase 3 on the same stream: groups of
+//!    `--batch` messages, each pipelined and timed from its first publish to its last PubAck:
+//!    the server's own latency floor for a request's worth;
 //! 2. ingest flat out: `--connections` clients, each posting its next batch as soon as the
 //!    last one is answered;
 //! 3. ingest at a fixed offered rate: `--rate`, or half of what raw publishing reached.
@@ -190,14 +194,25 @@ pub async fn run(args: IngestArgs) -> Result<()> {
     }
 
     let duration = Duration::from_secs(args.duration);
-    let raw = raw_publish(
-        &js,
-        &topology,
+    // The raw floor of the fixed-rate phase, at the same rate.
+    let raw_fixed = (!args.flat_out).then_some(RawFixed {
+        rate: args.rate.map(|r| r as f64),
+        batch: args.batch,
+        in_flight: args.connections,
+    });
+    let raw_publisher = RawPublisher {
+        js: js.clone(),
         templates,
-        &run_id,
+        id_prefix: format!("{SOURCE_ID}:bench-{run_id}-").into(),
+        seq: Arc::new(AtomicU64::new(1 << 40)),
+    };
+    let (raw, raw_floor) = raw_publish(
+        &raw_publisher,
+        &topology,
         args.raw_window,
         duration,
         nats_pid,
+        raw_fixed,
     )
     .await?;
     let raw_rate = raw.events_per_s();
@@ -262,6 +277,18 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         cpu_summary(&raw.cpu),
         raw.errors.summary()
     );
+    if let Some(g) = &raw_floor {
+        println!(
+            "  {:<22} {:>9} ev/s   groups of {} pipelined, {} at once; group {}; {}; errors: {}",
+            format!("raw at {} ev/s", thousands(g.rate as u64)),
+            thousands(g.groups * args.batch as u64 / args.duration.max(1)),
+            args.batch,
+            args.connections,
+            g.latency.summary(),
+            cpu_summary(&g.cpu),
+            g.errors.summary()
+        );
+    }
     for r in flat.iter().chain(fixed.iter()) {
         println!(
             "  {:<22} {:>9} ev/s   {:.2} of raw; 2xx {}; {}; errors: {}",
@@ -333,6 +360,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             "cpu_cores": raw.cpu,
             "errors": raw.errors.json(),
         },
+        "raw_fixed_rate": raw_floor.as_ref().map(RawGroups::json),
         "ingest_flat_out": flat.as_ref().map(|r| r.json(raw_rate)),
         "ingest_fixed_rate": fixed.as_ref().map(|r| r.json(raw_rate)),
         "ratio": throughput_ratio,
@@ -403,17 +431,44 @@ impl RawRun {
     }
 }
 
-/// Publishes the templates flat out for `duration` to a fresh stream configured like the
-/// events stream, with `window` acks in flight, then deletes the stream.
-async fn raw_publish(
-    js: &jetstream::Context,
-    topology: &Topology,
+/// What the raw phases publish, and where: request 0's events with fresh message ids.
+#[derive(Clone)]
+struct RawPublisher {
+    js: jetstream::Context,
     templates: Arc<Vec<RawTemplate>>,
-    run_id: &str,
+    /// `<source>:bench-<run>-`: the message id before the counter.
+    id_prefix: Arc<str>,
+    /// The next message counter.
+    seq: Arc<AtomicU64>,
+}
+
+impl RawPublisher {
+    /// Sends the next message; its PubAck future.
+    async fn send(&self) -> Result<jetstream::context::PublishAckFuture, String> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let t = &self.templates[(n % self.templates.len() as u64) as usize];
+        let publish = PublishMessage::build()
+            .payload(t.payload(n))
+            .message_id(format!("{}{n:016x}", self.id_prefix));
+        self.js
+            .send_publish(t.subject.clone(), publish)
+            .await
+            .map_err(|e| format!("publish_{:?}", e.kind()).to_lowercase())
+    }
+}
+
+/// Publishes the templates flat out for `duration` to a fresh stream configured like the
+/// events stream, with `window` acks in flight; then, with `fixed`, the raw floor of the
+/// fixed-rate phase on the same stream; then deletes the stream.
+async fn raw_publish(
+    raw: &RawPublisher,
+    topology: &Topology,
     window: usize,
     duration: Duration,
     nats_pid: u32,
-) -> Result<RawRun> {
+    fixed: Option<RawFixed>,
+) -> Result<(RawRun, Option<RawGroups>)> {
+    let js = &raw.js;
     let mut cfg = topology.events_stream_config();
     cfg.name = RAW_STREAM.into();
     cfg.subjects = vec![format!("{RAW_SUBJECT_PREFIX}.*")];
@@ -423,48 +478,179 @@ async fn raw_publish(
         .context("creating the raw stream")?;
     super::hold_interest(js, RAW_STREAM).await?;
 
-    let seq = Arc::new(AtomicU64::new(1 << 40));
     let per_task = (window / RAW_TASKS).max(1);
     // Warm-up: a second's worth at most, not measured.
     let warm = Arc::new(Counters::default());
-    run_raw_tasks(
-        js,
-        &templates,
-        run_id,
-        &seq,
-        per_task,
-        Duration::from_millis(500),
-        &warm,
-    )
-    .await;
+    run_raw_tasks(raw, per_task, Duration::from_millis(500), &warm).await;
 
     let progress = Progress::start("raw publish", String::new);
     let counters = progress.counters();
     let started = Instant::now();
     let cpu = CpuMeter::start(nats_pid);
-    let errors = run_raw_tasks(js, &templates, run_id, &seq, per_task, duration, &counters).await;
+    let errors = run_raw_tasks(raw, per_task, duration, &counters).await;
     let elapsed = started.elapsed();
     let cpu = cpu.stop();
     progress.finish().await;
     let acked = counters.done.load(Ordering::Relaxed);
     let stored_bytes = avg_stored(js, RAW_STREAM).await;
+    let half = acked as f64 / elapsed.as_secs_f64().max(1e-9) / 2.0;
+    let groups = match fixed {
+        Some(f) if f.rate.unwrap_or(half) >= f.batch as f64 => {
+            js.get_stream(RAW_STREAM).await?.purge().await?;
+            let rate = f.rate.unwrap_or(half);
+            Some(raw_groups(raw, f, rate, duration, nats_pid).await)
+        }
+        _ => None,
+    };
     js.delete_stream(RAW_STREAM)
         .await
         .context("deleting the raw stream")?;
-    Ok(RawRun {
+    let run = RawRun {
         acked,
         cpu,
         elapsed,
         stored_bytes,
         errors,
-    })
+    };
+    Ok((run, groups))
+}
+
+/// The raw floor of the fixed-rate phase: groups of `batch` messages (a request's worth) due
+/// at `rate` events a second, each published pipelined, at most `in_flight` groups at once.
+#[derive(Debug, Clone, Copy)]
+struct RawFixed {
+    /// Events a second; `None`: half of what the flat-out raw phase reached.
+    rate: Option<f64>,
+    batch: usize,
+    in_flight: usize,
+}
+
+/// What the raw fixed-rate phase reached: a group's latency is from its first publish to its
+/// last PubAck.
+struct RawGroups {
+    rate: f64,
+    groups: u64,
+    latency: Latency,
+    cpu: Value,
+    errors: Errors,
+}
+
+impl RawGroups {
+    fn json(&self) -> Value {
+        json!({
+            "offered_events_per_s": round3(self.rate),
+            "groups": self.groups,
+            "latency_group": self.latency.json(),
+            "cpu_cores": self.cpu,
+            "errors": self.errors.json(),
+        })
+    }
+}
+
+/// Slots due at a fixed interval from a start until a deadline, shared by the workers of a
+/// fixed-rate phase: each takes the next slot and waits for its time.
+#[derive(Clone)]
+struct Schedule {
+    started: Instant,
+    interval: Duration,
+    deadline: Instant,
+    slot: Arc<AtomicU64>,
+}
+
+impl Schedule {
+    /// `per_second` slots a second for `duration`, starting now.
+    fn start(per_second: f64, duration: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            deadline: started + duration,
+            slot: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Waits for the next free slot and returns when it was due; `None` past the deadline.
+    async fn next(&self) -> Option<Instant> {
+        let k = self.slot.fetch_add(1, Ordering::Relaxed);
+        let due = self.started + self.interval.mul_f64(k as f64);
+        if due >= self.deadline {
+            return None;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        Some(due)
+    }
+}
+
+async fn raw_groups(
+    raw: &RawPublisher,
+    f: RawFixed,
+    rate: f64,
+    duration: Duration,
+    nats_pid: u32,
+) -> RawGroups {
+    let label = format!("raw at {} ev/s", thousands(rate as u64));
+    let progress = Progress::start(&label, String::new);
+    let counters = progress.counters();
+    let cpu = CpuMeter::start(nats_pid);
+    let schedule = Schedule::start(rate / f.batch as f64, duration);
+    let workers: Vec<_> = (0..f.in_flight)
+        .map(|_| {
+            let (raw, counters, schedule) = (raw.clone(), counters.clone(), schedule.clone());
+            tokio::spawn(async move {
+                let (mut groups, mut latency, mut errors) =
+                    (0u64, Latency::default(), Errors::default());
+                let mut acks = Vec::with_capacity(f.batch);
+                while schedule.next().await.is_some() {
+                    let sent = Instant::now();
+                    let mut failed = false;
+                    for _ in 0..f.batch {
+                        match raw.send().await {
+                            Ok(ack) => acks.push(ack),
+                            Err(cause) => {
+                                errors.add(cause);
+                                failed = true;
+                            }
+                        }
+                    }
+                    for ack in acks.drain(..) {
+                        if let Err(e) = ack.await {
+                            errors.add(format!("puback_{:?}", e.kind()).to_lowercase());
+                            failed = true;
+                        }
+                    }
+                    if failed {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        groups += 1;
+                        latency.record(sent.elapsed());
+                        counters.done.fetch_add(f.batch as u64, Ordering::Relaxed);
+                    }
+                }
+                (groups, latency, errors)
+            })
+        })
+        .collect();
+    let mut run = RawGroups {
+        rate,
+        groups: 0,
+        latency: Latency::default(),
+        cpu: Value::Null,
+        errors: Errors::default(),
+    };
+    for w in workers {
+        if let Ok((groups, latency, errors)) = w.await {
+            run.groups += groups;
+            run.latency.merge(&latency);
+            run.errors.merge(&errors);
+        }
+    }
+    run.cpu = cpu.stop();
+    progress.finish().await;
+    run
 }
 
 async fn run_raw_tasks(
-    js: &jetstream::Context,
-    templates: &Arc<Vec<RawTemplate>>,
-    run_id: &str,
-    seq: &Arc<AtomicU64>,
+    raw: &RawPublisher,
     window: usize,
     duration: Duration,
     counters: &Arc<Counters>,
@@ -472,9 +658,7 @@ async fn run_raw_tasks(
     let deadline = Instant::now() + duration;
     let tasks: Vec<_> = (0..RAW_TASKS)
         .map(|_| {
-            let (js, templates, seq, counters) =
-                (js.clone(), templates.clone(), seq.clone(), counters.clone());
-            let prefix = format!("{SOURCE_ID}:bench-{run_id}-");
+            let (raw, counters) = (raw.clone(), counters.clone());
             tokio::spawn(async move {
                 let mut errors = Errors::default();
                 let mut in_flight = VecDeque::with_capacity(window);
@@ -484,15 +668,10 @@ async fn run_raw_tasks(
                         break;
                     }
                     sent += 1;
-                    let n = seq.fetch_add(1, Ordering::Relaxed);
-                    let t = &templates[(n % templates.len() as u64) as usize];
-                    let publish = PublishMessage::build()
-                        .payload(t.payload(n))
-                        .message_id(format!("{prefix}{n:016x}"));
-                    match js.send_publish(t.subject.clone(), publish).await {
+                    match raw.send().await {
                         Ok(ack) => in_flight.push_back(ack),
-                        Err(e) => {
-                            errors.add(format!("publish_{:?}", e.kind()).to_lowercase());
+                        Err(cause) => {
+                            errors.add(cause);
                             counters.errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -831,23 +1010,15 @@ async fn fixed_rate(
 ) -> HttpRun {
     let progress = Progress::start(label, String::new);
     let counters = progress.counters();
-    let interval = Duration::from_secs_f64(http.batch as f64 / rate);
     let started = Instant::now();
     let cpu = CpuMeter::start(nats_pid);
-    let deadline = started + duration;
-    let slot = Arc::new(AtomicU64::new(0));
+    let schedule = Schedule::start(rate / http.batch as f64, duration);
     let workers: Vec<_> = (0..http.connections)
         .map(|_| {
-            let (http, counters, slot) = (http.clone(), counters.clone(), slot.clone());
+            let (http, counters, schedule) = (http.clone(), counters.clone(), schedule.clone());
             http.rt.clone().spawn(async move {
                 let mut tally = Tally::default();
-                loop {
-                    let k = slot.fetch_add(1, Ordering::Relaxed);
-                    let due = started + interval.mul_f64(k as f64);
-                    if due >= deadline {
-                        break;
-                    }
-                    tokio::time::sleep_until(due.into()).await;
+                while let Some(due) = schedule.next().await {
                     tally.request(&http, http.next_seq(), due, &counters).await;
                 }
                 tally
