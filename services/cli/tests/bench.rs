@@ -142,6 +142,49 @@ async fn ingest_bench_reports_raw_and_ingest_rates_latencies_and_ratios() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_bench_fixed_share_sets_the_fixed_rate_and_leaves_the_half_rate_target_unjudged()
+-> Result<()> {
+    let (_, s) = bench(&[
+        "ingest",
+        "--duration",
+        "1",
+        "--connections",
+        "2",
+        "--fixed-share",
+        "0.3",
+    ])
+    .await?;
+    assert_eq!(s["fixed_share"], 0.3, "{s}");
+    let raw = positive(&s, "/raw/events_per_s");
+    for run in ["/ingest_fixed_rate", "/raw_fixed_rate"] {
+        let offered = positive(&s, &format!("{run}/offered_events_per_s"));
+        assert!(
+            (offered - raw * 0.3).abs() < 1.0,
+            "{run}: {offered} vs {raw}"
+        );
+    }
+    // The latency target is read at half the raw rate only.
+    assert!(s["targets"]["p99_met"].is_null(), "{s}");
+    assert!(s["targets"]["ratio_met"].is_boolean(), "{s}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ingest_bench_refuses_a_fixed_share_outside_zero_to_one() -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["bench", "ingest", "--fixed-share", "1.5"])
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--fixed-share must be above 0 and at most 1"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processor_bench_reports_both_baselines_ratios_and_memory() -> Result<()> {
     let (stdout, s) = bench(&[
         "processor",
