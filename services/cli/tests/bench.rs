@@ -279,3 +279,48 @@ async fn ingest_bench_with_atomic_stores_requests_as_atomic_batches() -> Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_bench_starts_the_processor_again_when_its_admin_port_was_taken() -> Result<()> {
+    // Another process holds the port the first start is given.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let nats = herald_testkit::nats_server_binary()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "bench",
+            "processor",
+            "--processor-only",
+            "--users",
+            "200",
+            "--events",
+            "400",
+            "--cache-mb",
+            "8",
+            "--processor-admin",
+            &addr,
+        ])
+        .env("HERALD_NATS_SERVER", nats)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("admin port {addr} was taken")),
+        "{stderr}"
+    );
+    let summary: Value = serde_json::from_str(
+        stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .context("a JSON summary line")?,
+    )?;
+    assert_eq!(summary["processor"]["processed"], 400, "{summary}");
+    drop(taken);
+    Ok(())
+}

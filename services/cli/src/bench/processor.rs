@@ -74,6 +74,10 @@ pub struct ProcessorArgs {
     /// Skip both baselines: only the processor's rate and memory (quicker, for memory work).
     #[arg(long)]
     pub processor_only: bool,
+    /// The processor's admin address at the first start (tests use it to make the port
+    /// taken); by default a free loopback port.
+    #[arg(long, hide = true)]
+    pub processor_admin: Option<std::net::SocketAddr>,
 }
 
 /// Runs the benchmark and prints its report.
@@ -154,7 +158,13 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
     };
 
     let started = Instant::now();
-    let mut child = ProcessorChild::spawn(&common, args.cache_mb * 1024 * 1024, nats.dir())?;
+    let mut child = ProcessorChild::start(
+        &common,
+        args.cache_mb * 1024 * 1024,
+        nats.dir(),
+        args.processor_admin,
+    )
+    .await?;
     let cpu = CpuMeter::with_service(nats.pid(), child.pid());
     let run = watch_processor(&js, &topology, total, timeout, started, &mut child).await;
     let processor_cpu = cpu.stop();
@@ -691,11 +701,85 @@ struct ProcessorChild {
     log: std::path::PathBuf,
 }
 
+/// Attempts at starting the processor child when its admin port was taken in between.
+const START_ATTEMPTS: usize = 3;
+
 impl ProcessorChild {
-    fn spawn(common: &CommonConfig, cache_bytes: u64, dir: &std::path::Path) -> Result<Self> {
-        let admin = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("no free loopback port for the processor's admin server")?;
+    /// Spawns the child and waits until its admin server answers. The admin port is picked by
+    /// binding port 0 and releasing it, so another process can take it in between: the child
+    /// then exits with "Address already in use" and is started again on a new port.
+    /// `first_admin` is the admin address of the first attempt (default: a free port).
+    async fn start(
+        common: &CommonConfig,
+        cache_bytes: u64,
+        dir: &std::path::Path,
+        first_admin: Option<std::net::SocketAddr>,
+    ) -> Result<Self> {
+        let mut last = String::new();
+        for attempt in 0..START_ATTEMPTS {
+            let admin = match first_admin.filter(|_| attempt == 0) {
+                Some(addr) => addr,
+                None => std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .context("no free loopback port for the processor's admin server")?,
+            };
+            let mut child = Self::spawn(common, cache_bytes, dir, admin)?;
+            match child.admin_up().await {
+                Ok(()) => return Ok(child),
+                Err(tail) if child.log().contains("Address already in use") => {
+                    eprintln!(
+                        "the processor's admin port {admin} was taken; starting it again on \
+                         another port"
+                    );
+                    last = tail;
+                }
+                Err(tail) => bail!("the processor process exited at start\n{tail}"),
+            }
+        }
+        bail!(
+            "the processor's admin port was taken {START_ATTEMPTS} times in a row; free some \
+             loopback ports and run the bench again\n{last}"
+        )
+    }
+
+    /// Waits until its admin server answers `/healthz`; the log tail when it exits first or
+    /// does not answer within 60 s.
+    async fn admin_up(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = format!("http://{}/healthz", self.admin);
+        // Short timeouts: whoever took the port may accept connections and never answer.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| e.to_string())?;
+        loop {
+            if self.exited().is_some() {
+                return Err(self.log_tail());
+            }
+            if http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "its admin server did not answer within 60 s\n{}",
+                    self.log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn spawn(
+        common: &CommonConfig,
+        cache_bytes: u64,
+        dir: &std::path::Path,
+        admin: std::net::SocketAddr,
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot locate the herald binary")?;
         let log = dir.join("processor.log");
         let out = std::fs::File::create(&log)
@@ -716,6 +800,8 @@ impl ProcessorChild {
                 common.control.resolve_token()?.expose(),
             )
             .env("HERALD__LOG__FILTER", "warn")
+            // An error at start is reported in a line or two, not with a backtrace.
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("HERALD__PROCESSOR__GRPC_ADDR", "127.0.0.1:0")
             .env("HERALD__PROCESSOR__HTTP_ADDR", "127.0.0.1:0")
             .env("HERALD__PROCESSOR__ADMIN_ADDR", admin.to_string())
@@ -759,9 +845,14 @@ impl ProcessorChild {
         let _ = self.child.wait();
     }
 
+    /// Its whole log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The end of its log, to show with a failure.
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         format!(
             "last lines of {}:\n{}",
