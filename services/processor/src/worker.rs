@@ -248,8 +248,9 @@ async fn retire_single_consumer(js: &jetstream::Context, topology: &Topology, du
 
 /// Processes one batch. Events of different partition keys are resolved concurrently (at most
 /// `concurrency` keys at once, see [`per_key`]), each key's events one after another, in order;
-/// outputs are published in input order and the inputs acked after every PubAck. Returns false when cancelled before its outputs were stored
-/// (the inputs then stay unacked and are redelivered).
+/// outputs are published in input order and the inputs acked after every PubAck. Returns false
+/// when cancelled before its outputs were stored (the inputs then stay unacked and are
+/// redelivered).
 async fn handle_batch(
     work: &PartitionWork,
     batch: Vec<Message>,

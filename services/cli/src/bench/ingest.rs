@@ -507,18 +507,6 @@ async fn raw_publish(
     progress.finish().await;
     let acked = counters.done.load(Ordering::Relaxed);
     let stored_bytes = avg_stored(js, RAW_STREAM).await;
-    let reached = acked as f64 / elapsed.as_secs_f64().max(1e-9);
-    let groups = match fixed {
-        Some(f) if f.rate.unwrap_or(reached * f.share) >= f.batch as f64 => {
-            js.get_stream(RAW_STREAM).await?.purge().await?;
-            let rate = f.rate.unwrap_or(reached * f.share);
-            Some(raw_groups(raw, f, rate, duration, nats_pid).await)
-        }
-        _ => None,
-    };
-    js.delete_stream(RAW_STREAM)
-        .await
-        .context("deleting the raw stream")?;
     let run = RawRun {
         acked,
         cpu,
@@ -526,6 +514,17 @@ async fn raw_publish(
         stored_bytes,
         errors,
     };
+    let mut groups = None;
+    if let Some(f) = fixed {
+        let rate = f.rate.unwrap_or(run.events_per_s() * f.share);
+        if rate >= f.batch as f64 {
+            js.get_stream(RAW_STREAM).await?.purge().await?;
+            groups = Some(raw_groups(raw, f, rate, duration, nats_pid).await);
+        }
+    }
+    js.delete_stream(RAW_STREAM)
+        .await
+        .context("deleting the raw stream")?;
     Ok((run, groups))
 }
 

@@ -168,8 +168,8 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
     let cpu = CpuMeter::with_service(nats.pid(), child.pid());
     let run = watch_processor(&js, &topology, total, timeout, started, &mut child).await;
     let processor_cpu = cpu.stop();
-    let rss_end = pid_status_mib(Some(child.pid()), "VmRSS");
-    let rss_hwm = pid_status_mib(Some(child.pid()), "VmHWM");
+    let rss_end = pid_status_mib(child.pid(), "VmRSS");
+    let rss_hwm = pid_status_mib(child.pid(), "VmHWM");
     let counters = match child.metrics().await {
         Ok(text) => processor_counters(&text),
         Err(e) => {
@@ -898,7 +898,7 @@ async fn watch_processor(
 ) -> ProcessorRun {
     let pid = child.pid();
     let progress = Progress::start("processor", move || {
-        format!("  rss {:.0} MiB", pid_status_mib(Some(pid), "VmRSS"))
+        format!("  rss {:.0} MiB", pid_status_mib(pid, "VmRSS"))
     });
     let counters: Arc<Counters> = progress.counters();
     let stream = topology.processed_stream();
@@ -913,7 +913,7 @@ async fn watch_processor(
             failure = Some(format!("the processor process exited ({status})"));
             break;
         }
-        rss_peak = rss_peak.max(pid_status_mib(Some(pid), "VmRSS"));
+        rss_peak = rss_peak.max(pid_status_mib(pid, "VmRSS"));
         if let Ok((msgs, _)) = super::stream_state(js, &stream).await {
             processed = msgs;
             counters.done.store(msgs, Ordering::Relaxed);

@@ -222,14 +222,9 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { round3(a / b) } else { 0.0 }
 }
 
-/// A field of `/proc/<pid>/status` (this process when `pid` is `None`) in MiB; 0 where
-/// unavailable.
-pub fn pid_status_mib(pid: Option<u32>, field: &str) -> f64 {
-    let path = pid.map_or_else(
-        || "/proc/self/status".to_string(),
-        |p| format!("/proc/{p}/status"),
-    );
-    std::fs::read_to_string(path)
+/// A field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`) in MiB; 0 where unavailable.
+pub fn pid_status_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
