@@ -335,7 +335,20 @@ async fn atomic_batches_on_a_three_node_cluster() {
             ..Default::default()
         })
         .collect();
-    let first = publisher.publish_atomic(&events).await.expect("stored");
+    // The stream's subjects reach the node the client is connected to shortly after the
+    // stream exists; until then a publish finds no responders (and stores nothing).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let first = loop {
+        match publisher.publish_atomic(&events).await {
+            Err(e)
+                if format!("{e:?}").contains("no responders")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            r => break r.expect("stored"),
+        }
+    };
     assert_eq!((first.acked, first.duplicates), (5, 0));
     let again = publisher.publish_atomic(&events).await.expect("stored");
     assert_eq!((again.acked, again.duplicates), (5, 5));
