@@ -321,9 +321,10 @@ pub fn fixtures(folder: &str) -> Vec<Fixture> {
         .collect()
 }
 
-/// `/work/shared/fixtures/sdk-requests`: the shared folder sits next to the repository.
+/// `tests/fixtures/sdk-requests` of the repository: requests recorded from official SDKs (see its
+/// README).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/sdk-requests")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sdk-requests")
 }
 
 /// One recorded request.
