@@ -8,7 +8,7 @@ pub(crate) struct UnitFailed<'a> {
     /// `ingest`, `processor`, `activator`.
     pub service: &'static str,
     /// The server or task, e.g. `grpc`.
-    pub unit: &'static str,
+    pub unit: &'a str,
     /// What failed.
     pub error: &'a dyn std::fmt::Display,
 }
@@ -57,7 +57,7 @@ pub(crate) struct ShutdownTimedOut<'a> {
     pub timeout: Duration,
     /// The servers and tasks still running, and `nats drain` when the NATS connection had not
     /// drained.
-    pub unfinished: &'a [&'static str],
+    pub unfinished: &'a [&'a str],
 }
 
 impl ShutdownTimedOut<'_> {

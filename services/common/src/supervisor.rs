@@ -12,6 +12,7 @@
 //!   `shutdown_timeout_seconds`. Whatever has not finished by then is logged and aborted, and
 //!   the handle's task ends anyway, so the pod exits before Kubernetes' grace period runs out.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -31,7 +32,7 @@ const NATS_DRAIN: &str = "nats drain";
 
 /// One supervised server or task.
 struct Unit {
-    name: &'static str,
+    name: Cow<'static, str>,
     /// Aborts the unit itself when shutdown runs out of time.
     abort: AbortHandle,
     /// Ends when the unit has ended (and reported a failure).
@@ -72,14 +73,15 @@ impl Supervisor {
     /// service stops. `name` names it in logs (`http`, `grpc`, `admin`, `worker`).
     pub fn spawn<E>(
         &mut self,
-        name: &'static str,
+        name: impl Into<Cow<'static, str>>,
         unit: impl Future<Output = Result<(), E>> + Send + 'static,
     ) where
         E: std::fmt::Display + Send + 'static,
     {
+        let name = name.into();
         let task = tokio::spawn(unit);
         let abort = task.abort_handle();
-        let (service, stop) = (self.service, self.stop.clone());
+        let (service, stop, unit_name) = (self.service, self.stop.clone(), name.clone());
         let watcher = tokio::spawn(async move {
             let error = match task.await {
                 Ok(Ok(())) => return,
@@ -90,7 +92,7 @@ impl Supervisor {
             };
             UnitFailed {
                 service,
-                unit: name,
+                unit: &unit_name,
                 error: &error,
             }
             .emit();
@@ -106,7 +108,7 @@ impl Supervisor {
     /// Runs a task that cannot fail but may panic (a panic stops the whole service).
     pub fn spawn_task(
         &mut self,
-        name: &'static str,
+        name: impl Into<Cow<'static, str>>,
         task: impl Future<Output = ()> + Send + 'static,
     ) {
         self.spawn(name, async move {
@@ -151,10 +153,10 @@ impl Supervisor {
             })
             .await;
             if finished.is_err() {
-                let mut unfinished: Vec<&'static str> = units
+                let mut unfinished: Vec<&str> = units
                     .iter()
                     .filter(|u| !u.abort.is_finished())
-                    .map(|u| u.name)
+                    .map(|u| u.name.as_ref())
                     .collect();
                 if !drained {
                     unfinished.push(NATS_DRAIN);
