@@ -85,7 +85,7 @@ impl std::fmt::Debug for Profiles {
 }
 
 impl Profiles {
-    /// A store over `js`; [`Profiles::start`] provisions it.
+    /// A store over `js`; [`Profiles::run`] provisions it.
     pub fn new(js: jetstream::Context, topology: Topology, cfg: ProfilesConfig) -> Arc<Self> {
         Arc::new(Self {
             store: OnceCell::new(),
@@ -100,30 +100,30 @@ impl Profiles {
     }
 
     /// Provisions the buckets (retrying until NATS answers or `cancel` fires), then keeps the
-    /// suppression list current; flips the `profile store` readiness check once both are there.
-    pub fn start(self: &Arc<Self>, ready: Readiness, cancel: CancellationToken) {
+    /// suppression list current until `cancel`; flips the `profile store` readiness check once
+    /// both are there. The service runs it as one of its supervised tasks.
+    pub async fn run(self: Arc<Self>, ready: Readiness, cancel: CancellationToken) {
         ready.set(READY_CHECK, false);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let Some(store) = retry_until("creating the profile buckets", &cancel, || {
-                Store::ensure(&this.js, &this.topology)
-            })
-            .await
-            else {
-                return;
-            };
-            let _ = this.store.set(store.clone());
-            let watcher = tokio::spawn(Suppressions::watch(
-                this.suppressions.clone(),
-                store.suppressions.clone(),
-                cancel.clone(),
-            ));
-            if this.suppressions.wait_loaded(&cancel).await {
+        let Some(store) = retry_until("creating the profile buckets", &cancel, || {
+            Store::ensure(&self.js, &self.topology)
+        })
+        .await
+        else {
+            return;
+        };
+        let _ = self.store.set(store.clone());
+        let watcher = Suppressions::watch(
+            self.suppressions.clone(),
+            store.suppressions.clone(),
+            cancel.clone(),
+        );
+        let loaded = async {
+            if self.suppressions.wait_loaded(&cancel).await {
                 ready.set(READY_CHECK, true);
                 tracing::info!("profile store ready");
             }
-            let _ = watcher.await;
-        });
+        };
+        tokio::join!(watcher, loaded);
     }
 
     /// Provisions the buckets and loads the suppression list, waiting for both (tests and tools
