@@ -10,6 +10,7 @@
 //! the first failure until the retry returns, so JetStream does not redeliver them behind later
 //! ones while their ack wait runs out.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::Duration;
 
@@ -38,12 +39,12 @@ pub struct Failure<'a, E> {
 /// How to retry: the longest pause between attempts and, optionally, messages to keep alive
 /// while waiting. See the module docs.
 #[derive(Debug, Clone)]
-pub struct Retry {
+pub struct Retry<'a> {
     max_backoff: Duration,
-    keep_alive: Option<(Vec<Message>, Duration)>,
+    keep_alive: Option<(Cow<'a, [Message]>, Duration)>,
 }
 
-impl Retry {
+impl<'a> Retry<'a> {
     /// Retries with [`backoff`] pauses of at most `max_backoff`.
     pub fn new(max_backoff: Duration) -> Self {
         Self {
@@ -53,9 +54,10 @@ impl Retry {
     }
 
     /// Sends in-progress acks for `messages` every `every` from the first failure until
-    /// [`Retry::run`] returns (pick a third of their consumer's ack wait).
-    pub fn keep_alive(mut self, messages: Vec<Message>, every: Duration) -> Self {
-        self.keep_alive = Some((messages, every));
+    /// [`Retry::run`] returns (pick a third of their consumer's ack wait). Borrowed messages
+    /// are copied only when an attempt fails.
+    pub fn keep_alive(mut self, messages: impl Into<Cow<'a, [Message]>>, every: Duration) -> Self {
+        self.keep_alive = Some((messages.into(), every));
         self
     }
 
@@ -93,7 +95,7 @@ impl Retry {
             on_error(&mut failure);
             let wait = failure.wait;
             if let Some((messages, every)) = keep_alive.take() {
-                _alive = Some(KeepAlive::start(messages, every));
+                _alive = Some(KeepAlive::start(messages.into_owned(), every));
             }
             tokio::select! {
                 biased;
