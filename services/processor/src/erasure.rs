@@ -88,10 +88,7 @@ impl Suppressions {
             .await
             .is_err()
         {
-            tracing::warn!(
-                revision = rev,
-                "the suppression list did not catch up in time; it will shortly"
-            );
+            events::SuppressionsBehind { revision: rev }.emit();
         }
     }
 
@@ -99,7 +96,7 @@ impl Suppressions {
     pub async fn watch(this: Arc<Self>, bucket: Bucket, cancel: CancellationToken) {
         loop {
             if let Err(e) = this.watch_once(&bucket, &cancel).await {
-                tracing::warn!(error = %e, "suppression watch failed; re-reading the list");
+                events::SuppressionWatchFailed { error: &e }.emit();
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -204,11 +201,12 @@ impl Profiles {
             }
         }
         store.erasures.put(&record.request_id, &record).await?;
-        events::privacy_request(
-            "erase",
-            record.state == ErasureState::Completed,
-            &record.request_id,
-        );
+        events::PrivacyRequest {
+            request: "erase",
+            ok: record.state == ErasureState::Completed,
+            request_id: &record.request_id,
+        }
+        .emit();
         Ok(record)
     }
 
@@ -300,7 +298,7 @@ impl Profiles {
                         break;
                     }
                     // Changed since read (an event or a merge): read it again.
-                    Cas::Conflict => events::cas_conflict("profiles"),
+                    Cas::Conflict => events::CasConflict { bucket: "profiles" }.emit(),
                 }
             }
         }
@@ -432,7 +430,12 @@ impl Profiles {
         let res = self
             .suppress_keys(store, &identities, "suppress", &request_id)
             .await;
-        events::privacy_request("suppress", res.is_ok(), &request_id);
+        events::PrivacyRequest {
+            request: "suppress",
+            ok: res.is_ok(),
+            request_id: &request_id,
+        }
+        .emit();
         res.map(|()| record)
     }
 
@@ -475,7 +478,12 @@ impl Profiles {
             .state
             .last_sequence;
         self.suppressions.wait_revision(last).await;
-        events::privacy_request("unsuppress", true, &s.value.request_id);
+        events::PrivacyRequest {
+            request: "unsuppress",
+            ok: true,
+            request_id: &s.value.request_id,
+        }
+        .emit();
         Ok(lifted)
     }
 
