@@ -28,12 +28,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::HotCache;
 use crate::consent::{self, ConsentRecord};
-use crate::erasure::Suppressions;
 use crate::events;
 use crate::identity::{self, ANONYMOUS_ID, Guard, IdentityKey, PlanProfile, USER_ID};
 use crate::profile::Profile;
 use crate::profiles_config::ProfilesConfig;
 use crate::store::{Cas, IdentityLink, ProfileError, Store};
+use crate::suppressions::Suppressions;
 use crate::timestamp::event_time;
 
 /// Longest redirect chain followed before giving up (chains are short: every follow shortens

@@ -249,18 +249,14 @@ async fn run_partition(work: Arc<PartitionWork>, partition: u32, cancel: Cancell
         }
         .emit();
         events::PartitionLag {
-            partition: partition,
+            partition,
             lag: reader.status().lag,
         }
         .emit();
     }
     work.partitions.remove(partition);
     reader.release().await;
-    events::PartitionLag {
-        partition: partition,
-        lag: 0,
-    }
-    .emit();
+    events::PartitionLag { partition, lag: 0 }.emit();
 }
 
 /// Deletes the single consumer over every partition (`<durable>`, filter `<prefix>.events.*`)
