@@ -1,4 +1,4 @@
-//! `herald bench ingest`: Segment batches over HTTP against Herald ingest, and raw pipelined
+//! `herald-bench ingest`: Segment batches over HTTP against Herald ingest, and raw pipelined
 //! JetStream publishing of the same events, in one run against one nats-server.
 //!
 //! Phases, each `--duration` seconds:
@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use async_nats::Subject;
 use async_nats::jetstream::{self, message::PublishMessage};
-use herald_common::{
-    CommonConfig, ControlConfig, NatsConfig, Secret, Topology, TopologyConfig, telemetry,
-};
+use herald_common::{Secret, Topology, telemetry};
 use herald_ingest::{IngestConfig, SourceConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -52,7 +50,7 @@ const WARMUP_REQUESTS: u64 = 200;
 const RAW_STREAM: &str = "BENCH_RAW_EVENTS";
 const RAW_SUBJECT_PREFIX: &str = "bench-raw.events";
 
-/// Options of `herald bench ingest`.
+/// Options of `herald-bench ingest`.
 #[derive(Debug, clap::Args)]
 pub struct IngestArgs {
     /// Offered load in events per second; without it (and without --flat-out) ingest runs flat
@@ -107,20 +105,11 @@ pub async fn run(args: IngestArgs) -> Result<()> {
     let load_before = load_average();
     let run_id = super::random_hex(4);
     let write_key = super::random_hex(16);
-    let topology_cfg = TopologyConfig::default();
-    let topology = Topology::new(topology_cfg.clone());
-    let common = CommonConfig {
-        nats: NatsConfig {
-            servers: nats.url.clone(),
-            ..Default::default()
-        },
-        topology: topology_cfg,
-        control: ControlConfig::with_token(super::random_hex(16)),
-    };
+    let (topology, common) = super::common_config(&nats.url);
     let ingest_cfg = super::on_loopback(&IngestConfig {
         sources: vec![SourceConfig {
             id: SOURCE_ID.into(),
-            name: "herald bench".into(),
+            name: "herald-bench".into(),
             write_key: Secret(write_key.clone()),
             atomic_publish: args.atomic,
             ..Default::default()
@@ -281,7 +270,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         .as_ref()
         .filter(|_| args.rate.is_none() && args.fixed_share == 0.5);
     println!();
-    println!("herald bench ingest ({}s per phase)", args.duration);
+    println!("herald-bench ingest ({}s per phase)", args.duration);
     println!(
         "  raw JetStream publish  {:>9} ev/s   {} acks in flight, {} B stored per message; {}; errors: {}",
         thousands(raw_rate as u64),
@@ -386,6 +375,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         },
     });
     println!("{summary}");
+    nats.stop().await;
     Ok(())
 }
 
@@ -486,7 +476,7 @@ async fn raw_publish(
     let mut cfg = topology.events_stream_config();
     cfg.name = RAW_STREAM.into();
     cfg.subjects = vec![format!("{RAW_SUBJECT_PREFIX}.*")];
-    cfg.description = Some("herald bench: raw publish baseline".into());
+    cfg.description = Some("herald-bench: raw publish baseline".into());
     js.create_stream(cfg)
         .await
         .context("creating the raw stream")?;

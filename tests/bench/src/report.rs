@@ -331,16 +331,15 @@ impl CpuMeter {
     }
 }
 
-/// `cpu: herald 1.20 (HTTP client 0.20) + nats-server 0.70 cores`; with a service process
-/// measured apart, `cpu: service 0.90 + herald bench 0.05 + nats-server 0.70 cores`.
+/// `cpu: herald-bench 1.20 (HTTP client 0.20) + nats-server 0.70 cores`; with a service process
+/// measured apart, `cpu: service 0.90 + herald-bench 0.05 + nats-server 0.70 cores`.
 pub fn cpu_summary(cpu: &Value) -> String {
     let client = cpu["http_client"].as_f64().unwrap_or(0.0);
     let service = cpu["service_process"]
         .as_f64()
         .map_or(String::new(), |c| format!("service {c:.2} + "));
     format!(
-        "cpu: {service}herald{} {:.2}{} + nats-server {:.2} cores",
-        if service.is_empty() { "" } else { " bench" },
+        "cpu: {service}herald-bench {:.2}{} + nats-server {:.2} cores",
         cpu["bench_process"].as_f64().unwrap_or(0.0),
         if client > 0.0 {
             format!(" (HTTP client {client:.2})")
