@@ -33,7 +33,7 @@ use super::events::{RawTemplate, SOURCE_ID, SegmentBatches};
 use super::nats::BenchNats;
 use super::report::{
     CLIENT_THREADS, Counters, CpuMeter, Errors, Latency, Progress, counter_by_label, cpu_summary,
-    load_average, machine, print_machine, ratio, round3, thousands,
+    load_average, per_second, print_machine, print_summary, ratio, round3, thousands,
 };
 
 /// The throughput target: ingest at least this share of raw publishing.
@@ -338,16 +338,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             .collect();
         println!("  atomic batches (--atomic): {}", list.join(", "));
     }
-    println!(
-        "  load average {:.2} before, {:.2} after (1 min)",
-        load_before[0], load_after[0]
-    );
-    let summary = json!({
-        "bench": "ingest",
-        "nats_server": nats.version,
-        "machine": machine(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
+    let fields = json!({
         "duration_s": args.duration,
         "batch": args.batch,
         "atomic_publish": args.atomic,
@@ -374,7 +365,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             "p99_met": half_rate_run.map(|r| r.latency.ms(0.99) < TARGET_P99_MS && r.ok_requests > 0),
         },
     });
-    println!("{summary}");
+    print_summary("ingest", &nats.version, load_before, load_after, fields);
     nats.stop().await;
     Ok(())
 }
@@ -431,7 +422,7 @@ struct RawRun {
 
 impl RawRun {
     fn events_per_s(&self) -> f64 {
-        self.acked as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.acked, self.elapsed)
     }
 }
 
@@ -473,13 +464,14 @@ async fn raw_publish(
     fixed: Option<RawFixed>,
 ) -> Result<(RawRun, Option<RawGroups>)> {
     let js = &raw.js;
-    let mut cfg = topology.events_stream_config();
-    cfg.name = RAW_STREAM.into();
-    cfg.subjects = vec![format!("{RAW_SUBJECT_PREFIX}.*")];
-    cfg.description = Some("herald-bench: raw publish baseline".into());
-    js.create_stream(cfg)
-        .await
-        .context("creating the raw stream")?;
+    super::create_stream_like(
+        js,
+        topology.events_stream_config(),
+        RAW_STREAM,
+        RAW_SUBJECT_PREFIX,
+        "raw publish baseline",
+    )
+    .await?;
     super::hold_interest(js, RAW_STREAM).await?;
 
     let per_task = (window / RAW_TASKS).max(1);
@@ -822,7 +814,7 @@ struct HttpRun {
 
 impl HttpRun {
     fn events_per_s(&self) -> f64 {
-        self.ok_events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.ok_events, self.elapsed)
     }
 
     fn json(&self, raw_rate: f64) -> Value {
@@ -988,18 +980,24 @@ async fn flat_out(
             })
         })
         .collect();
-    let mut tallies = Vec::with_capacity(workers.len());
-    for w in workers {
-        if let Ok(t) = w.await {
-            tallies.push(t);
-        }
-    }
+    let tallies = join_all(workers).await;
     let elapsed = started.elapsed();
     let cpu = cpu.stop();
     if let Some(p) = progress {
         p.finish().await;
     }
     finish(label, None, http, elapsed, tallies, cpu)
+}
+
+/// What the workers that finished tallied.
+async fn join_all(workers: Vec<tokio::task::JoinHandle<Tally>>) -> Vec<Tally> {
+    let mut tallies = Vec::with_capacity(workers.len());
+    for w in workers {
+        if let Ok(t) = w.await {
+            tallies.push(t);
+        }
+    }
+    tallies
 }
 
 /// Requests are due at a fixed rate (`rate` events a second, so `rate / batch` requests); each
@@ -1029,12 +1027,7 @@ async fn fixed_rate(
             })
         })
         .collect();
-    let mut tallies = Vec::with_capacity(workers.len());
-    for w in workers {
-        if let Ok(t) = w.await {
-            tallies.push(t);
-        }
-    }
+    let tallies = join_all(workers).await;
     // The offered load spans exactly `duration`; late answers must not stretch it.
     let elapsed = started.elapsed().max(duration);
     let cpu = cpu.stop();

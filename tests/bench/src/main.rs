@@ -160,6 +160,24 @@ async fn hold_interest(js: &jetstream::Context, stream: &str) -> Result<()> {
     Ok(())
 }
 
+/// Creates a stream with `like`'s settings (retention, limits, storage) under another name,
+/// on the subjects `<subject_prefix>.*`.
+async fn create_stream_like(
+    js: &jetstream::Context,
+    mut like: jetstream::stream::Config,
+    name: &str,
+    subject_prefix: &str,
+    what: &str,
+) -> Result<()> {
+    like.name = name.into();
+    like.subjects = vec![format!("{subject_prefix}.*")];
+    like.description = Some(format!("herald-bench: {what}"));
+    js.create_stream(like)
+        .await
+        .with_context(|| format!("creating the {what} stream {name}"))?;
+    Ok(())
+}
+
 /// Messages and bytes a stream holds.
 async fn stream_state(js: &jetstream::Context, stream: &str) -> Result<(u64, u64)> {
     let mut s = js.get_stream(stream).await?;

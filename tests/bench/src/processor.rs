@@ -37,8 +37,8 @@ use serde_json::{Value, json};
 use super::events::EventFactory;
 use super::nats::BenchNats;
 use super::report::{
-    Counters, CpuMeter, Errors, Progress, cpu_summary, load_average, machine, pid_status_mib,
-    print_machine, ratio, round3, samples, thousands,
+    Counters, CpuMeter, Errors, Progress, cpu_summary, load_average, per_second, pid_status_mib,
+    print_machine, print_summary, ratio, round3, samples, thousands,
 };
 
 /// The throughput target: the processor at least this share of the KV baseline.
@@ -310,16 +310,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
         cache_mib + TARGET_RSS_HEADROOM_MIB,
         if rss_ok { "met" } else { "NOT met" }
     );
-    println!(
-        "  load average {:.2} before, {:.2} after (1 min)",
-        load_before[0], load_after[0]
-    );
-    let summary = json!({
-        "bench": "processor",
-        "nats_server": nats.version,
-        "machine": machine(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
+    let fields = json!({
         "users": users,
         "events": total,
         "stored_bytes_per_event": stored_bytes / stored.max(1),
@@ -349,7 +340,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
             "rss_met": rss_ok,
         },
     });
-    println!("{summary}");
+    print_summary("processor", &nats.version, load_before, load_after, fields);
     nats.stop().await;
     Ok(())
 }
@@ -409,7 +400,7 @@ struct Throughput {
 
 impl Throughput {
     fn events_per_s(&self) -> f64 {
-        self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.done, self.elapsed)
     }
 }
 
@@ -515,13 +506,14 @@ async fn baseline(
     let durable = name.to_lowercase().replace('_', "-");
     let out_prefix = durable.clone();
     let topology = Topology::new(TopologyConfig::default());
-    let mut out = topology.processed_stream_config();
-    out.name = name.into();
-    out.subjects = vec![format!("{out_prefix}.*")];
-    out.description = Some("herald-bench: baseline output".into());
-    js.create_stream(out)
-        .await
-        .context("creating a baseline output stream")?;
+    super::create_stream_like(
+        js,
+        topology.processed_stream_config(),
+        name,
+        &out_prefix,
+        "baseline output",
+    )
+    .await?;
     let bucket = match kv_topology {
         Some(t) => Some(
             js.create_key_value(kv::Config {
@@ -928,7 +920,7 @@ struct ProcessorRun {
 
 impl ProcessorRun {
     fn events_per_s(&self) -> f64 {
-        self.processed as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.processed, self.elapsed)
     }
 }
 
