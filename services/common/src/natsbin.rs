@@ -328,16 +328,6 @@ impl Launch {
         self
     }
 
-    /// The binary.
-    pub fn binary(&self) -> &Path {
-        &self.binary
-    }
-
-    /// The file the server's output is appended to.
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// The command-line arguments.
     pub fn command_args(&self) -> Vec<OsString> {
         let port = |p: Option<u16>| p.map_or_else(|| "-1".to_owned(), |p| p.to_string());
@@ -449,11 +439,6 @@ impl NatsProcess {
     /// Its process id (`None` once it has been reaped).
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
-    }
-
-    /// The file its output is appended to.
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// Fails with [`LaunchError::Exited`] (and the log tail) once it has exited.

@@ -15,6 +15,7 @@ mod processor;
 mod report;
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -55,9 +56,17 @@ enum BenchCommand {
     Processor(processor::ProcessorArgs),
 }
 
+/// A failed run prints its error chain on one line, without a backtrace (even with
+/// `RUST_BACKTRACE` set), and exits with 1.
 #[tokio::main]
-async fn main() -> Result<()> {
-    run(Cli::parse().command).await
+async fn main() -> ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("herald-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs one benchmark; Ctrl-C stops it (and its nats-server).

@@ -361,6 +361,7 @@ async fn processor_bench_says_what_to_do_when_the_herald_binary_is_not_there() -
     let flag = Command::new(HERALD_BENCH)
         .args(["processor", "--herald-bin", "/nonexistent/herald"])
         .env_remove("HERALD_BIN")
+        .env("RUST_BACKTRACE", "1")
         .output()
         .await?;
     let env = Command::new(HERALD_BENCH)
@@ -379,6 +380,7 @@ async fn processor_bench_says_what_to_do_when_the_herald_binary_is_not_there() -
             stderr.contains("cargo build --release -p herald"),
             "{stderr}"
         );
+        assert!(!stderr.contains("backtrace"), "{stderr}");
     }
     Ok(())
 }
