@@ -11,7 +11,6 @@ mod binary;
 mod cluster;
 mod dev;
 mod events;
-mod process;
 mod server;
 mod wait;
 mod webhook;
