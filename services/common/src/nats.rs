@@ -284,14 +284,15 @@ pub async fn wait_for_stream(
     name: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<stream::Stream> {
-    let mut warned = false;
+    let mut noted = false;
     loop {
         match js.get_stream(name).await {
             Ok(s) => return Some(s),
             Err(e) => {
-                if !warned {
-                    tracing::warn!(stream = name, error = %e, "waiting for stream (created by its owning service)");
-                    warned = true;
+                if !noted {
+                    // Normal on a first start: the owner creates it in a moment.
+                    tracing::info!(stream = name, error = %e, "waiting for stream (created by its owning service)");
+                    noted = true;
                 }
             }
         }
