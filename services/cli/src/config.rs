@@ -85,21 +85,50 @@ impl Config {
     pub fn listens(&self) -> [(Listen, &str); 8] {
         let l = |section, key, what| Listen { section, key, what };
         [
-            (l("ingest", "http_addr", "HTTP API port"), &self.ingest.http_addr),
-            (l("ingest", "grpc_addr", "gRPC control port"), &self.ingest.grpc_addr),
-            (l("ingest", "admin_addr", "admin port"), &self.ingest.admin_addr),
-            (l("processor", "http_addr", "profile API port"), &self.processor.http_addr),
-            (l("processor", "grpc_addr", "gRPC control port"), &self.processor.grpc_addr),
-            (l("processor", "admin_addr", "admin port"), &self.processor.admin_addr),
-            (l("activator", "grpc_addr", "gRPC control port"), &self.activator.grpc_addr),
-            (l("activator", "admin_addr", "admin port"), &self.activator.admin_addr),
+            (
+                l("ingest", "http_addr", "HTTP API port"),
+                &self.ingest.http_addr,
+            ),
+            (
+                l("ingest", "grpc_addr", "gRPC control port"),
+                &self.ingest.grpc_addr,
+            ),
+            (
+                l("ingest", "admin_addr", "admin port"),
+                &self.ingest.admin_addr,
+            ),
+            (
+                l("processor", "http_addr", "profile API port"),
+                &self.processor.http_addr,
+            ),
+            (
+                l("processor", "grpc_addr", "gRPC control port"),
+                &self.processor.grpc_addr,
+            ),
+            (
+                l("processor", "admin_addr", "admin port"),
+                &self.processor.admin_addr,
+            ),
+            (
+                l("activator", "grpc_addr", "gRPC control port"),
+                &self.activator.grpc_addr,
+            ),
+            (
+                l("activator", "admin_addr", "admin port"),
+                &self.activator.admin_addr,
+            ),
         ]
     }
 
     /// Adds a hint to a service's start error when an address could not be bound: which
     /// setting it is and how to move it. `run` is the command that was run (`herald dev`,
     /// `herald ingest`); `flags` maps a `section.key` to the command's flag for it.
-    pub fn bind_hint(&self, err: anyhow::Error, run: &str, flags: &[(&str, &str)]) -> anyhow::Error {
+    pub fn bind_hint(
+        &self,
+        err: anyhow::Error,
+        run: &str,
+        flags: &[(&str, &str)],
+    ) -> anyhow::Error {
         let Some(bind) = err.chain().find_map(|c| c.downcast_ref::<BindError>()) else {
             return err;
         };

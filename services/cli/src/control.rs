@@ -272,12 +272,22 @@ pub async fn destinations_list(control: &Control) -> Result<()> {
         .into_inner();
     outln!(
         "{:<24} {:<8} {:>10} {:>12} {:>10} {:>8}",
-        "ID", "KIND", "PENDING", "ACK_PENDING", "DELIVERED", "FAILED"
+        "ID",
+        "KIND",
+        "PENDING",
+        "ACK_PENDING",
+        "DELIVERED",
+        "FAILED"
     );
     for d in res.destinations {
         outln!(
             "{:<24} {:<8} {:>10} {:>12} {:>10} {:>8}",
-            d.id, d.kind, d.pending, d.ack_pending, d.delivered, d.failed_attempts
+            d.id,
+            d.kind,
+            d.pending,
+            d.ack_pending,
+            d.delivered,
+            d.failed_attempts
         );
     }
     Ok(())

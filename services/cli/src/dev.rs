@@ -84,8 +84,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
     telemetry::init_tracing(&cfg.log);
     std::fs::create_dir_all(&args.data_dir).map_err(|e| {
         hint(
-            anyhow::Error::new(e)
-                .context(format!("cannot create the data dir {}", args.data_dir.display())),
+            anyhow::Error::new(e).context(format!(
+                "cannot create the data dir {}",
+                args.data_dir.display()
+            )),
             "pass a writable directory with --data-dir",
         )
     })?;

@@ -132,7 +132,11 @@ mod tests {
         let err = hint(err, "start it");
         assert_eq!(
             chain(&err),
-            ["cannot reach the ingest control API", "cannot connect", "refused"]
+            [
+                "cannot reach the ingest control API",
+                "cannot connect",
+                "refused"
+            ]
         );
         assert_eq!(hint_for(&err).as_deref(), Some("start it"));
     }

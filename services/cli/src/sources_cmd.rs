@@ -116,7 +116,11 @@ pub async fn run(cmd: SourcesCommand, control: &Control) -> Result<()> {
             }
             outln!(
                 "{:<24} {:<8} {:<7} {:<12} {:<7} NAME",
-                "ID", "ENABLED", "SECRET", "RATE_LIMIT", "CONFIG"
+                "ID",
+                "ENABLED",
+                "SECRET",
+                "RATE_LIMIT",
+                "CONFIG"
             );
             for s in res.sources {
                 let settings = s.settings.unwrap_or_default();

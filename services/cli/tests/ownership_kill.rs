@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,12 +13,14 @@ use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
 use herald_common::Topology;
 use herald_common::auth::BearerToken;
-use herald_common::partition::partition_for;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
-use herald_proto::v1::{Event, EventType, GetStatusRequest, GetStatusResponse, ProcessedEvent};
-use herald_testkit::{NatsServer, free_port, wait_until};
+use herald_proto::v1::{EventType, GetStatusRequest, GetStatusResponse, ProcessedEvent};
+use herald_testkit::{
+    NatsServer, control_channel, free_port, protobuf_track, spawn_role, user_per_partition,
+    wait_ready, wait_until, write_config,
+};
 use prost::Message as _;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -46,18 +47,13 @@ struct Processor {
 impl Processor {
     async fn spawn(dir: &Path, name: &str, nats: &str) -> Result<Self> {
         let (admin, grpc) = (free_port(), free_port());
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
+        let config = write_config(
+            dir,
+            name,
+            nats,
+            TOKEN,
+            &format!(
                 r#"
-[nats]
-servers = "{nats}"
-request_timeout_ms = 2000
-
-[control]
-token = "{TOKEN}"
-
 [processor]
 grpc_addr = "127.0.0.1:{grpc}"
 http_addr = "127.0.0.1:0"
@@ -75,34 +71,24 @@ pin_timeout_seconds = {pin}
                 pin = PIN_TIMEOUT.as_secs(),
             ),
         )?;
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("processor")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning herald processor {name}"))?;
-        let url = format!("http://127.0.0.1:{admin}/readyz");
-        wait_until(&format!("processor {name} is ready"), WAIT, || async {
-            reqwest::get(&url)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
+        let child = spawn_role(
+            Path::new(env!("CARGO_BIN_EXE_herald")),
+            "processor",
+            &config,
+            &dir.join(format!("{name}.log")),
+        )?;
+        wait_ready(
+            &format!("processor {name} is ready"),
+            format!("127.0.0.1:{admin}"),
+            WAIT,
+        )
         .await?;
         Ok(Self { child, grpc })
     }
 
     async fn client(&self) -> Result<StatusClient> {
-        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc))?
-            .connect()
-            .await?;
-        Ok(ProcessorServiceClient::with_interceptor(
-            channel,
-            BearerToken::new(TOKEN)?,
+        Ok(ProcessorServiceClient::new(
+            control_channel(format!("127.0.0.1:{}", self.grpc), TOKEN).await?,
         ))
     }
 }
@@ -124,33 +110,6 @@ fn active(s: &GetStatusResponse) -> BTreeSet<u32> {
         .collect()
 }
 
-/// One user per partition, so that load reaches every partition.
-fn users() -> Vec<String> {
-    (0..PARTITIONS)
-        .map(|p| {
-            (0..)
-                .map(|i| format!("user-{i}"))
-                .find(|u| partition_for(u, PARTITIONS) == p)
-                .expect("some user falls in every partition")
-        })
-        .collect()
-}
-
-fn event(user: &str, seq: u64) -> Event {
-    Event {
-        id: format!("kill:{user}-{seq}"),
-        message_id: format!("{user}-{seq}"),
-        source_id: "kill".into(),
-        r#type: EventType::Track as i32,
-        name: "Tick".into(),
-        user_id: user.into(),
-        partition_key: user.into(),
-        partition: partition_for(user, PARTITIONS),
-        properties: format!("{{\"seq\":{seq}}}").into_bytes(),
-        ..Default::default()
-    }
-}
-
 /// Publishes one round (one event per user) every 50 ms until `stop`; `rounds` counts them.
 fn load(
     js: jetstream::Context,
@@ -159,12 +118,12 @@ fn load(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<u64>> {
     tokio::spawn(async move {
-        let users = users();
+        let users = user_per_partition(PARTITIONS);
         let mut seq = 0;
         while !stop.is_cancelled() {
             let mut acks = Vec::new();
             for user in &users {
-                let e = event(user, seq);
+                let e = protobuf_track("kill", user, seq, PARTITIONS);
                 acks.push(
                     js.send_publish(
                         topology.events_subject(e.partition),
