@@ -33,8 +33,22 @@ pub struct Config {
 }
 
 impl Config {
-    /// Loads the config, with `extra` layered between the defaults and the file.
-    pub fn load(file: Option<&Path>, extra: Option<Figment>) -> Result<Self, ConfigError> {
+    /// Loads the config, with `extra` layered between the defaults and the file; an error
+    /// carries a hint about where to look.
+    pub fn load(file: Option<&Path>, extra: Option<Figment>) -> anyhow::Result<Self> {
+        Self::load_checked(file, extra).map_err(|e| {
+            let place = match file {
+                Some(f) => format!("{} and the HERALD__* variables", f.display()),
+                None => "the HERALD__* variables".into(),
+            };
+            crate::output::hint(
+                e,
+                format!("check {place}; docs/operations.md lists every key"),
+            )
+        })
+    }
+
+    fn load_checked(file: Option<&Path>, extra: Option<Figment>) -> Result<Self, ConfigError> {
         let cfg: Config = herald_common::config::load(file, extra)?;
         cfg.topology.validate()?;
         Ok(cfg)

@@ -180,18 +180,28 @@ pub fn rpc_error(service: &str, status: tonic::Status) -> anyhow::Error {
     use tonic::Code;
     let message = status.message();
     match status.code() {
-        Code::Unauthenticated => anyhow!(
-            "the {service} control API refused the token ({message}); pass the token the \
-             services are configured with (control.token) via --token or HERALD_TOKEN"
+        Code::Unauthenticated => hint(
+            anyhow!("the {service} control API refused the token ({message})"),
+            "pass the token the services are configured with (control.token) via --token or \
+             HERALD_TOKEN",
         ),
-        Code::Unavailable => anyhow!(
-            "the {service} control API is unavailable: {message}; check that it runs and is \
-             ready (its /readyz), then retry"
+        Code::Unavailable => hint(
+            anyhow!("the {service} control API is unavailable: {message}"),
+            "check that it runs and is ready (its /readyz), then retry",
         ),
-        Code::Unimplemented => anyhow!(
-            "the {service} control API does not know this call ({message}); is the server the \
-             same Herald version as this CLI?"
+        Code::Unimplemented => hint(
+            anyhow!("the {service} control API does not know this call ({message})"),
+            "is the server the same Herald version as this CLI?",
         ),
+        Code::DeadlineExceeded => hint(
+            anyhow!("the {service} control API did not answer in time: {message}"),
+            "retry; if it persists, check the service's /readyz and its logs",
+        ),
+        Code::Internal | Code::Unknown | Code::DataLoss => hint(
+            anyhow!("the {service} control API failed: {message}"),
+            format!("see the {service}'s logs"),
+        ),
+        // The services' own messages name the fix (e.g. "... not found: see herald sources list").
         _ => anyhow!("{message}"),
     }
 }

@@ -309,7 +309,10 @@ async fn wait_ready(name: &str, admin: std::net::SocketAddr, deadline: Instant) 
                     Ok(r) => r.text().await.unwrap_or_default(),
                     Err(e) => e.to_string(),
                 };
-                bail!("{name} did not become ready within 60 s: {why}");
+                return Err(hint(
+                    anyhow!("{name} did not become ready within 60 s: {why}"),
+                    "run again with RUST_LOG=info to see what it waits for",
+                ));
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }

@@ -2,22 +2,21 @@
 //! SIGKILL mid-stream, and the other takes its partitions over within a few times the
 //! configured limit, losing nothing and keeping each user's events in order.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
+use anyhow::{Context, Result};
+use async_nats::jetstream;
 use herald_common::Topology;
 use herald_common::auth::BearerToken;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
-use herald_proto::v1::{EventType, GetStatusRequest, GetStatusResponse, ProcessedEvent};
+use herald_proto::v1::{GetStatusRequest, GetStatusResponse};
 use herald_testkit::{
-    NatsServer, control_channel, free_port, protobuf_track, spawn_role, user_per_partition,
-    wait_ready, wait_until, write_config,
+    NatsServer, check_processed_in_order, control_channel, free_port, protobuf_track, spawn_role,
+    user_per_partition, wait_ready, wait_until, write_config,
 };
 use prost::Message as _;
 use tokio::process::Child;
@@ -154,55 +153,6 @@ async fn more_rounds(rounds: &AtomicU64, n: u64) -> Result<()> {
     .await
 }
 
-/// Checks every user's events `0..rounds` reached the processed stream, each once, in order.
-async fn check_processed(js: &jetstream::Context, topology: &Topology, rounds: u64) -> Result<()> {
-    let total = PARTITIONS as usize * rounds as usize;
-    let consumer = js
-        .get_stream(topology.processed_stream())
-        .await?
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer
-        .stream()
-        .heartbeat(Duration::from_secs(1))
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await?;
-    let mut per_user: HashMap<String, Vec<u64>> = HashMap::new();
-    let mut seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen < total {
-        let msg = tokio::time::timeout_at(deadline, messages.next())
-            .await
-            .with_context(|| format!("only {seen} of {total} events were processed"))?
-            .context("the processed stream ended")??;
-        let Some(e) = ProcessedEvent::decode(msg.payload.as_ref())?.event else {
-            continue;
-        };
-        if e.r#type != EventType::Track as i32 {
-            continue;
-        }
-        let (user, seq) = e.message_id.rsplit_once('-').context("user-seq")?;
-        per_user
-            .entry(user.to_string())
-            .or_default()
-            .push(seq.parse()?);
-        seen += 1;
-    }
-    for (user, seqs) in per_user {
-        let expected: Vec<u64> = (0..rounds).collect();
-        ensure!(
-            seqs == expected,
-            "{user}: events missing, repeated or out of order: {seqs:?}"
-        );
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_processor_s_partitions_are_taken_over_without_loss_or_reordering() -> Result<()> {
     let nats = NatsServer::start().await?;
@@ -261,8 +211,13 @@ async fn a_killed_processor_s_partitions_are_taken_over_without_loss_or_reorderi
     more_rounds(&rounds, 20).await?;
     stop.cancel();
     let published = load.await??;
-    check_processed(&js, &topology, published)
-        .await
-        .with_context(|| format!("logs in {}", logs.display()))?;
+    check_processed_in_order(
+        &js,
+        &topology.processed_stream(),
+        PARTITIONS as usize,
+        published,
+    )
+    .await
+    .with_context(|| format!("logs in {}", logs.display()))?;
     Ok(())
 }

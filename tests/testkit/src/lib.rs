@@ -13,6 +13,7 @@ mod cluster;
 mod dev;
 mod events;
 mod herald;
+mod order;
 mod process;
 mod server;
 mod wait;
@@ -26,6 +27,7 @@ pub use events::{
     user_per_partition,
 };
 pub use herald::{CliOutput, HeraldCli, common_config, control_channel, spawn_role, write_config};
+pub use order::check_processed_in_order;
 pub use server::NatsServer;
 pub use wait::{free_port, wait_ready, wait_until};
 pub use webhook::{Received, WebhookServer};
