@@ -14,7 +14,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use herald_common::server::ServiceHandle;
+use herald_common::telemetry::PrometheusHandle;
 use herald_common::{server, telemetry};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigArg};
 use crate::control::{ActivatorApi, IngestApi, ProcessorApi};
@@ -134,46 +137,22 @@ async fn main() -> ExitCode {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Ingest(args) => {
-            let cfg = Config::load(args.config.as_deref(), None)?;
-            telemetry::init_tracing(&cfg.log);
-            let h = herald_ingest::start(
-                &cfg.common(),
-                &cfg.ingest,
-                telemetry::metrics(),
-                server::shutdown_on_signals(),
-            )
-            .await
-            .context("starting ingest")
-            .map_err(|e| cfg.bind_hint(e, "herald ingest", &[]))?;
-            h.task.await?;
+            role(args, "ingest", |cfg, metrics, shutdown| async move {
+                herald_ingest::start(&cfg.common(), &cfg.ingest, metrics, shutdown).await
+            })
+            .await?
         }
         Command::Processor(args) => {
-            let cfg = Config::load(args.config.as_deref(), None)?;
-            telemetry::init_tracing(&cfg.log);
-            let h = herald_processor::start(
-                &cfg.common(),
-                &cfg.processor,
-                telemetry::metrics(),
-                server::shutdown_on_signals(),
-            )
-            .await
-            .context("starting the processor")
-            .map_err(|e| cfg.bind_hint(e, "herald processor", &[]))?;
-            h.task.await?;
+            role(args, "processor", |cfg, metrics, shutdown| async move {
+                herald_processor::start(&cfg.common(), &cfg.processor, metrics, shutdown).await
+            })
+            .await?
         }
         Command::Activator(args) => {
-            let cfg = Config::load(args.config.as_deref(), None)?;
-            telemetry::init_tracing(&cfg.log);
-            let h = herald_activator::start(
-                &cfg.common(),
-                &cfg.activator,
-                telemetry::metrics(),
-                server::shutdown_on_signals(),
-            )
-            .await
-            .context("starting the activator")
-            .map_err(|e| cfg.bind_hint(e, "herald activator", &[]))?;
-            h.task.await?;
+            role(args, "activator", |cfg, metrics, shutdown| async move {
+                herald_activator::start(&cfg.common(), &cfg.activator, metrics, shutdown).await
+            })
+            .await?
         }
         Command::Dev(args) => dev::run(args).await?,
         Command::Sources { api, cmd } => sources_cmd::run(cmd, &api.control()).await?,
@@ -194,5 +173,27 @@ async fn run(command: Command) -> Result<()> {
         } => control::destinations_list(&api.control()).await?,
         Command::Bench(cmd) => bench::run(cmd).await?,
     }
+    Ok(())
+}
+
+/// Runs one service role (`herald ingest|processor|activator`) until SIGTERM or Ctrl-C: loads
+/// the config, starts logging, starts the service with `start`, waits for it to stop.
+async fn role<F, Fut, E>(args: ConfigArg, name: &str, start: F) -> Result<()>
+where
+    F: FnOnce(Config, PrometheusHandle, CancellationToken) -> Fut,
+    Fut: Future<Output = std::result::Result<ServiceHandle, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let cfg = Config::load(args.config.as_deref(), None)?;
+    telemetry::init_tracing(&cfg.log);
+    let h = start(
+        cfg.clone(),
+        telemetry::metrics(),
+        server::shutdown_on_signals(),
+    )
+    .await
+    .with_context(|| format!("starting {name}"))
+    .map_err(|e| cfg.bind_hint(e, &format!("herald {name}"), &[]))?;
+    h.task.await?;
     Ok(())
 }

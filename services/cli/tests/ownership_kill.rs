@@ -15,10 +15,9 @@ use herald_common::auth::BearerToken;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
 use herald_proto::v1::{GetStatusRequest, GetStatusResponse};
 use herald_testkit::{
-    NatsServer, check_processed_in_order, control_channel, free_port, protobuf_track, spawn_role,
-    user_per_partition, wait_ready, wait_until, write_config,
+    NatsServer, check_processed_in_order, control_channel, free_port, protobuf_track,
+    publish_as_ingest, spawn_role, user_per_partition, wait_ready, wait_until, write_config,
 };
-use prost::Message as _;
 use tokio::process::Child;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -120,22 +119,11 @@ fn load(
         let users = user_per_partition(PARTITIONS);
         let mut seq = 0;
         while !stop.is_cancelled() {
-            let mut acks = Vec::new();
-            for user in &users {
-                let e = protobuf_track("kill", user, seq, PARTITIONS);
-                acks.push(
-                    js.send_publish(
-                        topology.events_subject(e.partition),
-                        jetstream::message::PublishMessage::build()
-                            .payload(e.encode_to_vec().into())
-                            .message_id(&e.id),
-                    )
-                    .await?,
-                );
-            }
-            for ack in acks {
-                ack.await?;
-            }
+            let round: Vec<_> = users
+                .iter()
+                .map(|user| protobuf_track("kill", user, seq, PARTITIONS))
+                .collect();
+            publish_as_ingest(&js, &topology, round).await?;
             seq += 1;
             rounds.store(seq, Ordering::SeqCst);
             // Pacing of the load, not synchronisation.

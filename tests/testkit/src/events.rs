@@ -1,7 +1,9 @@
 //! Builders of input events (Segment JSON, and protobuf `Event`s as ingest publishes them),
 //! and sending them to ingest's HTTP API.
 
+use async_nats::jetstream;
 use chrono::{SecondsFormat, Utc};
+use herald_common::Topology;
 use herald_common::partition::partition_for;
 use herald_proto::v1::{Event, EventType};
 use serde_json::{Value, json};
@@ -87,6 +89,38 @@ pub fn protobuf_track(source: &str, user: &str, seq: u64, partitions: u32) -> Ev
         properties: format!("{{\"seq\":{seq}}}").into_bytes(),
         ..Default::default()
     }
+}
+
+/// Publishes `events` to their partitions' subjects of the events stream, each with its id as
+/// the message id, pipelined (as ingest does), then awaits every acknowledgement. Returns how
+/// many were published.
+///
+/// # Errors
+///
+/// When a publish or an acknowledgement fails.
+pub async fn publish_as_ingest(
+    js: &jetstream::Context,
+    topology: &Topology,
+    events: impl IntoIterator<Item = Event>,
+) -> anyhow::Result<u64> {
+    use prost::Message as _;
+    let mut acks = Vec::new();
+    for e in events {
+        acks.push(
+            js.send_publish(
+                topology.events_subject(e.partition),
+                jetstream::message::PublishMessage::build()
+                    .payload(e.encode_to_vec().into())
+                    .message_id(&e.id),
+            )
+            .await?,
+        );
+    }
+    let n = acks.len() as u64;
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(n)
 }
 
 fn now_rfc3339() -> String {
