@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-
 use herald_common::Secret;
 use herald_ingest::{IngestConfig, SourceConfig};
 use herald_testkit::{HeraldCli, NatsServer, common_config, wait_ready, wait_until};

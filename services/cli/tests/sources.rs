@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use herald_testkit::{CliOutput, HeraldCli, HeraldDev, post_segment_track, wait_until};
 
 /// `herald sources` against a running dev.
@@ -27,20 +27,20 @@ impl Sources {
 
     /// Runs `herald sources <args>` in `cwd`, with no token but what `./.herald/token` holds.
     async fn sources(&self, cwd: &Path, args: &[&str]) -> Result<CliOutput> {
-        let args: Vec<&str> = ["sources"]
-            .into_iter()
-            .chain(args.iter().copied())
-            .collect();
-        self.cli.clone().current_dir(cwd).run(&args).await
+        self.cli
+            .clone()
+            .current_dir(cwd)
+            .run(&with_sources(args))
+            .await
     }
 
     /// Like [`Sources::sources`], and it must succeed; returns stdout.
     async fn ok(&self, cwd: &Path, args: &[&str]) -> Result<String> {
-        let out = self.sources(cwd, args).await?;
-        if !out.ok {
-            bail!("herald sources {args:?} failed:\n{}", out.stderr);
-        }
-        Ok(out.stdout)
+        self.cli
+            .clone()
+            .current_dir(cwd)
+            .ok(&with_sources(args))
+            .await
     }
 
     async fn wait_status(&self, key: &str, want: u16, what: &str) -> Result<()> {
@@ -55,6 +55,14 @@ impl Sources {
     async fn stop(self) -> Result<()> {
         self.dev.stop().await
     }
+}
+
+/// `["sources", args...]`.
+fn with_sources<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    ["sources"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect()
 }
 
 /// The value printed after `label` (e.g. `write key:`).
