@@ -1,9 +1,10 @@
 //! The whole configuration file: one section per service plus the shared ones.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use herald_activator::ActivatorConfig;
+use herald_common::server::BindError;
 use herald_common::{
     CommonConfig, ConfigError, ControlConfig, LogConfig, NatsConfig, TopologyConfig,
 };
@@ -32,8 +33,22 @@ pub struct Config {
 }
 
 impl Config {
-    /// Loads the config, with `extra` layered between the defaults and the file.
-    pub fn load(file: Option<&Path>, extra: Option<Figment>) -> Result<Self, ConfigError> {
+    /// Loads the config, with `extra` layered between the defaults and the file; an error
+    /// carries a hint about where to look.
+    pub fn load(file: Option<&Path>, extra: Option<Figment>) -> anyhow::Result<Self> {
+        Self::load_checked(file, extra).map_err(|e| {
+            let place = match file {
+                Some(f) => format!("{} and the HERALD__* variables", f.display()),
+                None => "the HERALD__* variables".into(),
+            };
+            crate::output::hint(
+                e,
+                format!("check {place}; docs/operations.md lists every key"),
+            )
+        })
+    }
+
+    fn load_checked(file: Option<&Path>, extra: Option<Figment>) -> Result<Self, ConfigError> {
         let cfg: Config = herald_common::config::load(file, extra)?;
         cfg.topology.validate()?;
         Ok(cfg)
@@ -46,6 +61,106 @@ impl Config {
             topology: self.topology.clone(),
             control: self.control.clone(),
         }
+    }
+}
+
+/// `--config`, on the commands that load the configuration (the roles and `herald dev`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// TOML config file (layered over defaults; HERALD__SECTION__KEY env vars win).
+    #[arg(long, short, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// One address a service listens on: where it is configured and what it serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen {
+    /// The config section (`ingest`, `processor`, `activator`).
+    pub section: &'static str,
+    /// The key in the section (`http_addr`, ...).
+    pub key: &'static str,
+    /// What the port serves, for messages ("HTTP API port").
+    pub what: &'static str,
+}
+
+impl Listen {
+    /// The `HERALD__SECTION__KEY` variable that sets it.
+    pub fn env_var(&self) -> String {
+        format!(
+            "HERALD__{}__{}",
+            self.section.to_uppercase(),
+            self.key.to_uppercase()
+        )
+    }
+}
+
+impl Config {
+    /// Every address the services listen on, with its configured value.
+    pub fn listens(&self) -> [(Listen, &str); 8] {
+        let l = |section, key, what| Listen { section, key, what };
+        [
+            (
+                l("ingest", "http_addr", "HTTP API port"),
+                &self.ingest.http_addr,
+            ),
+            (
+                l("ingest", "grpc_addr", "gRPC control port"),
+                &self.ingest.grpc_addr,
+            ),
+            (
+                l("ingest", "admin_addr", "admin port"),
+                &self.ingest.admin_addr,
+            ),
+            (
+                l("processor", "http_addr", "profile API port"),
+                &self.processor.http_addr,
+            ),
+            (
+                l("processor", "grpc_addr", "gRPC control port"),
+                &self.processor.grpc_addr,
+            ),
+            (
+                l("processor", "admin_addr", "admin port"),
+                &self.processor.admin_addr,
+            ),
+            (
+                l("activator", "grpc_addr", "gRPC control port"),
+                &self.activator.grpc_addr,
+            ),
+            (
+                l("activator", "admin_addr", "admin port"),
+                &self.activator.admin_addr,
+            ),
+        ]
+    }
+
+    /// Adds a hint to a service's start error when an address could not be bound: which
+    /// setting it is and how to move it. `run` is the command that was run (`herald dev`,
+    /// `herald ingest`); `flags` maps a `section.key` to the command's flag for it.
+    pub fn bind_hint(
+        &self,
+        err: anyhow::Error,
+        run: &str,
+        flags: &[(&str, &str)],
+    ) -> anyhow::Error {
+        let Some(bind) = err.chain().find_map(|c| c.downcast_ref::<BindError>()) else {
+            return err;
+        };
+        let Some((listen, _)) = self.listens().into_iter().find(|(_, v)| *v == bind.addr) else {
+            return err;
+        };
+        let setting = format!("{}.{}", listen.section, listen.key);
+        let how = match flags.iter().find(|(k, _)| *k == setting) {
+            Some((_, flag)) => format!("{flag} / {}", listen.env_var()),
+            None => format!("{setting} in --config / {}", listen.env_var()),
+        };
+        let why = if bind.source.kind() == std::io::ErrorKind::AddrInUse {
+            format!("{} is in use: another {run}? stop it, or", bind.addr)
+        } else {
+            format!("{} cannot be used:", bind.addr)
+        };
+        let hint = format!("{why} move {}'s {} with {how}", listen.section, listen.what);
+        crate::output::hint(err, hint)
     }
 }
 

@@ -1,26 +1,32 @@
 //! `herald dev`: a nats-server child, the three services in one process, a default source and a
 //! log destination: a working Herald on a laptop with one command.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use figment::Figment;
 use figment::providers::Serialized;
 use herald_activator::{DestinationConfig, DestinationKind};
 use herald_common::natsbin::{self, Launch, NatsProcess};
+use herald_common::server::ServiceHandle;
 use herald_common::{ControlConfig, Secret, server, telemetry};
 use herald_ingest::SourceConfig;
 use rand::Rng;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigArg};
+use crate::output::hint;
 
 /// Options of `herald dev`.
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// Address of the Segment/mParticle HTTP API.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub ingest_addr: String,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Address of the Segment/mParticle HTTP API [default: ingest.http_addr from the config or
+    /// HERALD__INGEST__HTTP_ADDR, else 127.0.0.1:8080].
+    #[arg(long)]
+    pub ingest_addr: Option<String>,
     /// Write key of the default source (default: reused from the data dir, else generated).
     #[arg(long)]
     pub write_key: Option<String>,
@@ -36,9 +42,17 @@ pub struct DevArgs {
     pub data_dir: PathBuf,
 }
 
+/// Dev's log filter when neither `RUST_LOG` nor `log.filter` is set: warnings and errors only,
+/// so that the banner, the ready lines and the delivered events are what a first run shows.
+const DEV_LOG_FILTER: &str = "warn";
+
+/// The flags of `herald dev` that set a listen address, by config key (for port-clash hints).
+const DEV_FLAGS: &[(&str, &str)] = &[("ingest.http_addr", "--ingest-addr")];
+
 /// Dev defaults: every port on loopback, the ports of the documented defaults.
 fn dev_layer() -> Figment {
     Figment::new()
+        .merge(Serialized::default("ingest.http_addr", "127.0.0.1:8080"))
         .merge(Serialized::default("ingest.grpc_addr", "127.0.0.1:50051"))
         .merge(Serialized::default("ingest.admin_addr", "127.0.0.1:9091"))
         .merge(Serialized::default(
@@ -61,13 +75,19 @@ fn dev_layer() -> Figment {
 }
 
 /// Runs `herald dev` until Ctrl-C or SIGTERM.
-pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
-    let mut cfg = Config::load(config_file, Some(dev_layer()))?;
+pub async fn run(args: DevArgs) -> Result<()> {
+    let mut cfg = Config::load(args.config.config.as_deref(), Some(dev_layer()))?;
+    if cfg.log.filter.is_none() {
+        cfg.log.filter = Some(DEV_LOG_FILTER.into());
+    }
     telemetry::init_tracing(&cfg.log);
-    std::fs::create_dir_all(&args.data_dir).with_context(|| {
-        format!(
-            "cannot create the data dir {}: pass a writable --data-dir",
-            args.data_dir.display()
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+        hint(
+            anyhow::Error::new(e).context(format!(
+                "cannot create the data dir {}",
+                args.data_dir.display()
+            )),
+            "pass a writable directory with --data-dir",
         )
     })?;
     let data_dir = args.data_dir.canonicalize()?;
@@ -85,7 +105,9 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
     };
 
     cfg.nats.servers = nats_url.clone();
-    cfg.ingest.http_addr = args.ingest_addr.clone();
+    if let Some(addr) = args.ingest_addr {
+        cfg.ingest.http_addr = addr;
+    }
     cfg.ingest.sources.push(SourceConfig {
         id: "default".into(),
         name: "Default source (herald dev)".into(),
@@ -105,49 +127,44 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
     let metrics = telemetry::metrics();
     let shutdown = server::shutdown_on_signals();
     let common = cfg.common();
+    let clash = |e| cfg.bind_hint(e, "herald dev", DEV_FLAGS);
     let ingest = herald_ingest::start(&common, &cfg.ingest, metrics.clone(), shutdown.clone())
         .await
-        .context("starting ingest")?;
+        .context("starting ingest")
+        .map_err(clash)?;
     let processor =
         herald_processor::start(&common, &cfg.processor, metrics.clone(), shutdown.clone())
             .await
-            .context("starting the processor")?;
+            .context("starting the processor")
+            .map_err(clash)?;
     let activator = herald_activator::start(&common, &cfg.activator, metrics, shutdown.clone())
         .await
-        .context("starting the activator")?;
+        .context("starting the activator")
+        .map_err(clash)?;
     let services = [ingest, processor, activator];
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for s in &services {
-        wait_ready(s.name, s.admin_addr, deadline).await?;
-    }
     let http = services[0].http_addr.expect("ingest has an HTTP address");
     eprintln!(
-        "\nHerald is running (NATS at {nats_url}, data in {}).\n\
-         \n  ingest     http://{http}  gRPC {}  admin http://{}\
-         \n  processor  http://{} (profiles)  gRPC {}  admin http://{}\
-         \n  activator  gRPC {}  admin http://{}\
-         \n\nDefault source write key: {write_key}\
-         \nDefault source mParticle key:secret: {write_key}:{write_secret}\
-         \nControl token (admin commands): {token_note}\
-         \nDelivered events are written as JSON lines to {}.\
-         \n\nSend an event:\n\n  curl -u '{write_key}:' http://{http}/v1/track -H 'Content-Type: application/json' -d '{{\"userId\":\"user-1\",\"event\":\"Signed Up\",\"properties\":{{\"plan\":\"pro\"}}}}'\n\
-         \nPress Ctrl-C to stop.\n",
+        "Herald dev: NATS at {nats_url}, data in {}\n\
+         \nDefault source write key: {write_key}\
+         \nmParticle key:secret:     {write_key}:{write_secret}\
+         \nControl token:            {token_note}\
+         \nDelivered events:         JSON lines to {}\
+         \n\nSend an event:\
+         \n  curl -u '{write_key}:' http://{http}/v1/track -H 'Content-Type: application/json' -d '{{\"userId\":\"user-1\",\"event\":\"Signed Up\",\"properties\":{{\"plan\":\"pro\"}}}}'\n",
         data_dir.display(),
-        services[0].grpc_addr,
-        services[0].admin_addr,
-        services[1]
-            .http_addr
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        services[1].grpc_addr,
-        services[1].admin_addr,
-        services[2].grpc_addr,
-        services[2].admin_addr,
         args.log_file
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "stdout".into()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in &services {
+        wait_ready(s.name, s.admin_addr, deadline).await?;
+        eprintln!("{}", ready_line(s));
+    }
+    eprintln!(
+        "\nPress Ctrl-C to stop. Logs show warnings and errors (RUST_LOG=info shows more).\n"
     );
 
     tokio::select! {
@@ -155,7 +172,10 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
         status = nats_child.wait() => {
             shutdown.cancel();
             for s in services { let _ = s.task.await; }
-            bail!("nats-server exited ({status:?}); see {}", data_dir.join("nats-server.log").display());
+            return Err(hint(
+                anyhow!("nats-server exited ({status:?})"),
+                format!("see {}", data_dir.join("nats-server.log").display()),
+            ));
         }
     }
     for s in services {
@@ -164,6 +184,30 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
     nats_child.kill().await;
     eprintln!("Herald stopped.");
     Ok(())
+}
+
+/// `ingest ready: http://127.0.0.1:8080, gRPC :50051, admin :9091`.
+fn ready_line(s: &ServiceHandle) -> String {
+    let http = match (s.name, s.http_addr) {
+        ("processor", Some(a)) => format!(" http://{a} (profiles),"),
+        (_, Some(a)) => format!(" http://{a},"),
+        (_, None) => String::new(),
+    };
+    format!(
+        "{} ready:{http} gRPC {}, admin {}",
+        s.name,
+        short(s.grpc_addr),
+        short(s.admin_addr)
+    )
+}
+
+/// `:port` on 127.0.0.1, the whole address elsewhere.
+fn short(addr: SocketAddr) -> String {
+    if addr.ip() == IpAddr::from([127, 0, 0, 1]) {
+        format!(":{}", addr.port())
+    } else {
+        addr.to_string()
+    }
 }
 
 /// Starts nats-server with JetStream, its store under the data dir, on a free loopback port.
@@ -231,7 +275,10 @@ async fn wait_ready(name: &str, admin: std::net::SocketAddr, deadline: Instant) 
                     Ok(r) => r.text().await.unwrap_or_default(),
                     Err(e) => e.to_string(),
                 };
-                bail!("{name} did not become ready within 60 s: {why}");
+                return Err(hint(
+                    anyhow!("{name} did not become ready within 60 s: {why}"),
+                    "run again with RUST_LOG=info to see what it waits for",
+                ));
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }

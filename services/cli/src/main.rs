@@ -4,17 +4,22 @@
 mod config;
 mod control;
 mod dev;
+mod output;
 mod profile_cmd;
 mod quarantine_cmd;
 mod sources_cmd;
 
-use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use herald_common::server::ServiceHandle;
+use herald_common::telemetry::PrometheusHandle;
 use herald_common::{server, telemetry};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigArg};
+use crate::control::{ActivatorApi, IngestApi, ProcessorApi};
 
 /// mimalloc: per-thread heaps without glibc's arena lock (which took a quarter of ingest's
 /// samples under load) and much less fragmentation under many small allocations. Built without
@@ -30,36 +35,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Herald: a real-time customer data pipeline on NATS JetStream"
 )]
 struct Cli {
-    /// TOML config file (layered over defaults; HERALD__SECTION__KEY env vars win).
-    #[arg(long, short, global = true, env = "HERALD_CONFIG")]
-    config: Option<PathBuf>,
-    /// gRPC URL of the ingest control API.
-    #[arg(
-        long,
-        global = true,
-        env = "HERALD_INGEST_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    ingest_url: String,
-    /// gRPC URL of the processor control API.
-    #[arg(
-        long,
-        global = true,
-        env = "HERALD_PROCESSOR_URL",
-        default_value = "http://127.0.0.1:50052"
-    )]
-    processor_url: String,
-    /// gRPC URL of the activator control API.
-    #[arg(
-        long,
-        global = true,
-        env = "HERALD_ACTIVATOR_URL",
-        default_value = "http://127.0.0.1:50053"
-    )]
-    activator_url: String,
-    /// Bearer token of the control APIs (default: ./.herald/token, written by `herald dev`).
-    #[arg(long, global = true, env = "HERALD_TOKEN", hide_env_values = true)]
-    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,48 +42,74 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the ingest service (Segment and mParticle HTTP APIs).
-    Ingest,
+    Ingest(ConfigArg),
     /// Run the processor service.
-    Processor,
+    Processor(ConfigArg),
     /// Run the activator service.
-    Activator,
+    Activator(ConfigArg),
     /// Run nats-server and all three services in one process, with a default source and a
     /// log destination.
     Dev(dev::DevArgs),
     /// Sources (ingest control API).
-    #[command(subcommand)]
-    Sources(sources_cmd::SourcesCommand),
+    Sources {
+        #[command(flatten)]
+        api: IngestApi,
+        #[command(subcommand)]
+        cmd: sources_cmd::SourcesCommand,
+    },
     /// What ingest could not accept: list and redrive (ingest control API).
-    #[command(subcommand)]
-    Quarantine(quarantine_cmd::QuarantineCommand),
-    /// The processor's consumer position and counters.
-    Status,
+    Quarantine {
+        #[command(flatten)]
+        api: IngestApi,
+        #[command(subcommand)]
+        cmd: quarantine_cmd::QuarantineCommand,
+    },
+    /// The processor's consumers, position and counters.
+    Status(ProcessorApi),
     /// Profiles (processor ProfileService): `herald profile get <type>:<value>`.
-    #[command(subcommand)]
-    Profile(profile_cmd::ProfileCommand),
+    Profile {
+        #[command(flatten)]
+        api: ProcessorApi,
+        #[command(subcommand)]
+        cmd: profile_cmd::ProfileCommand,
+    },
     /// Erase a person (GDPR/CCPA) given any identity `<type>:<value>`: deletes the profile and
     /// its identity mappings, suppresses its identities, publishes an erasure event.
     Erase {
         /// `<type>:<value>`, e.g. `email:ann@example.com`.
         identity: String,
+        #[command(flatten)]
+        api: ProcessorApi,
     },
     /// Suppress an identity `<type>:<value>` and every identity of its profile: their events
     /// are dropped until unsuppressed.
     Suppress {
         /// `<type>:<value>`, e.g. `user_id:42`.
         identity: String,
+        #[command(flatten)]
+        api: ProcessorApi,
     },
     /// Lift the suppression of an identity `<type>:<value>` (and of those suppressed with it).
     Unsuppress {
         /// `<type>:<value>`, e.g. `user_id:42`.
         identity: String,
+        #[command(flatten)]
+        api: ProcessorApi,
     },
     /// Erasure requests: `herald erasure status <request id>`.
-    #[command(subcommand)]
-    Erasure(profile_cmd::ErasureCommand),
+    Erasure {
+        #[command(flatten)]
+        api: ProcessorApi,
+        #[command(subcommand)]
+        cmd: profile_cmd::ErasureCommand,
+    },
     /// Destinations (activator control API).
-    #[command(subcommand)]
-    Destinations(DestinationsCommand),
+    Destinations {
+        #[command(flatten)]
+        api: ActivatorApi,
+        #[command(subcommand)]
+        cmd: DestinationsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,68 +118,76 @@ enum DestinationsCommand {
     List,
 }
 
+/// Parses the arguments and runs the command. An error is printed as its chain and a hint,
+/// never as a stack trace (see [`output::report`]); status 1.
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let file = cli.config.as_deref();
-    let ctl = control::Control {
-        ingest_url: cli.ingest_url.clone(),
-        processor_url: cli.processor_url.clone(),
-        activator_url: cli.activator_url.clone(),
-        token: cli.token.clone(),
-    };
-    match cli.command {
-        Command::Ingest => {
-            let cfg = Config::load(file, None)?;
-            telemetry::init_tracing(&cfg.log);
-            let h = herald_ingest::start(
-                &cfg.common(),
-                &cfg.ingest,
-                telemetry::metrics(),
-                server::shutdown_on_signals(),
-            )
-            .await
-            .context("starting ingest")?;
-            h.task.await?;
-        }
-        Command::Processor => {
-            let cfg = Config::load(file, None)?;
-            telemetry::init_tracing(&cfg.log);
-            let h = herald_processor::start(
-                &cfg.common(),
-                &cfg.processor,
-                telemetry::metrics(),
-                server::shutdown_on_signals(),
-            )
-            .await
-            .context("starting the processor")?;
-            h.task.await?;
-        }
-        Command::Activator => {
-            let cfg = Config::load(file, None)?;
-            telemetry::init_tracing(&cfg.log);
-            let h = herald_activator::start(
-                &cfg.common(),
-                &cfg.activator,
-                telemetry::metrics(),
-                server::shutdown_on_signals(),
-            )
-            .await
-            .context("starting the activator")?;
-            h.task.await?;
-        }
-        Command::Dev(args) => dev::run(file, args).await?,
-        Command::Sources(cmd) => sources_cmd::run(cmd, &ctl).await?,
-        Command::Quarantine(cmd) => quarantine_cmd::run(cmd, &ctl).await?,
-        Command::Status => control::processor_status(&ctl).await?,
-        Command::Profile(cmd) => profile_cmd::profile(cmd, &ctl).await?,
-        Command::Erase { identity } => profile_cmd::erase(&identity, &ctl).await?,
-        Command::Suppress { identity } => profile_cmd::suppress(&identity, &ctl).await?,
-        Command::Unsuppress { identity } => profile_cmd::unsuppress(&identity, &ctl).await?,
-        Command::Erasure(cmd) => profile_cmd::erasure(cmd, &ctl).await?,
-        Command::Destinations(DestinationsCommand::List) => {
-            control::destinations_list(&ctl).await?
-        }
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => output::report(&e),
     }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Ingest(args) => {
+            role(args, "ingest", |cfg, metrics, shutdown| async move {
+                herald_ingest::start(&cfg.common(), &cfg.ingest, metrics, shutdown).await
+            })
+            .await?
+        }
+        Command::Processor(args) => {
+            role(args, "processor", |cfg, metrics, shutdown| async move {
+                herald_processor::start(&cfg.common(), &cfg.processor, metrics, shutdown).await
+            })
+            .await?
+        }
+        Command::Activator(args) => {
+            role(args, "activator", |cfg, metrics, shutdown| async move {
+                herald_activator::start(&cfg.common(), &cfg.activator, metrics, shutdown).await
+            })
+            .await?
+        }
+        Command::Dev(args) => dev::run(args).await?,
+        Command::Sources { api, cmd } => sources_cmd::run(cmd, &api.control()).await?,
+        Command::Quarantine { api, cmd } => quarantine_cmd::run(cmd, &api.control()).await?,
+        Command::Status(api) => control::processor_status(&api.control()).await?,
+        Command::Profile { api, cmd } => profile_cmd::profile(cmd, &api.control()).await?,
+        Command::Erase { identity, api } => profile_cmd::erase(&identity, &api.control()).await?,
+        Command::Suppress { identity, api } => {
+            profile_cmd::suppress(&identity, &api.control()).await?
+        }
+        Command::Unsuppress { identity, api } => {
+            profile_cmd::unsuppress(&identity, &api.control()).await?
+        }
+        Command::Erasure { api, cmd } => profile_cmd::erasure(cmd, &api.control()).await?,
+        Command::Destinations {
+            api,
+            cmd: DestinationsCommand::List,
+        } => control::destinations_list(&api.control()).await?,
+    }
+    Ok(())
+}
+
+/// Runs one service role (`herald ingest|processor|activator`) until SIGTERM or Ctrl-C: loads
+/// the config, starts logging, starts the service with `start`, waits for it to stop.
+async fn role<F, Fut, E>(args: ConfigArg, name: &str, start: F) -> Result<()>
+where
+    F: FnOnce(Config, PrometheusHandle, CancellationToken) -> Fut,
+    Fut: Future<Output = std::result::Result<ServiceHandle, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let cfg = Config::load(args.config.as_deref(), None)?;
+    telemetry::init_tracing(&cfg.log);
+    let h = start(
+        cfg.clone(),
+        telemetry::metrics(),
+        server::shutdown_on_signals(),
+    )
+    .await
+    .with_context(|| format!("starting {name}"))
+    .map_err(|e| cfg.bind_hint(e, &format!("herald {name}"), &[]))?;
+    h.task.await?;
     Ok(())
 }

@@ -9,6 +9,7 @@ use herald_proto::v1::{
 };
 
 use crate::control::{AuthChannel, Control, rpc_error};
+use crate::output::outln;
 
 /// `herald profile <command>`.
 #[derive(Debug, clap::Subcommand)]
@@ -47,7 +48,7 @@ pub fn parse_identity(s: &str) -> Result<Identity> {
 }
 
 async fn client(control: &Control) -> Result<ProfileServiceClient<AuthChannel>> {
-    Ok(ProfileServiceClient::new(control.processor().await?))
+    Ok(ProfileServiceClient::new(control.channel().await?))
 }
 
 fn err(e: tonic::Status) -> anyhow::Error {
@@ -69,21 +70,21 @@ fn show_time(ts: &Option<prost_types::Timestamp>) -> String {
 }
 
 fn print_profile(p: &Profile) {
-    println!("profile      {}", p.id);
-    println!("identities   {}", show_identities(&p.identities));
-    println!("first seen   {}", show_time(&p.first_seen));
-    println!("last seen    {}", show_time(&p.last_seen));
+    outln!("profile      {}", p.id);
+    outln!("identities   {}", show_identities(&p.identities));
+    outln!("first seen   {}", show_time(&p.first_seen));
+    outln!("last seen    {}", show_time(&p.last_seen));
     let mut counts: Vec<_> = p.event_counts.iter().collect();
     counts.sort();
     let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
-    println!("events       {} ({})", p.event_count, counts.join(", "));
+    outln!("events       {} ({})", p.event_count, counts.join(", "));
     match &p.consent {
-        None => println!("consent      none recorded"),
+        None => outln!("consent      none recorded"),
         Some(c) => {
             let mut purposes: Vec<_> = c.purposes.iter().collect();
             purposes.sort();
             let purposes: Vec<String> = purposes.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!(
+            outln!(
                 "consent      {}{} (updated {})",
                 purposes.join(" "),
                 if c.opted_out { " OPTED OUT" } else { "" },
@@ -92,13 +93,13 @@ fn print_profile(p: &Profile) {
         }
     }
     if !p.merged_from.is_empty() {
-        println!("merged from  {}", p.merged_from.join(", "));
+        outln!("merged from  {}", p.merged_from.join(", "));
     }
     let mut traits: Vec<_> = p.traits.iter().collect();
     traits.sort_by(|a, b| a.0.cmp(b.0));
-    println!("traits");
+    outln!("traits");
     for (k, t) in traits {
-        println!("  {k} = {}", t.value_json);
+        outln!("  {k} = {}", t.value_json);
     }
 }
 
@@ -110,30 +111,30 @@ fn print_status(s: &ErasureStatus) {
                 .to_lowercase()
         })
         .unwrap_or_else(|_| "unknown".into());
-    println!("request      {}", s.request_id);
-    println!("kind         {}", s.request);
-    println!(
+    outln!("request      {}", s.request_id);
+    outln!("kind         {}", s.request);
+    outln!(
         "identity     {}",
         s.identity
             .as_ref()
             .map(|i| format!("{}:{}", i.r#type, i.value))
             .unwrap_or_default()
     );
-    println!("state        {state}");
+    outln!("state        {state}");
     if !s.profile_id.is_empty() {
-        println!("profile      {}", s.profile_id);
+        outln!("profile      {}", s.profile_id);
     }
     if !s.erased_profiles.is_empty() {
-        println!("erased       {}", s.erased_profiles.join(", "));
+        outln!("erased       {}", s.erased_profiles.join(", "));
     }
-    println!("identities   {}", show_identities(&s.identities));
+    outln!("identities   {}", show_identities(&s.identities));
     if s.request == "erase" {
-        println!("events       {}", s.events_published);
+        outln!("events       {}", s.events_published);
     }
-    println!("requested    {}", show_time(&s.requested_at));
-    println!("completed    {}", show_time(&s.completed_at));
+    outln!("requested    {}", show_time(&s.requested_at));
+    outln!("completed    {}", show_time(&s.completed_at));
     if !s.error.is_empty() {
-        println!("error        {}", s.error);
+        outln!("error        {}", s.error);
     }
 }
 
@@ -192,8 +193,8 @@ pub async fn suppress(identity: &str, control: &Control) -> Result<()> {
         .await
         .map_err(err)?
         .into_inner();
-    println!("request      {}", res.request_id);
-    println!("suppressed   {}", show_identities(&res.identities));
+    outln!("request      {}", res.request_id);
+    outln!("suppressed   {}", show_identities(&res.identities));
     Ok(())
 }
 
@@ -209,9 +210,9 @@ pub async fn unsuppress(identity: &str, control: &Control) -> Result<()> {
         .map_err(err)?
         .into_inner();
     if res.identities.is_empty() {
-        println!("not suppressed");
+        outln!("not suppressed");
     } else {
-        println!("unsuppressed {}", show_identities(&res.identities));
+        outln!("unsuppressed {}", show_identities(&res.identities));
     }
     Ok(())
 }

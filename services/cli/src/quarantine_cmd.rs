@@ -52,7 +52,7 @@ pub enum QuarantineCommand {
 
 /// Runs one `herald quarantine` command against the ingest control API.
 pub async fn run(cmd: QuarantineCommand, control: &Control) -> Result<()> {
-    let mut c = QuarantineServiceClient::new(control.ingest().await?);
+    let mut c = QuarantineServiceClient::new(control.channel().await?);
     match cmd {
         QuarantineCommand::List {
             source,

@@ -8,6 +8,7 @@ use herald_proto::v1::{
 };
 
 use crate::control::{AuthChannel, Control, rpc_error};
+use crate::output::outln;
 
 /// `herald sources <command>`.
 #[derive(Debug, clap::Subcommand)]
@@ -72,7 +73,7 @@ pub enum SourcesCommand {
 
 /// Runs one `herald sources` command against the ingest control API.
 pub async fn run(cmd: SourcesCommand, control: &Control) -> Result<()> {
-    let mut c = SourceServiceClient::new(control.ingest().await?);
+    let mut c = SourceServiceClient::new(control.channel().await?);
     let err = |e| rpc_error("ingest", e);
     match cmd {
         SourcesCommand::Create {
@@ -100,7 +101,7 @@ pub async fn run(cmd: SourcesCommand, control: &Control) -> Result<()> {
                 .map_err(err)?
                 .into_inner();
             let s = res.source.unwrap_or_default();
-            println!("Created source {}.\n", s.id);
+            outln!("Created source {}.\n", s.id);
             print_credentials(&s.id, &res.write_key, &res.write_secret);
         }
         SourcesCommand::List => {
@@ -110,16 +111,20 @@ pub async fn run(cmd: SourcesCommand, control: &Control) -> Result<()> {
                 .map_err(err)?
                 .into_inner();
             if res.sources.is_empty() {
-                println!("No sources. Create one with `herald sources create <id>`.");
+                outln!("No sources. Create one with `herald sources create <id>`.");
                 return Ok(());
             }
-            println!(
+            outln!(
                 "{:<24} {:<8} {:<7} {:<12} {:<7} NAME",
-                "ID", "ENABLED", "SECRET", "RATE_LIMIT", "CONFIG"
+                "ID",
+                "ENABLED",
+                "SECRET",
+                "RATE_LIMIT",
+                "CONFIG"
             );
             for s in res.sources {
                 let settings = s.settings.unwrap_or_default();
-                println!(
+                outln!(
                     "{:<24} {:<8} {:<7} {:<12} {:<7} {}",
                     s.id,
                     yes_no(s.enabled),
@@ -155,7 +160,7 @@ pub async fn run(cmd: SourcesCommand, control: &Control) -> Result<()> {
                 .map_err(err)?
                 .into_inner();
             let s = res.source.unwrap_or_default();
-            println!(
+            outln!(
                 "Rotated the key of source {}: the old key and secret stop working within a second.\n",
                 s.id
             );
@@ -165,7 +170,7 @@ pub async fn run(cmd: SourcesCommand, control: &Control) -> Result<()> {
             c.disable_source(DisableSourceRequest { id: id.clone() })
                 .await
                 .map_err(err)?;
-            println!(
+            outln!(
                 "Source {id} disabled: its requests now get 403. Enable it again with `herald sources enable {id}`."
             );
         }
@@ -173,7 +178,7 @@ pub async fn run(cmd: SourcesCommand, control: &Control) -> Result<()> {
             c.enable_source(EnableSourceRequest { id: id.clone() })
                 .await
                 .map_err(err)?;
-            println!("Source {id} enabled: it accepts events again.");
+            outln!("Source {id} enabled: it accepts events again.");
         }
         SourcesCommand::Delete { id } => delete(&mut c, id).await?,
     }
@@ -192,9 +197,9 @@ async fn delete(c: &mut SourceServiceClient<AuthChannel>, id: String) -> Result<
     c.delete_source(DeleteSourceRequest { id: id.clone() })
         .await
         .map_err(err)?;
-    println!("Source {id} deleted: its write key now gets 401.");
+    outln!("Source {id} deleted: its write key now gets 401.");
     if from_config {
-        println!(
+        outln!(
             "It is also in the config file (ingest.sources): remove it there too, or it comes back at the next start."
         );
     }
@@ -202,24 +207,24 @@ async fn delete(c: &mut SourceServiceClient<AuthChannel>, id: String) -> Result<
 }
 
 fn print_credentials(id: &str, key: &str, secret: &str) {
-    println!("  write key:     {key}");
-    println!("  write secret:  {secret}   (mParticle: key:secret)");
-    println!(
+    outln!("  write key:     {key}");
+    outln!("  write secret:  {secret}   (mParticle: key:secret)");
+    outln!(
         "\nStore them now: they are not shown again (`herald sources rotate {id}` issues new ones)."
     );
 }
 
 fn print_source(s: &Source) {
     let settings = s.settings.unwrap_or_default();
-    println!("id              {}", s.id);
-    println!("name            {}", s.name);
-    println!("enabled         {}", yes_no(s.enabled));
-    println!("write secret    {}", yes_no(s.has_write_secret));
-    println!("atomic publish  {}", yes_no(settings.atomic_publish));
-    println!("rate limit      {}", rate(&settings));
-    println!("from config     {}", yes_no(s.from_config));
-    println!("created         {}", time(s.created_at.as_ref()));
-    println!("updated         {}", time(s.updated_at.as_ref()));
+    outln!("id              {}", s.id);
+    outln!("name            {}", s.name);
+    outln!("enabled         {}", yes_no(s.enabled));
+    outln!("write secret    {}", yes_no(s.has_write_secret));
+    outln!("atomic publish  {}", yes_no(settings.atomic_publish));
+    outln!("rate limit      {}", rate(&settings));
+    outln!("from config     {}", yes_no(s.from_config));
+    outln!("created         {}", time(s.created_at.as_ref()));
+    outln!("updated         {}", time(s.updated_at.as_ref()));
 }
 
 fn yes_no(b: bool) -> &'static str {

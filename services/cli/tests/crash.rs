@@ -2,13 +2,17 @@
 //! nothing is lost and each user's events still arrive in order.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use herald_testkit::{NatsServer, WebhookServer, free_port, segment_batch, segment_track};
-use tokio::process::{Child, Command};
+use anyhow::{Result, bail};
+use herald_testkit::{
+    NatsServer, WebhookServer, free_port, segment_batch, segment_track, spawn_role, wait_ready,
+    write_config,
+};
+use tokio::process::Child;
+
+const READY: Duration = Duration::from_secs(30);
 
 struct Ports {
     ingest_http: u16,
@@ -17,19 +21,14 @@ struct Ports {
     activator_admin: u16,
 }
 
-fn write_config(dir: &Path, nats: &str, hook: &str, ports: &Ports) -> Result<std::path::PathBuf> {
-    let path = dir.join("herald.toml");
-    std::fs::write(
-        &path,
-        format!(
+fn config(dir: &Path, nats: &str, hook: &str, ports: &Ports) -> Result<PathBuf> {
+    write_config(
+        dir,
+        "herald",
+        nats,
+        "crash-test-control-token",
+        &format!(
             r#"
-[nats]
-servers = "{nats}"
-request_timeout_ms = 2000
-
-[control]
-token = "crash-test-control-token"
-
 [ingest]
 http_addr = "127.0.0.1:{}"
 grpc_addr = "127.0.0.1:0"
@@ -59,36 +58,25 @@ url = "{hook}"
 "#,
             ports.ingest_http, ports.ingest_admin, ports.processor_admin, ports.activator_admin
         ),
-    )?;
-    Ok(path)
+    )
 }
 
 fn spawn(role: &str, config: &Path, log_dir: &Path) -> Result<Child> {
-    let log = std::fs::File::create(log_dir.join(format!("{role}.log")))?;
-    Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg(role)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("spawning herald {role}"))
+    spawn_role(
+        Path::new(env!("CARGO_BIN_EXE_herald")),
+        role,
+        config,
+        &log_dir.join(format!("{role}.log")),
+    )
 }
 
-async fn wait_ready(port: u16) -> Result<()> {
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::time::Instant::now() < deadline {
-        if let Ok(r) = reqwest::get(&url).await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{url} not ready within 30 s")
+async fn ready(port: u16) -> Result<()> {
+    wait_ready(
+        &format!("127.0.0.1:{port} is ready"),
+        format!("127.0.0.1:{port}"),
+        READY,
+    )
+    .await
 }
 
 async fn send(
@@ -128,7 +116,7 @@ async fn processor_and_activator_killed_mid_stream_lose_nothing_and_keep_order()
         processor_admin: free_port(),
         activator_admin: free_port(),
     };
-    let config = write_config(dir.path(), &nats.url(), &hook.url(), &ports)?;
+    let config = config(dir.path(), &nats.url(), &hook.url(), &ports)?;
     let _ingest = spawn("ingest", &config, dir.path())?;
     let mut processor = spawn("processor", &config, dir.path())?;
     let mut activator = spawn("activator", &config, dir.path())?;
@@ -137,7 +125,7 @@ async fn processor_and_activator_killed_mid_stream_lose_nothing_and_keep_order()
         ports.processor_admin,
         ports.activator_admin,
     ] {
-        wait_ready(p).await?;
+        ready(p).await?;
     }
     let http = reqwest::Client::new();
     let users = 40;
@@ -151,9 +139,9 @@ async fn processor_and_activator_killed_mid_stream_lose_nothing_and_keep_order()
     // Ingest keeps accepting while they are down.
     send(&http, ports.ingest_http, users, 25..50).await?;
     let mut processor = spawn("processor", &config, dir.path())?;
-    wait_ready(ports.processor_admin).await?;
+    ready(ports.processor_admin).await?;
     let mut activator = spawn("activator", &config, dir.path())?;
-    wait_ready(ports.activator_admin).await?;
+    ready(ports.activator_admin).await?;
 
     // Kill the activator again while it works through the backlog, and the processor too.
     let before = hook.received().len();

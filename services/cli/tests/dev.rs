@@ -1,17 +1,45 @@
-//! `herald dev` starts everything with one command, and the event of the printed curl reaches
-//! the log destination.
+//! `herald dev` starts everything with one command, prints a short plain banner with one ready
+//! line per service, and the event of the printed curl reaches the log destination; the admin
+//! commands reach it, `herald status` says which partitions are idle, and a reader that closes
+//! its pipe early gets no panic.
 
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Result;
-use herald_testkit::{HeraldDev, free_port, wait_until};
+use anyhow::{Context as _, Result};
+use herald_testkit::{HeraldCli, HeraldDev, free_port, wait_until};
 use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()> {
-    let mut dev = HeraldDev::start(Path::new(env!("CARGO_BIN_EXE_herald"))).await?;
+    let herald = Path::new(env!("CARGO_BIN_EXE_herald"));
+    let dev = HeraldDev::start(herald).await?;
     let banner = dev.banner.clone();
+    // What a newcomer reads: plain text (stderr is a pipe here), no warning on a first start,
+    // the write key near the top, then one ready line per service.
+    assert!(!banner.contains("\x1b["), "no colour codes:\n{banner}");
+    assert!(
+        !banner.lines().any(|l| l.contains("WARN")),
+        "a first start logs no warning:\n{banner}"
+    );
+    let key_line = banner
+        .lines()
+        .position(|l| l.contains("write key"))
+        .context("the banner shows the write key")?;
+    assert!(
+        key_line <= 15,
+        "{key_line} lines before the write key:\n{banner}"
+    );
+    for ready in [
+        format!("ingest ready: http://127.0.0.1:{}", dev.ports.ingest_http),
+        format!(
+            "processor ready: http://127.0.0.1:{}",
+            dev.ports.processor_http
+        ),
+        "activator ready:".to_string(),
+    ] {
+        assert!(banner.contains(&ready), "{ready:?} in:\n{banner}");
+    }
     let log_file = dev.log_file();
     let http_port = dev.ports.ingest_http;
     let grpc = [
@@ -85,10 +113,10 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
             "status" => grpc[1],
             _ => grpc[2],
         };
-        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(&args)
-            .arg(format!("http://127.0.0.1:{port}"))
+        let out = HeraldCli::new(herald)
             .env("HERALD_TOKEN", &token)
+            .command(&args)
+            .arg(format!("http://127.0.0.1:{port}"))
             .output()
             .await?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -102,8 +130,8 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
             "herald {args:?} printed {stdout}"
         );
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
+    let out = HeraldCli::new(herald)
+        .command(&[
             "status",
             "--processor-url",
             &format!("http://127.0.0.1:{}", free_port()),
@@ -119,17 +147,43 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
         "an unreachable service gets an error that says what to do"
     );
 
-    // Ctrl-C stops everything cleanly.
-    let pid = dev.child.id().expect("running");
-    Command::new("kill")
-        .arg("-INT")
-        .arg(pid.to_string())
-        .status()
-        .await?;
-    let status = tokio::time::timeout(Duration::from_secs(20), dev.child.wait()).await??;
-    assert!(
-        status.success(),
-        "herald dev exits cleanly on Ctrl-C: {status:?}"
+    // `herald status` lists the partitions no event reached as idle, not as standby.
+    let cli = HeraldCli::new(herald).trailing([
+        "--processor-url".to_string(),
+        format!("http://127.0.0.1:{}", grpc[1]),
+        "--token".to_string(),
+        token.clone(),
+    ]);
+    let status = cli.ok(&["status"]).await?;
+    let idle = status
+        .lines()
+        .find_map(|l| l.strip_prefix("idle"))
+        .with_context(|| format!("idle partitions listed:\n{status}"))?;
+    assert_eq!(
+        idle.split(',').count(),
+        15,
+        "one partition got the event:\n{status}"
     );
+    assert!(!status.contains("standby"), "{status}");
+    assert!(status.contains("processor-p0"), "{status}");
+
+    // A reader that goes away early (`herald ... | head`) ends the command quietly.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = HeraldCli::new(herald)
+        .env("HERALD_TOKEN", &token)
+        .command(&["sources", "list", "--ingest-url"])
+        .arg(format!("http://127.0.0.1:{}", grpc[0]))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "a closed pipe is no error: {stderr}");
+
+    // Ctrl-C stops everything cleanly.
+    dev.stop().await?;
     Ok(())
 }

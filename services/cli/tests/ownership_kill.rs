@@ -2,24 +2,23 @@
 //! SIGKILL mid-stream, and the other takes its partitions over within a few times the
 //! configured limit, losing nothing and keeping each user's events in order.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
+use anyhow::{Context, Result};
+use async_nats::jetstream;
 use herald_common::Topology;
 use herald_common::auth::BearerToken;
-use herald_common::partition::partition_for;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
-use herald_proto::v1::{Event, EventType, GetStatusRequest, GetStatusResponse, ProcessedEvent};
-use herald_testkit::{NatsServer, free_port, wait_until};
-use prost::Message as _;
-use tokio::process::{Child, Command};
+use herald_proto::v1::{GetStatusRequest, GetStatusResponse};
+use herald_testkit::{
+    NatsServer, check_processed_in_order, control_channel, free_port, protobuf_track,
+    publish_as_ingest, spawn_role, user_per_partition, wait_ready, wait_until, write_config,
+};
+use tokio::process::Child;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -46,18 +45,13 @@ struct Processor {
 impl Processor {
     async fn spawn(dir: &Path, name: &str, nats: &str) -> Result<Self> {
         let (admin, grpc) = (free_port(), free_port());
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
+        let config = write_config(
+            dir,
+            name,
+            nats,
+            TOKEN,
+            &format!(
                 r#"
-[nats]
-servers = "{nats}"
-request_timeout_ms = 2000
-
-[control]
-token = "{TOKEN}"
-
 [processor]
 grpc_addr = "127.0.0.1:{grpc}"
 http_addr = "127.0.0.1:0"
@@ -75,34 +69,24 @@ pin_timeout_seconds = {pin}
                 pin = PIN_TIMEOUT.as_secs(),
             ),
         )?;
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("processor")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning herald processor {name}"))?;
-        let url = format!("http://127.0.0.1:{admin}/readyz");
-        wait_until(&format!("processor {name} is ready"), WAIT, || async {
-            reqwest::get(&url)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
+        let child = spawn_role(
+            Path::new(env!("CARGO_BIN_EXE_herald")),
+            "processor",
+            &config,
+            &dir.join(format!("{name}.log")),
+        )?;
+        wait_ready(
+            &format!("processor {name} is ready"),
+            format!("127.0.0.1:{admin}"),
+            WAIT,
+        )
         .await?;
         Ok(Self { child, grpc })
     }
 
     async fn client(&self) -> Result<StatusClient> {
-        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc))?
-            .connect()
-            .await?;
-        Ok(ProcessorServiceClient::with_interceptor(
-            channel,
-            BearerToken::new(TOKEN)?,
+        Ok(ProcessorServiceClient::new(
+            control_channel(format!("127.0.0.1:{}", self.grpc), TOKEN).await?,
         ))
     }
 }
@@ -124,33 +108,6 @@ fn active(s: &GetStatusResponse) -> BTreeSet<u32> {
         .collect()
 }
 
-/// One user per partition, so that load reaches every partition.
-fn users() -> Vec<String> {
-    (0..PARTITIONS)
-        .map(|p| {
-            (0..)
-                .map(|i| format!("user-{i}"))
-                .find(|u| partition_for(u, PARTITIONS) == p)
-                .expect("some user falls in every partition")
-        })
-        .collect()
-}
-
-fn event(user: &str, seq: u64) -> Event {
-    Event {
-        id: format!("kill:{user}-{seq}"),
-        message_id: format!("{user}-{seq}"),
-        source_id: "kill".into(),
-        r#type: EventType::Track as i32,
-        name: "Tick".into(),
-        user_id: user.into(),
-        partition_key: user.into(),
-        partition: partition_for(user, PARTITIONS),
-        properties: format!("{{\"seq\":{seq}}}").into_bytes(),
-        ..Default::default()
-    }
-}
-
 /// Publishes one round (one event per user) every 50 ms until `stop`; `rounds` counts them.
 fn load(
     js: jetstream::Context,
@@ -159,25 +116,14 @@ fn load(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<u64>> {
     tokio::spawn(async move {
-        let users = users();
+        let users = user_per_partition(PARTITIONS);
         let mut seq = 0;
         while !stop.is_cancelled() {
-            let mut acks = Vec::new();
-            for user in &users {
-                let e = event(user, seq);
-                acks.push(
-                    js.send_publish(
-                        topology.events_subject(e.partition),
-                        jetstream::message::PublishMessage::build()
-                            .payload(e.encode_to_vec().into())
-                            .message_id(&e.id),
-                    )
-                    .await?,
-                );
-            }
-            for ack in acks {
-                ack.await?;
-            }
+            let round: Vec<_> = users
+                .iter()
+                .map(|user| protobuf_track("kill", user, seq, PARTITIONS))
+                .collect();
+            publish_as_ingest(&js, &topology, round).await?;
             seq += 1;
             rounds.store(seq, Ordering::SeqCst);
             // Pacing of the load, not synchronisation.
@@ -193,55 +139,6 @@ async fn more_rounds(rounds: &AtomicU64, n: u64) -> Result<()> {
         rounds.load(Ordering::SeqCst) >= target
     })
     .await
-}
-
-/// Checks every user's events `0..rounds` reached the processed stream, each once, in order.
-async fn check_processed(js: &jetstream::Context, topology: &Topology, rounds: u64) -> Result<()> {
-    let total = PARTITIONS as usize * rounds as usize;
-    let consumer = js
-        .get_stream(topology.processed_stream())
-        .await?
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer
-        .stream()
-        .heartbeat(Duration::from_secs(1))
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await?;
-    let mut per_user: HashMap<String, Vec<u64>> = HashMap::new();
-    let mut seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen < total {
-        let msg = tokio::time::timeout_at(deadline, messages.next())
-            .await
-            .with_context(|| format!("only {seen} of {total} events were processed"))?
-            .context("the processed stream ended")??;
-        let Some(e) = ProcessedEvent::decode(msg.payload.as_ref())?.event else {
-            continue;
-        };
-        if e.r#type != EventType::Track as i32 {
-            continue;
-        }
-        let (user, seq) = e.message_id.rsplit_once('-').context("user-seq")?;
-        per_user
-            .entry(user.to_string())
-            .or_default()
-            .push(seq.parse()?);
-        seen += 1;
-    }
-    for (user, seqs) in per_user {
-        let expected: Vec<u64> = (0..rounds).collect();
-        ensure!(
-            seqs == expected,
-            "{user}: events missing, repeated or out of order: {seqs:?}"
-        );
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,8 +199,13 @@ async fn a_killed_processor_s_partitions_are_taken_over_without_loss_or_reorderi
     more_rounds(&rounds, 20).await?;
     stop.cancel();
     let published = load.await??;
-    check_processed(&js, &topology, published)
-        .await
-        .with_context(|| format!("logs in {}", logs.display()))?;
+    check_processed_in_order(
+        &js,
+        &topology.processed_stream(),
+        PARTITIONS as usize,
+        published,
+    )
+    .await
+    .with_context(|| format!("logs in {}", logs.display()))?;
     Ok(())
 }

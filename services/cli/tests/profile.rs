@@ -5,47 +5,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
-use herald_testkit::{HeraldDev, wait_until};
-use tokio::process::Command;
-
-struct Cli {
-    processor_url: String,
-    token: String,
-}
-
-impl Cli {
-    /// Runs `herald <args>` against the dev processor; (success, stdout, stderr).
-    async fn run(&self, args: &[&str]) -> Result<(bool, String, String)> {
-        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(args)
-            .args([
-                "--processor-url",
-                &self.processor_url,
-                "--token",
-                &self.token,
-            ])
-            .output()
-            .await?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
-    }
-
-    async fn ok(&self, args: &[&str]) -> Result<String> {
-        let (ok, stdout, stderr) = self.run(args).await?;
-        if !ok {
-            bail!("herald {args:?} failed: {stderr}");
-        }
-        Ok(stdout)
-    }
-}
+use anyhow::{Context as _, Result};
+use herald_testkit::{HeraldCli, HeraldDev, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profile_and_privacy_commands_reach_herald_dev() -> Result<()> {
-    let mut dev = HeraldDev::start(Path::new(env!("CARGO_BIN_EXE_herald"))).await?;
+    let herald = Path::new(env!("CARGO_BIN_EXE_herald"));
+    let dev = HeraldDev::start(herald).await?;
     let banner = dev.banner.clone();
     let (ingest_port, processor_grpc, processor_http) = (
         dev.ports.ingest_http,
@@ -61,10 +27,12 @@ async fn profile_and_privacy_commands_reach_herald_dev() -> Result<()> {
         .context("herald dev writes the control token")?
         .trim()
         .to_string();
-    let cli = Cli {
-        processor_url: format!("http://127.0.0.1:{processor_grpc}"),
-        token: token.clone(),
-    };
+    let cli = HeraldCli::new(herald).trailing([
+        "--processor-url".to_string(),
+        format!("http://127.0.0.1:{processor_grpc}"),
+        "--token".to_string(),
+        token.clone(),
+    ]);
 
     // An identify through ingest links the user id, the anonymous id and the email.
     let http = reqwest::Client::new();
@@ -82,7 +50,7 @@ async fn profile_and_privacy_commands_reach_herald_dev() -> Result<()> {
     wait_until("the profile exists", Duration::from_secs(20), || async {
         cli.run(&["profile", "get", "email:cli@example.com"])
             .await
-            .is_ok_and(|(ok, out, _)| ok && out.contains("plan = \"pro\""))
+            .is_ok_and(|out| out.ok && out.stdout.contains("plan = \"pro\""))
     })
     .await?;
     let shown = cli.ok(&["profile", "get", "anonymous_id:cli-anon"]).await?;
@@ -116,20 +84,17 @@ async fn profile_and_privacy_commands_reach_herald_dev() -> Result<()> {
     let out = cli.ok(&["erasure", "status", &request]).await?;
     assert!(out.contains("state        completed"), "{out}");
     assert!(out.contains("user_id:cli-user"), "{out}");
-    let (ok, _, err) = cli.run(&["profile", "get", "user_id:cli-user"]).await?;
-    assert!(!ok);
-    assert!(err.contains("no profile has identity"), "{err}");
-    let (ok, _, err) = cli.run(&["profile", "get", "cli-user"]).await?;
-    assert!(!ok);
-    assert!(err.contains("<type>:<value>"), "{err}");
+    let out = cli.run(&["profile", "get", "user_id:cli-user"]).await?;
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("no profile has identity"),
+        "{}",
+        out.stderr
+    );
+    let out = cli.run(&["profile", "get", "cli-user"]).await?;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("<type>:<value>"), "{}", out.stderr);
 
-    let pid = dev.child.id().expect("running");
-    Command::new("kill")
-        .arg("-INT")
-        .arg(pid.to_string())
-        .status()
-        .await?;
-    let status = tokio::time::timeout(Duration::from_secs(20), dev.child.wait()).await??;
-    assert!(status.success(), "herald dev exits cleanly: {status:?}");
+    dev.stop().await?;
     Ok(())
 }

@@ -1,46 +1,22 @@
 //! `herald quarantine list|redrive` against a real ingest (in process, port 0) over a real
 //! nats-server.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use herald_common::{CommonConfig, ControlConfig, NatsConfig, Secret, TopologyConfig};
+use herald_common::Secret;
 use herald_ingest::{IngestConfig, SourceConfig};
-use herald_testkit::{NatsServer, wait_until};
-use tokio::process::Command;
+use herald_testkit::{HeraldCli, NatsServer, common_config, wait_ready, wait_until};
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "cli-quarantine-test-token";
 const DEADLINE: Duration = Duration::from_secs(20);
 
-async fn herald(args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .env_remove("HERALD_TOKEN")
-        .output()
-        .await?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantine_list_and_redrive_from_the_cli() -> Result<()> {
     let nats = NatsServer::start().await?;
-    let common = CommonConfig {
-        nats: NatsConfig {
-            servers: nats.url(),
-            request_timeout_ms: 2_000,
-            ..Default::default()
-        },
-        topology: TopologyConfig {
-            partitions: 4,
-            ..Default::default()
-        },
-        control: ControlConfig::with_token(TOKEN),
-    };
+    let common = common_config(&nats.url(), 4, TOKEN);
     let cfg = IngestConfig {
         http_addr: "127.0.0.1:0".into(),
         grpc_addr: "127.0.0.1:0".into(),
@@ -61,16 +37,7 @@ async fn quarantine_list_and_redrive_from_the_cli() -> Result<()> {
         stop.clone(),
     )
     .await?;
-    let ready = format!("http://{}/readyz", handle.admin_addr);
-    wait_until("ingest is ready", DEADLINE, || {
-        let ready = ready.clone();
-        async move {
-            reqwest::get(&ready)
-                .await
-                .is_ok_and(|r| r.status().as_u16() == 200)
-        }
-    })
-    .await?;
+    wait_ready("ingest is ready", handle.admin_addr, DEADLINE).await?;
 
     // Two messages ingest cannot accept.
     let js = nats.jetstream().await;
@@ -90,18 +57,15 @@ async fn quarantine_list_and_redrive_from_the_cli() -> Result<()> {
     .await?;
 
     let url = format!("http://{}", handle.grpc_addr);
-    let (ok, out, err) = herald(&[
-        "quarantine",
-        "list",
-        "--ingest-url",
-        &url,
-        "--token",
-        TOKEN,
-        "--source",
-        "svc",
-        "--payload",
-    ])
-    .await?;
+    let herald = HeraldCli::new(Path::new(env!("CARGO_BIN_EXE_herald")));
+    // The admin commands, with the URL and the token.
+    let cli = herald
+        .clone()
+        .trailing(["--ingest-url", url.as_str(), "--token", TOKEN]);
+    let res = cli
+        .run(&["quarantine", "list", "--source", "svc", "--payload"])
+        .await?;
+    let (ok, out, err) = (res.ok, res.stdout, res.stderr);
     assert!(ok, "{err}");
     assert!(out.contains("SEQUENCE") && out.contains("REASON"), "{out}");
     let rows: Vec<&str> = out
@@ -117,32 +81,16 @@ async fn quarantine_list_and_redrive_from_the_cli() -> Result<()> {
     let first_seq = rows[0].split_whitespace().next().expect("a sequence");
 
     // Paging.
-    let (ok, out, err) = herald(&[
-        "quarantine",
-        "list",
-        "--ingest-url",
-        &url,
-        "--token",
-        TOKEN,
-        "--limit",
-        "1",
-    ])
-    .await?;
+    let res = cli.run(&["quarantine", "list", "--limit", "1"]).await?;
+    let (ok, out, err) = (res.ok, res.stdout, res.stderr);
     assert!(ok, "{err}");
     assert!(out.contains("--start-sequence"), "{out}");
 
     // Redrive one by sequence: it fails again and comes back with attempt 2.
-    let (ok, out, err) = herald(&[
-        "quarantine",
-        "redrive",
-        "--ingest-url",
-        &url,
-        "--token",
-        TOKEN,
-        "--sequence",
-        first_seq,
-    ])
-    .await?;
+    let res = cli
+        .run(&["quarantine", "redrive", "--sequence", first_seq])
+        .await?;
+    let (ok, out, err) = (res.ok, res.stdout, res.stderr);
     assert!(ok, "{err}");
     assert!(
         out.contains(&format!("{first_seq}: quarantined again as")),
@@ -151,44 +99,31 @@ async fn quarantine_list_and_redrive_from_the_cli() -> Result<()> {
     assert!(out.contains("1 quarantined again"), "{out}");
 
     // Redrive all of the source.
-    let (ok, out, err) = herald(&[
-        "quarantine",
-        "redrive",
-        "--ingest-url",
-        &url,
-        "--token",
-        TOKEN,
-        "--source",
-        "svc",
-        "--all",
-    ])
-    .await?;
+    let res = cli
+        .run(&["quarantine", "redrive", "--source", "svc", "--all"])
+        .await?;
+    let (ok, out, err) = (res.ok, res.stdout, res.stderr);
     assert!(ok, "{err}");
     assert!(out.contains("Redrove 2 records"), "{out}");
 
     // Sequence that does not exist; a missing token.
-    let (ok, out, _) = herald(&[
-        "quarantine",
-        "redrive",
-        "--ingest-url",
-        &url,
-        "--token",
-        TOKEN,
-        "--sequence",
-        "999999",
-    ])
-    .await?;
+    let res = cli
+        .run(&["quarantine", "redrive", "--sequence", "999999"])
+        .await?;
+    let (ok, out, _) = (res.ok, res.stdout, res.stderr);
     assert!(ok);
     assert!(out.contains("999999: no such record"), "{out}");
-    let (ok, _, err) = herald(&[
-        "quarantine",
-        "list",
-        "--ingest-url",
-        &url,
-        "--token",
-        "wrong",
-    ])
-    .await?;
+    let res = herald
+        .run(&[
+            "quarantine",
+            "list",
+            "--ingest-url",
+            &url,
+            "--token",
+            "wrong",
+        ])
+        .await?;
+    let (ok, _, err) = (res.ok, res.stdout, res.stderr);
     assert!(!ok);
     assert!(err.to_lowercase().contains("token"), "{err}");
 

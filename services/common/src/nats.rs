@@ -294,7 +294,8 @@ pub async fn wait_for_stream(
             || js.get_stream(name),
             |f| {
                 if f.attempt == 1 {
-                    tracing::warn!(stream = name, error = %f.error, "waiting for stream (created by its owning service)");
+                    // Normal on a first start: the owner creates it in a moment.
+                    tracing::info!(stream = name, error = %f.error, "waiting for stream (created by its owning service)");
                 }
             },
         )

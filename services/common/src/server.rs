@@ -14,15 +14,8 @@ use crate::auth::ControlAuth;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The address could not be bound.
-    #[error(
-        "cannot listen on {addr}: {source} (is another process using the port? change the *_addr setting)"
-    )]
-    Bind {
-        /// The address.
-        addr: String,
-        /// The cause.
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Bind(#[source] BindError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
@@ -31,14 +24,27 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
 }
 
+/// An address that could not be bound, with the OS error as its source. It stays in the error
+/// chain of a service's start error, so a caller can tell which address (and so which setting)
+/// it was: the `herald` CLI names the flag and environment variable that move that port.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}")]
+pub struct BindError {
+    /// The address, as configured.
+    pub addr: String,
+    /// The cause (e.g. `AddrInUse`).
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds an address such as `127.0.0.1:0`.
 pub async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind {
+    TcpListener::bind(addr).await.map_err(|source| {
+        ServeError::Bind(BindError {
             addr: addr.to_string(),
             source,
         })
+    })
 }
 
 /// The bound address of a listener.

@@ -1,5 +1,6 @@
 //! Logs (tracing) and metrics (one Prometheus recorder per process).
 
+use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 
 pub use metrics_exporter_prometheus::PrometheusHandle;
@@ -37,7 +38,8 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// Starts logging to stderr. Safe to call more than once (later calls do nothing).
+/// Starts logging to stderr, with colours only when stderr is a terminal. Safe to call more
+/// than once (later calls do nothing).
 pub fn init_tracing(cfg: &LogConfig) {
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -45,7 +47,8 @@ pub fn init_tracing(cfg: &LogConfig) {
         .unwrap_or_else(|| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if cfg.json {
         builder.json().try_init()
     } else {

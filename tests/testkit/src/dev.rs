@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use tokio::io::AsyncReadExt as _;
 use tokio::process::{Child, Command};
 
@@ -44,7 +44,10 @@ pub struct HeraldDev {
     pub banner: String,
     /// Where it listens.
     pub ports: DevPorts,
-    dir: tempfile::TempDir,
+    /// The folder holding its data dir (`.herald`) and log file.
+    root: PathBuf,
+    /// The folder, when [`HeraldDev::start`] made it (removed on drop).
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl HeraldDev {
@@ -57,10 +60,26 @@ impl HeraldDev {
     ///
     /// When no nats-server is found, or herald dev exits early or prints no banner within 60 s.
     pub async fn start(herald: &Path) -> anyhow::Result<Self> {
+        let temp = tempfile::tempdir()?;
+        let root = temp.path().to_path_buf();
+        let mut dev = Self::start_in(herald, &root).await?;
+        dev._temp = Some(temp);
+        Ok(dev)
+    }
+
+    /// Like [`HeraldDev::start`], in the folder `dir` the caller keeps: the data dir is
+    /// `<dir>/.herald` (where admin commands run in `dir` find the token) and the log file
+    /// `<dir>/events.jsonl`, so a second start in the same folder reuses the keys, the token and
+    /// the NATS store.
+    ///
+    /// # Errors
+    ///
+    /// As [`HeraldDev::start`].
+    pub async fn start_in(herald: &Path, dir: &Path) -> anyhow::Result<Self> {
         let nats = crate::nats_server_binary()?;
         let mut last = String::new();
         for _ in 0..ATTEMPTS {
-            match Self::try_start(herald, &nats).await? {
+            match Self::try_start(herald, &nats, dir).await? {
                 Ok(dev) => return Ok(dev),
                 Err(banner) if banner.contains("Address already in use") => last = banner,
                 Err(banner) => bail!("herald dev exited early:\n{banner}"),
@@ -70,8 +89,11 @@ impl HeraldDev {
     }
 
     /// One start; `Ok(Err(output))` when it exited before its banner.
-    async fn try_start(herald: &Path, nats: &Path) -> anyhow::Result<Result<Self, String>> {
-        let dir = tempfile::tempdir()?;
+    async fn try_start(
+        herald: &Path,
+        nats: &Path,
+        root: &Path,
+    ) -> anyhow::Result<Result<Self, String>> {
         let p = free_ports(8)?;
         let ports = DevPorts {
             ingest_http: p[0],
@@ -88,10 +110,14 @@ impl HeraldDev {
             .arg("--ingest-addr")
             .arg(format!("127.0.0.1:{}", ports.ingest_http))
             .arg("--log-file")
-            .arg(dir.path().join("events.jsonl"))
+            .arg(root.join("events.jsonl"))
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(root.join(".herald"))
             .env("HERALD_NATS_SERVER", nats)
+            // What a newcomer sees: dev's own log filter, its own token and no config file.
+            .env_remove("RUST_LOG")
+            .env_remove("HERALD__CONTROL__TOKEN")
+            .env_remove("HERALD_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -130,17 +156,42 @@ impl HeraldDev {
             child,
             banner,
             ports,
-            dir,
+            root: root.to_path_buf(),
+            _temp: None,
         }))
+    }
+
+    /// Stops it as Ctrl-C does (SIGINT) and checks that it exits cleanly within 20 s.
+    ///
+    /// # Errors
+    ///
+    /// When it has exited already, does not stop in time, or exits with a failure.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("herald dev has exited already")?;
+        let sent = Command::new("kill")
+            .arg("-INT")
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        ensure!(sent.success(), "kill -INT {pid} failed");
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .context("herald dev did not stop within 20 s of Ctrl-C")??;
+        ensure!(
+            status.success(),
+            "herald dev exits cleanly on Ctrl-C: {status:?}"
+        );
+        Ok(())
     }
 
     /// The log destination's file (one JSON line per delivered event).
     pub fn log_file(&self) -> PathBuf {
-        self.dir.path().join("events.jsonl")
+        self.root.join("events.jsonl")
     }
 
-    /// Its data dir (`write_key`, `write_secret`, `token`, the NATS store).
+    /// Its data dir (`write_key`, `write_secret`, `token`, the NATS store): `.herald` in its
+    /// folder.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.root.join(".herald")
     }
 }

@@ -1,6 +1,11 @@
-//! Builders for Segment-shaped input events.
+//! Builders of input events (Segment JSON, and protobuf `Event`s as ingest publishes them),
+//! and sending them to ingest's HTTP API.
 
+use async_nats::jetstream;
 use chrono::{SecondsFormat, Utc};
+use herald_common::Topology;
+use herald_common::partition::partition_for;
+use herald_proto::v1::{Event, EventType};
 use serde_json::{Value, json};
 
 /// A Segment `track` call for `Order Completed` by `user`, number `seq` of that user.
@@ -42,6 +47,82 @@ pub fn segment_batch(items: Vec<Value>) -> Value {
     json!({ "batch": items })
 }
 
+/// The HTTP status of a Segment batch of one track (user `u1`, number 1) sent to ingest's HTTP
+/// API at `http` (`host:port`) with write key `key`; 0 when the request fails.
+pub async fn post_segment_track(http: impl std::fmt::Display, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{http}/v1/batch"))
+        .basic_auth(key, Some(""))
+        .json(&segment_batch(vec![segment_track("u1", 1)]))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// One user per partition (of `partitions`): the `i`-th is the first `user-<n>` that falls in
+/// partition `i`, so that load reaches every partition.
+pub fn user_per_partition(partitions: u32) -> Vec<String> {
+    (0..partitions)
+        .map(|p| {
+            (0..)
+                .map(|i| format!("user-{i}"))
+                .find(|u| partition_for(u, partitions) == p)
+                .expect("some user falls in every partition")
+        })
+        .collect()
+}
+
+/// A track `Tick` of `user`, number `seq` of that user, from `source`, as ingest publishes it:
+/// id `<source>:<user>-<seq>`, message id `<user>-<seq>`, routed to the user's partition (of
+/// `partitions`), properties `{"seq": <seq>}`.
+pub fn protobuf_track(source: &str, user: &str, seq: u64, partitions: u32) -> Event {
+    Event {
+        id: format!("{source}:{user}-{seq}"),
+        message_id: format!("{user}-{seq}"),
+        source_id: source.into(),
+        r#type: EventType::Track as i32,
+        name: "Tick".into(),
+        user_id: user.into(),
+        partition_key: user.into(),
+        partition: partition_for(user, partitions),
+        properties: format!("{{\"seq\":{seq}}}").into_bytes(),
+        ..Default::default()
+    }
+}
+
+/// Publishes `events` to their partitions' subjects of the events stream, each with its id as
+/// the message id, pipelined (as ingest does), then awaits every acknowledgement. Returns how
+/// many were published.
+///
+/// # Errors
+///
+/// When a publish or an acknowledgement fails.
+pub async fn publish_as_ingest(
+    js: &jetstream::Context,
+    topology: &Topology,
+    events: impl IntoIterator<Item = Event>,
+) -> anyhow::Result<u64> {
+    use prost::Message as _;
+    let mut acks = Vec::new();
+    for e in events {
+        acks.push(
+            js.send_publish(
+                topology.events_subject(e.partition),
+                jetstream::message::PublishMessage::build()
+                    .payload(e.encode_to_vec().into())
+                    .message_id(&e.id),
+            )
+            .await?,
+        );
+    }
+    let n = acks.len() as u64;
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(n)
+}
+
 fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -50,7 +131,9 @@ fn now_rfc3339() -> String {
 mod tests {
     use serde_json::json;
 
-    use super::{segment_batch, segment_identify, segment_track};
+    use super::{
+        protobuf_track, segment_batch, segment_identify, segment_track, user_per_partition,
+    };
 
     #[test]
     fn track_has_the_segment_shape() {
@@ -80,5 +163,18 @@ mod tests {
         assert_eq!(identify["traits"]["plan"], "pro");
         let batch = segment_batch(vec![segment_track("u2", 1), identify]);
         assert_eq!(batch["batch"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn one_user_per_partition_and_their_events_route_there() {
+        let users = user_per_partition(16);
+        assert_eq!(users.len(), 16);
+        for (p, user) in users.iter().enumerate() {
+            let e = protobuf_track("src", user, 3, 16);
+            assert_eq!(e.partition, p as u32, "{user}");
+            assert_eq!(e.id, format!("src:{user}-3"));
+            assert_eq!(e.message_id, format!("{user}-3"));
+            assert_eq!(e.properties, br#"{"seq":3}"#);
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! Every test that touches NATS starts its own real `nats-server` through this crate: a single
 //! JetStream server ([`NatsServer`]) or a loopback cluster ([`NatsCluster`]), each with a private
 //! temporary store and free ports, killed on drop. [`WebhookServer`] is a real HTTP server that
-//! plays a destination, and the event builders make Segment-shaped input.
+//! plays a destination, the event builders make Segment-shaped and protobuf input, and the
+//! `herald` helpers write its config, run its roles and admin commands, and start `herald dev`.
 //!
 //! Every wait in here has a deadline; nothing sleeps to synchronise.
 
@@ -11,6 +12,8 @@ mod binary;
 mod cluster;
 mod dev;
 mod events;
+mod herald;
+mod order;
 mod server;
 mod wait;
 mod webhook;
@@ -18,7 +21,12 @@ mod webhook;
 pub use binary::{MIN_NATS_SERVER_VERSION, nats_server_binary};
 pub use cluster::NatsCluster;
 pub use dev::{DevPorts, HeraldDev};
-pub use events::{segment_batch, segment_identify, segment_track};
+pub use events::{
+    post_segment_track, protobuf_track, publish_as_ingest, segment_batch, segment_identify,
+    segment_track, user_per_partition,
+};
+pub use herald::{CliOutput, HeraldCli, common_config, control_channel, spawn_role, write_config};
+pub use order::check_processed_in_order;
 pub use server::NatsServer;
-pub use wait::{free_port, wait_until};
+pub use wait::{free_port, wait_ready, wait_until};
 pub use webhook::{Received, WebhookServer};

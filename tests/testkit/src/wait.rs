@@ -1,4 +1,4 @@
-//! Polling with deadlines, and free ports.
+//! Polling with deadlines (a condition, a service's readiness), and free ports.
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -25,6 +25,29 @@ where
             _ => bail!("timed out after {timeout:?} waiting until {what}"),
         }
     }
+}
+
+/// Waits until the admin server at `admin` (`host:port`) answers `/readyz` with a success,
+/// failing after `timeout` with a message naming `what` (e.g. `"ingest is ready"`).
+///
+/// # Errors
+///
+/// When it is not ready in time.
+pub async fn wait_ready(
+    what: &str,
+    admin: impl std::fmt::Display,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let url = format!("http://{admin}/readyz");
+    let client = reqwest::Client::new();
+    wait_until(what, timeout, || async {
+        client
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
