@@ -181,7 +181,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     for s in services {
         let _ = s.task.await;
     }
-    nats_child.kill().await;
+    nats_child.terminate(Duration::from_secs(5)).await;
     eprintln!("Herald stopped.");
     Ok(())
 }

@@ -373,6 +373,9 @@ impl Launch {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            // Its own process group: a Ctrl-C in the terminal reaches the parent only, which
+            // stops its services (they still need the server to hand over) before this one.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| LaunchError::Spawn {
