@@ -13,7 +13,7 @@ use base64::Engine as _;
 use common::{Harness, WRITE_KEY, WRITE_SECRET};
 use herald_common::{CommonConfig, Topology};
 use herald_ingest::IngestConfig;
-use herald_ingest::publish::{BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER};
+use herald_ingest::{BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER};
 use herald_testkit::{segment_batch, segment_track};
 use serde_json::json;
 use support::{Running, metric};
@@ -321,12 +321,8 @@ async fn atomic_batches_on_a_three_node_cluster() {
         })
         .await
         .expect("consumer");
-    let publisher = herald_ingest::publish::Publisher::new(
-        client,
-        js,
-        topology,
-        std::time::Duration::from_secs(10),
-    );
+    let publisher =
+        herald_ingest::Publisher::new(client, js, topology, std::time::Duration::from_secs(10));
     let events: Vec<herald_proto::v1::Event> = (0..5u32)
         .map(|i| herald_proto::v1::Event {
             id: format!("svc:e-{i}"),

@@ -110,7 +110,7 @@ async fn the_seen_set_outlasts_jetstreams_duplicate_window() {
     let status = kv.status().await.expect("bucket status");
     assert_eq!(status.max_age(), Duration::from_secs(24 * 3600));
     assert_eq!(status.values(), 3);
-    let key = herald_ingest::seen::SeenSet::key("acceptance:a-0");
+    let key = herald_ingest::SeenSet::key("acceptance:a-0");
     assert!(kv.get(&key).await.expect("read").is_some());
 }
 

@@ -679,7 +679,7 @@ async fn the_openapi_document_describes_every_route() {
     )
     .unwrap();
     assert_eq!(doc, committed, "served = committed");
-    let mut routes: Vec<&str> = herald_ingest::http::SEGMENT_SINGLE_ROUTES
+    let mut routes: Vec<&str> = herald_ingest::SEGMENT_SINGLE_ROUTES
         .iter()
         .map(|(r, _)| *r)
         .collect();

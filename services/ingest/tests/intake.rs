@@ -338,7 +338,7 @@ async fn a_full_quarantine_holds_messages_instead_of_dropping_them() {
     );
 
     // Room again (an operator raised the limit): the retry stores the record and acks.
-    let mut cfg = herald_ingest::quarantine::stream_config(&ingest.topology);
+    let mut cfg = herald_ingest::quarantine_stream_config(&ingest.topology);
     cfg.max_bytes = -1;
     ingest.js.update_stream(cfg).await.expect("update");
     let records = ingest.wait_quarantine(1).await;

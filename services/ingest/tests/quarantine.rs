@@ -299,7 +299,7 @@ async fn invalid_http_batch_items_are_quarantined_or_the_batch_is_refused() {
     assert_eq!(ingest.quarantine().await.len(), 1);
 
     // A full quarantine: a batch with an invalid item is refused with 503, not half-accepted.
-    let mut cfg = herald_ingest::quarantine::stream_config(&ingest.topology);
+    let mut cfg = herald_ingest::quarantine_stream_config(&ingest.topology);
     cfg.max_bytes = 64;
     ingest.js.update_stream(cfg).await.expect("update");
     let body = segment_batch(vec![

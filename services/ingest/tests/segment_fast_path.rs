@@ -6,8 +6,7 @@
 mod common;
 
 use chrono::{DateTime, TimeZone as _, Utc};
-use herald_ingest::body;
-use herald_ingest::segment::{InvalidEvent, Normaliser, parse_batch, parse_batch_raw};
+use herald_ingest::{InvalidEvent, Normaliser, parse_batch, parse_batch_raw, scan_body};
 use herald_proto::v1::Event;
 use proptest::prelude::*;
 use serde_json::Value;
@@ -45,7 +44,7 @@ fn slow(body: &[u8]) -> Outcome {
 
 /// The fast path; `None` when it does not decide the body (then the `Value` path does).
 fn fast(body: &[u8]) -> Option<Outcome> {
-    let scan = body::scan(body, MAX_DEPTH).ok()?;
+    let scan = scan_body(body, MAX_DEPTH).ok()?;
     let raw = parse_batch_raw(body, &scan)?;
     let key = raw.write_key().map(str::to_string);
     let events = norm().normalise_batch_fast(raw)?;

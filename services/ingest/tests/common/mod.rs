@@ -131,7 +131,7 @@ impl Harness {
             .await
             .expect("events stream");
         // Invalid items of accepted batches are written to the quarantine.
-        ensure_stream(&js, herald_ingest::quarantine::stream_config(&topology))
+        ensure_stream(&js, herald_ingest::quarantine_stream_config(&topology))
             .await
             .expect("quarantine stream");
         js.get_stream(topology.events_stream())
@@ -405,7 +405,7 @@ impl Fixture {
                 let ty_name = path_type
                     .clone()
                     .unwrap_or_else(|| item["type"].as_str().expect("type").to_string());
-                let ty = herald_ingest::segment::call_type(&ty_name).expect("known type");
+                let ty = herald_ingest::call_type(&ty_name).expect("known type");
                 let name = match ty {
                     EventType::Track => item["event"].as_str().unwrap_or_default(),
                     EventType::Page | EventType::Screen => {
