@@ -22,6 +22,9 @@ pub struct ActivatorConfig {
     pub max_concurrent_keys: usize,
     /// Longest pause between retries of a failed send.
     pub retry_max_backoff_ms: u64,
+    /// Longest a shutdown (SIGTERM) waits for in-flight work to finish and the NATS connection
+    /// to drain before the service stops anyway; the chart sets the pod's grace period above it.
+    pub shutdown_timeout_seconds: u64,
     /// The destinations.
     pub destinations: Vec<DestinationConfig>,
 }
@@ -36,6 +39,7 @@ impl Default for ActivatorConfig {
             max_ack_pending: 10_000,
             max_concurrent_keys: 64,
             retry_max_backoff_ms: 5_000,
+            shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             destinations: Vec::new(),
         }
     }

@@ -10,9 +10,11 @@ pub mod payload;
 mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use herald_common::admin::{self, Readiness};
 use herald_common::server::{self, ServiceHandle};
+use herald_common::supervisor::Supervisor;
 use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology, nats};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +37,10 @@ pub enum ActivatorError {
 }
 
 /// Starts the activator: one delivery loop per destination, plus the gRPC and admin servers,
-/// until `shutdown` fires.
+/// until `shutdown` fires. The handle's task ends once every delivery loop has settled its
+/// batch, the servers have stopped and NATS has drained, or after
+/// `activator.shutdown_timeout_seconds` (see [`herald_common::supervisor`]); a failing server or
+/// task stops the whole service.
 pub async fn start(
     common: &CommonConfig,
     cfg: &ActivatorConfig,
@@ -74,18 +79,27 @@ pub async fn start(
     let check_refs: Vec<&str> = checks.iter().map(String::as_str).collect();
     let ready = Readiness::new(client.clone(), &check_refs);
 
-    let mut workers = Vec::new();
+    let mut supervisor = Supervisor::new(
+        "activator",
+        &shutdown,
+        Duration::from_secs(cfg.shutdown_timeout_seconds),
+    );
+    let stop = supervisor.token();
+    // Each destination's worker finishes the batch in hand (or leaves it unacked) before it ends.
     for (dest, sender, stats) in &senders {
-        workers.push(tokio::spawn(worker::run(
-            js.clone(),
-            topology.clone(),
-            cfg.clone(),
-            dest.clone(),
-            sender.clone(),
-            stats.clone(),
-            ready.clone(),
-            shutdown.clone(),
-        )));
+        supervisor.spawn_task(
+            format!("destination {}", dest.id),
+            worker::run(
+                js.clone(),
+                topology.clone(),
+                cfg.clone(),
+                dest.clone(),
+                sender.clone(),
+                stats.clone(),
+                ready.clone(),
+                stop.clone(),
+            ),
+        );
     }
     let control = grpc::Control {
         destinations: senders
@@ -96,41 +110,19 @@ pub async fn start(
     let routes = tonic::service::Routes::new(
         herald_proto::v1::activator_service_server::ActivatorServiceServer::new(control),
     );
-    let grpc = tokio::spawn(server::serve_grpc(
-        grpc_listener,
-        routes,
-        "herald.v1.ActivatorService",
-        auth,
-        shutdown.clone(),
-    ));
-    let admin = tokio::spawn(server::serve_http(
-        admin_listener,
-        admin::router(metrics, ready),
-        shutdown.clone(),
-    ));
-    let task = tokio::spawn(async move {
-        for w in workers {
-            if let Err(e) = w.await {
-                tracing::error!(error = %e, "destination worker panicked");
-            }
-        }
-        for (name, res) in [("gRPC", grpc.await), ("admin", admin.await)] {
-            match res {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, server = name, "server failed"),
-                Err(e) => tracing::error!(error = %e, server = name, "server panicked"),
-            }
-        }
-        if let Err(e) = client.drain().await {
-            tracing::debug!(error = %e, "draining the NATS connection failed");
-        }
-        tracing::info!("activator stopped");
-    });
-    Ok(ServiceHandle {
-        name: "activator",
-        http_addr: None,
-        grpc_addr,
-        admin_addr,
-        task,
-    })
+    supervisor.spawn(
+        "grpc",
+        server::serve_grpc(
+            grpc_listener,
+            routes,
+            "herald.v1.ActivatorService",
+            auth,
+            stop.clone(),
+        ),
+    );
+    supervisor.spawn(
+        "admin",
+        server::serve_http(admin_listener, admin::router(metrics, ready), stop),
+    );
+    Ok(supervisor.finish(client, None, grpc_addr, admin_addr))
 }

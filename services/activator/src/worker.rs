@@ -14,13 +14,14 @@ use futures_util::StreamExt;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
 use herald_common::nats::{retry_until, wait_for_stream};
-use herald_common::ordered::{KeepAlive, OrderedReader, ReaderConfig, backoff};
+use herald_common::ordered::{OrderedReader, ReaderConfig};
+use herald_common::retry::{Failure, KeepAlive, Retry};
 use herald_proto::v1::ProcessedEvent;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ActivatorConfig, DestinationConfig};
-use crate::destinations::Sender;
+use crate::destinations::{SendError, Sender};
 use crate::{events, payload};
 
 /// Delivery counters of one destination.
@@ -111,14 +112,22 @@ async fn group_by_key(destination: &str, batch: Vec<Message>) -> Vec<Vec<Item>> 
         let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
             Ok(p) => p,
             Err(_) => {
-                events::skipped(destination, "undecodable");
+                events::Skipped {
+                    destination,
+                    reason: "undecodable",
+                }
+                .emit();
                 let _ = msg.ack_with(AckKind::Term).await;
                 continue;
             }
         };
         let event = processed.event.as_ref();
         if event.is_some_and(|e| e.historical) {
-            events::skipped(destination, "historical");
+            events::Skipped {
+                destination,
+                reason: "historical",
+            }
+            .emit();
             let _ = msg.ack().await;
             continue;
         }
@@ -150,34 +159,44 @@ async fn deliver_in_order(
     cancel: &CancellationToken,
 ) {
     for item in items {
-        let mut attempt = 0u32;
-        loop {
-            let started = Instant::now();
-            match sender.send(&item.event_id, &item.body).await {
-                Ok(()) => {
-                    events::delivered(destination, started.elapsed().as_secs_f64());
-                    stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    // The next event of this user is sent only once the server has confirmed
-                    // this ack: after a crash, at most the last sent event is sent again.
-                    if !confirm_ack(destination, &item.msg, max_backoff, cancel).await {
-                        return;
-                    }
-                    break;
-                }
-                Err(e) => {
-                    attempt += 1;
+        let sent = Retry::new(max_backoff)
+            .run(
+                cancel,
+                || async {
+                    let started = Instant::now();
+                    sender.send(&item.event_id, &item.body).await?;
+                    Ok(started.elapsed())
+                },
+                |f: &mut Failure<'_, SendError>| {
                     stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    let wait = e
-                        .retry_after
-                        .map(|d| d.min(max_backoff * 6))
-                        .unwrap_or_else(|| backoff(attempt, max_backoff));
-                    events::send_failed(destination, e.kind, attempt, wait.as_millis(), &e.message);
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
+                    // A destination's Retry-After replaces the backoff, within bounds.
+                    if let Some(after) = f.error.retry_after {
+                        f.wait = after.min(max_backoff * 6);
                     }
-                }
-            }
+                    events::SendFailed {
+                        destination,
+                        reason: f.error.kind,
+                        attempt: f.attempt,
+                        wait: f.wait,
+                        error: &f.error.message,
+                    }
+                    .emit();
+                },
+            )
+            .await;
+        let Some(took) = sent else {
+            return;
+        };
+        events::Delivered {
+            destination,
+            seconds: took.as_secs_f64(),
+        }
+        .emit();
+        stats.delivered.fetch_add(1, Ordering::Relaxed);
+        // The next event of this user is sent only once the server has confirmed this ack:
+        // after a crash, at most the last sent event is sent again.
+        if !confirm_ack(destination, &item.msg, max_backoff, cancel).await {
+            return;
         }
     }
 }
@@ -189,18 +208,19 @@ async fn confirm_ack(
     max_backoff: Duration,
     cancel: &CancellationToken,
 ) -> bool {
-    let mut attempt = 0u32;
-    loop {
-        match msg.double_ack().await {
-            Ok(()) => return true,
-            Err(e) => {
-                attempt += 1;
-                tracing::warn!(destination, error = %e, attempt, "ack not confirmed; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(backoff(attempt, max_backoff)) => {}
+    Retry::new(max_backoff)
+        .run(
+            cancel,
+            || msg.double_ack(),
+            |f| {
+                events::AckRetried {
+                    destination,
+                    attempt: f.attempt,
+                    error: f.error,
                 }
-            }
-        }
-    }
+                .emit()
+            },
+        )
+        .await
+        .is_some()
 }

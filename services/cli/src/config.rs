@@ -48,3 +48,27 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use figment::providers::{Format, Toml};
+
+    use super::*;
+
+    #[test]
+    fn every_service_has_a_shutdown_timeout_defaulting_to_10_seconds() {
+        let defaults = Config::load(None, None).expect("defaults load");
+        assert_eq!(defaults.ingest.shutdown_timeout_seconds, 10);
+        assert_eq!(defaults.processor.shutdown_timeout_seconds, 10);
+        assert_eq!(defaults.activator.shutdown_timeout_seconds, 10);
+        let file = Toml::string(
+            "[ingest]\nshutdown_timeout_seconds = 3\n\
+             [processor]\nshutdown_timeout_seconds = 25\n\
+             [activator]\nshutdown_timeout_seconds = 40\n",
+        );
+        let cfg = Config::load(None, Some(Figment::from(file))).expect("loads");
+        assert_eq!(cfg.ingest.shutdown_timeout_seconds, 3);
+        assert_eq!(cfg.processor.shutdown_timeout_seconds, 25);
+        assert_eq!(cfg.activator.shutdown_timeout_seconds, 40);
+    }
+}

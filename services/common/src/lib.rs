@@ -1,17 +1,21 @@
 //! Shared plumbing of Herald's services: typed config, the NATS connection and topology,
-//! telemetry, the admin and gRPC servers, shutdown, partitioning and ordered consumption.
+//! telemetry, the admin and gRPC servers, retries, supervision and shutdown, partitioning and
+//! ordered consumption.
 //!
 //! Services depend on this crate and on `herald-proto`, never on each other.
 
 pub mod admin;
 pub mod auth;
 pub mod config;
+mod events;
 pub mod nats;
 pub mod natsbin;
 pub mod ordered;
 pub mod ownership;
 pub mod partition;
+pub mod retry;
 pub mod server;
+pub mod supervisor;
 pub mod telemetry;
 
 pub use config::{

@@ -6,6 +6,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{Client, ConnectOptions, ServerAddr};
 
 use crate::config::{NatsConfig, TopologyConfig};
+use crate::retry::Retry;
 
 /// Errors of connecting to NATS or provisioning JetStream.
 #[derive(Debug, thiserror::Error)]
@@ -277,58 +278,47 @@ pub async fn ensure_stream(
         })
 }
 
-/// Waits (until `cancel`) for a stream another service owns, polling every half second.
-/// Returns `None` when cancelled first.
+/// The longest pause of the provisioning retries ([`wait_for_stream`], [`retry_until`]).
+pub const PROVISIONING_MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Waits (until `cancel`) for a stream another service owns, polling with backoff up to
+/// [`PROVISIONING_MAX_BACKOFF`]. Returns `None` when cancelled first.
 pub async fn wait_for_stream(
     js: &jetstream::Context,
     name: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<stream::Stream> {
-    let mut warned = false;
-    loop {
-        match js.get_stream(name).await {
-            Ok(s) => return Some(s),
-            Err(e) => {
-                if !warned {
-                    tracing::warn!(stream = name, error = %e, "waiting for stream (created by its owning service)");
-                    warned = true;
+    Retry::new(PROVISIONING_MAX_BACKOFF)
+        .run(
+            cancel,
+            || js.get_stream(name),
+            |f| {
+                if f.attempt == 1 {
+                    tracing::warn!(stream = name, error = %f.error, "waiting for stream (created by its owning service)");
                 }
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
+            },
+        )
+        .await
 }
 
-/// Retries `f` every half second until it succeeds or `cancel` fires. For startup provisioning,
-/// which must survive NATS being unavailable for a while.
+/// Retries `f` with backoff up to [`PROVISIONING_MAX_BACKOFF`] until it succeeds or `cancel`
+/// fires. For startup provisioning, which must survive NATS being unavailable for a while.
 pub async fn retry_until<T, E: std::fmt::Display, F, Fut>(
     what: &str,
     cancel: &tokio_util::sync::CancellationToken,
-    mut f: F,
+    f: F,
 ) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let mut attempts = 0u32;
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                attempts += 1;
-                if attempts == 1 || attempts.is_multiple_of(20) {
-                    tracing::warn!(error = %e, attempts, "{what} failed; retrying");
-                }
+    Retry::new(PROVISIONING_MAX_BACKOFF)
+        .run(cancel, f, |f| {
+            if f.attempt == 1 || f.attempt.is_multiple_of(20) {
+                tracing::warn!(error = %f.error, attempts = f.attempt, "{what} failed; retrying");
             }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
+        })
+        .await
 }
 
 #[cfg(test)]

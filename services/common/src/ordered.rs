@@ -714,38 +714,9 @@ fn pinned_id<'a>(info: &'a async_nats::jetstream::consumer::Info, group: &str) -
         .and_then(|g| g.pinned_client_id.as_deref())
 }
 
-/// Sends in-progress acks for `msgs` every `every` until dropped, so messages that wait behind a
-/// retry are not redelivered.
-pub struct KeepAlive {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl KeepAlive {
-    /// Starts keeping `msgs` alive.
-    pub fn start(msgs: Vec<Message>, every: Duration) -> Self {
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                for m in &msgs {
-                    let _ = m.ack_with(AckKind::Progress).await;
-                }
-            }
-        });
-        Self { task }
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Backoff for in-process retries: 100 ms doubling up to `max`.
-pub fn backoff(attempt: u32, max: Duration) -> Duration {
-    let ms = 100u64.saturating_mul(1u64 << attempt.min(16));
-    Duration::from_millis(ms).min(max)
-}
+// Moved to `crate::retry`, where every retry loop keeps its messages alive; re-exported here
+// for the callers that still import them from this module.
+pub use crate::retry::{KeepAlive, backoff};
 
 /// What [`PinnedPull::next`] got.
 enum Pulled {

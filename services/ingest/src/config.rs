@@ -35,6 +35,9 @@ pub struct IngestConfig {
     /// after JetStream's duplicate window (`topology.duplicate_window_seconds`) is still not
     /// stored twice (Segment dedupes over 24 hours). 0 turns the seen-set off.
     pub dedupe_window_hours: u64,
+    /// Longest a shutdown (SIGTERM) waits for in-flight work to finish and the NATS connection
+    /// to drain before the service stops anyway; the chart sets the pod's grace period above it.
+    pub shutdown_timeout_seconds: u64,
     /// The sources ingest accepts events for.
     pub sources: Vec<SourceConfig>,
 }
@@ -54,6 +57,7 @@ impl Default for IngestConfig {
             cors_allowed_origins: vec!["*".into()],
             publish_timeout_ms: 5000,
             dedupe_window_hours: 0,
+            shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             sources: Vec::new(),
         }
     }

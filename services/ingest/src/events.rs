@@ -417,21 +417,6 @@ impl StreamProvisioned<'_> {
     }
 }
 
-/// A server of the service stopped with an error.
-pub(crate) struct ServerFailed<'a> {
-    /// `http`, `grpc` or `admin`.
-    pub server: &'static str,
-    /// The error.
-    pub error: &'a dyn std::fmt::Display,
-}
-
-impl ServerFailed<'_> {
-    /// Logs it: an operator must act.
-    pub fn emit(self) {
-        tracing::error!(server = self.server, error = %self.error, "ingest server failed; stopping");
-    }
-}
-
 /// Status codes as static labels (a closed set).
 fn status_label(status: u16) -> &'static str {
     match status {

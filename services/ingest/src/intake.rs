@@ -13,8 +13,9 @@
 //! Whatever cannot be accepted (an unknown or disabled source, invalid JSON, an invalid item,
 //! an undecodable protobuf) becomes a quarantine record with its reason
 //! ([`crate::quarantine`]). An intake message is acked only after the PubAcks of all its events
-//! and records; a failed publish is retried in process (the message kept alive with in-progress
-//! acks), never nak'ed. The intake stream uses work-queue retention: an acked message is gone.
+//! and records; a failed publish is retried in process through [`herald_common::retry`] (the
+//! messages kept alive with in-progress acks), never nak'ed. The intake stream uses work-queue
+//! retention: an acked message is gone.
 //!
 //! [`Intake::submit`] is also what a quarantine redrive calls, so a redriven payload meets
 //! exactly the validation a new one would.
@@ -28,7 +29,8 @@ use chrono::{DateTime, Utc};
 use herald_common::Topology;
 use herald_common::admin::Readiness;
 use herald_common::nats::{ensure_stream, retry_until};
-use herald_common::ordered::{KeepAlive, OrderedReader, ReaderConfig, backoff};
+use herald_common::ordered::{OrderedReader, ReaderConfig};
+use herald_common::retry::{KeepAlive, Retry};
 use herald_proto::v1::{Event, PayloadFormat, QuarantineRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -360,27 +362,27 @@ impl Intake {
             }
             .emit();
         }
-        let mut attempt = 0u32;
-        let (published, _) = loop {
-            match self.store(&decoded).await {
-                Ok(stored) => break stored,
-                Err(e) => {
-                    attempt += 1;
+        // The whole batch waits behind this chunk: from the first failure on, every message
+        // of it is kept alive until the batch is done (not only while this chunk retries).
+        let stored = Retry::new(MAX_BACKOFF)
+            .run(
+                cancel,
+                || self.store(&decoded),
+                |f| {
                     IntakeBatchRetried {
-                        attempt,
+                        attempt: f.attempt,
                         messages: messages.len(),
-                        error: &e,
+                        error: f.error,
                     }
                     .emit();
                     if keep_alive.is_none() {
                         *keep_alive = Some(KeepAlive::start(batch.to_vec(), ACK_WAIT / 3));
                     }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff(attempt, MAX_BACKOFF)) => {}
-                    }
-                }
-            }
+                },
+            )
+            .await;
+        let Some((published, _)) = stored else {
+            return false;
         };
         if let Some(p) = published {
             emit_accepted(&decoded.events, p);

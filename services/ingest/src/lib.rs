@@ -36,6 +36,7 @@ use herald_common::CommonConfig;
 use herald_common::admin::{self, Readiness};
 use herald_common::nats::{connect, ensure_stream, jetstream, retry_until};
 use herald_common::server::{ServiceHandle, bind, local_addr, serve_grpc, serve_http};
+use herald_common::supervisor::Supervisor;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -69,14 +70,12 @@ pub mod decode {
 /// The readiness check flipped once the events stream exists with Herald's config.
 pub const EVENTS_STREAM_CHECK: &str = "events stream";
 
-/// How long shutdown waits for the NATS client to drain.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Starts the ingest service: binds its HTTP, gRPC and admin listeners (port 0 allowed; the
 /// handle reports the real addresses), connects to NATS (retrying in the background),
 /// provisions the events stream in the background (then `/readyz` turns ready), and serves
-/// until `shutdown`. The handle's task ends when all three servers have stopped and the NATS
-/// client has drained.
+/// until `shutdown`. The handle's task ends when its servers and tasks have stopped and the NATS
+/// client has drained, or once `ingest.shutdown_timeout_seconds` has passed (see
+/// [`herald_common::supervisor`]).
 pub async fn start(
     common: &CommonConfig,
     cfg: &IngestConfig,
@@ -111,24 +110,38 @@ pub async fn start(
     state.sources().await_bucket();
     let source_store = source_store::SourceStore::new(state.sources().clone());
 
-    // One failing server stops the others; the caller's token stops them all.
-    let stop = shutdown.child_token();
+    // One failing server or task stops the others; the caller's token stops them all, and
+    // shutdown (in-flight requests answered, the intake batch settled, NATS drained) is bounded
+    // by `ingest.shutdown_timeout_seconds`.
+    let mut supervisor = Supervisor::new(
+        "ingest",
+        &shutdown,
+        Duration::from_secs(cfg.shutdown_timeout_seconds),
+    );
+    let stop = supervisor.token();
 
     let js = jetstream(client.clone(), &common.nats);
-    tokio::spawn(source_sync::sync(
-        source_store.clone(),
-        js.clone(),
-        state.topology().clone(),
-        cfg.sources.clone(),
-        readiness.clone(),
-        stop.clone(),
-    ));
+    supervisor.spawn_task(
+        "sources sync",
+        source_sync::sync(
+            source_store.clone(),
+            js.clone(),
+            state.topology().clone(),
+            cfg.sources.clone(),
+            readiness.clone(),
+            stop.clone(),
+        ),
+    );
     // NATS intake and the quarantine: their streams, the intake consumer, the gRPC service.
     let intake = intake::Intake::new(core);
     let quarantine_grpc = quarantine_service::QuarantineGrpc::new(intake.clone(), js.clone());
-    let intake_task = tokio::spawn(intake.run(js.clone(), readiness.clone(), stop.clone()));
+    // The intake finishes its batch (or leaves it unacked for redelivery) before it ends.
+    supervisor.spawn_task(
+        "intake",
+        intake.run(js.clone(), readiness.clone(), stop.clone()),
+    );
     let stream_config = state.topology().events_stream_config();
-    tokio::spawn({
+    supervisor.spawn_task("events stream", {
         let stop = stop.clone();
         let readiness = readiness.clone();
         async move {
@@ -144,74 +157,24 @@ pub async fn start(
         }
     });
 
-    let servers = [
-        (
-            "http",
-            tokio::spawn(serve_http(
-                http_listener,
-                router(state.clone()),
-                stop.clone(),
-            )),
+    supervisor.spawn(
+        "http",
+        serve_http(http_listener, router(state.clone()), stop.clone()),
+    );
+    supervisor.spawn(
+        "grpc",
+        serve_grpc(
+            grpc_listener,
+            tonic::service::Routes::new(grpc::SourceGrpc::new(source_store).into_server())
+                .add_service(quarantine_grpc.into_server()),
+            grpc::SERVICE_NAME,
+            auth,
+            stop.clone(),
         ),
-        (
-            "grpc",
-            tokio::spawn(serve_grpc(
-                grpc_listener,
-                tonic::service::Routes::new(grpc::SourceGrpc::new(source_store).into_server())
-                    .add_service(quarantine_grpc.into_server()),
-                grpc::SERVICE_NAME,
-                auth,
-                stop.clone(),
-            )),
-        ),
-        (
-            "admin",
-            tokio::spawn(serve_http(
-                admin_listener,
-                admin::router(metrics, readiness),
-                stop.clone(),
-            )),
-        ),
-    ];
-    let watched = servers.map(|(server, task)| {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let failure = match task.await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(error) = failure {
-                events::ServerFailed {
-                    server,
-                    error: &error,
-                }
-                .emit();
-                stop.cancel();
-            }
-        })
-    });
-
-    let task = tokio::spawn(async move {
-        for w in watched {
-            let _ = w.await;
-        }
-        // The intake finishes its batch (or leaves it unacked for redelivery) before closing.
-        let _ = intake_task.await;
-        // Every request has been answered; hand what is buffered to the server and close.
-        match tokio::time::timeout(DRAIN_TIMEOUT, client.drain()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "draining the NATS connection failed"),
-            Err(_) => tracing::warn!("draining the NATS connection timed out"),
-        }
-        tracing::info!("ingest stopped");
-    });
-
-    Ok(ServiceHandle {
-        name: "ingest",
-        http_addr: Some(http_addr),
-        grpc_addr,
-        admin_addr,
-        task,
-    })
+    );
+    supervisor.spawn(
+        "admin",
+        serve_http(admin_listener, admin::router(metrics, readiness), stop),
+    );
+    Ok(supervisor.finish(client, Some(http_addr), grpc_addr, admin_addr))
 }

@@ -113,7 +113,7 @@ impl HotCache {
                 Some(Entry::Profile(p)) => Some(p),
                 _ => None,
             });
-        events::cache_lookup(hit.is_some());
+        events::CacheLookup { hit: hit.is_some() }.emit();
         hit
     }
 
@@ -128,7 +128,7 @@ impl HotCache {
                 profile_key(id),
                 Entry::Profile(CachedProfile { revision, bytes }),
             );
-            events::cache_size(c.weight());
+            events::CacheSize { bytes: c.weight() }.emit();
         }
     }
 
@@ -141,7 +141,7 @@ impl HotCache {
                 Some(Entry::Identity(p)) => Some(p),
                 _ => None,
             });
-        events::cache_lookup(hit.is_some());
+        events::CacheLookup { hit: hit.is_some() }.emit();
         hit
     }
 
@@ -170,7 +170,7 @@ impl HotCache {
     pub fn clear(&self) {
         if let Some(c) = &self.inner {
             c.clear();
-            events::cache_size(0);
+            events::CacheSize { bytes: 0 }.emit();
         }
     }
 }

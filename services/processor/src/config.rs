@@ -33,6 +33,9 @@ pub struct ProcessorConfig {
     pub max_ack_pending: i64,
     /// Longest pause between retries of a failed publish.
     pub retry_max_backoff_ms: u64,
+    /// Longest a shutdown (SIGTERM) waits for in-flight work to finish and the NATS connection
+    /// to drain before the service stops anyway; the chart sets the pod's grace period above it.
+    pub shutdown_timeout_seconds: u64,
     /// Identity resolution guard rails, the hot-profile cache, compare-and-set retries.
     pub profiles: crate::profiles_config::ProfilesConfig,
     /// Partition ownership among replicas: heartbeat, member TTL, pin timeout
@@ -52,6 +55,7 @@ impl Default for ProcessorConfig {
             concurrency: 64,
             max_ack_pending: 1_024,
             retry_max_backoff_ms: 2_000,
+            shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             profiles: Default::default(),
             ownership: Default::default(),
         }

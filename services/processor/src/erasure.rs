@@ -9,164 +9,31 @@
 //!   every processed partition the profile's identities route to. Each request leaves an audit
 //!   record in `herald-erasures` whose status can be queried.
 //!
-//! Every replica keeps the suppression list in memory, fed by a KV watch (a request waits until
-//! its own replica has seen it) and drops events naming a suppressed identity before resolving
-//! them. Another replica's list can lag by the watch's delivery time, so an event it resolved
+//! Every replica keeps the suppression list in memory ([`crate::suppressions`]), fed by a KV
+//! watch (a request waits until its own replica has seen it), and drops events naming a
+//! suppressed identity before resolving them. Another replica's list can lag by the watch's delivery time, so an event it resolved
 //! just then could link an erased identity again: an erasure therefore sweeps a second time,
 //! `processor.profiles.erasure_sweep_ms` (2 s) after the first pass, and erases whatever it
 //! finds again. A replica whose watch is broken for longer than that (it re-reads the list
 //! within a second of noticing) is the remaining window.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use async_nats::jetstream::kv::Operation;
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use chrono::Utc;
-use futures_util::StreamExt;
 use herald_common::partition::partition_for;
 use herald_proto::v1::{Event, EventType, ProcessedEvent};
 use prost::Message as _;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::events;
 use crate::identity::{ANONYMOUS_ID, IdentityKey, USER_ID};
 use crate::resolver::Profiles;
 use crate::store::{
-    Bucket, Cas, ErasureRecord, ErasureState, ProfileError, RECORD_SCHEMA_VERSION, Store,
-    Suppression,
+    Cas, ErasureRecord, ErasureState, ProfileError, RECORD_SCHEMA_VERSION, Store, Suppression,
 };
 use crate::timestamp::to_proto;
-
-/// How long a request waits for this replica's suppression list to catch up.
-const CATCH_UP: Duration = Duration::from_secs(5);
-
-/// The suppression list of one replica: identity bucket keys, kept current by a KV watch.
-#[derive(Debug)]
-pub struct Suppressions {
-    set: RwLock<HashSet<String>>,
-    /// (highest revision applied, loaded).
-    state: watch::Sender<(u64, bool)>,
-}
-
-impl Default for Suppressions {
-    fn default() -> Self {
-        Self {
-            set: RwLock::new(HashSet::new()),
-            state: watch::Sender::new((0, false)),
-        }
-    }
-}
-
-impl Suppressions {
-    /// Whether identity bucket key `kv_key` is suppressed.
-    pub fn contains(&self, kv_key: &str) -> bool {
-        self.set.read().expect("suppressions lock").contains(kv_key)
-    }
-
-    /// Whether the list has been read once.
-    pub fn is_loaded(&self) -> bool {
-        self.state.borrow().1
-    }
-
-    /// Waits until loaded; false when cancelled first.
-    pub async fn wait_loaded(&self, cancel: &CancellationToken) -> bool {
-        let mut rx = self.state.subscribe();
-        tokio::select! {
-            r = rx.wait_for(|s| s.1) => r.is_ok(),
-            _ = cancel.cancelled() => false,
-        }
-    }
-
-    /// Waits (up to a few seconds) until the list has applied bucket revision `rev`.
-    async fn wait_revision(&self, rev: u64) {
-        let mut rx = self.state.subscribe();
-        if tokio::time::timeout(CATCH_UP, rx.wait_for(|s| s.1 && s.0 >= rev))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                revision = rev,
-                "the suppression list did not catch up in time; it will shortly"
-            );
-        }
-    }
-
-    /// Keeps the list current until `cancel`, re-reading the bucket after any watch failure.
-    pub async fn watch(this: Arc<Self>, bucket: Bucket, cancel: CancellationToken) {
-        loop {
-            if let Err(e) = this.watch_once(&bucket, &cancel).await {
-                tracing::warn!(error = %e, "suppression watch failed; re-reading the list");
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-    }
-
-    async fn watch_once(&self, bucket: &Bucket, cancel: &CancellationToken) -> Result<(), String> {
-        let last = bucket
-            .kv()
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .last_sequence;
-        let mut w = bucket
-            .kv()
-            .watch_with_history(">")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut loading: Option<HashSet<String>> = Some(HashSet::new());
-        if last == 0 {
-            self.swap_in(loading.take().unwrap_or_default(), 0);
-        }
-        loop {
-            let entry = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                e = w.next() => e,
-            };
-            let entry = match entry {
-                None => return Err("the watch ended".into()),
-                Some(Err(e)) => return Err(e.to_string()),
-                Some(Ok(e)) => e,
-            };
-            let apply = |set: &mut HashSet<String>| match entry.operation {
-                Operation::Put => {
-                    set.insert(entry.key.clone());
-                }
-                Operation::Delete | Operation::Purge => {
-                    set.remove(&entry.key);
-                }
-            };
-            match loading.as_mut() {
-                Some(set) => {
-                    apply(set);
-                    if entry.seen_current || entry.revision >= last {
-                        self.swap_in(loading.take().unwrap_or_default(), entry.revision);
-                    }
-                }
-                None => {
-                    apply(&mut self.set.write().expect("suppressions lock"));
-                    self.state.send_modify(|s| s.0 = s.0.max(entry.revision));
-                }
-            }
-        }
-    }
-
-    fn swap_in(&self, set: HashSet<String>, revision: u64) {
-        *self.set.write().expect("suppressions lock") = set;
-        self.state.send_modify(|s| {
-            s.0 = s.0.max(revision);
-            s.1 = true;
-        });
-    }
-}
 
 /// A new request id: `req-` and 96 random bits in hex.
 fn new_request_id() -> String {
@@ -204,11 +71,12 @@ impl Profiles {
             }
         }
         store.erasures.put(&record.request_id, &record).await?;
-        events::privacy_request(
-            "erase",
-            record.state == ErasureState::Completed,
-            &record.request_id,
-        );
+        events::PrivacyRequest {
+            request: "erase",
+            ok: record.state == ErasureState::Completed,
+            request_id: &record.request_id,
+        }
+        .emit();
         Ok(record)
     }
 
@@ -300,7 +168,7 @@ impl Profiles {
                         break;
                     }
                     // Changed since read (an event or a merge): read it again.
-                    Cas::Conflict => events::cas_conflict("profiles"),
+                    Cas::Conflict => events::CasConflict { bucket: "profiles" }.emit(),
                 }
             }
         }
@@ -432,7 +300,12 @@ impl Profiles {
         let res = self
             .suppress_keys(store, &identities, "suppress", &request_id)
             .await;
-        events::privacy_request("suppress", res.is_ok(), &request_id);
+        events::PrivacyRequest {
+            request: "suppress",
+            ok: res.is_ok(),
+            request_id: &request_id,
+        }
+        .emit();
         res.map(|()| record)
     }
 
@@ -475,7 +348,12 @@ impl Profiles {
             .state
             .last_sequence;
         self.suppressions.wait_revision(last).await;
-        events::privacy_request("unsuppress", true, &s.value.request_id);
+        events::PrivacyRequest {
+            request: "unsuppress",
+            ok: true,
+            request_id: &s.value.request_id,
+        }
+        .emit();
         Ok(lifted)
     }
 

@@ -1,4 +1,6 @@
-//! The processor's telemetry: one function per event, each logging and counting together.
+//! The processor's telemetry: one struct per thing that happens, whose `emit()` writes the log
+//! line and updates the metrics together. Metric labels come from closed sets (outcomes, kinds,
+//! buckets, reasons) or the partition number (bounded by the partition count).
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
@@ -21,24 +23,91 @@ pub fn describe() {
 }
 
 /// A batch was processed and acked (its events are counted by outcome as they are handled).
-pub fn batch_done(_events: usize, seconds: f64) {
-    histogram!("herald_processor_batch_duration_seconds").record(seconds);
+pub struct BatchDone {
+    /// From fetch to input acks.
+    pub seconds: f64,
+}
+
+impl BatchDone {
+    /// Records the batch's duration.
+    pub fn emit(self) {
+        histogram!("herald_processor_batch_duration_seconds").record(self.seconds);
+    }
 }
 
 /// A message could not be decoded as an `Event`; it is terminated (never redelivered).
-pub fn undecodable(subject: &str, error: &prost::DecodeError) {
-    tracing::error!(subject, error = %error, "dropping a message that is not a herald.v1.Event");
-    counter!("herald_processor_events_total", "outcome" => "undecodable").increment(1);
+pub struct Undecodable<'a> {
+    /// Its subject.
+    pub subject: &'a str,
+    /// Why it does not decode.
+    pub error: &'a prost::DecodeError,
+}
+
+impl Undecodable<'_> {
+    /// Logs it (data is lost) and counts it.
+    pub fn emit(self) {
+        tracing::error!(subject = self.subject, error = %self.error, "dropping a message that is not a herald.v1.Event");
+        counter!("herald_processor_events_total", "outcome" => "undecodable").increment(1);
+    }
 }
 
 /// Publishing a batch's outputs failed; it will be retried.
-pub fn publish_failed(attempt: u32, error: &str) {
-    tracing::warn!(
-        attempt,
-        error,
-        "publishing processed events failed; retrying"
-    );
-    counter!("herald_processor_publish_retries_total").increment(1);
+pub struct PublishFailed<'a> {
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl PublishFailed<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::warn!(
+            attempt = self.attempt,
+            error = %self.error,
+            "publishing processed events failed; retrying"
+        );
+        counter!("herald_processor_publish_retries_total").increment(1);
+    }
+}
+
+/// Acking an input failed after its output was stored: it is redelivered and deduplicated.
+pub struct AckFailed<'a> {
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl AckFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(error = %self.error, "ack failed; the event will be redelivered and deduplicated");
+    }
+}
+
+/// The single events consumer of an earlier version (before partition ownership) was
+/// deleted, or could not be: under interest retention it would keep every event forever.
+pub struct OldConsumerRetired<'a> {
+    /// Its durable name.
+    pub consumer: &'a str,
+    /// `None` when deleted, else why it could not be.
+    pub error: Option<&'a dyn std::fmt::Display>,
+}
+
+impl OldConsumerRetired<'_> {
+    /// Logs it; a failure needs an operator (delete the consumer by hand).
+    pub fn emit(self) {
+        match self.error {
+            None => tracing::info!(
+                consumer = self.consumer,
+                "deleted the single events consumer of an earlier version; partitions have their own now"
+            ),
+            Some(error) => tracing::warn!(
+                consumer = self.consumer,
+                error = %error,
+                "cannot delete the old single events consumer; it keeps every event in the stream until deleted"
+            ),
+        }
+    }
 }
 
 // ---- identity resolution, profiles, consent, erasure ----
@@ -107,108 +176,290 @@ fn describe_profiles() {
     );
 }
 
-/// Events with this outcome were handled (`processed`, `suppressed`, `unresolved`).
-pub fn outcome(outcome: &'static str, n: u64) {
-    if n > 0 {
-        counter!("herald_processor_events_total", "outcome" => outcome).increment(n);
+/// Events with this outcome were handled (`processed`, `suppressed`, `unresolved`,
+/// `profile_error`).
+pub struct EventsHandled {
+    /// The outcome (a closed set).
+    pub outcome: &'static str,
+    /// How many.
+    pub count: u64,
+}
+
+impl EventsHandled {
+    /// Counts them.
+    pub fn emit(self) {
+        if self.count > 0 {
+            counter!("herald_processor_events_total", "outcome" => self.outcome)
+                .increment(self.count);
+        }
     }
 }
 
 /// An event named a suppressed identity and was dropped.
-pub fn suppressed(event_id: &str) {
-    tracing::debug!(event_id, "dropping an event of a suppressed identity");
-    outcome("suppressed", 1);
+pub struct Suppressed<'a> {
+    /// The event.
+    pub event_id: &'a str,
+}
+
+impl Suppressed<'_> {
+    /// Logs (debug) and counts it.
+    pub fn emit(self) {
+        tracing::debug!(
+            event_id = self.event_id,
+            "dropping an event of a suppressed identity"
+        );
+        EventsHandled {
+            outcome: "suppressed",
+            count: 1,
+        }
+        .emit();
+    }
 }
 
 /// A stored profile could not be read; the event is published without a profile.
-pub fn profile_unreadable(event_id: &str, error: &dyn std::fmt::Display) {
-    tracing::error!(event_id, error = %error, "cannot read a stored profile; publishing the event without profile data");
-    counter!("herald_processor_profile_errors_total", "kind" => "corrupt").increment(1);
-    outcome("profile_error", 1);
+pub struct ProfileUnreadable<'a> {
+    /// The event.
+    pub event_id: &'a str,
+    /// Why.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl ProfileUnreadable<'_> {
+    /// Logs (an operator must look at the stored value) and counts it.
+    pub fn emit(self) {
+        tracing::error!(event_id = self.event_id, error = %self.error, "cannot read a stored profile; publishing the event without profile data");
+        counter!("herald_processor_profile_errors_total", "kind" => "corrupt").increment(1);
+        EventsHandled {
+            outcome: "profile_error",
+            count: 1,
+        }
+        .emit();
+    }
 }
 
 /// Resolving an event failed in a way that is retried.
-pub fn profile_retry(attempt: u32, kind: &'static str, error: &dyn std::fmt::Display) {
-    if attempt == 1 || attempt.is_multiple_of(20) {
-        tracing::warn!(attempt, error = %error, "identity resolution failed; retrying");
+pub struct ProfileRetried<'a> {
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// The error's kind (a closed set).
+    pub kind: &'static str,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl ProfileRetried<'_> {
+    /// Logs the first failure and every 20th, and counts each.
+    pub fn emit(self) {
+        if self.attempt == 1 || self.attempt.is_multiple_of(20) {
+            tracing::warn!(attempt = self.attempt, error = %self.error, "identity resolution failed; retrying");
+        }
+        counter!("herald_processor_profile_errors_total", "kind" => self.kind).increment(1);
     }
-    counter!("herald_processor_profile_errors_total", "kind" => kind).increment(1);
 }
 
 /// Blocked identity values were left out of an event.
-pub fn identities_blocked(n: usize) {
-    if n > 0 {
-        counter!("herald_processor_identities_blocked_total").increment(n as u64);
+pub struct IdentitiesBlocked {
+    /// How many.
+    pub count: usize,
+}
+
+impl IdentitiesBlocked {
+    /// Counts them.
+    pub fn emit(self) {
+        if self.count > 0 {
+            counter!("herald_processor_identities_blocked_total").increment(self.count as u64);
+        }
     }
 }
 
 /// An identity was linked to a profile.
-pub fn identity_linked() {
-    counter!("herald_processor_identities_linked_total").increment(1);
-}
+pub struct IdentityLinked;
 
-/// An identity was not linked (or its profile not merged) because of a limit.
-pub fn identity_skipped(reason: &'static str) {
-    counter!("herald_processor_identities_skipped_total", "reason" => reason).increment(1);
-}
-
-/// A profile was created.
-pub fn profile_created() {
-    counter!("herald_processor_profiles_created_total").increment(1);
-}
-
-/// A profile created for an event was deleted again: one of its identities was mapped.
-pub fn profile_undone() {
-    counter!("herald_processor_profiles_undone_total").increment(1);
-}
-
-/// A profile was created without looking the event's identities up first.
-pub fn speculative_create(right: bool) {
-    let result = if right { "right" } else { "wrong" };
-    counter!("herald_processor_speculative_creates_total", "result" => result).increment(1);
-}
-
-/// A profile merged into another.
-pub fn profile_merged(from: &str, into: &str) {
-    tracing::debug!(from, into, "profiles merged");
-    counter!("herald_processor_profile_merges_total").increment(1);
-}
-
-/// A compare-and-set write lost a race.
-pub fn cas_conflict(bucket: &'static str) {
-    counter!("herald_processor_cas_conflicts_total", "bucket" => bucket).increment(1);
-}
-
-/// An event's resolution starts again after a conflict.
-pub fn cas_retry() {
-    counter!("herald_processor_cas_retries_total").increment(1);
-}
-
-/// A cache lookup.
-pub fn cache_lookup(hit: bool) {
-    if hit {
-        counter!("herald_processor_profile_cache_hits_total").increment(1);
-    } else {
-        counter!("herald_processor_profile_cache_misses_total").increment(1);
+impl IdentityLinked {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_identities_linked_total").increment(1);
     }
 }
 
-/// The cache's size.
-pub fn cache_size(bytes: u64) {
-    gauge!("herald_processor_profile_cache_bytes").set(bytes as f64);
+/// An identity was not linked (or its profile not merged) because of a limit.
+pub struct IdentitySkipped {
+    /// `limit` or `merge_limit`.
+    pub reason: &'static str,
+}
+
+impl IdentitySkipped {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_identities_skipped_total", "reason" => self.reason).increment(1);
+    }
+}
+
+/// A profile was created.
+pub struct ProfileCreated;
+
+impl ProfileCreated {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_profiles_created_total").increment(1);
+    }
+}
+
+/// A profile created for an event was deleted again: one of its identities was mapped.
+pub struct ProfileUndone;
+
+impl ProfileUndone {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_profiles_undone_total").increment(1);
+    }
+}
+
+/// A profile was created without looking the event's identities up first.
+pub struct SpeculativeCreate {
+    /// Whether the identities were indeed new.
+    pub right: bool,
+}
+
+impl SpeculativeCreate {
+    /// Counts it by result.
+    pub fn emit(self) {
+        let result = if self.right { "right" } else { "wrong" };
+        counter!("herald_processor_speculative_creates_total", "result" => result).increment(1);
+    }
+}
+
+/// A profile merged into another.
+pub struct ProfileMerged<'a> {
+    /// The merged profile (now a redirect).
+    pub from: &'a str,
+    /// The survivor.
+    pub into: &'a str,
+}
+
+impl ProfileMerged<'_> {
+    /// Logs (debug) and counts it.
+    pub fn emit(self) {
+        tracing::debug!(from = self.from, into = self.into, "profiles merged");
+        counter!("herald_processor_profile_merges_total").increment(1);
+    }
+}
+
+/// A compare-and-set write lost a race.
+pub struct CasConflict {
+    /// `profiles`, `identities` or `consent`.
+    pub bucket: &'static str,
+}
+
+impl CasConflict {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_cas_conflicts_total", "bucket" => self.bucket).increment(1);
+    }
+}
+
+/// An event's resolution starts again after a conflict.
+pub struct CasRetried;
+
+impl CasRetried {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_cas_retries_total").increment(1);
+    }
+}
+
+/// A hot-cache lookup.
+pub struct CacheLookup {
+    /// Answered from memory.
+    pub hit: bool,
+}
+
+impl CacheLookup {
+    /// Counts it.
+    pub fn emit(self) {
+        if self.hit {
+            counter!("herald_processor_profile_cache_hits_total").increment(1);
+        } else {
+            counter!("herald_processor_profile_cache_misses_total").increment(1);
+        }
+    }
+}
+
+/// The hot cache's size changed.
+pub struct CacheSize {
+    /// Approximate bytes held.
+    pub bytes: u64,
+}
+
+impl CacheSize {
+    /// Sets the gauge.
+    pub fn emit(self) {
+        gauge!("herald_processor_profile_cache_bytes").set(self.bytes as f64);
+    }
 }
 
 /// A profile's consent changed.
-pub fn consent_changed() {
-    counter!("herald_processor_consent_changes_total").increment(1);
+pub struct ConsentChanged;
+
+impl ConsentChanged {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_consent_changes_total").increment(1);
+    }
 }
 
 /// An erasure, suppression or unsuppression request finished.
-pub fn privacy_request(request: &'static str, ok: bool, request_id: &str) {
-    let result = if ok { "completed" } else { "failed" };
-    tracing::info!(request, result, request_id, "privacy request");
-    counter!("herald_processor_privacy_requests_total", "request" => request, "result" => result)
-        .increment(1);
+pub struct PrivacyRequest<'a> {
+    /// `erase`, `suppress` or `unsuppress`.
+    pub request: &'static str,
+    /// Whether it completed.
+    pub ok: bool,
+    /// The request's id (logged, never a label).
+    pub request_id: &'a str,
+}
+
+impl PrivacyRequest<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        let result = if self.ok { "completed" } else { "failed" };
+        tracing::info!(
+            request = self.request,
+            result,
+            request_id = self.request_id,
+            "privacy request"
+        );
+        counter!("herald_processor_privacy_requests_total", "request" => self.request, "result" => result)
+            .increment(1);
+    }
+}
+
+/// This replica's suppression list did not catch up with a request's revision in time.
+pub struct SuppressionsBehind {
+    /// The revision waited for.
+    pub revision: u64,
+}
+
+impl SuppressionsBehind {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            revision = self.revision,
+            "the suppression list did not catch up in time; it will shortly"
+        );
+    }
+}
+
+/// The suppression list's watch failed; the list is read again.
+pub struct SuppressionWatchFailed<'a> {
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl SuppressionWatchFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(error = %self.error, "suppression watch failed; re-reading the list");
+    }
 }
 
 // ---- partition ownership ----
@@ -230,20 +481,47 @@ pub fn describe_ownership() {
 }
 
 /// The assignment gave this replica `acquired` and took `released`; it owns `owned` now.
-pub fn ownership_changed(acquired: &[u32], released: &[u32], owned: usize) {
-    if acquired.is_empty() && released.is_empty() {
-        return;
+pub struct OwnershipChanged<'a> {
+    /// Partitions it started owning.
+    pub acquired: &'a [u32],
+    /// Partitions it gave up.
+    pub released: &'a [u32],
+    /// Partitions it owns now.
+    pub owned: usize,
+}
+
+impl OwnershipChanged<'_> {
+    /// Logs and counts a change; nothing when nothing changed.
+    pub fn emit(self) {
+        let Self {
+            acquired,
+            released,
+            owned,
+        } = self;
+        if acquired.is_empty() && released.is_empty() {
+            return;
+        }
+        tracing::info!(?acquired, ?released, owned, "partition ownership changed");
+        counter!("herald_processor_ownership_changes_total", "change" => "acquired")
+            .increment(acquired.len() as u64);
+        counter!("herald_processor_ownership_changes_total", "change" => "released")
+            .increment(released.len() as u64);
+        gauge!("herald_processor_owned_partitions").set(owned as f64);
     }
-    tracing::info!(?acquired, ?released, owned, "partition ownership changed");
-    counter!("herald_processor_ownership_changes_total", "change" => "acquired")
-        .increment(acquired.len() as u64);
-    counter!("herald_processor_ownership_changes_total", "change" => "released")
-        .increment(released.len() as u64);
-    gauge!("herald_processor_owned_partitions").set(owned as f64);
 }
 
 /// A partition's lag as of its last delivered message (the partition count bounds the label).
-pub fn partition_lag(partition: u32, lag: u64) {
-    gauge!("herald_processor_partition_lag_events", "partition" => partition.to_string())
-        .set(lag as f64);
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: u32,
+    /// Events not yet delivered (0 for a partition no longer owned).
+    pub lag: u64,
+}
+
+impl PartitionLag {
+    /// Sets the gauge.
+    pub fn emit(self) {
+        gauge!("herald_processor_partition_lag_events", "partition" => self.partition.to_string())
+            .set(self.lag as f64);
+    }
 }

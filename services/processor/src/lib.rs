@@ -23,14 +23,17 @@ mod profile_grpc;
 mod profiles_config;
 mod resolver;
 mod store;
+mod suppressions;
 mod timestamp;
 mod worker;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use herald_common::admin::{self, Readiness};
 use herald_common::server::{self, ServiceHandle};
+use herald_common::supervisor::Supervisor;
 use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology, nats};
 use tokio_util::sync::CancellationToken;
@@ -63,7 +66,10 @@ pub(crate) struct Stats {
 }
 
 /// Starts the processor: binds its ports, connects to NATS, provisions the processed stream and
-/// the events consumer, and processes until `shutdown` fires.
+/// the events consumer, and processes until `shutdown` fires. The handle's task ends once the
+/// worker has handed its partitions over, the servers have stopped and NATS has drained, or
+/// after `processor.shutdown_timeout_seconds` (see [`herald_common::supervisor`]); a failing
+/// server or task stops the whole service.
 pub async fn start(
     common: &CommonConfig,
     cfg: &ProcessorConfig,
@@ -89,18 +95,31 @@ pub async fn start(
     let stats = Arc::new(Stats::default());
     let partitions = Arc::new(partitions::Partitions::new(cfg.durable.clone()));
     let profiles = resolver::Profiles::new(js.clone(), topology.clone(), cfg.profiles.clone());
-    profiles.start(ready.clone(), shutdown.clone());
 
-    let worker = tokio::spawn(worker::run(
-        js.clone(),
-        topology,
-        cfg.clone(),
-        ready.clone(),
-        stats.clone(),
-        partitions.clone(),
-        profiles.clone(),
-        shutdown.clone(),
-    ));
+    let mut supervisor = Supervisor::new(
+        "processor",
+        &shutdown,
+        Duration::from_secs(cfg.shutdown_timeout_seconds),
+    );
+    let stop = supervisor.token();
+    supervisor.spawn_task(
+        "profile store",
+        profiles.clone().run(ready.clone(), stop.clone()),
+    );
+    // The worker hands its partitions over: the batch in hand is finished, the rest given back.
+    supervisor.spawn_task(
+        "worker",
+        worker::run(
+            js.clone(),
+            topology,
+            cfg.clone(),
+            ready.clone(),
+            stats.clone(),
+            partitions.clone(),
+            profiles.clone(),
+            stop.clone(),
+        ),
+    );
     let routes = tonic::service::Routes::new(
         herald_proto::v1::processor_service_server::ProcessorServiceServer::new(grpc::Control {
             stats,
@@ -114,48 +133,23 @@ pub async fn start(
             },
         ),
     );
-    let grpc = tokio::spawn(server::serve_grpc(
-        grpc_listener,
-        routes,
-        "herald.v1.ProcessorService",
-        auth.clone(),
-        shutdown.clone(),
-    ));
-    let http = tokio::spawn(server::serve_http(
-        http_listener,
-        http::router(profiles, auth),
-        shutdown.clone(),
-    ));
-    let admin = tokio::spawn(server::serve_http(
-        admin_listener,
-        admin::router(metrics, ready),
-        shutdown.clone(),
-    ));
-    let task = tokio::spawn(async move {
-        if let Err(e) = worker.await {
-            tracing::error!(error = %e, "processor worker panicked");
-        }
-        for (name, res) in [
-            ("gRPC", grpc.await),
-            ("HTTP", http.await),
-            ("admin", admin.await),
-        ] {
-            match res {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, server = name, "server failed"),
-                Err(e) => tracing::error!(error = %e, server = name, "server panicked"),
-            }
-        }
-        if let Err(e) = client.drain().await {
-            tracing::debug!(error = %e, "draining the NATS connection failed");
-        }
-        tracing::info!("processor stopped");
-    });
-    Ok(ServiceHandle {
-        name: "processor",
-        http_addr: Some(http_addr),
-        grpc_addr,
-        admin_addr,
-        task,
-    })
+    supervisor.spawn(
+        "grpc",
+        server::serve_grpc(
+            grpc_listener,
+            routes,
+            "herald.v1.ProcessorService",
+            auth.clone(),
+            stop.clone(),
+        ),
+    );
+    supervisor.spawn(
+        "http",
+        server::serve_http(http_listener, http::router(profiles, auth), stop.clone()),
+    );
+    supervisor.spawn(
+        "admin",
+        server::serve_http(admin_listener, admin::router(metrics, ready), stop),
+    );
+    Ok(supervisor.finish(client, Some(http_addr), grpc_addr, admin_addr))
 }

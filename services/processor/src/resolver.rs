@@ -28,12 +28,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::HotCache;
 use crate::consent::{self, ConsentRecord};
-use crate::erasure::Suppressions;
 use crate::events;
 use crate::identity::{self, ANONYMOUS_ID, Guard, IdentityKey, PlanProfile, USER_ID};
 use crate::profile::Profile;
 use crate::profiles_config::ProfilesConfig;
 use crate::store::{Cas, IdentityLink, ProfileError, Store};
+use crate::suppressions::Suppressions;
 use crate::timestamp::event_time;
 
 /// Longest redirect chain followed before giving up (chains are short: every follow shortens
@@ -85,7 +85,7 @@ impl std::fmt::Debug for Profiles {
 }
 
 impl Profiles {
-    /// A store over `js`; [`Profiles::start`] provisions it.
+    /// A store over `js`; [`Profiles::run`] provisions it.
     pub fn new(js: jetstream::Context, topology: Topology, cfg: ProfilesConfig) -> Arc<Self> {
         Arc::new(Self {
             store: OnceCell::new(),
@@ -100,30 +100,30 @@ impl Profiles {
     }
 
     /// Provisions the buckets (retrying until NATS answers or `cancel` fires), then keeps the
-    /// suppression list current; flips the `profile store` readiness check once both are there.
-    pub fn start(self: &Arc<Self>, ready: Readiness, cancel: CancellationToken) {
+    /// suppression list current until `cancel`; flips the `profile store` readiness check once
+    /// both are there. The service runs it as one of its supervised tasks.
+    pub async fn run(self: Arc<Self>, ready: Readiness, cancel: CancellationToken) {
         ready.set(READY_CHECK, false);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let Some(store) = retry_until("creating the profile buckets", &cancel, || {
-                Store::ensure(&this.js, &this.topology)
-            })
-            .await
-            else {
-                return;
-            };
-            let _ = this.store.set(store.clone());
-            let watcher = tokio::spawn(Suppressions::watch(
-                this.suppressions.clone(),
-                store.suppressions.clone(),
-                cancel.clone(),
-            ));
-            if this.suppressions.wait_loaded(&cancel).await {
+        let Some(store) = retry_until("creating the profile buckets", &cancel, || {
+            Store::ensure(&self.js, &self.topology)
+        })
+        .await
+        else {
+            return;
+        };
+        let _ = self.store.set(store.clone());
+        let watcher = Suppressions::watch(
+            self.suppressions.clone(),
+            store.suppressions.clone(),
+            cancel.clone(),
+        );
+        let loaded = async {
+            if self.suppressions.wait_loaded(&cancel).await {
                 ready.set(READY_CHECK, true);
                 tracing::info!("profile store ready");
             }
-            let _ = watcher.await;
-        });
+        };
+        tokio::join!(watcher, loaded);
     }
 
     /// Provisions the buckets and loads the suppression list, waiting for both (tests and tools
@@ -170,11 +170,18 @@ impl Profiles {
         };
         Ok(match resolution {
             Resolution::Suppressed => {
-                events::suppressed(&event.id);
+                events::Suppressed {
+                    event_id: &event.id,
+                }
+                .emit();
                 Outcome::Suppressed
             }
             Resolution::Unresolved => {
-                events::outcome("unresolved", 1);
+                events::EventsHandled {
+                    outcome: "unresolved",
+                    count: 1,
+                }
+                .emit();
                 let consent = event.consent.clone();
                 Outcome::Publish(vec![ProcessedEvent {
                     event: Some(event),
@@ -185,7 +192,11 @@ impl Profiles {
             }
             Resolution::Resolved(done) => {
                 let profile = &done.loaded.profile;
-                events::outcome("processed", 1);
+                events::EventsHandled {
+                    outcome: "processed",
+                    count: 1,
+                }
+                .emit();
                 let processed = ProcessedEvent {
                     profile_id: profile.id.clone(),
                     identities: profile.proto_identities(),
@@ -205,7 +216,10 @@ impl Profiles {
     async fn resolve(&self, event: &Event) -> Result<Resolution, ProfileError> {
         let store = self.store()?;
         let extracted = identity::extract(event, &self.guard);
-        events::identities_blocked(extracted.blocked);
+        events::IdentitiesBlocked {
+            count: extracted.blocked,
+        }
+        .emit();
         let mut ids = extracted.identities;
         if let Some(prev) = &extracted.alias_previous {
             let candidates = [
@@ -244,7 +258,7 @@ impl Profiles {
             return Ok(Resolution::Suppressed);
         };
         if done.consent_changed {
-            events::consent_changed();
+            events::ConsentChanged.emit();
             let p = &done.loaded.profile;
             self.write_consent(
                 store,
@@ -320,7 +334,7 @@ impl Profiles {
                 ));
             }
             if attempt > 1 {
-                events::cas_retry();
+                events::CasRetried.emit();
                 if attempt > 3 {
                     // Spread concurrent writers of one profile apart.
                     let ms = rand::random_range(1..=(attempt as u64).min(20));
@@ -365,7 +379,10 @@ impl Profiles {
                 continue;
             }
             for (_, why) in &plan.skipped {
-                events::identity_skipped(why.label());
+                events::IdentitySkipped {
+                    reason: why.label(),
+                }
+                .emit();
             }
 
             // The survivor: the oldest of the group, or a new profile.
@@ -421,7 +438,10 @@ impl Profiles {
                     p.identities.push(k.clone());
                     to_map.push(k.clone());
                 } else {
-                    events::identity_skipped(identity::Skip::Limit.label());
+                    events::IdentitySkipped {
+                        reason: identity::Skip::Limit.label(),
+                    }
+                    .emit();
                 }
             }
             let listed_more = p.identities.len() != survivor.profile.identities.len();
@@ -489,7 +509,7 @@ impl Profiles {
             }
             (Cas::Conflict, _) => return Ok(Created::Undone),
         };
-        events::profile_created();
+        events::ProfileCreated.emit();
         let profile = Arc::new(p);
         let mut order: Vec<&IdentityKey> = links.iter().collect();
         order.sort_by_key(|k| k.kind != ANONYMOUS_ID);
@@ -500,11 +520,14 @@ impl Profiles {
             match store.identities.create(&kv_key, &link).await? {
                 (Cas::Written(rev), _) => made.push((kv_key, rev)),
                 (Cas::Conflict, _) => {
-                    events::cas_conflict("identities");
+                    events::CasConflict {
+                        bucket: "identities",
+                    }
+                    .emit();
                     return match store.profiles.purge_at(&id, revision).await? {
                         Cas::Written(_) => {
                             self.cache.forget_profile(&id);
-                            events::profile_undone();
+                            events::ProfileUndone.emit();
                             for (key, rev) in &made {
                                 let _ = store.identities.purge_at(key, *rev).await?;
                             }
@@ -512,7 +535,7 @@ impl Profiles {
                         }
                         Cas::Conflict => {
                             for (key, _) in &made {
-                                events::identity_linked();
+                                events::IdentityLinked.emit();
                                 self.cache.put_identity(key, &id);
                             }
                             self.unlist_identity(store, &id, k).await?;
@@ -523,7 +546,7 @@ impl Profiles {
             }
         }
         for (key, _) in &made {
-            events::identity_linked();
+            events::IdentityLinked.emit();
             self.cache.put_identity(key, &id);
         }
         Ok(Created::Done(Applied {
@@ -548,12 +571,15 @@ impl Profiles {
         let link = IdentityLink::new(k, id);
         match store.identities.create(&kv_key, &link).await? {
             (Cas::Written(_), _) => {
-                events::identity_linked();
+                events::IdentityLinked.emit();
                 self.cache.put_identity(&kv_key, id);
                 Ok(true)
             }
             (Cas::Conflict, _) => {
-                events::cas_conflict("identities");
+                events::CasConflict {
+                    bucket: "identities",
+                }
+                .emit();
                 let mut seen = BTreeMap::new();
                 let owner = match self.mapped_profile(store, k, true).await? {
                     Some(mapped) => self.canonical(store, &mapped, true, &mut seen).await?,
@@ -627,7 +653,10 @@ impl Profiles {
                     if let (Cas::Conflict, _) =
                         store.identities.update(&kv_key, &link, v.revision).await?
                     {
-                        events::cas_conflict("identities");
+                        events::CasConflict {
+                            bucket: "identities",
+                        }
+                        .emit();
                     }
                 }
                 self.cache.put_identity(&kv_key, c);
@@ -729,7 +758,11 @@ impl Profiles {
         let Some(red) = self.write_profile(store, redirect, loser.revision).await? else {
             return Ok(None);
         };
-        events::profile_merged(&loser.profile.id, survivor_id);
+        events::ProfileMerged {
+            from: &loser.profile.id,
+            into: survivor_id,
+        }
+        .emit();
         let survivor = self.finish_fold(store, red, survivor_id).await?;
         Ok(survivor)
     }
@@ -810,7 +843,7 @@ impl Profiles {
                 }))
             }
             (Cas::Conflict, _) => {
-                events::cas_conflict("profiles");
+                events::CasConflict { bucket: "profiles" }.emit();
                 self.cache.forget_profile(&p.id);
                 Ok(None)
             }
@@ -856,7 +889,7 @@ impl Profiles {
             };
             match res.0 {
                 Cas::Written(_) => return Ok(()),
-                Cas::Conflict => events::cas_conflict("consent"),
+                Cas::Conflict => events::CasConflict { bucket: "consent" }.emit(),
             }
         }
         Err(ProfileError::Contended(key))
@@ -946,6 +979,6 @@ impl Speculation {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
                 Some((s + delta).clamp(Self::MIN, Self::MAX))
             });
-        events::speculative_create(right);
+        events::SpeculativeCreate { right }.emit();
     }
 }

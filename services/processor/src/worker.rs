@@ -1,8 +1,8 @@
 //! The processing loop: ordered batches in, processed events out, inputs acked after outputs.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
@@ -12,10 +12,9 @@ use futures_util::StreamExt as _;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
 use herald_common::nats::{ensure_stream, retry_until, wait_for_stream};
-use herald_common::ordered::{
-    KeepAlive, OrderedReader, PinnedGroup, ReaderConfig, backoff, ensure_consumer,
-};
+use herald_common::ordered::{OrderedReader, PinnedGroup, ReaderConfig, ensure_consumer};
 use herald_common::ownership::{Ownership, PRIORITY_GROUP, PartitionTasks, partition_consumer};
+use herald_common::retry::{KeepAlive, Retry};
 use herald_proto::v1::{Event, ProcessedEvent};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -34,32 +33,53 @@ pub(crate) async fn process_event(
     max_backoff: Duration,
     cancel: &CancellationToken,
 ) -> Option<Outcome> {
-    let mut event = event;
-    let mut attempt = 0u32;
-    loop {
-        match profiles.process(event).await {
-            Ok(outcome) => return Some(outcome),
-            Err((e, back)) if !e.retryable() => {
-                events::profile_unreadable(&back.id, &e);
-                let consent = back.consent.clone();
-                return Some(Outcome::Publish(vec![ProcessedEvent {
-                    event: Some(back),
-                    profile_id: String::new(),
-                    identities: Vec::new(),
-                    consent,
-                }]));
-            }
-            Err((e, back)) => {
-                attempt += 1;
-                events::profile_retry(attempt, e.kind(), &e);
-                event = back;
-                tokio::select! {
-                    _ = cancel.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff(attempt, max_backoff)) => {}
+    // The event goes into each attempt and comes back with a retryable error.
+    let slot = &Mutex::new(Some(event));
+    Retry::new(max_backoff)
+        .run(
+            cancel,
+            move || async move {
+                let event = take(slot).expect("every failed attempt gives the event back");
+                match profiles.process(event).await {
+                    Ok(outcome) => Ok(outcome),
+                    Err((e, back)) if !e.retryable() => {
+                        events::ProfileUnreadable {
+                            event_id: &back.id,
+                            error: &e,
+                        }
+                        .emit();
+                        let consent = back.consent.clone();
+                        Ok(Outcome::Publish(vec![ProcessedEvent {
+                            event: Some(back),
+                            profile_id: String::new(),
+                            identities: Vec::new(),
+                            consent,
+                        }]))
+                    }
+                    Err((e, back)) => {
+                        *lock(slot) = Some(back);
+                        Err(e)
+                    }
                 }
-            }
-        }
-    }
+            },
+            |f| {
+                events::ProfileRetried {
+                    attempt: f.attempt,
+                    kind: f.error.kind(),
+                    error: f.error,
+                }
+                .emit()
+            },
+        )
+        .await
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    lock(slot).take()
 }
 
 /// The role processor replicas join in the members bucket.
@@ -176,7 +196,12 @@ pub(crate) async fn run(
             let span = tracing::info_span!("partition", member = %ownership.member_id(), partition);
             tracing::Instrument::instrument(run_partition(work.clone(), partition, token), span)
         });
-        events::ownership_changed(&acquired, &released, assignment.owned.len());
+        events::OwnershipChanged {
+            acquired: &acquired,
+            released: &released,
+            owned: assignment.owned.len(),
+        }
+        .emit();
         tokio::select! {
             _ = cancel.cancelled() => break,
             changed = view.changed() => if changed.is_err() { break },
@@ -185,7 +210,12 @@ pub(crate) async fn run(
     let released: Vec<u32> = tasks.running().into_iter().collect();
     ownership.leave().await;
     tasks.stop_all().await;
-    events::ownership_changed(&[], &released, 0);
+    events::OwnershipChanged {
+        acquired: &[],
+        released: &released,
+        owned: 0,
+    }
+    .emit();
     ready.set("events consumer", false);
 }
 
@@ -214,12 +244,19 @@ async fn run_partition(work: Arc<PartitionWork>, partition: u32, cancel: Cancell
             break;
         }
         work.stats.processed.fetch_add(n as u64, Ordering::Relaxed);
-        events::batch_done(n, started.elapsed().as_secs_f64());
-        events::partition_lag(partition, reader.status().lag);
+        events::BatchDone {
+            seconds: started.elapsed().as_secs_f64(),
+        }
+        .emit();
+        events::PartitionLag {
+            partition,
+            lag: reader.status().lag,
+        }
+        .emit();
     }
     work.partitions.remove(partition);
     reader.release().await;
-    events::partition_lag(partition, 0);
+    events::PartitionLag { partition, lag: 0 }.emit();
 }
 
 /// Deletes the single consumer over every partition (`<durable>`, filter `<prefix>.events.*`)
@@ -235,15 +272,12 @@ async fn retire_single_consumer(js: &jetstream::Context, topology: &Topology, du
     if info.config.filter_subject != topology.events_wildcard() {
         return;
     }
-    match stream.delete_consumer(durable).await {
-        Ok(_) => tracing::info!(
-            consumer = durable,
-            "deleted the single events consumer of an earlier version; partitions have their own now"
-        ),
-        Err(e) => {
-            tracing::warn!(consumer = durable, error = %e, "cannot delete the old single events consumer")
-        }
+    let deleted = stream.delete_consumer(durable).await;
+    events::OldConsumerRetired {
+        consumer: durable,
+        error: deleted.as_ref().err().map(|e| e as &dyn std::fmt::Display),
     }
+    .emit();
 }
 
 /// Processes one batch. Events of different partition keys are resolved concurrently (at most
@@ -286,7 +320,11 @@ async fn handle_batch(
                 inputs.push(msg);
             }
             Err(e) => {
-                events::undecodable(&msg.subject, &e);
+                events::Undecodable {
+                    subject: &msg.subject,
+                    error: &e,
+                }
+                .emit();
                 let _ = msg.ack_with(AckKind::Term).await;
             }
         }
@@ -324,27 +362,31 @@ async fn handle_batch(
             }
         }
     }
-    let mut attempt = 0u32;
-    loop {
-        match publish_all(js, &outputs).await {
-            Ok(()) => break,
-            Err(e) => {
-                attempt += 1;
-                events::publish_failed(attempt, &e);
-                if keep_alive.is_none() {
-                    keep_alive = Some(KeepAlive::start(inputs.clone(), keep_alive_every));
+    // Kept alive from the first failure, unless the resolution's keep-alive still runs.
+    let mut retry = Retry::new(max_backoff);
+    if keep_alive.is_none() {
+        retry = retry.keep_alive(&inputs[..], keep_alive_every);
+    }
+    let published = retry
+        .run(
+            cancel,
+            || publish_all(js, &outputs),
+            |f| {
+                events::PublishFailed {
+                    attempt: f.attempt,
+                    error: f.error,
                 }
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(backoff(attempt, max_backoff)) => {}
-                }
-            }
-        }
+                .emit()
+            },
+        )
+        .await;
+    if published.is_none() {
+        return false;
     }
     drop(keep_alive);
     for msg in &inputs {
         if let Err(e) = msg.ack().await {
-            tracing::warn!(error = %e, "ack failed; the event will be redelivered and deduplicated");
+            events::AckFailed { error: &e }.emit();
         }
     }
     true

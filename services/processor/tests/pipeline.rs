@@ -6,8 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
-use common::{ProcessedReader, TOKEN, consent, event, identify, publish_events, topology};
+use anyhow::{Context as _, Result, bail};
+use async_nats::jetstream::{self, consumer};
+use common::{consent, event, identify, topology};
+use futures_util::StreamExt;
 use herald_common::auth::BearerToken;
 use herald_common::partition::partition_for;
 use herald_common::server::ServiceHandle;
@@ -15,15 +17,102 @@ use herald_common::{CommonConfig, ControlConfig, NatsConfig, TopologyConfig, tel
 use herald_processor::ProcessorConfig;
 use herald_proto::v1::profile_service_client::ProfileServiceClient;
 use herald_proto::v1::{
-    EraseRequest, ErasureState, EventType, GetErasureStatusRequest, GetProfileRequest, Identity,
-    SuppressRequest, UnsuppressRequest,
+    EraseRequest, ErasureState, Event, EventType, GetErasureStatusRequest, GetProfileRequest,
+    Identity, ProcessedEvent, SuppressRequest, UnsuppressRequest,
 };
 use herald_testkit::{NatsServer, wait_until};
+use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// The control token the tests configure.
+const TOKEN: &str = "processor-test-token";
+
+/// Publishes events on the events stream as ingest would (creating the stream first).
+async fn publish_events(js: &jetstream::Context, events: &[Event]) -> Result<()> {
+    let t = topology();
+    herald_common::nats::ensure_stream(js, t.events_stream_config()).await?;
+    for e in events {
+        js.send_publish(
+            t.events_subject(e.partition),
+            jetstream::message::PublishMessage::build()
+                .payload(e.encode_to_vec().into())
+                .message_id(&e.id),
+        )
+        .await?
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reads the processed stream from the start.
+struct ProcessedReader {
+    messages: consumer::pull::Stream,
+    /// Everything read so far.
+    seen: Vec<(String, ProcessedEvent)>,
+}
+
+impl ProcessedReader {
+    /// A reader over every processed partition (waits for the stream to exist).
+    async fn new(js: &jetstream::Context) -> Result<Self> {
+        let t = topology();
+        let name = t.processed_stream();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match js.get_stream(&name).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!("the processed stream never appeared: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await?;
+        let messages = consumer
+            .stream()
+            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await?;
+        Ok(Self {
+            messages,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads until an event whose id is `id` arrived (or `timeout` passes); returns it.
+    async fn wait_for(&mut self, id: &str, timeout: Duration) -> Result<ProcessedEvent> {
+        let found = |seen: &[(String, ProcessedEvent)]| {
+            seen.iter()
+                .find(|(_, p)| p.event.as_ref().is_some_and(|e| e.id == id))
+                .map(|(_, p)| p.clone())
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(p) = found(&self.seen) {
+                return Ok(p);
+            }
+            let next = tokio::time::timeout_at(deadline, self.messages.next())
+                .await
+                .with_context(|| format!("timed out after {timeout:?} waiting for {id}"))?;
+            let Some(msg) = next else {
+                bail!("the processed stream consumer ended");
+            };
+            let Ok(msg) = msg else { continue };
+            let p = ProcessedEvent::decode(msg.payload.as_ref())?;
+            self.seen.push((msg.subject.to_string(), p));
+        }
+    }
+}
 
 async fn start(nats: &NatsServer) -> Result<(ServiceHandle, CancellationToken)> {
     let common = CommonConfig {

@@ -7,13 +7,43 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use anyhow::Result;
-use common::{consent, event, identify, open, process};
+use anyhow::{Result, bail};
+use common::{consent, event, identify};
 use herald_common::{Topology, TopologyConfig};
-use herald_processor::{IdentityKey, Profiles, ProfilesConfig};
-use herald_proto::v1::EventType;
+use herald_processor::{IdentityKey, Outcome, Profiles, ProfilesConfig};
+use herald_proto::v1::{Event, EventType, ProcessedEvent};
 use herald_testkit::{NatsCluster, NatsServer};
 use tokio_util::sync::CancellationToken;
+
+/// A profile store on `nats`, with its own cache (one per simulated replica).
+async fn open(nats: &NatsServer, cfg: ProfilesConfig) -> Result<Arc<Profiles>> {
+    Ok(Profiles::open(
+        nats.jetstream().await,
+        common::topology(),
+        cfg,
+        CancellationToken::new(),
+    )
+    .await?)
+}
+
+/// Processes `e`, expecting it to be published; returns what would be published. Retryable
+/// store errors are retried for a few seconds, as the worker retries them (a fresh replicated
+/// bucket can answer "no responders" for a moment after it was created).
+async fn process(p: &Profiles, e: Event) -> Result<Vec<ProcessedEvent>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut e = e;
+    loop {
+        match p.process(e).await {
+            Ok(Outcome::Publish(list)) => return Ok(list),
+            Ok(Outcome::Suppressed) => bail!("the event was suppressed"),
+            Err((err, back)) if err.retryable() && std::time::Instant::now() < deadline => {
+                e = back;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err((err, _)) => return Err(err.into()),
+        }
+    }
+}
 
 fn id(s: &str) -> IdentityKey {
     IdentityKey::parse(s).expect("type:value")

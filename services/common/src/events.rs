@@ -1,0 +1,104 @@
+//! Telemetry of the shared plumbing: one struct per thing that happens, whose `emit()` writes
+//! the log line (and would update metrics together; none of these has one).
+
+use std::time::Duration;
+
+/// A supervised server or task failed (returned an error or panicked): the service stops.
+pub(crate) struct UnitFailed<'a> {
+    /// `ingest`, `processor`, `activator`.
+    pub service: &'static str,
+    /// The server or task, e.g. `grpc`.
+    pub unit: &'a str,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl UnitFailed<'_> {
+    /// Logs it: an operator must act.
+    pub fn emit(self) {
+        tracing::error!(
+            service = self.service,
+            unit = self.unit,
+            error = %self.error,
+            "{} {} failed; stopping the service",
+            self.service,
+            self.unit
+        );
+    }
+}
+
+/// The service stops (shutdown signal, or a failed unit): in-flight work is finished within
+/// the shutdown timeout.
+pub(crate) struct ServiceStopping {
+    /// The service.
+    pub service: &'static str,
+    /// `<service>.shutdown_timeout_seconds`.
+    pub timeout: Duration,
+}
+
+impl ServiceStopping {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::info!(
+            service = self.service,
+            timeout_seconds = self.timeout.as_secs_f64(),
+            "{} stopping: finishing in-flight work",
+            self.service
+        );
+    }
+}
+
+/// Shutdown ran out of time: what had not finished is abandoned (unacked messages are
+/// redelivered after their ack wait).
+pub(crate) struct ShutdownTimedOut<'a> {
+    /// The service.
+    pub service: &'static str,
+    /// `<service>.shutdown_timeout_seconds`.
+    pub timeout: Duration,
+    /// The servers and tasks still running, and `nats drain` when the NATS connection had not
+    /// drained.
+    pub unfinished: &'a [&'a str],
+}
+
+impl ShutdownTimedOut<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            service = self.service,
+            timeout_seconds = self.timeout.as_secs_f64(),
+            unfinished = ?self.unfinished,
+            "{} did not finish shutting down within its shutdown timeout; stopping anyway \
+             (raise {}.shutdown_timeout_seconds if this repeats)",
+            self.service,
+            self.service
+        );
+    }
+}
+
+/// Draining the NATS connection failed at shutdown.
+pub(crate) struct DrainFailed<'a> {
+    /// The service.
+    pub service: &'static str,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl DrainFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(service = self.service, error = %self.error, "draining the NATS connection failed");
+    }
+}
+
+/// The service has stopped.
+pub(crate) struct ServiceStopped {
+    /// The service.
+    pub service: &'static str,
+}
+
+impl ServiceStopped {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::info!(service = self.service, "{} stopped", self.service);
+    }
+}
