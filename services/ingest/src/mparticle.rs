@@ -1295,6 +1295,25 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_outside_the_protobuf_range_are_invalid() {
+        // 10000-01-01: chrono holds it, a protobuf timestamp cannot.
+        let err = one(json!({"event_type": "custom_event",
+            "data": {"event_name": "E", "timestamp_unixtime_ms": 253_402_300_800_000_i64}}))
+        .unwrap_err();
+        assert_eq!(err.reason().label(), "invalid_timestamp");
+        let e = one(json!({"event_type": "custom_event",
+            "data": {"event_name": "E", "timestamp_unixtime_ms": 253_402_300_799_999_i64}}))
+        .expect("valid");
+        assert_eq!(
+            e.timestamp,
+            Some(prost_types::Timestamp {
+                seconds: 253_402_300_799,
+                nanos: 999_000_000
+            })
+        );
+    }
+
+    #[test]
     fn historical_needs_old_timestamps() {
         let at = |ms: Value| {
             vec![batch(json!({"mpid": 1, "events": [

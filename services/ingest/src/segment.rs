@@ -1126,6 +1126,26 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_convert_through_the_one_conversion() {
+        // A leap second is clamped to the last nanosecond of its second.
+        let e = one(json!({"type": "track", "userId": "u", "event": "E",
+            "timestamp": "2016-12-31T23:59:60.5Z"}))
+        .expect("valid");
+        let want = prost_types::Timestamp {
+            seconds: 1_483_228_799,
+            nanos: 999_999_999,
+        };
+        assert_eq!(e.original_timestamp, Some(want));
+        assert_eq!(e.timestamp, Some(want));
+        // A year a protobuf timestamp cannot hold is an invalid timestamp.
+        for t in ["0000-06-01T00:00:00Z", "0000-06-01T00:00:00"] {
+            let err = one(json!({"type": "track", "userId": "u", "event": "E", "timestamp": t}))
+                .unwrap_err();
+            assert_eq!(err.reason().label(), "invalid_timestamp", "{t}");
+        }
+    }
+
+    #[test]
     fn skew_correction_never_overflows() {
         let (min, max) = (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC);
         assert_eq!(corrected_timestamp(now(), Some(max), Some(min)), min);
