@@ -2,19 +2,17 @@
 //! events on the events stream (same ids and dedupe as HTTP), or quarantine records with their
 //! reason; nothing is acked before it is stored.
 
-mod common;
-mod support;
-
+use herald_testkit::ingest;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::RetentionPolicy;
 use herald_proto::v1::{Event, EventType, PayloadFormat};
+use herald_testkit::ingest::{DEADLINE, Running, metric};
 use herald_testkit::{segment_batch, segment_track, wait_until};
 use prost::Message as _;
 use serde_json::json;
-use support::{DEADLINE, Running, metric};
 
-use crate::common::SOURCE;
+use herald_testkit::ingest::SOURCE;
 
 const PROTOBUF: (&str, &str) = ("Herald-Content-Type", "application/x-protobuf");
 
@@ -378,7 +376,7 @@ async fn one_person_gets_one_partition_key_whatever_the_transport() {
             "data": {"event_name": "Seen", "source_message_id": format!("http-{i}")}}]);
         let res = http
             .post(&url)
-            .basic_auth(common::WRITE_KEY, Some(common::WRITE_SECRET))
+            .basic_auth(ingest::WRITE_KEY, Some(ingest::WRITE_SECRET))
             .json(&batch)
             .send()
             .await

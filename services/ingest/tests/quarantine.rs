@@ -1,9 +1,6 @@
 //! The quarantine through the whole service: listing and redriving records over gRPC, and
 //! invalid items of HTTP batches written as records (503 when they cannot be).
 
-mod common;
-mod support;
-
 use herald_common::auth::BearerToken;
 use herald_proto::v1::quarantine_service_client::QuarantineServiceClient;
 use herald_proto::v1::source_service_client::SourceServiceClient;
@@ -11,11 +8,12 @@ use herald_proto::v1::{
     CreateSourceRequest, ListQuarantineRequest, ListQuarantineResponse, PayloadFormat,
     RedriveOutcome, RedriveQuarantineProgress, RedriveQuarantineRequest,
 };
+use herald_testkit::ingest;
+use herald_testkit::ingest::{DEADLINE, QuarantineClient, Running, metric};
 use herald_testkit::{segment_batch, segment_track, wait_until};
 use serde_json::json;
-use support::{DEADLINE, QuarantineClient, Running, metric};
 
-use crate::common::{CONTROL_TOKEN, SOURCE, WRITE_KEY};
+use herald_testkit::ingest::{CONTROL_TOKEN, SOURCE, WRITE_KEY};
 
 async fn list(
     q: &mut QuarantineClient,
@@ -351,7 +349,7 @@ async fn mparticle_events_are_quarantined_and_redriven_after_a_config_change() {
         "environment": "production", "user_identities": {"customerid": "u9"}});
     let res = reqwest::Client::new()
         .post(&url)
-        .basic_auth(WRITE_KEY, Some(crate::common::WRITE_SECRET))
+        .basic_auth(WRITE_KEY, Some(ingest::WRITE_SECRET))
         .json(&body)
         .send()
         .await
@@ -371,7 +369,7 @@ async fn mparticle_events_are_quarantined_and_redriven_after_a_config_change() {
 
     // A larger limit (a config change and a restart): the redrive now passes.
     ingest.stop_ingest().await;
-    let (common, cfg) = support::configs(&ingest.nats.url(), |_, cfg| {
+    let (common, cfg) = ingest::configs(&ingest.nats.url(), |_, cfg| {
         cfg.max_event_bytes = 64 * 1024;
     });
     ingest.start_ingest(&common, &cfg).await;
@@ -422,7 +420,7 @@ async fn historical_records_redrive_as_historical_old_and_new() {
     bad["events"][0]["data"]["event_name"] = json!("");
     let res = http
         .post(&url)
-        .basic_auth(WRITE_KEY, Some(crate::common::WRITE_SECRET))
+        .basic_auth(WRITE_KEY, Some(ingest::WRITE_SECRET))
         .json(&json!([bad]))
         .send()
         .await

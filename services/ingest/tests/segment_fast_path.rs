@@ -3,11 +3,10 @@
 //! event and every rejection must be the same, except that stored JSON may keep the client's
 //! whitespace and key order (so JSON fields are compared parsed).
 
-mod common;
-
 use chrono::{DateTime, TimeZone as _, Utc};
 use herald_ingest::{InvalidEvent, Normaliser, parse_batch, parse_batch_raw, scan_body};
 use herald_proto::v1::Event;
+use herald_testkit::ingest;
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -98,7 +97,7 @@ fn recorded_sdk_batches_normalise_the_same_both_ways() {
     let mut built = 0;
     let mut items = 0;
     for folder in ["segment-python", "rudder-python", "segment-http-raw"] {
-        for fx in common::fixtures(folder) {
+        for fx in ingest::fixtures(folder) {
             if fx.path != "/v1/batch" {
                 continue;
             }

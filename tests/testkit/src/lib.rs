@@ -11,6 +11,8 @@ mod binary;
 mod cluster;
 mod dev;
 mod events;
+#[cfg(feature = "ingest")]
+pub mod ingest;
 mod process;
 mod server;
 mod wait;
