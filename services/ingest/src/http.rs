@@ -91,7 +91,7 @@ impl AppState {
     }
 
     /// State over a core the service shares with NATS intake.
-    pub fn with_core(
+    pub(crate) fn with_core(
         common: &CommonConfig,
         cfg: &IngestConfig,
         core: Core,
@@ -329,41 +329,27 @@ async fn ingest_segment(
         .emit();
         return Err(ApiError::InvalidEvent(error));
     }
-    let origin = format!("http:{route}");
-    let sub = submission(
-        &source,
-        &origin,
-        PayloadFormat::SegmentJson,
-        false,
-        &bytes,
+    let payload = HttpPayload {
+        source: &source,
+        route,
+        format: PayloadFormat::SegmentJson,
+        historical: false,
+        body: &bytes,
         received_at,
-    );
-    reject_invalid_items(state, &sub, decoded.rejected).await?;
+    };
+    reject_invalid_items(state, &payload, decoded.rejected).await?;
     publish(state, &source, &decoded.events).await?;
     Ok(())
 }
 
-/// How an HTTP request's invalid items are quarantined: as a payload of its API.
-fn submission<'a>(
+/// An accepted HTTP request, as its invalid items are quarantined: a payload of its API.
+struct HttpPayload<'a> {
     source: &'a Source,
-    origin: &'a str,
+    route: &'static str,
     format: PayloadFormat,
     historical: bool,
     body: &'a Bytes,
     received_at: DateTime<Utc>,
-) -> Submission<'a> {
-    Submission {
-        source_id: &source.id,
-        format,
-        content_type: "application/json",
-        payload: body,
-        received_at,
-        origin,
-        historical,
-        intake_sequence: 0,
-        attempt: 1,
-        item_index: None,
-    }
 }
 
 /// `202 {}`: the mParticle Events API's answer to an accepted request.
@@ -412,16 +398,16 @@ async fn ingest_mparticle(
     let fresh = unseen_batches(state, &source, &batches).await;
     let n = core.normaliser(&source.id, received_at);
     let decoded = mparticle::decode(&n, &batches, Some(&fresh));
-    let origin = format!("http:{route}");
-    let sub = submission(
-        &source,
-        &origin,
-        PayloadFormat::MparticleJson,
+    let payload = HttpPayload {
+        source: &source,
+        route,
+        format: PayloadFormat::MparticleJson,
         historical,
-        &bytes,
+        body: &bytes,
         received_at,
-    );
-    reject_invalid_items(state, &sub, decoded.rejected).await?;
+    };
+
+    reject_invalid_items(state, &payload, decoded.rejected).await?;
     publish(state, &source, &decoded.events).await?;
 
     // Every event is acknowledged: only now are the batches recorded as stored.
@@ -540,22 +526,36 @@ async fn read_body(
 /// cannot be stored.
 async fn reject_invalid_items(
     state: &AppState,
-    sub: &Submission<'_>,
+    payload: &HttpPayload<'_>,
     rejected: Vec<Rejected>,
 ) -> Result<(), ApiError> {
     if rejected.is_empty() {
         return Ok(());
     }
+    let source_id: &str = &payload.source.id;
     for r in &rejected {
         EventsRejected {
-            source: sub.source_id,
+            source: source_id,
             reason: r.error.reason().label(),
-            message: &format!("{} item {}: {}", sub.origin, r.index, r.error),
+            message: &format!("{} item {}: {}", payload.route, r.index, r.error),
             count: 1,
         }
         .emit();
     }
-    let records = item_records(sub, rejected);
+    let origin = format!("http:{}", payload.route);
+    let sub = Submission {
+        source_id,
+        format: payload.format,
+        content_type: "application/json",
+        payload: payload.body,
+        received_at: payload.received_at,
+        origin: &origin,
+        historical: payload.historical,
+        intake_sequence: 0,
+        attempt: 1,
+        item_index: None,
+    };
+    let records = item_records(&sub, rejected);
     state.core().quarantine().record_all(&records).await?;
     emit_quarantined("http", &records);
     Ok(())

@@ -40,18 +40,14 @@ use herald_common::supervisor::Supervisor;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::Core;
+
 pub use crate::body::{Encoding, JsonScan, check_depth, decode as decode_body, scan as scan_body};
 pub use crate::config::{IngestConfig, SourceConfig, SourceSettings};
-pub use crate::core::{Core, Limits};
 pub use crate::error::{ApiError, IngestError};
 pub use crate::http::{AppState, SEGMENT_SINGLE_ROUTES, router};
-pub use crate::intake::{CONTENT_TYPE_HEADER, stream_config as intake_stream_config};
-pub use crate::mparticle::{
-    Api as MparticleApi, Batch as MparticleBatch, mark_historical, parse as parse_mparticle,
-};
-pub use crate::normalise::{
-    Decoded, InvalidEvent, Normaliser, Reason, Rejected, corrected_timestamp, partition_key,
-};
+pub use crate::mparticle::{Batch as MparticleBatch, mark_historical, parse as parse_mparticle};
+pub use crate::normalise::{Decoded, InvalidEvent, Normaliser, Reason, Rejected};
 pub use crate::publish::{BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER, Publisher};
 pub use crate::quarantine::stream_config as quarantine_stream_config;
 pub use crate::seen::SeenSet;
