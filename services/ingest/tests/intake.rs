@@ -15,6 +15,7 @@ use serde_json::json;
 use herald_testkit::ingest::SOURCE;
 
 const PROTOBUF: (&str, &str) = ("Herald-Content-Type", "application/x-protobuf");
+const MPARTICLE: (&str, &str) = ("Herald-Content-Type", "application/vnd.mparticle+json");
 
 #[tokio::test]
 async fn json_and_protobuf_messages_become_events_once() {
@@ -385,11 +386,7 @@ async fn one_person_gets_one_partition_key_whatever_the_transport() {
 
         batch["events"][0]["data"]["source_message_id"] = json!(format!("nats-json-{i}"));
         ingest
-            .publish_intake(
-                SOURCE,
-                &[("Herald-Content-Type", "application/vnd.mparticle+json")],
-                batch.to_string(),
-            )
+            .publish_intake(SOURCE, &[MPARTICLE], batch.to_string())
             .await;
 
         let mut event = Event {
@@ -441,11 +438,7 @@ async fn mparticle_rejects_count_under_their_own_reason() {
         {"event_type": "custom_event", "data": {"event_name": "Fine"}}
     ]});
     ingest
-        .publish_intake(
-            SOURCE,
-            &[("Herald-Content-Type", "application/vnd.mparticle+json")],
-            batch.to_string(),
-        )
+        .publish_intake(SOURCE, &[MPARTICLE], batch.to_string())
         .await;
     ingest.wait_intake_drained().await;
     let records = ingest.wait_quarantine(1).await;

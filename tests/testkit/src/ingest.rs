@@ -142,16 +142,7 @@ impl Harness {
         ensure_stream(&js, herald_ingest::quarantine_stream_config(&topology))
             .await
             .expect("quarantine stream");
-        js.get_stream(topology.events_stream())
-            .await
-            .expect("stream exists")
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("test-reader".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await
-            .expect("durable consumer");
+        add_test_reader(&js, &topology).await;
         let state = AppState::new(&common, &cfg, client).expect("valid config");
         Self {
             nats,
@@ -201,22 +192,11 @@ impl Harness {
 
     /// Every event stored in the events stream, in stream order.
     pub async fn stored(&self) -> Vec<Event> {
-        let mut stream = self
-            .js
-            .get_stream(self.topology.events_stream())
+        read_stream(&self.js, &self.topology.events_stream())
             .await
-            .expect("stream");
-        let state = stream.info().await.expect("stream info").state.clone();
-        let mut events = Vec::new();
-        for seq in state.first_sequence..=state.last_sequence {
-            if state.messages == 0 {
-                break;
-            }
-            if let Ok(msg) = stream.get_raw_message(seq).await {
-                events.push(Event::decode(msg.payload).expect("a herald.v1.Event"));
-            }
-        }
-        events
+            .into_iter()
+            .map(|(_, payload)| Event::decode(payload).expect("a herald.v1.Event"))
+            .collect()
     }
 }
 
@@ -496,18 +476,7 @@ impl Running {
             topology,
         };
         running.start_ingest(&common, &cfg).await;
-        running
-            .js
-            .get_stream(running.topology.events_stream())
-            .await
-            .expect("events stream")
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("test-reader".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await
-            .expect("durable consumer");
+        add_test_reader(&running.js, &running.topology).await;
         running
     }
 
@@ -625,18 +594,7 @@ impl Running {
     }
 
     async fn read_all(&self, stream: &str) -> Vec<(u64, Bytes)> {
-        let mut stream = self.js.get_stream(stream).await.expect("stream");
-        let state = stream.info().await.expect("stream info").state.clone();
-        let mut out = Vec::new();
-        if state.messages == 0 {
-            return out;
-        }
-        for seq in state.first_sequence..=state.last_sequence {
-            if let Ok(msg) = stream.get_raw_message(seq).await {
-                out.push((seq, msg.payload));
-            }
-        }
-        out
+        read_stream(&self.js, stream).await
     }
 
     /// Waits until the events stream holds `n` events, and returns them.
@@ -684,4 +642,35 @@ pub fn metric(text: &str, series: &str) -> f64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// A durable consumer on the events stream: its interest retention keeps events only while a
+/// consumer exists.
+async fn add_test_reader(js: &jetstream::Context, topology: &Topology) {
+    js.get_stream(topology.events_stream())
+        .await
+        .expect("events stream")
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("test-reader".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("durable consumer");
+}
+
+/// Every message of a stream with its sequence, in stream order.
+async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<(u64, Bytes)> {
+    let mut stream = js.get_stream(stream).await.expect("stream");
+    let state = stream.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            out.push((seq, msg.payload));
+        }
+    }
+    out
 }
