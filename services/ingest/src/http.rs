@@ -4,9 +4,10 @@
 //!
 //! Every request goes the same way: authenticate from the header (before the body is read),
 //! read the body within its size cap (decoding gzip or deflate through a bounded reader), check
-//! its JSON nesting depth, parse, normalise, publish every event pipelined, and answer only
-//! after JetStream acknowledged them all: Segment paths with exactly `200 {"success":true}`,
-//! `/v2/*` with `202 {}`.
+//! its JSON nesting depth, decode it with its format's decoder (the same as NATS intake's,
+//! through the shared [`Core`]), quarantine invalid items of a batch, publish every event
+//! pipelined, and answer only after JetStream acknowledged them all: Segment paths with exactly
+//! `200 {"success":true}`, `/v2/*` with `202 {}`. One handler serves every route.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
