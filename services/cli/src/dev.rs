@@ -2,17 +2,16 @@
 //! log destination: a working Herald on a laptop with one command.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use figment::Figment;
 use figment::providers::Serialized;
 use herald_activator::{DestinationConfig, DestinationKind};
-use herald_common::{ControlConfig, Secret, natsbin, server, telemetry};
+use herald_common::natsbin::{self, Launch, NatsProcess};
+use herald_common::{ControlConfig, Secret, server, telemetry};
 use herald_ingest::SourceConfig;
 use rand::Rng;
-use tokio::process::{Child, Command};
 
 use crate::config::Config;
 
@@ -74,7 +73,8 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
     let data_dir = args.data_dir.canonicalize()?;
     let token_note = control_token(&mut cfg, &data_dir)?;
 
-    let (mut nats_child, nats_url) = start_nats(&data_dir).await?;
+    let mut nats_child = start_nats(&data_dir).await?;
+    let nats_url = nats_child.url().to_owned();
     let write_key = match args.write_key {
         Some(k) => k,
         None => reuse_or_generate(&data_dir.join("write_key"))?,
@@ -161,56 +161,22 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> Result<()> {
     for s in services {
         let _ = s.task.await;
     }
-    let _ = nats_child.kill().await;
+    nats_child.kill().await;
     eprintln!("Herald stopped.");
     Ok(())
 }
 
 /// Starts nats-server with JetStream, its store under the data dir, on a free loopback port.
-async fn start_nats(data_dir: &Path) -> Result<(Child, String)> {
-    let mut roots = vec![std::env::current_dir()?];
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
-    }
-    let binary = natsbin::find(&roots).map_err(anyhow::Error::msg)?;
-    let run_dir = data_dir.join("run");
-    let _ = std::fs::remove_dir_all(&run_dir);
-    std::fs::create_dir_all(&run_dir)?;
-    let log = std::fs::File::create(data_dir.join("nats-server.log"))?;
-    let child = Command::new(&binary)
-        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-        .arg(data_dir.join("nats"))
-        .arg("--ports_file_dir")
-        .arg(&run_dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(url) = read_ports_file(&run_dir) {
-            return Ok((child, url));
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "nats-server did not start within 15 s; see {}",
-                data_dir.join("nats-server.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn read_ports_file(dir: &Path) -> Option<String> {
-    for entry in std::fs::read_dir(dir).ok()? {
-        let path = entry.ok()?.path();
-        if path.extension().is_some_and(|e| e == "ports") {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-            return v["nats"][0].as_str().map(str::to_string);
-        }
-    }
-    None
+async fn start_nats(data_dir: &Path) -> Result<NatsProcess> {
+    let binary = natsbin::find_from_here().map_err(anyhow::Error::msg)?;
+    let log = data_dir.join("nats-server.log");
+    // A fresh log each run: "see nats-server.log" then points at this run's lines.
+    let _ = std::fs::remove_file(&log);
+    Ok(
+        Launch::new(binary, data_dir.join("nats"), data_dir.join("run"), log)
+            .start()
+            .await?,
+    )
 }
 
 /// The control token: the configured one (`control.token` or `control.token_file`), else

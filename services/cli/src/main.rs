@@ -1,7 +1,6 @@
-//! `herald`: the one binary. Runs one service role, all of them (`herald dev`), admin commands
-//! over the control APIs, and the load generator.
+//! `herald`: the one binary. Runs one service role, all of them (`herald dev`), and admin
+//! commands over the control APIs. (The load generator is its own binary, `herald-bench`.)
 
-mod bench;
 mod config;
 mod control;
 mod dev;
@@ -110,10 +109,6 @@ enum Command {
     /// Destinations (activator control API).
     #[command(subcommand)]
     Destinations(DestinationsCommand),
-    /// The load generator: Herald's throughput and latency as a ratio of raw JetStream,
-    /// measured in the same run against its own nats-server.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,7 +179,6 @@ async fn main() -> Result<()> {
         Command::Destinations(DestinationsCommand::List) => {
             control::destinations_list(&ctl).await?
         }
-        Command::Bench(cmd) => bench::run(cmd).await?,
     }
     Ok(())
 }

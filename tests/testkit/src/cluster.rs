@@ -4,13 +4,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
+use herald_common::natsbin::{Launch, LaunchError, NatsProcess};
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::process::Child;
 use tokio::time::Instant;
 
 use crate::binary::nats_server_binary;
-use crate::process::{self, START_DEADLINE};
+use crate::server::START_DEADLINE;
 use crate::wait::free_ports;
 
 /// How long a cluster may take to elect a JetStream meta leader with every running node current.
@@ -28,12 +28,17 @@ struct Node {
     cluster_port: u16,
     monitor_port: u16,
     config: PathBuf,
+    store: PathBuf,
+    ports_dir: PathBuf,
     log: PathBuf,
-    child: Option<Child>,
+    process: Option<NatsProcess>,
 }
 
 /// An n-node JetStream cluster on 127.0.0.1: each node has its own `server_name` (`n0`, `n1`,
 /// ...), client, cluster-route and monitoring ports, configuration file and store directory.
+/// Each node is started through `herald_common::natsbin::Launch` (the one nats-server launcher):
+/// its configuration file holds its name and cluster block, the launcher's flags its ports and
+/// store.
 ///
 /// [`NatsCluster::start`] returns once a meta leader is elected and every node is current, so a
 /// stream with as many replicas as nodes can be created straight away. All nodes are killed on
@@ -64,10 +69,12 @@ impl NatsCluster {
                     // A node that exited during start-up most likely lost a port race: try again
                     // on new ports. Anything else is a real failure. Dropping the attempt kills
                     // its nodes.
-                    let node_exited = cluster
-                        .nodes
-                        .iter_mut()
-                        .any(|node| !process::is_alive(node.child.as_mut()));
+                    let node_exited = err.chain().any(|e| {
+                        matches!(
+                            e.downcast_ref::<LaunchError>(),
+                            Some(LaunchError::Exited { .. })
+                        )
+                    });
                     if !node_exited {
                         return Err(err.context(format!("starting a {n}-node nats-server cluster")));
                     }
@@ -94,8 +101,10 @@ impl NatsCluster {
                 cluster_port: ports[3 * i + 1],
                 monitor_port: ports[3 * i + 2],
                 config: dir.path().join(format!("n{i}.conf")),
+                store: dir.path().join(format!("n{i}-store")),
+                ports_dir: dir.path().join(format!("n{i}-ports")),
                 log: dir.path().join(format!("n{i}.log")),
-                child: None,
+                process: None,
             });
         }
         let routes: Vec<String> = nodes
@@ -103,17 +112,12 @@ impl NatsCluster {
             .map(|node| quote(&format!("nats-route://127.0.0.1:{}", node.cluster_port)))
             .collect();
         for node in &nodes {
-            let store = dir.path().join(format!("{}-store", node.name));
+            // Listen address, client and monitoring ports and the store come from the launcher's
+            // flags.
             let config = format!(
                 "server_name: {name}\n\
-                 listen: {listen}\n\
-                 http: {http}\n\
-                 jetstream {{\n  store_dir: {store}\n}}\n\
                  cluster {{\n  name: {cluster}\n  listen: {cluster_listen}\n  routes: [\n    {routes}\n  ]\n}}\n",
                 name = quote(&node.name),
-                listen = quote(&format!("127.0.0.1:{}", node.port)),
-                http = quote(&format!("127.0.0.1:{}", node.monitor_port)),
-                store = quote(&store.to_string_lossy()),
                 cluster = quote(CLUSTER_NAME),
                 cluster_listen = quote(&format!("127.0.0.1:{}", node.cluster_port)),
                 routes = routes.join("\n    "),
@@ -131,22 +135,23 @@ impl NatsCluster {
 
     async fn launch(&mut self) -> anyhow::Result<()> {
         for i in 0..self.nodes.len() {
-            self.spawn_node(i)?;
-        }
-        let deadline = Instant::now() + START_DEADLINE;
-        for node in &mut self.nodes {
-            let child = node.child.as_mut().context("node not spawned")?;
-            process::wait_for_tcp(node.port, child, &node.log, deadline)
-                .await
-                .with_context(|| format!("node {}", node.name))?;
+            self.start_node(i).await?;
         }
         self.wait_ready(READY_DEADLINE).await
     }
 
-    fn spawn_node(&mut self, i: usize) -> anyhow::Result<()> {
+    /// Starts node `i` and waits (up to 10 s) for its ports file: it accepts connections then.
+    async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
-        let args = [Path::new("-c"), node.config.as_path()];
-        node.child = Some(process::spawn(&self.binary, args, &node.log)?);
+        let process = Launch::new(&self.binary, &node.store, &node.ports_dir, &node.log)
+            .client_port(node.port)
+            .monitor_port(node.monitor_port)
+            .config_file(&node.config)
+            .start_timeout(START_DEADLINE)
+            .start()
+            .await
+            .with_context(|| format!("node {}", node.name))?;
+        node.process = Some(process);
         Ok(())
     }
 
@@ -212,7 +217,10 @@ impl NatsCluster {
     ///
     /// If `i` is out of range.
     pub fn is_running(&mut self, i: usize) -> bool {
-        process::is_alive(self.nodes[i].child.as_mut())
+        self.nodes[i]
+            .process
+            .as_mut()
+            .is_some_and(NatsProcess::is_running)
     }
 
     /// Connects a client that knows every node's URL and fails over between them.
@@ -253,7 +261,9 @@ impl NatsCluster {
     ///
     /// If `i` is out of range.
     pub async fn stop_node(&mut self, i: usize) {
-        process::kill(self.nodes[i].child.take()).await;
+        if let Some(process) = self.nodes[i].process.take() {
+            process.kill().await;
+        }
     }
 
     /// Starts node `i` again with the same configuration (ports, name, store; it is stopped first
@@ -264,12 +274,7 @@ impl NatsCluster {
     /// If `i` is out of range.
     pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
         self.stop_node(i).await;
-        self.spawn_node(i)?;
-        let node = &mut self.nodes[i];
-        let child = node.child.as_mut().context("node not spawned")?;
-        process::wait_for_tcp(node.port, child, &node.log, Instant::now() + START_DEADLINE)
-            .await
-            .with_context(|| format!("restarting node {}", node.name))?;
+        self.start_node(i).await.context("restarting")?;
         self.wait_ready(READY_DEADLINE).await
     }
 
@@ -277,7 +282,7 @@ impl NatsCluster {
     /// `None` while no running node claims leadership (during an election).
     pub async fn meta_leader(&self) -> Option<usize> {
         for (i, node) in self.nodes.iter().enumerate() {
-            if node.child.is_none() {
+            if node.process.is_none() {
                 continue;
             }
             if let Some(meta) = self.meta_cluster(i).await
@@ -297,8 +302,9 @@ impl NatsCluster {
         let deadline = Instant::now() + timeout;
         loop {
             for node in &mut self.nodes {
-                if let Some(child) = node.child.as_mut() {
-                    process::ensure_alive(child, &node.log)
+                if let Some(process) = node.process.as_mut() {
+                    process
+                        .check_running()
                         .with_context(|| format!("node {}", node.name))?;
                 }
             }
@@ -317,7 +323,7 @@ impl NatsCluster {
     /// `Ok` when ready, else a description of what is missing.
     async fn readiness(&self) -> Result<(), String> {
         let running: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].child.is_some())
+            .filter(|&i| self.nodes[i].process.is_some())
             .collect();
         if running.is_empty() {
             return Err("no node is running".to_owned());
@@ -393,16 +399,6 @@ impl NatsCluster {
         let response = self.http.get(url).send().await.ok()?;
         let jsz: Value = response.json().await.ok()?;
         jsz.get("meta_cluster").cloned()
-    }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(child) = node.child.as_mut() {
-                let _ = child.start_kill();
-            }
-        }
     }
 }
 

@@ -13,7 +13,6 @@ mod dev;
 mod events;
 #[cfg(feature = "ingest")]
 pub mod ingest;
-mod process;
 mod server;
 mod wait;
 mod webhook;

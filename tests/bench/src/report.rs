@@ -282,6 +282,11 @@ pub fn threads_cpu_seconds(name: &str) -> f64 {
         .sum()
 }
 
+/// `n` over `elapsed`, per second (0 elapsed counts as a nanosecond).
+pub fn per_second(n: u64, elapsed: Duration) -> f64 {
+    n as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
 /// Cores used over a phase by this process, by its load-generator threads, and by
 /// nats-server.
 pub struct CpuMeter {
@@ -331,16 +336,15 @@ impl CpuMeter {
     }
 }
 
-/// `cpu: herald 1.20 (HTTP client 0.20) + nats-server 0.70 cores`; with a service process
-/// measured apart, `cpu: service 0.90 + herald bench 0.05 + nats-server 0.70 cores`.
+/// `cpu: herald-bench 1.20 (HTTP client 0.20) + nats-server 0.70 cores`; with a service process
+/// measured apart, `cpu: service 0.90 + herald-bench 0.05 + nats-server 0.70 cores`.
 pub fn cpu_summary(cpu: &Value) -> String {
     let client = cpu["http_client"].as_f64().unwrap_or(0.0);
     let service = cpu["service_process"]
         .as_f64()
         .map_or(String::new(), |c| format!("service {c:.2} + "));
     format!(
-        "cpu: {service}herald{} {:.2}{} + nats-server {:.2} cores",
-        if service.is_empty() { "" } else { " bench" },
+        "cpu: {service}herald-bench {:.2}{} + nats-server {:.2} cores",
         cpu["bench_process"].as_f64().unwrap_or(0.0),
         if client > 0.0 {
             format!(" (HTTP client {client:.2})")
@@ -382,6 +386,33 @@ pub fn machine() -> Value {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "memory_gib": round3(mem_kib / 1024.0 / 1024.0),
     })
+}
+
+/// Ends a report: the load-average line, then the one-line JSON summary: what every bench
+/// records (`bench`, `nats_server`, `machine`, the load averages before and after), then the
+/// bench's own `fields`.
+pub fn print_summary(
+    bench: &str,
+    nats_version: &str,
+    load_before: [f64; 3],
+    load_after: [f64; 3],
+    fields: Value,
+) {
+    println!(
+        "  load average {:.2} before, {:.2} after (1 min)",
+        load_before[0], load_after[0]
+    );
+    let mut summary = json!({
+        "bench": bench,
+        "nats_server": nats_version,
+        "machine": machine(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+    });
+    if let (Some(all), Value::Object(own)) = (summary.as_object_mut(), fields) {
+        all.extend(own);
+    }
+    println!("{summary}");
 }
 
 /// Prints the machine and its load before a benchmark.

@@ -1,14 +1,59 @@
-//! `herald bench` runs end to end with small loads and reports what docs/benchmarks.md relies
+//! `herald-bench` runs end to end with small loads and reports what docs/benchmarks.md relies
 //! on. Speed is never asserted here: only that every number is there and positive.
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tokio::process::Command;
 
-/// Runs `herald bench <args>` and returns its stdout and the JSON summary (its last line).
+const HERALD_BENCH: &str = env!("CARGO_BIN_EXE_herald-bench");
+
+/// The `herald` binary that `herald-bench processor` finds beside itself, built when it is
+/// missing. `cargo nextest run --workspace` builds it with everything else; `-p herald-bench`
+/// alone does not (a dev-dependency on the herald package would not give this package
+/// `CARGO_BIN_EXE_herald`), so the test builds it with the same cargo, profile and target
+/// directory as herald-bench.
+async fn herald_beside_bench() -> Result<PathBuf> {
+    let bench = Path::new(HERALD_BENCH);
+    let herald = bench.with_file_name("herald");
+    if herald.is_file() {
+        return Ok(herald);
+    }
+    let profile_dir = bench.parent().context("herald-bench has a directory")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("the profile directory has a parent")?;
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    eprintln!("building {} (cargo build -p herald)", herald.display());
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "herald",
+            "--profile",
+            profile,
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .status()
+        .await
+        .context("running cargo build -p herald")?;
+    ensure!(status.success(), "cargo build -p herald failed ({status})");
+    ensure!(
+        herald.is_file(),
+        "cargo build -p herald made no {}",
+        herald.display()
+    );
+    Ok(herald)
+}
+
+/// Runs `herald-bench <args>` and returns its stdout and the JSON summary (its last line).
 async fn bench(args: &[&str]) -> Result<(String, Value)> {
     let (stdout, _, summary) = bench_with_stderr(args).await?;
     Ok((stdout, summary))
@@ -17,22 +62,26 @@ async fn bench(args: &[&str]) -> Result<(String, Value)> {
 /// [`bench`], also returning its stderr (progress lines and notices).
 async fn bench_with_stderr(args: &[&str]) -> Result<(String, String, Value)> {
     let nats = herald_testkit::nats_server_binary()?;
-    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("bench")
+    if args.first() == Some(&"processor") {
+        herald_beside_bench().await?;
+    }
+    let child = Command::new(HERALD_BENCH)
         .args(args)
         .env("HERALD_NATS_SERVER", nats)
+        // herald-bench finds the `herald` beside it.
+        .env_remove("HERALD_BIN")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let out = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
         .await
-        .context("herald bench did not finish within 240 s")??;
+        .context("herald-bench did not finish within 240 s")??;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         bail!(
-            "herald bench {args:?} failed ({}):\n{stdout}\n{stderr}",
+            "herald-bench {args:?} failed ({}):\n{stdout}\n{stderr}",
             out.status
         );
     }
@@ -177,8 +226,8 @@ async fn ingest_bench_fixed_share_sets_the_fixed_rate_and_leaves_the_half_rate_t
 
 #[tokio::test]
 async fn ingest_bench_refuses_a_fixed_share_outside_zero_to_one() -> Result<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["bench", "ingest", "--fixed-share", "1.5"])
+    let out = Command::new(HERALD_BENCH)
+        .args(["ingest", "--fixed-share", "1.5"])
         .output()
         .await?;
     assert!(!out.status.success());
@@ -304,5 +353,34 @@ async fn processor_bench_starts_the_processor_again_when_its_admin_port_was_take
     );
     assert_eq!(summary["processor"]["processed"], 5000, "{summary}");
     drop(taken);
+    Ok(())
+}
+
+#[tokio::test]
+async fn processor_bench_says_what_to_do_when_the_herald_binary_is_not_there() -> Result<()> {
+    let flag = Command::new(HERALD_BENCH)
+        .args(["processor", "--herald-bin", "/nonexistent/herald"])
+        .env_remove("HERALD_BIN")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .await?;
+    let env = Command::new(HERALD_BENCH)
+        .arg("processor")
+        .env("HERALD_BIN", "/nonexistent/herald")
+        .output()
+        .await?;
+    for out in [flag, env] {
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--herald-bin /nonexistent/herald: no such file"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("cargo build --release -p herald"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("backtrace"), "{stderr}");
+    }
     Ok(())
 }

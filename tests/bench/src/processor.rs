@@ -1,4 +1,4 @@
-//! `herald bench processor`: the processor's throughput on a preloaded events stream, against
+//! `herald-bench processor`: the processor's throughput on a preloaded events stream, against
 //! two raw JetStream baselines over the same stored messages, in one run:
 //!
 //! 1. consume and publish: a pull consumer takes batches, each batch's messages are published
@@ -9,11 +9,13 @@
 //!    a batch's users are handled concurrently, each user's events in order.
 //!
 //! Then the processor itself consumes until the processed stream holds every event. It runs
-//! as a process of its own (`herald processor`, from this binary), as it is deployed, so the
-//! resident memory reported is the processor's alone (its sampled `VmRSS` and the kernel's
+//! as a process of its own (`herald processor`, the `herald` binary found by [`herald_binary`]),
+//! as it is deployed, so the resident memory reported is the processor's alone (its sampled `VmRSS` and the kernel's
 //! high-water mark `VmHWM`). A durable consumer that never reads keeps every preloaded event in
 //! the (interest-retention) events stream for all three readers.
 
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -26,7 +28,7 @@ use async_nats::jetstream::{self, Message};
 use bytes::Bytes;
 use futures_util::{FutureExt as _, StreamExt as _};
 use herald_common::nats::ensure_stream;
-use herald_common::{CommonConfig, ControlConfig, NatsConfig, Topology, TopologyConfig};
+use herald_common::{CommonConfig, Topology, TopologyConfig};
 use herald_processor::ProcessorConfig;
 use herald_proto::v1::Event;
 use prost::Message as _;
@@ -35,8 +37,8 @@ use serde_json::{Value, json};
 use super::events::EventFactory;
 use super::nats::BenchNats;
 use super::report::{
-    Counters, CpuMeter, Errors, Progress, cpu_summary, load_average, machine, pid_status_mib,
-    print_machine, ratio, round3, samples, thousands,
+    Counters, CpuMeter, Errors, Progress, cpu_summary, load_average, per_second, pid_status_mib,
+    print_machine, print_summary, ratio, round3, samples, thousands,
 };
 
 /// The throughput target: the processor at least this share of the KV baseline.
@@ -50,7 +52,7 @@ const PRELOAD_WINDOW: usize = 512;
 const FALLBACK_BATCH: usize = 256;
 const FALLBACK_MAX_ACK_PENDING: i64 = 20_000;
 
-/// Options of `herald bench processor`.
+/// Options of `herald-bench processor`.
 #[derive(Debug, clap::Args)]
 pub struct ProcessorArgs {
     /// Distinct users the events belong to.
@@ -78,6 +80,55 @@ pub struct ProcessorArgs {
     /// taken); by default a free loopback port.
     #[arg(long, hide = true)]
     pub processor_admin: Option<std::net::SocketAddr>,
+    /// The `herald` binary that runs the processor (default: the `herald` beside this
+    /// binary, else the first on PATH).
+    #[arg(long, env = "HERALD_BIN", value_name = "PATH")]
+    pub herald_bin: Option<PathBuf>,
+}
+
+/// What to do when no `herald` binary is found.
+const HERALD_HINT: &str = "build it with `cargo build --release -p herald` (herald-bench then \
+                           finds it beside itself), or pass --herald-bin <path> (or set HERALD_BIN)";
+
+/// The `herald` binary whose `herald processor` is measured: `--herald-bin` (or `HERALD_BIN`),
+/// else a `herald` beside this binary (as `cargo build` lays them out), else the first on PATH.
+pub fn herald_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    let path = std::env::var_os("PATH");
+    find_herald(explicit, exe.as_deref(), path.as_deref()).map_err(anyhow::Error::msg)
+}
+
+fn find_herald(
+    explicit: Option<&Path>,
+    exe: Option<&Path>,
+    path: Option<&OsStr>,
+) -> Result<PathBuf, String> {
+    if let Some(bin) = explicit {
+        return if bin.is_file() {
+            Ok(bin.to_path_buf())
+        } else {
+            Err(format!(
+                "--herald-bin {}: no such file; {HERALD_HINT}",
+                bin.display()
+            ))
+        };
+    }
+    let beside = exe.map(|e| e.with_file_name("herald"));
+    if let Some(bin) = beside.as_ref().filter(|b| b.is_file()) {
+        return Ok(bin.clone());
+    }
+    if let Some(bin) = path
+        .into_iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("herald"))
+        .find(|b| b.is_file())
+    {
+        return Ok(bin);
+    }
+    Err(format!(
+        "no herald binary found ({}not on PATH) to run the processor; {HERALD_HINT}",
+        beside.map_or(String::new(), |b| format!("not at {}, ", b.display()))
+    ))
 }
 
 /// Runs the benchmark and prints its report.
@@ -88,20 +139,12 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
         bail!("--events must be at least 1");
     }
     let timeout = Duration::from_secs(args.timeout.max(1));
+    let herald = herald_binary(args.herald_bin.as_deref())?;
     let nats = BenchNats::start().await?;
     print_machine(&nats.version);
     let load_before = load_average();
     let run_id = super::random_hex(4);
-    let topology_cfg = TopologyConfig::default();
-    let topology = Topology::new(topology_cfg.clone());
-    let common = CommonConfig {
-        nats: NatsConfig {
-            servers: nats.url.clone(),
-            ..Default::default()
-        },
-        topology: topology_cfg,
-        control: ControlConfig::with_token(super::random_hex(16)),
-    };
+    let (topology, common) = super::common_config(&nats.url);
     let (processor_cfg, cache_applied) = processor_config(args.cache_mb)?;
     let batch = setting(&processor_cfg, "batch_size")
         .and_then(|v| v.as_u64())
@@ -159,6 +202,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
 
     let started = Instant::now();
     let mut child = ProcessorChild::start(
+        &herald,
         &common,
         args.cache_mb * 1024 * 1024,
         nats.dir(),
@@ -197,7 +241,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
 
     println!();
     println!(
-        "herald bench processor ({} events, {} users, {} B stored per event)",
+        "herald-bench processor ({} events, {} users, {} B stored per event)",
         thousands(total),
         thousands(users),
         stored_bytes / stored.max(1)
@@ -266,16 +310,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
         cache_mib + TARGET_RSS_HEADROOM_MIB,
         if rss_ok { "met" } else { "NOT met" }
     );
-    println!(
-        "  load average {:.2} before, {:.2} after (1 min)",
-        load_before[0], load_after[0]
-    );
-    let summary = json!({
-        "bench": "processor",
-        "nats_server": nats.version,
-        "machine": machine(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
+    let fields = json!({
         "users": users,
         "events": total,
         "stored_bytes_per_event": stored_bytes / stored.max(1),
@@ -305,7 +340,8 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
             "rss_met": rss_ok,
         },
     });
-    println!("{summary}");
+    print_summary("processor", &nats.version, load_before, load_after, fields);
+    nats.stop().await;
     Ok(())
 }
 
@@ -364,7 +400,7 @@ struct Throughput {
 
 impl Throughput {
     fn events_per_s(&self) -> f64 {
-        self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.done, self.elapsed)
     }
 }
 
@@ -470,18 +506,19 @@ async fn baseline(
     let durable = name.to_lowercase().replace('_', "-");
     let out_prefix = durable.clone();
     let topology = Topology::new(TopologyConfig::default());
-    let mut out = topology.processed_stream_config();
-    out.name = name.into();
-    out.subjects = vec![format!("{out_prefix}.*")];
-    out.description = Some("herald bench: baseline output".into());
-    js.create_stream(out)
-        .await
-        .context("creating a baseline output stream")?;
+    super::create_stream_like(
+        js,
+        topology.processed_stream_config(),
+        name,
+        &out_prefix,
+        "baseline output",
+    )
+    .await?;
     let bucket = match kv_topology {
         Some(t) => Some(
             js.create_key_value(kv::Config {
                 bucket: format!("{}-bench-profiles", t.config().prefix),
-                description: "herald bench: KV baseline".into(),
+                description: "herald-bench: KV baseline".into(),
                 history: 1,
                 storage: jetstream::stream::StorageType::File,
                 num_replicas: t.config().replicas,
@@ -497,7 +534,7 @@ async fn baseline(
         .await?
         .create_consumer(pull::Config {
             durable_name: Some(durable.clone()),
-            description: Some("herald bench: baseline reader".into()),
+            description: Some("herald-bench: baseline reader".into()),
             deliver_policy: consumer::DeliverPolicy::All,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(60),
@@ -692,7 +729,7 @@ async fn update_profile(kv: &kv::Store, key: &str, event: &Event) -> Result<(), 
     Err("kv_conflicts".into())
 }
 
-/// The processor under test: `herald processor` (this binary) as a child process, configured
+/// The processor under test: `herald processor` as a child process, configured
 /// through `HERALD__*` variables (neither the caller's nor its config file are passed on), on
 /// loopback ports, logging to `processor.log` in the bench's directory.
 struct ProcessorChild {
@@ -710,6 +747,7 @@ impl ProcessorChild {
     /// then exits with "Address already in use" and is started again on a new port.
     /// `first_admin` is the admin address of the first attempt (default: a free port).
     async fn start(
+        herald: &Path,
         common: &CommonConfig,
         cache_bytes: u64,
         dir: &std::path::Path,
@@ -723,7 +761,7 @@ impl ProcessorChild {
                     .and_then(|l| l.local_addr())
                     .context("no free loopback port for the processor's admin server")?,
             };
-            let mut child = Self::spawn(common, cache_bytes, dir, admin)?;
+            let mut child = Self::spawn(herald, common, cache_bytes, dir, admin)?;
             match child.admin_up().await {
                 Ok(()) => return Ok(child),
                 Err(tail) if child.log().contains("Address already in use") => {
@@ -775,16 +813,16 @@ impl ProcessorChild {
     }
 
     fn spawn(
+        herald: &Path,
         common: &CommonConfig,
         cache_bytes: u64,
         dir: &std::path::Path,
         admin: std::net::SocketAddr,
     ) -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot locate the herald binary")?;
         let log = dir.join("processor.log");
         let out = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut cmd = std::process::Command::new(&exe);
+        let mut cmd = std::process::Command::new(herald);
         cmd.arg("processor");
         // The defaults, as the baselines use them: no config file, no `HERALD__*` overrides.
         cmd.env_remove("HERALD_CONFIG");
@@ -813,7 +851,7 @@ impl ProcessorChild {
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("cannot start {} processor", exe.display()))?;
+            .with_context(|| format!("cannot start {} processor", herald.display()))?;
         Ok(Self { child, admin, log })
     }
 
@@ -882,7 +920,7 @@ struct ProcessorRun {
 
 impl ProcessorRun {
     fn events_per_s(&self) -> f64 {
-        self.processed as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.processed, self.elapsed)
     }
 }
 
@@ -948,6 +986,62 @@ mod tests {
             }
         }
         assert!(setting(&cfg, "no_such_setting").is_none());
+    }
+
+    #[test]
+    fn the_herald_binary_is_the_given_one_else_beside_this_one_else_on_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let touch = |sub: &str| {
+            let d = dir.path().join(sub);
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("herald"), "").expect("write");
+            d.join("herald")
+        };
+        let given = touch("given");
+        let beside = touch("target");
+        let on_path = touch("bin");
+        let exe = dir.path().join("target/herald-bench");
+        let lonely_exe = dir.path().join("elsewhere/herald-bench");
+        let path = std::env::join_paths([dir.path().join("empty"), dir.path().join("bin")])
+            .expect("a PATH");
+        let cases = [
+            (
+                Some(given.as_path()),
+                Some(exe.as_path()),
+                Some(path.as_os_str()),
+                Ok(&given),
+            ),
+            (
+                None,
+                Some(exe.as_path()),
+                Some(path.as_os_str()),
+                Ok(&beside),
+            ),
+            (
+                None,
+                Some(lonely_exe.as_path()),
+                Some(path.as_os_str()),
+                Ok(&on_path),
+            ),
+            (None, None, Some(path.as_os_str()), Ok(&on_path)),
+        ];
+        for (i, (explicit, exe, path, expected)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                find_herald(explicit, exe, path).as_ref(),
+                expected,
+                "case {i}"
+            );
+        }
+        let none = find_herald(None, Some(&lonely_exe), Some(OsStr::new("")))
+            .expect_err("nothing to find");
+        assert!(none.contains("cargo build --release -p herald"), "{none}");
+        assert!(none.contains("elsewhere/herald"), "{none}");
+        let missing = find_herald(Some(Path::new("/nowhere/herald")), Some(&exe), None)
+            .expect_err("the given one is missing");
+        assert!(
+            missing.starts_with("--herald-bin /nowhere/herald: no such file"),
+            "{missing}"
+        );
     }
 
     #[test]

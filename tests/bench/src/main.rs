@@ -1,7 +1,10 @@
-//! `herald bench`: the load generator. Each mode starts its own nats-server and the Herald
-//! service under test in-process (through the same library `start` functions as the binary),
-//! measures it, and measures raw JetStream doing the same work in the same run, so every
-//! number comes with its ratio to NATS itself on the same machine. See docs/benchmarks.md.
+//! `herald-bench`: the load generator, a binary of its own so that the service image does not
+//! carry it. Each mode starts its own nats-server (through `herald_common::natsbin`, like
+//! `herald dev`) and the Herald service under test: ingest in this process (through the same
+//! library `start` function as the `herald` binary), the processor as a `herald processor`
+//! child. It measures the service, and raw JetStream doing the same work in the same run, so
+//! every number comes with its ratio to NATS itself on the same machine. See
+//! docs/benchmarks.md.
 //!
 //! Progress goes to stderr once a second; results go to stdout, ending with one JSON line.
 
@@ -12,26 +15,62 @@ mod processor;
 mod report;
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, consumer};
-use herald_common::{LogConfig, telemetry};
+use clap::Parser;
+use herald_common::{
+    CommonConfig, ControlConfig, LogConfig, NatsConfig, Topology, TopologyConfig, telemetry,
+};
 use rand::Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// mimalloc, as in the `herald` binary: the ingest bench runs ingest in this process, so it is
+/// measured with the allocator it ships with.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Herald's load generator.
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald-bench",
+    version,
+    about = "Herald's load generator: throughput and latency as a ratio of raw JetStream, \
+             measured in the same run against its own nats-server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
 /// The benchmarks.
 #[derive(Debug, clap::Subcommand)]
-pub enum BenchCommand {
+enum BenchCommand {
     /// Ingest over HTTP (Segment batches) against raw pipelined JetStream publishing.
     Ingest(ingest::IngestArgs),
     /// The processor against raw JetStream consume-and-publish, with and without KV work.
     Processor(processor::ProcessorArgs),
 }
 
+/// A failed run prints its error chain on one line, without a backtrace (even with
+/// `RUST_BACKTRACE` set), and exits with 1.
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("herald-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs one benchmark; Ctrl-C stops it (and its nats-server).
-pub async fn run(cmd: BenchCommand) -> Result<()> {
+async fn run(cmd: BenchCommand) -> Result<()> {
     telemetry::init_tracing(&LogConfig {
         filter: Some("warn".into()),
         json: false,
@@ -54,6 +93,21 @@ fn random_hex(n: usize) -> String {
     (0..n)
         .map(|_| format!("{:02x}", rng.random::<u8>()))
         .collect()
+}
+
+/// The bench's shared sections: default topology, the bench's nats-server, a random control
+/// token.
+fn common_config(nats_url: &str) -> (Topology, CommonConfig) {
+    let topology = TopologyConfig::default();
+    let common = CommonConfig {
+        nats: NatsConfig {
+            servers: nats_url.to_owned(),
+            ..Default::default()
+        },
+        topology: topology.clone(),
+        control: ControlConfig::with_token(random_hex(16)),
+    };
+    (Topology::new(topology), common)
 }
 
 /// A service config with every listener (`*_addr`) moved to a free loopback port, whatever
@@ -104,7 +158,7 @@ async fn hold_interest(js: &jetstream::Context, stream: &str) -> Result<()> {
             consumer::pull::Config {
                 durable_name: Some("bench-hold".into()),
                 description: Some(
-                    "herald bench: holds interest so the stream stores what is published".into(),
+                    "herald-bench: holds interest so the stream stores what is published".into(),
                 ),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ..Default::default()
@@ -112,6 +166,24 @@ async fn hold_interest(js: &jetstream::Context, stream: &str) -> Result<()> {
         )
         .await
         .with_context(|| format!("creating the holding consumer on {stream}"))?;
+    Ok(())
+}
+
+/// Creates a stream with `like`'s settings (retention, limits, storage) under another name,
+/// on the subjects `<subject_prefix>.*`.
+async fn create_stream_like(
+    js: &jetstream::Context,
+    mut like: jetstream::stream::Config,
+    name: &str,
+    subject_prefix: &str,
+    what: &str,
+) -> Result<()> {
+    like.name = name.into();
+    like.subjects = vec![format!("{subject_prefix}.*")];
+    like.description = Some(format!("herald-bench: {what}"));
+    js.create_stream(like)
+        .await
+        .with_context(|| format!("creating the {what} stream {name}"))?;
     Ok(())
 }
 

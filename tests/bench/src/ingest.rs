@@ -1,4 +1,4 @@
-//! `herald bench ingest`: Segment batches over HTTP against Herald ingest, and raw pipelined
+//! `herald-bench ingest`: Segment batches over HTTP against Herald ingest, and raw pipelined
 //! JetStream publishing of the same events, in one run against one nats-server.
 //!
 //! Phases, each `--duration` seconds:
@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use async_nats::Subject;
 use async_nats::jetstream::{self, message::PublishMessage};
-use herald_common::{
-    CommonConfig, ControlConfig, NatsConfig, Secret, Topology, TopologyConfig, telemetry,
-};
+use herald_common::{Secret, Topology, telemetry};
 use herald_ingest::{IngestConfig, SourceConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +33,7 @@ use super::events::{RawTemplate, SOURCE_ID, SegmentBatches};
 use super::nats::BenchNats;
 use super::report::{
     CLIENT_THREADS, Counters, CpuMeter, Errors, Latency, Progress, counter_by_label, cpu_summary,
-    load_average, machine, print_machine, ratio, round3, thousands,
+    load_average, per_second, print_machine, print_summary, ratio, round3, thousands,
 };
 
 /// The throughput target: ingest at least this share of raw publishing.
@@ -52,7 +50,7 @@ const WARMUP_REQUESTS: u64 = 200;
 const RAW_STREAM: &str = "BENCH_RAW_EVENTS";
 const RAW_SUBJECT_PREFIX: &str = "bench-raw.events";
 
-/// Options of `herald bench ingest`.
+/// Options of `herald-bench ingest`.
 #[derive(Debug, clap::Args)]
 pub struct IngestArgs {
     /// Offered load in events per second; without it (and without --flat-out) ingest runs flat
@@ -107,20 +105,11 @@ pub async fn run(args: IngestArgs) -> Result<()> {
     let load_before = load_average();
     let run_id = super::random_hex(4);
     let write_key = super::random_hex(16);
-    let topology_cfg = TopologyConfig::default();
-    let topology = Topology::new(topology_cfg.clone());
-    let common = CommonConfig {
-        nats: NatsConfig {
-            servers: nats.url.clone(),
-            ..Default::default()
-        },
-        topology: topology_cfg,
-        control: ControlConfig::with_token(super::random_hex(16)),
-    };
+    let (topology, common) = super::common_config(&nats.url);
     let ingest_cfg = super::on_loopback(&IngestConfig {
         sources: vec![SourceConfig {
             id: SOURCE_ID.into(),
-            name: "herald bench".into(),
+            name: "herald-bench".into(),
             write_key: Secret(write_key.clone()),
             atomic_publish: args.atomic,
             ..Default::default()
@@ -281,7 +270,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
         .as_ref()
         .filter(|_| args.rate.is_none() && args.fixed_share == 0.5);
     println!();
-    println!("herald bench ingest ({}s per phase)", args.duration);
+    println!("herald-bench ingest ({}s per phase)", args.duration);
     println!(
         "  raw JetStream publish  {:>9} ev/s   {} acks in flight, {} B stored per message; {}; errors: {}",
         thousands(raw_rate as u64),
@@ -349,16 +338,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             .collect();
         println!("  atomic batches (--atomic): {}", list.join(", "));
     }
-    println!(
-        "  load average {:.2} before, {:.2} after (1 min)",
-        load_before[0], load_after[0]
-    );
-    let summary = json!({
-        "bench": "ingest",
-        "nats_server": nats.version,
-        "machine": machine(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
+    let fields = json!({
         "duration_s": args.duration,
         "batch": args.batch,
         "atomic_publish": args.atomic,
@@ -385,7 +365,8 @@ pub async fn run(args: IngestArgs) -> Result<()> {
             "p99_met": half_rate_run.map(|r| r.latency.ms(0.99) < TARGET_P99_MS && r.ok_requests > 0),
         },
     });
-    println!("{summary}");
+    print_summary("ingest", &nats.version, load_before, load_after, fields);
+    nats.stop().await;
     Ok(())
 }
 
@@ -441,7 +422,7 @@ struct RawRun {
 
 impl RawRun {
     fn events_per_s(&self) -> f64 {
-        self.acked as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.acked, self.elapsed)
     }
 }
 
@@ -483,13 +464,14 @@ async fn raw_publish(
     fixed: Option<RawFixed>,
 ) -> Result<(RawRun, Option<RawGroups>)> {
     let js = &raw.js;
-    let mut cfg = topology.events_stream_config();
-    cfg.name = RAW_STREAM.into();
-    cfg.subjects = vec![format!("{RAW_SUBJECT_PREFIX}.*")];
-    cfg.description = Some("herald bench: raw publish baseline".into());
-    js.create_stream(cfg)
-        .await
-        .context("creating the raw stream")?;
+    super::create_stream_like(
+        js,
+        topology.events_stream_config(),
+        RAW_STREAM,
+        RAW_SUBJECT_PREFIX,
+        "raw publish baseline",
+    )
+    .await?;
     super::hold_interest(js, RAW_STREAM).await?;
 
     let per_task = (window / RAW_TASKS).max(1);
@@ -832,7 +814,7 @@ struct HttpRun {
 
 impl HttpRun {
     fn events_per_s(&self) -> f64 {
-        self.ok_events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_second(self.ok_events, self.elapsed)
     }
 
     fn json(&self, raw_rate: f64) -> Value {
@@ -998,18 +980,24 @@ async fn flat_out(
             })
         })
         .collect();
-    let mut tallies = Vec::with_capacity(workers.len());
-    for w in workers {
-        if let Ok(t) = w.await {
-            tallies.push(t);
-        }
-    }
+    let tallies = join_all(workers).await;
     let elapsed = started.elapsed();
     let cpu = cpu.stop();
     if let Some(p) = progress {
         p.finish().await;
     }
     finish(label, None, http, elapsed, tallies, cpu)
+}
+
+/// What the workers that finished tallied.
+async fn join_all(workers: Vec<tokio::task::JoinHandle<Tally>>) -> Vec<Tally> {
+    let mut tallies = Vec::with_capacity(workers.len());
+    for w in workers {
+        if let Ok(t) = w.await {
+            tallies.push(t);
+        }
+    }
+    tallies
 }
 
 /// Requests are due at a fixed rate (`rate` events a second, so `rate / batch` requests); each
@@ -1039,12 +1027,7 @@ async fn fixed_rate(
             })
         })
         .collect();
-    let mut tallies = Vec::with_capacity(workers.len());
-    for w in workers {
-        if let Ok(t) = w.await {
-            tallies.push(t);
-        }
-    }
+    let tallies = join_all(workers).await;
     // The offered load spans exactly `duration`; late answers must not stretch it.
     let elapsed = started.elapsed().max(duration);
     let cpu = cpu.stop();
