@@ -67,7 +67,7 @@ pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
 /// How long browsers may cache a CORS preflight answer.
 const CORS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// Everything request handling needs: the [`Core`] it shares with NATS intake, plus what only
+/// Everything request handling needs: the core it shares with NATS intake, plus what only
 /// HTTP has (CORS, the mParticle request log, the rate limits). Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {

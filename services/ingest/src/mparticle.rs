@@ -85,7 +85,7 @@ pub enum Api {
 }
 
 /// Parses an mParticle payload: one batch object, or a bulk array of them. A `historical`
-/// payload must hold only events at least [`HISTORICAL_MIN_AGE`] before `received_at`.
+/// payload must hold only events at least 72 hours older than `received_at`.
 pub fn parse(
     body: &[u8],
     bulk: bool,
@@ -400,7 +400,7 @@ fn scalar_text(v: &Value) -> Result<Option<String>, ()> {
 }
 
 /// Checks that every event of the batches has a `timestamp_unixtime_ms` at least
-/// [`HISTORICAL_MIN_AGE`] before `received_at` (`/v2/bulkevents/historical`), and marks the
+/// 72 hours before `received_at` (`/v2/bulkevents/historical`), and marks the
 /// batches historical; the first event that is not is `400 not_historical`.
 pub fn mark_historical(batches: &mut [Batch], received_at: DateTime<Utc>) -> Result<(), ApiError> {
     let newest_allowed = received_at - HISTORICAL_MIN_AGE;

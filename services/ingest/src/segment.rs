@@ -544,7 +544,7 @@ fn text(t: Option<Text<'_>>) -> String {
 }
 
 /// Parses a `/v1/batch` body keeping its items as raw JSON, for
-/// [`Normaliser::normalise_raw`]; `scan` is what [`crate::body::scan`] found in it. `None`
+/// [`Normaliser::normalise_batch_fast`]; `scan` is what [`crate::body::scan`] found in it. `None`
 /// when the fast path cannot take the body (batch-level `context` or `integrations`, an
 /// unusual number, a surrogate escape, any error): then [`parse_batch`] decides.
 pub fn parse_batch_raw<'a>(body: &'a [u8], scan: &JsonScan) -> Option<RawBatch<'a>> {
