@@ -25,13 +25,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let received_at = Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap();
-    let normaliser = Normaliser {
-        source_id: "fuzz",
-        received_at,
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-    };
+    let normaliser = Normaliser::with_default_limits("fuzz", received_at, 16);
     for (bulk, historical) in [(false, false), (true, false), (true, true)] {
         if let Ok(batches) = parse_mparticle(&bytes, bulk, historical, received_at) {
             let _ = decode::mparticle(&normaliser, &batches, None);

@@ -25,13 +25,8 @@ fuzz_target!(|data: &[u8]| {
     if check_depth(&bytes, 64).is_err() {
         return;
     }
-    let normaliser = Normaliser {
-        source_id: "fuzz",
-        received_at: Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap(),
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-    };
+    let received_at = Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap();
+    let normaliser = Normaliser::with_default_limits("fuzz", received_at, 16);
     for shape in [
         SegmentShape::Batch,
         SegmentShape::Single(None),

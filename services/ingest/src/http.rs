@@ -35,7 +35,7 @@ use crate::events::{
     RequestCompleted, RequestLogFailed, RequestRejected, describe_metrics,
 };
 use crate::mparticle::{self, Batch};
-use crate::normalise::Rejected;
+use crate::normalise::{Decoded, Rejected};
 use crate::publish::Published;
 use crate::quarantine::{Submission, emit_quarantined, item_records};
 use crate::ratelimit::{Limited, RateLimiter};
@@ -281,7 +281,6 @@ async fn ingest_segment(
     received_at: DateTime<Utc>,
 ) -> Result<(), ApiError> {
     let core = state.core();
-    let limits = core.limits();
     // A key in the header is checked before the body is read.
     let header_source = match basic_auth_user(headers)? {
         Some(key) => Some(authenticate(core.sources(), &key)?),
@@ -290,13 +289,7 @@ async fn ingest_segment(
     if let Some(source) = &header_source {
         has_token(state, source)?;
     }
-    let (bytes, scan) = read_body(
-        headers,
-        body,
-        limits.max_request_bytes,
-        limits.max_json_depth,
-    )
-    .await?;
+    let (bytes, scan) = read_body(core, headers, body, core.limits().max_request_bytes).await?;
     let shape = match call {
         Some(_) => Shape::Single(call),
         None => Shape::Batch,
@@ -313,7 +306,6 @@ async fn ingest_segment(
             }
         },
     };
-    core.check_count(parsed.len())?;
     admit(state, &source, parsed.len())?;
 
     let mut decoded = parsed.decode(&core.normaliser(&source.id, received_at))?;
@@ -338,9 +330,7 @@ async fn ingest_segment(
         body: &bytes,
         received_at,
     };
-    reject_invalid_items(state, &payload, decoded.rejected).await?;
-    publish(state, &source, &decoded.events).await?;
-    Ok(())
+    store(state, &payload, decoded).await
 }
 
 /// An accepted HTTP request, as its invalid items are quarantined: a payload of its API.
@@ -375,16 +365,10 @@ async fn ingest_mparticle(
     received_at: DateTime<Utc>,
 ) -> Result<(), ApiError> {
     let core = state.core();
-    let limits = core.limits();
     let source = authenticate_mparticle(core.sources(), headers)?;
     has_token(state, &source)?;
-    let (bytes, _) = read_body(
-        headers,
-        body,
-        limits.max_mparticle_request_bytes,
-        limits.max_json_depth,
-    )
-    .await?;
+    let limit = core.limits().max_mparticle_request_bytes;
+    let (bytes, _) = read_body(core, headers, body, limit).await?;
     let historical = api == mparticle::Api::Historical;
     let batches = mparticle::parse(
         &bytes,
@@ -392,9 +376,7 @@ async fn ingest_mparticle(
         historical,
         received_at,
     )?;
-    let count = mparticle::count(&batches);
-    core.check_count(count)?;
-    admit(state, &source, count)?;
+    admit(state, &source, mparticle::count(&batches))?;
 
     let fresh = unseen_batches(state, &source, &batches).await;
     let n = core.normaliser(&source.id, received_at);
@@ -407,9 +389,7 @@ async fn ingest_mparticle(
         body: &bytes,
         received_at,
     };
-
-    reject_invalid_items(state, &payload, decoded.rejected).await?;
-    publish(state, &source, &decoded.events).await?;
+    store(state, &payload, decoded).await?;
 
     // Every event is acknowledged: only now are the batches recorded as stored.
     let stored: Vec<&str> = batches
@@ -500,13 +480,13 @@ fn authenticate_mparticle(
 // Shared
 
 /// Reads and decodes the body within `limit` bytes (415 for an unknown `Content-Encoding`,
-/// checked before reading) and checks its nesting depth, returning what that scan saw. Any
-/// `Content-Type` is accepted.
+/// checked before reading) and checks its nesting depth against `max_json_depth`, returning what
+/// that scan saw. Any `Content-Type` is accepted.
 async fn read_body(
+    core: &Core,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-    max_depth: usize,
 ) -> Result<(Bytes, JsonScan), ApiError> {
     let encoding = Encoding::from_headers(headers)?;
     let received = body::read(body, headers, encoding, limit).await?;
@@ -516,8 +496,20 @@ async fn read_body(
         encoding: encoding.label(),
     }
     .emit();
-    let scan = body::scan(&received.bytes, max_depth)?;
+    let scan = body::scan(&received.bytes, core.limits().max_json_depth)?;
     Ok((received.bytes, scan))
+}
+
+/// Stores a decoded request: its invalid items in the quarantine, then its events.
+async fn store(
+    state: &AppState,
+    payload: &HttpPayload<'_>,
+    decoded: Decoded,
+) -> Result<(), ApiError> {
+    if !decoded.rejected.is_empty() {
+        reject_invalid_items(state, payload, decoded.rejected).await?;
+    }
+    publish(state, payload.source, &decoded.events).await
 }
 
 /// The one place the invalid items of an accepted batch request go (the request itself is
@@ -530,9 +522,6 @@ async fn reject_invalid_items(
     payload: &HttpPayload<'_>,
     rejected: Vec<Rejected>,
 ) -> Result<(), ApiError> {
-    if rejected.is_empty() {
-        return Ok(());
-    }
     let source_id: &str = &payload.source.id;
     for r in &rejected {
         EventsRejected {
@@ -573,9 +562,11 @@ fn has_token(state: &AppState, source: &Source) -> Result<(), ApiError> {
         .map_err(|l| rate_limited(source, l))
 }
 
-/// Takes a token per event of the request (valid or not) from the source's bucket; a refusal
-/// counts the events as rejected with reason `rate_limited`.
+/// Admits a request of `events` events (valid or not): at most `max_batch_events` of them, and
+/// a token per event from the source's bucket; a refusal by the rate limit counts the events as
+/// rejected with reason `rate_limited`.
 fn admit(state: &AppState, source: &Source, events: usize) -> Result<(), ApiError> {
+    state.core().check_count(events)?;
     state
         .inner
         .rate_limits

@@ -853,13 +853,7 @@ mod tests {
     }
 
     fn norm() -> Normaliser<'static> {
-        Normaliser {
-            source_id: "app",
-            received_at: now(),
-            partitions: 16,
-            max_event_bytes: 32 * 1024,
-            max_message_id_chars: 100,
-        }
+        Normaliser::with_default_limits("app", now(), 16)
     }
 
     fn batch(v: Value) -> Batch {

@@ -14,6 +14,8 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use herald_proto::v1::{Event, EventType};
 use serde_json::{Map, Value};
 
+use crate::config::IngestConfig;
+
 /// Why a payload, or one event of it, was not accepted: a closed set, so every reason has its
 /// own metric label ([`Reason::label`]) and quarantine records name it the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -280,7 +282,25 @@ pub struct Normaliser<'a> {
     pub max_message_id_chars: usize,
 }
 
-impl Normaliser<'_> {
+impl<'a> Normaliser<'a> {
+    /// A normaliser with the default limits of `ingest.*` (`max_event_bytes`,
+    /// `max_message_id_chars`), for tests, fuzzing and tools; the service takes its limits from
+    /// its config.
+    pub fn with_default_limits(
+        source_id: &'a str,
+        received_at: DateTime<Utc>,
+        partitions: u32,
+    ) -> Self {
+        let defaults = IngestConfig::default();
+        Self {
+            source_id,
+            received_at,
+            partitions,
+            max_event_bytes: defaults.max_event_bytes,
+            max_message_id_chars: defaults.max_message_id_chars,
+        }
+    }
+
     /// Checks the encoded size of a normalised event against `max_event_bytes`.
     pub fn check_size(&self, event: Event) -> Result<Event, InvalidEvent> {
         let size = prost::Message::encoded_len(&event);

@@ -134,13 +134,8 @@ mod tests {
     use crate::normalise::Reason;
 
     fn norm() -> Normaliser<'static> {
-        Normaliser {
-            source_id: "svc",
-            received_at: Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 10).unwrap(),
-            partitions: 16,
-            max_event_bytes: 32 * 1024,
-            max_message_id_chars: 100,
-        }
+        let received_at = Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 10).unwrap();
+        Normaliser::with_default_limits("svc", received_at, 16)
     }
 
     fn track() -> Event {

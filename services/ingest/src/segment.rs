@@ -810,13 +810,7 @@ mod tests {
     }
 
     fn norm() -> Normaliser<'static> {
-        Normaliser {
-            source_id: "web",
-            received_at: now(),
-            partitions: 16,
-            max_event_bytes: 32 * 1024,
-            max_message_id_chars: 100,
-        }
+        Normaliser::with_default_limits("web", now(), 16)
     }
 
     fn ts(s: &str) -> prost_types::Timestamp {

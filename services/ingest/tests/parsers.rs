@@ -142,23 +142,19 @@ fn data() -> impl Strategy<Value = Value> {
 }
 
 fn segment_normaliser() -> Normaliser<'static> {
-    Normaliser {
-        source_id: "web",
-        received_at: Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap(),
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-    }
+    Normaliser::with_default_limits(
+        "web",
+        Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap(),
+        16,
+    )
 }
 
 fn mparticle_normaliser() -> Normaliser<'static> {
-    Normaliser {
-        source_id: "app",
-        received_at: Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap(),
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-    }
+    Normaliser::with_default_limits(
+        "app",
+        Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap(),
+        16,
+    )
 }
 
 /// Everything a request body goes through, after the body is read.

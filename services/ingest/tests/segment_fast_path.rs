@@ -18,11 +18,8 @@ fn now() -> DateTime<Utc> {
 
 fn norm() -> Normaliser<'static> {
     Normaliser {
-        source_id: "web",
-        received_at: now(),
-        partitions: 16,
         max_event_bytes: 2048,
-        max_message_id_chars: 100,
+        ..Normaliser::with_default_limits("web", now(), 16)
     }
 }
 
