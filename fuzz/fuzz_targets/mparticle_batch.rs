@@ -6,8 +6,7 @@
 
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
-use herald_ingest::body::{self, Encoding};
-use herald_ingest::mparticle::{Normaliser, check_historical, parse_bulk, parse_events};
+use herald_ingest::{Encoding, Normaliser, check_depth, decode, decode_body, parse_mparticle};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,29 +18,17 @@ fuzz_target!(|data: &[u8]| {
         1 => Encoding::Gzip,
         _ => Encoding::Deflate,
     };
-    let Ok(bytes) = body::decode(Bytes::copy_from_slice(rest), encoding, 256 * 1024) else {
+    let Ok(bytes) = decode_body(Bytes::copy_from_slice(rest), encoding, 256 * 1024) else {
         return;
     };
-    if body::check_depth(&bytes, 64).is_err() {
+    if check_depth(&bytes, 64).is_err() {
         return;
     }
     let received_at = Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap();
-    let mut batches = parse_bulk(&bytes).unwrap_or_default();
-    if let Ok(one) = parse_events(&bytes) {
-        batches.push(one);
-    }
-    let historical = check_historical(&batches, received_at).is_ok();
-    let normaliser = Normaliser {
-        source_id: "fuzz",
-        received_at,
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-        historical,
-    };
-    for batch in &batches {
-        for item in &batch.events {
-            let _ = normaliser.normalise(item, batch);
+    let normaliser = Normaliser::with_default_limits("fuzz", received_at, 16);
+    for (bulk, historical) in [(false, false), (true, false), (true, true)] {
+        if let Ok(batches) = parse_mparticle(&bytes, bulk, historical, received_at) {
+            let _ = decode::mparticle(&normaliser, &batches, None);
         }
     }
 });

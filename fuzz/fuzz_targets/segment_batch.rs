@@ -1,13 +1,12 @@
 //! Fuzzes what a Segment request body goes through after it is read: decoding (the first byte
-//! picks identity, gzip or deflate), the depth check, batch and single-event parsing, and
-//! normalisation of every item. Nothing may panic.
+//! picks identity, gzip or deflate), the depth check, batch and single-event decoding (parsing and
+//! normalisation of every item). Nothing may panic.
 
 #![no_main]
 
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
-use herald_ingest::body::{self, Encoding};
-use herald_ingest::segment::{Normaliser, parse_batch, parse_single};
+use herald_ingest::{Encoding, Normaliser, SegmentShape, check_depth, decode, decode_body};
 use herald_proto::v1::EventType;
 use libfuzzer_sys::fuzz_target;
 
@@ -20,27 +19,19 @@ fuzz_target!(|data: &[u8]| {
         1 => Encoding::Gzip,
         _ => Encoding::Deflate,
     };
-    let Ok(bytes) = body::decode(Bytes::copy_from_slice(rest), encoding, 512 * 1024) else {
+    let Ok(bytes) = decode_body(Bytes::copy_from_slice(rest), encoding, 512 * 1024) else {
         return;
     };
-    if body::check_depth(&bytes, 64).is_err() {
+    if check_depth(&bytes, 64).is_err() {
         return;
     }
-    let normaliser = Normaliser {
-        source_id: "fuzz",
-        received_at: Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap(),
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-    };
-    for (parsed, call) in [
-        (parse_batch(&bytes), None),
-        (parse_single(&bytes), Some(EventType::Track)),
+    let received_at = Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap();
+    let normaliser = Normaliser::with_default_limits("fuzz", received_at, 16);
+    for shape in [
+        SegmentShape::Batch,
+        SegmentShape::Single(None),
+        SegmentShape::Single(Some(EventType::Track)),
     ] {
-        if let Ok(mut env) = parsed {
-            for item in std::mem::take(&mut env.items) {
-                let _ = normaliser.normalise(item, call, &env);
-            }
-        }
+        let _ = decode::segment(&normaliser, &bytes, shape);
     }
 });

@@ -9,6 +9,8 @@ pub mod v1 {
     tonic::include_proto!("herald.v1");
 }
 
+pub mod time;
+
 /// The encoded `FileDescriptorSet` of every Herald proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/herald_descriptor.bin"));

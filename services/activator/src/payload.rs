@@ -128,10 +128,7 @@ mod tests {
 
     fn ts(s: &str) -> Option<prost_types::Timestamp> {
         let dt = DateTime::parse_from_rfc3339(s).expect("valid time");
-        Some(prost_types::Timestamp {
-            seconds: dt.timestamp(),
-            nanos: dt.timestamp_subsec_nanos() as i32,
-        })
+        Some(herald_proto::time::to_proto(dt.to_utc()))
     }
 
     fn sample() -> ProcessedEvent {

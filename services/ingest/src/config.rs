@@ -109,12 +109,38 @@ impl Default for SourceConfig {
 
 impl SourceConfig {
     /// The source's settings.
-    pub fn settings(&self) -> crate::sources::SourceSettings {
-        crate::sources::SourceSettings {
+    pub fn settings(&self) -> SourceSettings {
+        SourceSettings {
             atomic_publish: self.atomic_publish,
             rate_limit_per_second: self.rate_limit_per_second,
             rate_limit_burst: self.rate_limit_burst,
         }
+    }
+}
+
+/// Per-source settings request handling reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourceSettings {
+    /// Store a bulk request all-or-nothing with JetStream atomic batch publish (falls back to
+    /// per-message publishing when the server refuses the batch).
+    pub atomic_publish: bool,
+    /// Events per second accepted from this source (token bucket); 0 means unlimited.
+    pub rate_limit_per_second: f64,
+    /// Burst size of the token bucket; 0 means one second's worth (the rate, rounded up).
+    pub rate_limit_burst: u32,
+}
+
+impl SourceSettings {
+    /// Checks the values request handling cannot work with.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.rate_limit_per_second.is_finite() || self.rate_limit_per_second < 0.0 {
+            return Err(format!(
+                "rate_limit_per_second must be 0 (unlimited) or a positive number, not {}",
+                self.rate_limit_per_second
+            ));
+        }
+        Ok(())
     }
 }
 

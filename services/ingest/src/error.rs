@@ -7,7 +7,7 @@ use herald_common::nats::NatsError;
 use herald_common::server::ServeError;
 use serde::Serialize;
 
-use crate::segment::InvalidEvent;
+use crate::normalise::{InvalidEvent, Reason};
 
 /// Errors of starting the ingest service.
 #[derive(Debug, thiserror::Error)]
@@ -139,11 +139,26 @@ impl ApiError {
             Self::NotHistorical(_) => "not_historical",
             Self::TooManyEvents { .. } => "too_many_events",
             Self::UnsupportedEncoding(_) => "unsupported_encoding",
-            Self::InvalidEvent(e) => e.reason(),
+            Self::InvalidEvent(e) => e.reason().label(),
             Self::Unavailable { .. } => "unavailable",
             Self::StreamFull { .. } => "stream_full",
             Self::RateLimited { .. } => "rate_limited",
         }
+    }
+
+    /// The reason a payload refused with this is quarantined under: the payload's own
+    /// problems have one; `None` for refusals that are not about the payload (credentials,
+    /// limits of the transport, availability).
+    pub fn reason(&self) -> Option<Reason> {
+        Some(match self {
+            Self::InvalidJson(_) => Reason::InvalidJson,
+            Self::InvalidBatch(_) => Reason::InvalidBatch,
+            Self::TooManyEvents { .. } => Reason::TooManyEvents,
+            Self::TooManyBatches { .. } => Reason::TooManyBatches,
+            Self::NotHistorical(_) => Reason::NotHistorical,
+            Self::InvalidEvent(e) => e.reason(),
+            _ => return None,
+        })
     }
 
     /// The HTTP status.
@@ -299,7 +314,7 @@ mod tests {
                 false,
             ),
             (
-                ApiError::InvalidEvent(InvalidEvent::MissingEvent),
+                ApiError::InvalidEvent(InvalidEvent::MissingEvent("event")),
                 400,
                 "missing_event",
                 false,

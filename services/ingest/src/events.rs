@@ -1,6 +1,9 @@
 //! Telemetry of the ingest service: one struct per thing that happens, whose `emit()` writes
 //! the log line and updates the metrics together. Metric labels come from closed sets (routes,
 //! status codes, reasons) or from configured source ids.
+//!
+//! The metric names are public (dashboards and the benchmarks read them); the event structs
+//! are the crate's own.
 
 use std::sync::Once;
 use std::time::Duration;
@@ -33,7 +36,7 @@ pub const REQUESTS_REJECTED_TOTAL: &str = "herald_ingest_requests_rejected_total
 pub const DUPLICATE_REQUESTS_TOTAL: &str = "herald_ingest_duplicate_requests_total";
 
 /// Registers HELP text and units of every ingest metric; later calls do nothing.
-pub fn describe_metrics() {
+pub(crate) fn describe_metrics() {
     describe_intake_metrics();
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -102,7 +105,7 @@ pub fn describe_metrics() {
 }
 
 /// A request was answered.
-pub struct RequestCompleted {
+pub(crate) struct RequestCompleted {
     /// The route (a fixed path such as `/v1/batch`).
     pub route: &'static str,
     /// The HTTP status code.
@@ -128,7 +131,7 @@ impl RequestCompleted {
 }
 
 /// A request body was read and decoded.
-pub struct BodyReceived {
+pub(crate) struct BodyReceived {
     /// Its size on the wire, in bytes.
     pub bytes: usize,
     /// Its size after decoding, in bytes.
@@ -153,7 +156,7 @@ impl BodyReceived {
 }
 
 /// A request was refused before its events were looked at (auth, shape, size).
-pub struct RequestRejected<'a> {
+pub(crate) struct RequestRejected<'a> {
     /// The route.
     pub route: &'static str,
     /// The error kind.
@@ -178,7 +181,7 @@ impl RequestRejected<'_> {
 
 /// mParticle batches were already stored (their `source_request_id` is in the request log),
 /// so they were answered without publishing again.
-pub struct DuplicateRequests<'a> {
+pub(crate) struct DuplicateRequests<'a> {
     /// The source id.
     pub source: &'a str,
     /// How many batches.
@@ -200,7 +203,7 @@ impl DuplicateRequests<'_> {
 
 /// The mParticle request log (source_request_id dedupe) could not be read or written; events
 /// are still deduplicated by their `Nats-Msg-Id` within the duplicate window.
-pub struct RequestLogFailed<'a> {
+pub(crate) struct RequestLogFailed<'a> {
     /// `read` or `write`.
     pub op: &'static str,
     /// What failed.
@@ -215,7 +218,7 @@ impl RequestLogFailed<'_> {
 }
 
 /// Events were not accepted.
-pub struct EventsRejected<'a> {
+pub(crate) struct EventsRejected<'a> {
     /// The source, when authenticated.
     pub source: &'a str,
     /// Bounded reason label.
@@ -242,7 +245,7 @@ impl EventsRejected<'_> {
 
 /// A request was refused because its source is over its rate limit (logged at debug: a source
 /// over its limit can send many).
-pub struct RateLimited<'a> {
+pub(crate) struct RateLimited<'a> {
     /// The source id.
     pub source: &'a str,
     /// Events in the request.
@@ -265,7 +268,7 @@ impl RateLimited<'_> {
 }
 
 /// Events were acknowledged by JetStream.
-pub struct EventsAccepted<'a> {
+pub(crate) struct EventsAccepted<'a> {
     /// The source id.
     pub source: &'a str,
     /// How many events.
@@ -300,7 +303,7 @@ impl EventsAccepted<'_> {
 }
 
 /// Events were not stored again because they were stored already.
-pub struct DedupeHits {
+pub(crate) struct DedupeHits {
     /// `jetstream` (duplicate acks) or `seen_set` (found in the seen-set, not published).
     pub layer: &'static str,
     /// How many events.
@@ -320,7 +323,7 @@ impl DedupeHits {
 }
 
 /// The dedupe seen-set could not be used for a request; its events are stored anyway.
-pub struct SeenSetFailed<'a> {
+pub(crate) struct SeenSetFailed<'a> {
     /// `read` or `write`.
     pub op: &'static str,
     /// The bucket.
@@ -346,9 +349,10 @@ impl SeenSetFailed<'_> {
 }
 
 /// A group of events meant for one atomic batch was stored: atomically, or per message.
-pub struct AtomicBatchStored {
-    /// Why it was published per message; `None` when committed atomically.
-    pub fallback: Option<crate::publish::Fallback>,
+pub(crate) struct AtomicBatchStored {
+    /// Why it was published per message (the fallback's bounded label); `None` when committed
+    /// atomically.
+    pub fallback: Option<&'static str>,
     /// Events in the batch.
     pub events: usize,
 }
@@ -364,10 +368,10 @@ impl AtomicBatchStored {
             Some(f) => {
                 tracing::info!(
                     events = self.events,
-                    reason = f.label(),
+                    reason = f,
                     "atomic batch refused; publishing its events one by one (pipelined)"
                 );
-                f.label()
+                f
             }
         };
         counter!(ATOMIC_BATCHES_TOTAL, "outcome" => outcome).increment(1);
@@ -375,7 +379,7 @@ impl AtomicBatchStored {
 }
 
 /// Publishing a request's events failed; the client is told to retry.
-pub struct PublishFailed<'a> {
+pub(crate) struct PublishFailed<'a> {
     /// The source id.
     pub source: &'a str,
     /// `unavailable` or `stream_full`.
@@ -401,7 +405,7 @@ impl PublishFailed<'_> {
 }
 
 /// A stream ingest owns (events, quarantine, intake) was created or updated.
-pub struct StreamProvisioned<'a> {
+pub(crate) struct StreamProvisioned<'a> {
     /// The stream name.
     pub stream: &'a str,
 }
@@ -410,21 +414,6 @@ impl StreamProvisioned<'_> {
     /// Logs it.
     pub fn emit(self) {
         tracing::info!(stream = self.stream, "stream ready");
-    }
-}
-
-/// A server of the service stopped with an error.
-pub struct ServerFailed<'a> {
-    /// `http`, `grpc` or `admin`.
-    pub server: &'static str,
-    /// The error.
-    pub error: &'a dyn std::fmt::Display,
-}
-
-impl ServerFailed<'_> {
-    /// Logs it: an operator must act.
-    pub fn emit(self) {
-        tracing::error!(server = self.server, error = %self.error, "ingest server failed; stopping");
     }
 }
 
@@ -463,7 +452,7 @@ pub const QUARANTINE_WRITE_FAILURES_TOTAL: &str = "herald_ingest_quarantine_writ
 pub const QUARANTINE_REDRIVES_TOTAL: &str = "herald_ingest_quarantine_redrives_total";
 
 /// Registers HELP text of the NATS intake and quarantine metrics; later calls do nothing.
-pub fn describe_intake_metrics() {
+pub(crate) fn describe_intake_metrics() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         describe_counter!(
@@ -495,7 +484,7 @@ pub fn describe_intake_metrics() {
 }
 
 /// NATS intake messages were handled and acked.
-pub struct IntakeMessagesHandled {
+pub(crate) struct IntakeMessagesHandled {
     /// `accepted`, `partial` or `quarantined`.
     pub outcome: &'static str,
 }
@@ -508,7 +497,7 @@ impl IntakeMessagesHandled {
 }
 
 /// Storing a batch of intake messages' events and records failed; it is retried.
-pub struct IntakeBatchRetried<'a> {
+pub(crate) struct IntakeBatchRetried<'a> {
     /// Attempts so far.
     pub attempt: u32,
     /// Messages in the batch.
@@ -531,7 +520,7 @@ impl IntakeBatchRetried<'_> {
 }
 
 /// A quarantine record was written.
-pub struct Quarantined<'a> {
+pub(crate) struct Quarantined<'a> {
     /// `http`, `nats` or `redrive`.
     pub via: &'static str,
     /// The source id.
@@ -557,7 +546,7 @@ impl Quarantined<'_> {
 }
 
 /// Quarantine records could not be written.
-pub struct QuarantineWriteFailed<'a> {
+pub(crate) struct QuarantineWriteFailed<'a> {
     /// `unavailable` or `full`.
     pub kind: &'static str,
     /// What failed.
@@ -580,7 +569,7 @@ impl QuarantineWriteFailed<'_> {
 }
 
 /// One quarantine record was redriven.
-pub struct RedriveDone {
+pub(crate) struct RedriveDone {
     /// `redriven`, `quarantined_again`, `not_found` or `failed`.
     pub outcome: &'static str,
 }

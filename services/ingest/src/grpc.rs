@@ -5,7 +5,9 @@ use herald_proto::v1 as pb;
 use herald_proto::v1::source_service_server::{SourceService, SourceServiceServer};
 use tonic::{Request, Response, Status};
 
-use crate::sources::{NewSource, SourceError, SourceRecord, SourceSettings, SourceStore};
+use crate::config::SourceSettings;
+use crate::source_registry::SourceRecord;
+use crate::source_store::{NewSource, SourceError, SourceStore};
 
 /// The fully qualified gRPC service name, as reported by grpc.health.v1.
 pub const SERVICE_NAME: &str = "herald.v1.SourceService";
@@ -39,13 +41,6 @@ fn status(e: SourceError) -> Status {
     }
 }
 
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
 /// The API's view of a stored source.
 pub fn to_proto(r: &SourceRecord) -> pb::Source {
     pb::Source {
@@ -59,8 +54,8 @@ pub fn to_proto(r: &SourceRecord) -> pb::Source {
         }),
         has_write_secret: r.write_secret_sha256.is_some(),
         from_config: r.config_sha256.is_some(),
-        created_at: Some(timestamp(r.created_at)),
-        updated_at: Some(timestamp(r.updated_at)),
+        created_at: Some(herald_proto::time::to_proto(r.created_at)),
+        updated_at: Some(herald_proto::time::to_proto(r.updated_at)),
     }
 }
 

@@ -4,9 +4,10 @@
 //!
 //! Every request goes the same way: authenticate from the header (before the body is read),
 //! read the body within its size cap (decoding gzip or deflate through a bounded reader), check
-//! its JSON nesting depth, parse, normalise, publish every event pipelined, and answer only
-//! after JetStream acknowledged them all: Segment paths with exactly `200 {"success":true}`,
-//! `/v2/*` with `202 {}`.
+//! its JSON nesting depth, decode it with its format's decoder (the same as NATS intake's,
+//! through the shared [`Core`]), quarantine invalid items of a batch, publish every event
+//! pipelined, and answer only after JetStream acknowledged them all: Segment paths with exactly
+//! `200 {"success":true}`, `/v2/*` with `202 {}`. One handler serves every route.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,26 +23,25 @@ use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_common::{CommonConfig, Topology};
-use herald_proto::v1::{Event, EventType};
+use herald_proto::v1::{Event, EventType, PayloadFormat};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::body::{self, Encoding, JsonScan};
 use crate::config::IngestConfig;
+use crate::core::Core;
 use crate::error::{ApiError, IngestError};
 use crate::events::{
     BodyReceived, DuplicateRequests, EventsAccepted, EventsRejected, PublishFailed, RateLimited,
     RequestCompleted, RequestLogFailed, RequestRejected, describe_metrics,
 };
 use crate::mparticle::{self, Batch};
-use crate::publish::{Published, Publisher};
-use crate::quarantine::Quarantine;
+use crate::normalise::{Decoded, Rejected};
+use crate::publish::Published;
+use crate::quarantine::{Submission, emit_quarantined, item_records};
 use crate::ratelimit::{Limited, RateLimiter};
 use crate::requests::RequestLog;
-use crate::seen::SeenSet;
-use crate::segment::{
-    Envelope, InvalidEvent, Normaliser, RawBatch, parse_batch, parse_batch_raw, parse_single,
-};
-use crate::sources::{PairAuthError, Source, SourceRegistry};
+use crate::segment::{self, Shape};
+use crate::source_registry::{PairAuthError, Source, SourceRegistry};
 
 /// Segment's single-event paths and the call type each one takes, including the short paths
 /// analytics.js posts to (`/v1/t`, `/v1/p`, ...; `text/plain` bodies carrying `writeKey`).
@@ -67,118 +67,47 @@ pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
 /// How long browsers may cache a CORS preflight answer.
 const CORS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// The request limits, from `ingest.*` config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest Segment request body, decoded (and on the wire).
-    pub max_request_bytes: usize,
-    /// Largest mParticle request body, decoded (and on the wire).
-    pub max_mparticle_request_bytes: usize,
-    /// Largest encoded event.
-    pub max_event_bytes: usize,
-    /// Most events in one request.
-    pub max_batch_events: usize,
-    /// Deepest JSON nesting of a body.
-    pub max_json_depth: usize,
-    /// Longest client message id.
-    pub max_message_id_chars: usize,
-}
-
-impl Limits {
-    /// The limits of `cfg`; each must be above 0.
-    pub fn from_config(cfg: &IngestConfig) -> Result<Self, IngestError> {
-        let limits = Self {
-            max_request_bytes: cfg.max_request_bytes,
-            max_mparticle_request_bytes: cfg.max_mparticle_request_bytes,
-            max_event_bytes: cfg.max_event_bytes,
-            max_batch_events: cfg.max_batch_events,
-            max_json_depth: cfg.max_json_depth,
-            max_message_id_chars: cfg.max_message_id_chars,
-        };
-        let zero = [
-            ("max_request_bytes", limits.max_request_bytes),
-            (
-                "max_mparticle_request_bytes",
-                limits.max_mparticle_request_bytes,
-            ),
-            ("max_event_bytes", limits.max_event_bytes),
-            ("max_batch_events", limits.max_batch_events),
-            ("max_json_depth", limits.max_json_depth),
-            ("max_message_id_chars", limits.max_message_id_chars),
-        ]
-        .into_iter()
-        .find(|(_, v)| *v == 0);
-        if let Some((name, _)) = zero {
-            return Err(IngestError::Config(format!(
-                "ingest.{name} must be above 0"
-            )));
-        }
-        Ok(limits)
-    }
-}
-
-/// Everything request handling needs; cheap to clone.
+/// Everything request handling needs: the core it shares with NATS intake, plus what only
+/// HTTP has (CORS, the mParticle request log, the rate limits). Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    sources: SourceRegistry,
-    publisher: Publisher,
-    quarantine: Quarantine,
-    limits: Limits,
+    core: Core,
     cors: CorsLayer,
     requests: RequestLog,
     rate_limits: RateLimiter,
 }
 
 impl AppState {
-    /// State over a NATS client (connected or still connecting). Publishes go to the events
-    /// stream of `common.topology`, which must exist (the service provisions it at start).
+    /// State over a NATS client (connected or still connecting), with a core of its own.
     pub fn new(
         common: &CommonConfig,
         cfg: &IngestConfig,
         client: Client,
     ) -> Result<Self, IngestError> {
-        common.topology.validate()?;
-        let limits = Limits::from_config(cfg)?;
+        Self::with_core(common, cfg, Core::new(common, cfg, client)?)
+    }
+
+    /// State over a core the service shares with NATS intake.
+    pub(crate) fn with_core(
+        common: &CommonConfig,
+        cfg: &IngestConfig,
+        core: Core,
+    ) -> Result<Self, IngestError> {
         let cors = cors_layer(&cfg.cors_allowed_origins)?;
-        let js = herald_common::nats::jetstream(client.clone(), &common.nats);
-        let topology = Topology::new(common.topology.clone());
+        let js = herald_common::nats::jetstream(core.client().clone(), &common.nats);
         let requests = RequestLog::new(
-            js.clone(),
-            topology.bucket("requests"),
+            js,
+            core.topology().bucket("requests"),
             Duration::from_secs(common.topology.duplicate_window_seconds),
             common.topology.replicas,
         );
-        let quarantine = Quarantine::new(
-            client.clone(),
-            js.clone(),
-            topology.clone(),
-            Duration::from_millis(cfg.publish_timeout_ms),
-        );
-        let seen = (cfg.dedupe_window_hours > 0).then(|| {
-            SeenSet::new(
-                js.clone(),
-                topology.bucket("seen"),
-                Duration::from_secs(cfg.dedupe_window_hours.saturating_mul(3600)),
-                common.topology.replicas,
-            )
-        });
-        let publisher = Publisher::new(
-            client,
-            js,
-            topology,
-            Duration::from_millis(cfg.publish_timeout_ms),
-        )
-        .with_seen_set(seen);
         Ok(Self {
             inner: Arc::new(Inner {
-                sources: SourceRegistry::from_config(&cfg.sources)?,
-                publisher,
-                quarantine,
-                limits,
+                core,
                 cors,
                 requests,
                 rate_limits: RateLimiter::default(),
@@ -186,39 +115,24 @@ impl AppState {
         })
     }
 
+    /// The core shared with NATS intake.
+    pub fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
     /// The sources events are accepted for.
     pub fn sources(&self) -> &SourceRegistry {
-        &self.inner.sources
+        self.inner.core.sources()
     }
 
     /// The NATS client events are published with.
     pub fn client(&self) -> &Client {
-        self.inner.publisher.client()
+        self.inner.core.client()
     }
 
     /// The topology events are published by.
     pub fn topology(&self) -> &Topology {
-        self.inner.publisher.topology()
-    }
-
-    /// The request limits.
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
-    }
-
-    /// The mParticle request log (`source_request_id` dedupe).
-    pub fn request_log(&self) -> &RequestLog {
-        &self.inner.requests
-    }
-
-    /// The publisher events go out with (shared with the NATS intake, seen-set included).
-    pub fn publisher(&self) -> &Publisher {
-        &self.inner.publisher
-    }
-
-    /// The per-source rate limits of this replica.
-    pub fn rate_limits(&self) -> &RateLimiter {
-        &self.inner.rate_limits
+        self.inner.core.topology()
     }
 }
 
@@ -249,38 +163,33 @@ fn cors_layer(origins: &[String]) -> Result<CorsLayer, IngestError> {
 /// socket.
 pub fn router(state: AppState) -> Router {
     describe_metrics();
-    let single = |route: &'static str, call: EventType| {
+    let route = |path: &'static str, api: Api| {
         post(
             move |State(s): State<AppState>, headers: HeaderMap, body: Body| {
-                segment(s, route, Some(call), headers, body)
+                handle(s, path, api, headers, body)
             },
         )
     };
-    let mp = |route: &'static str, api: MparticleApi| {
-        post(
-            move |State(s): State<AppState>, headers: HeaderMap, body: Body| {
-                mparticle(s, route, api, headers, body)
-            },
-        )
-    };
-    let mut router = Router::new().route(
-        "/v1/batch",
-        post(
-            |State(s): State<AppState>, headers: HeaderMap, body: Body| {
-                segment(s, "/v1/batch", None, headers, body)
-            },
-        ),
-    );
-    for (route, call) in SEGMENT_SINGLE_ROUTES {
-        router = router.route(route, single(route, call));
+    let mut router = Router::new().route("/v1/batch", route("/v1/batch", Api::Segment(None)));
+    for (path, call) in SEGMENT_SINGLE_ROUTES {
+        router = router.route(path, route(path, Api::Segment(Some(call))));
     }
     let cors = state.inner.cors.clone();
     router
-        .route("/v2/events", mp("/v2/events", MparticleApi::Events))
-        .route("/v2/bulkevents", mp("/v2/bulkevents", MparticleApi::Bulk))
+        .route(
+            "/v2/events",
+            route("/v2/events", Api::Mparticle(mparticle::Api::Events)),
+        )
+        .route(
+            "/v2/bulkevents",
+            route("/v2/bulkevents", Api::Mparticle(mparticle::Api::Bulk)),
+        )
         .route(
             "/v2/bulkevents/historical",
-            mp("/v2/bulkevents/historical", MparticleApi::Historical),
+            route(
+                "/v2/bulkevents/historical",
+                Api::Mparticle(mparticle::Api::Historical),
+            ),
         )
         .route(
             "/openapi.json",
@@ -298,26 +207,48 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Invalid items of a batch request, by position, with their reason.
-type RejectedItems = Vec<(usize, InvalidEvent)>;
+/// Which API a route serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// Segment's Tracking API: `/v1/batch` (`None`) or a single-event path and its call type.
+    Segment(Option<EventType>),
+    /// mParticle's Events API.
+    Mparticle(mparticle::Api),
+}
 
-// ---------------------------------------------------------------------------------------------
-// Segment
-
-async fn segment(
+/// Every route's handler: ingests the request with its API's rules and answers in its API's
+/// shape (Segment: exactly `200 {"success":true}`; mParticle: `202 {}` and its error shape).
+async fn handle(
     state: AppState,
     route: &'static str,
-    call: Option<EventType>,
+    api: Api,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
     let received_at = Utc::now();
-    let res = match ingest_segment(&state, route, call, &headers, body, received_at).await {
-        Ok(()) => segment_success(),
-        Err(e) => {
-            refused(route, &e);
-            e.into_response()
+    let result = match api {
+        Api::Segment(call) => {
+            ingest_segment(&state, route, call, &headers, body, received_at).await
+        }
+        Api::Mparticle(mp) => {
+            ingest_mparticle(&state, route, mp, &headers, body, received_at).await
+        }
+    };
+    let res = match (result, api) {
+        (Ok(()), Api::Segment(_)) => segment_success(),
+        (Ok(()), Api::Mparticle(_)) => mparticle_accepted(),
+        (Err(e), api) => {
+            RequestRejected {
+                route,
+                kind: e.kind(),
+                message: &e.to_string(),
+            }
+            .emit();
+            match api {
+                Api::Segment(_) => e.into_response(),
+                Api::Mparticle(_) => e.into_mparticle_response(),
+            }
         }
     };
     RequestCompleted {
@@ -341,15 +272,6 @@ fn segment_success() -> Response {
         .into_response()
 }
 
-fn refused(route: &'static str, e: &ApiError) {
-    RequestRejected {
-        route,
-        kind: e.kind(),
-        message: &e.to_string(),
-    }
-    .emit();
-}
-
 async fn ingest_segment(
     state: &AppState,
     route: &'static str,
@@ -358,34 +280,25 @@ async fn ingest_segment(
     body: Body,
     received_at: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    let inner = &state.inner;
-    let limits = &inner.limits;
+    let core = state.core();
     // A key in the header is checked before the body is read.
     let header_source = match basic_auth_user(headers)? {
-        Some(key) => Some(authenticate(&inner.sources, &key)?),
+        Some(key) => Some(authenticate(core.sources(), &key)?),
         None => None,
     };
     if let Some(source) = &header_source {
         has_token(state, source)?;
     }
-    let (bytes, scan) = read_body(
-        headers,
-        body,
-        limits.max_request_bytes,
-        limits.max_json_depth,
-    )
-    .await?;
-    let env = match call {
-        Some(_) => SegmentBody::Parsed(parse_single(&bytes)?),
-        None => match parse_batch_raw(&bytes, &scan) {
-            Some(raw) => SegmentBody::Raw(raw),
-            None => SegmentBody::Parsed(parse_batch(&bytes)?),
-        },
+    let (bytes, scan) = read_body(core, headers, body, core.limits().max_request_bytes).await?;
+    let shape = match call {
+        Some(_) => Shape::Single(call),
+        None => Shape::Batch,
     };
+    let parsed = segment::parse(&bytes, shape, Some(&scan))?;
     let source = match header_source {
         Some(s) => s,
-        None => match env.write_key() {
-            Some(key) => authenticate(&inner.sources, key)?,
+        None => match parsed.write_key() {
+            Some(key) => authenticate(core.sources(), key)?,
             None => {
                 return Err(ApiError::Unauthorized(
                     "missing write key: send it as the HTTP Basic user name or as `writeKey` in the body",
@@ -393,129 +306,41 @@ async fn ingest_segment(
             }
         },
     };
-    if env.len() > limits.max_batch_events {
-        return Err(ApiError::TooManyEvents {
-            count: env.len(),
-            limit: limits.max_batch_events,
-        });
-    }
-    admit(state, &source, env.len())?;
+    admit(state, &source, parsed.len())?;
 
-    let (events, rejected) = normalise_segment(state, &source, call, env, &bytes, received_at)?;
-    reject_invalid_items(state, &source, route, &bytes, received_at, rejected).await?;
-    publish(state, &source, &events).await?;
-    Ok(())
-}
-
-/// A Segment body, parsed: a batch on the fast path with its items as raw JSON, or parsed into
-/// `Value`s.
-enum SegmentBody<'a> {
-    Raw(RawBatch<'a>),
-    Parsed(Envelope),
-}
-
-impl SegmentBody<'_> {
-    fn write_key(&self) -> Option<&str> {
-        match self {
-            Self::Raw(raw) => raw.write_key(),
-            Self::Parsed(env) => env.write_key.as_deref(),
+    let mut decoded = parsed.decode(&core.normaliser(&source.id, received_at))?;
+    // A single-event call fails with its event's problem.
+    if call.is_some()
+        && let Some(Rejected { error, .. }) = decoded.rejected.pop()
+    {
+        EventsRejected {
+            source: &source.id,
+            reason: error.reason().label(),
+            message: &error.to_string(),
+            count: 1,
         }
+        .emit();
+        return Err(ApiError::InvalidEvent(error));
     }
-
-    fn len(&self) -> usize {
-        match self {
-            Self::Raw(raw) => raw.len(),
-            Self::Parsed(env) => env.items.len(),
-        }
-    }
-}
-
-/// Normalises the envelope's events (`body` is the request body it was parsed from). A
-/// single-event call fails with its event's problem; a batch returns its valid events and its
-/// invalid items (by index) for [`reject_invalid_items`].
-fn normalise_segment(
-    state: &AppState,
-    source: &Source,
-    call: Option<EventType>,
-    env: SegmentBody<'_>,
-    body: &[u8],
-    received_at: DateTime<Utc>,
-) -> Result<(Vec<Event>, RejectedItems), ApiError> {
-    let limits = &state.inner.limits;
-    let normaliser = Normaliser {
-        source_id: &source.id,
-        received_at,
-        partitions: state.topology().partitions(),
-        max_event_bytes: limits.max_event_bytes,
-        max_message_id_chars: limits.max_message_id_chars,
-    };
-    let mut env = match env {
-        SegmentBody::Raw(raw) => match normaliser.normalise_batch_fast(raw) {
-            Some(events) => return Ok((events, Vec::new())),
-            // An item the fast path cannot build exactly: the whole body goes the Value way.
-            None => parse_batch(body)?,
-        },
-        SegmentBody::Parsed(env) => env,
-    };
-    let items = std::mem::take(&mut env.items);
-    let mut events = Vec::with_capacity(items.len());
-    let mut rejected = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        match normaliser.normalise(item, call, &env) {
-            Ok(e) => events.push(e),
-            Err(invalid) if call.is_some() => {
-                EventsRejected {
-                    source: &source.id,
-                    reason: invalid.reason(),
-                    message: &invalid.to_string(),
-                    count: 1,
-                }
-                .emit();
-                return Err(ApiError::InvalidEvent(invalid));
-            }
-            Err(invalid) => rejected.push((index, invalid)),
-        }
-    }
-    Ok((events, rejected))
-}
-
-// ---------------------------------------------------------------------------------------------
-// mParticle
-
-/// Which `/v2/*` call a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MparticleApi {
-    /// `/v2/events`: one batch.
-    Events,
-    /// `/v2/bulkevents`: an array of batches.
-    Bulk,
-    /// `/v2/bulkevents/historical`: an array of batches of events at least 72 hours old.
-    Historical,
-}
-
-async fn mparticle(
-    state: AppState,
-    route: &'static str,
-    api: MparticleApi,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let started = Instant::now();
-    let received_at = Utc::now();
-    let res = match ingest_mparticle(&state, route, api, &headers, body, received_at).await {
-        Ok(()) => mparticle_accepted(),
-        Err(e) => {
-            refused(route, &e);
-            e.into_mparticle_response()
-        }
-    };
-    RequestCompleted {
+    let payload = HttpPayload {
+        source: &source,
         route,
-        status: res.status().as_u16(),
-        elapsed: started.elapsed(),
-    }
-    .emit();
-    res
+        format: PayloadFormat::SegmentJson,
+        historical: false,
+        body: &bytes,
+        received_at,
+    };
+    store(state, &payload, decoded).await
+}
+
+/// An accepted HTTP request, as its invalid items are quarantined: a payload of its API.
+struct HttpPayload<'a> {
+    source: &'a Source,
+    route: &'static str,
+    format: PayloadFormat,
+    historical: bool,
+    body: &'a Bytes,
+    received_at: DateTime<Utc>,
 }
 
 /// `202 {}`: the mParticle Events API's answer to an accepted request.
@@ -534,70 +359,37 @@ fn mparticle_accepted() -> Response {
 async fn ingest_mparticle(
     state: &AppState,
     route: &'static str,
-    api: MparticleApi,
+    api: mparticle::Api,
     headers: &HeaderMap,
     body: Body,
     received_at: DateTime<Utc>,
 ) -> Result<(), ApiError> {
-    let inner = &state.inner;
-    let limits = &inner.limits;
-    let source = authenticate_mparticle(&inner.sources, headers)?;
+    let core = state.core();
+    let source = authenticate_mparticle(core.sources(), headers)?;
     has_token(state, &source)?;
-    let (bytes, _) = read_body(
-        headers,
-        body,
-        limits.max_mparticle_request_bytes,
-        limits.max_json_depth,
-    )
-    .await?;
-    let batches = match api {
-        MparticleApi::Events => vec![mparticle::parse_events(&bytes)?],
-        MparticleApi::Bulk | MparticleApi::Historical => mparticle::parse_bulk(&bytes)?,
-    };
-    let count: usize = batches.iter().map(|b| b.events.len()).sum();
-    if count > limits.max_batch_events {
-        return Err(ApiError::TooManyEvents {
-            count,
-            limit: limits.max_batch_events,
-        });
-    }
-    let historical = api == MparticleApi::Historical;
-    if historical {
-        mparticle::check_historical(&batches, received_at)?;
-    }
-    admit(state, &source, count)?;
+    let limit = core.limits().max_mparticle_request_bytes;
+    let (bytes, _) = read_body(core, headers, body, limit).await?;
+    let historical = api == mparticle::Api::Historical;
+    let batches = mparticle::parse(
+        &bytes,
+        api != mparticle::Api::Events,
+        historical,
+        received_at,
+    )?;
+    admit(state, &source, mparticle::count(&batches))?;
 
     let fresh = unseen_batches(state, &source, &batches).await;
-    let normaliser = mparticle::Normaliser {
-        source_id: &source.id,
-        received_at,
-        partitions: state.topology().partitions(),
-        max_event_bytes: limits.max_event_bytes,
-        max_message_id_chars: limits.max_message_id_chars,
+    let n = core.normaliser(&source.id, received_at);
+    let decoded = mparticle::decode(&n, &batches, Some(&fresh));
+    let payload = HttpPayload {
+        source: &source,
+        route,
+        format: PayloadFormat::MparticleJson,
         historical,
+        body: &bytes,
+        received_at,
     };
-    let mut events = Vec::with_capacity(count);
-    let mut rejected = Vec::new();
-    let mut index = 0;
-    for (batch, fresh) in batches.iter().zip(&fresh) {
-        if *fresh && let Some(result) = normaliser.normalise_attributes_only(batch) {
-            match result {
-                Ok(e) => events.push(e),
-                Err(invalid) => rejected.push((index, invalid)),
-            }
-        }
-        for item in &batch.events {
-            if *fresh {
-                match normaliser.normalise(item, batch) {
-                    Ok(e) => events.push(e),
-                    Err(invalid) => rejected.push((index, invalid)),
-                }
-            }
-            index += 1;
-        }
-    }
-    reject_invalid_items(state, &source, route, &bytes, received_at, rejected).await?;
-    publish(state, &source, &events).await?;
+    store(state, &payload, decoded).await?;
 
     // Every event is acknowledged: only now are the batches recorded as stored.
     let stored: Vec<&str> = batches
@@ -606,7 +398,7 @@ async fn ingest_mparticle(
         .filter(|(_, fresh)| **fresh)
         .filter_map(|(b, _)| b.source_request_id.as_deref())
         .collect();
-    if let Err(e) = inner.requests.record(&source.id, &stored).await {
+    if let Err(e) = state.inner.requests.record(&source.id, &stored).await {
         RequestLogFailed {
             op: "write",
             error: &e,
@@ -688,13 +480,13 @@ fn authenticate_mparticle(
 // Shared
 
 /// Reads and decodes the body within `limit` bytes (415 for an unknown `Content-Encoding`,
-/// checked before reading) and checks its nesting depth, returning what that scan saw. Any
-/// `Content-Type` is accepted.
+/// checked before reading) and checks its nesting depth against `max_json_depth`, returning what
+/// that scan saw. Any `Content-Type` is accepted.
 async fn read_body(
+    core: &Core,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-    max_depth: usize,
 ) -> Result<(Bytes, JsonScan), ApiError> {
     let encoding = Encoding::from_headers(headers)?;
     let received = body::read(body, headers, encoding, limit).await?;
@@ -704,44 +496,59 @@ async fn read_body(
         encoding: encoding.label(),
     }
     .emit();
-    let scan = body::scan(&received.bytes, max_depth)?;
+    let scan = body::scan(&received.bytes, core.limits().max_json_depth)?;
     Ok((received.bytes, scan))
 }
 
+/// Stores a decoded request: its invalid items in the quarantine, then its events.
+async fn store(
+    state: &AppState,
+    payload: &HttpPayload<'_>,
+    decoded: Decoded,
+) -> Result<(), ApiError> {
+    if !decoded.rejected.is_empty() {
+        reject_invalid_items(state, payload, decoded.rejected).await?;
+    }
+    publish(state, payload.source, &decoded.events).await
+}
+
 /// The one place the invalid items of an accepted batch request go (the request itself is
-/// still answered with success, because SDKs drop a whole batch on a 4xx). `rejected` holds
-/// each item's position and reason: for Segment its index in `batch`; for `/v2/*` its position
-/// among all events of the request, batch after batch. `body` is the decoded request body.
-///
-/// Each item is counted with its reason and written to the quarantine (as a one-item batch,
-/// see [`crate::quarantine::http_batch_records`]). An error fails the request: 503 when the
-/// records cannot be stored.
+/// still answered with success, because SDKs drop a whole batch on a 4xx). Each item is counted
+/// with its reason and written to the quarantine as a payload of its API (see
+/// [`crate::quarantine::item_records`]). An error fails the request: 503 when the records
+/// cannot be stored.
 async fn reject_invalid_items(
     state: &AppState,
-    source: &Source,
-    route: &'static str,
-    body: &Bytes,
-    received_at: DateTime<Utc>,
-    rejected: RejectedItems,
+    payload: &HttpPayload<'_>,
+    rejected: Vec<Rejected>,
 ) -> Result<(), ApiError> {
-    for (index, invalid) in &rejected {
+    let source_id: &str = &payload.source.id;
+    for r in &rejected {
         EventsRejected {
-            source: &source.id,
-            reason: invalid.reason(),
-            message: &format!("{route} item {index}: {invalid}"),
+            source: source_id,
+            reason: r.error.reason().label(),
+            message: &format!("{} item {}: {}", payload.route, r.index, r.error),
             count: 1,
         }
         .emit();
     }
-    crate::quarantine::quarantine_http_items(
-        &state.inner.quarantine,
-        &source.id,
-        route,
-        body,
-        received_at,
-        &rejected,
-    )
-    .await
+    let origin = format!("http:{}", payload.route);
+    let sub = Submission {
+        source_id,
+        format: payload.format,
+        content_type: "application/json",
+        payload: payload.body,
+        received_at: payload.received_at,
+        origin: &origin,
+        historical: payload.historical,
+        intake_sequence: 0,
+        attempt: 1,
+        item_index: None,
+    };
+    let records = item_records(&sub, rejected);
+    state.core().quarantine().record_all(&records).await?;
+    emit_quarantined("http", &records);
+    Ok(())
 }
 
 /// Whether the source's bucket holds a token at all: checked before the body is read, so a
@@ -755,9 +562,11 @@ fn has_token(state: &AppState, source: &Source) -> Result<(), ApiError> {
         .map_err(|l| rate_limited(source, l))
 }
 
-/// Takes a token per event of the request (valid or not) from the source's bucket; a refusal
-/// counts the events as rejected with reason `rate_limited`.
+/// Admits a request of `events` events (valid or not): at most `max_batch_events` of them, and
+/// a token per event from the source's bucket; a refusal by the rate limit counts the events as
+/// rejected with reason `rate_limited`.
 fn admit(state: &AppState, source: &Source, events: usize) -> Result<(), ApiError> {
+    state.core().check_count(events)?;
     state
         .inner
         .rate_limits
@@ -790,7 +599,7 @@ async fn publish(state: &AppState, source: &Source, events: &[Event]) -> Result<
     if events.is_empty() {
         return Ok(());
     }
-    let publisher = &state.inner.publisher;
+    let publisher = state.core().publisher();
     let published = if source.settings.atomic_publish {
         publisher.publish_atomic(events).await
     } else {
@@ -934,17 +743,6 @@ mod tests {
             };
             assert_eq!(user, want.map(|o| o.map(|(u, _)| u)), "{headers:?}");
         }
-    }
-
-    #[test]
-    fn limits_must_be_positive() {
-        assert!(Limits::from_config(&IngestConfig::default()).is_ok());
-        let cfg = IngestConfig {
-            max_json_depth: 0,
-            ..Default::default()
-        };
-        let err = Limits::from_config(&cfg).unwrap_err();
-        assert!(err.to_string().contains("max_json_depth"), "{err}");
     }
 
     #[test]

@@ -1,26 +1,34 @@
-//! Herald ingest: takes events in over HTTP (Segment Tracking API), normalises them into
-//! `herald.v1.Event`, and answers only after JetStream has stored every one of them.
+//! Herald ingest: takes events in over HTTP (Segment Tracking API, mParticle Events API) and
+//! NATS intake (Segment JSON, mParticle JSON or protobuf `herald.v1.Event`), normalises them
+//! into `herald.v1.Event`, and answers only after JetStream has stored every one of them.
 //!
-//! [`start`] runs the whole service (HTTP, gRPC control API, admin); [`router`] is the HTTP API
-//! alone, for tests that drive it with `oneshot`.
+//! [`start`] runs the whole service (HTTP, NATS intake, gRPC control API, admin); [`router`] is
+//! the HTTP API alone, for tests that drive it with `oneshot`. The modules are private; what
+//! tests, fuzz targets, the CLI and benchmarks use is re-exported below.
 
 #![warn(missing_docs)]
 
-pub mod body;
-pub mod config;
-pub mod error;
+mod body;
+mod config;
+mod core;
+mod error;
 pub mod events;
-pub mod grpc;
-pub mod http;
-pub mod intake;
-pub mod mparticle;
-pub mod publish;
-pub mod quarantine;
-pub mod ratelimit;
-pub mod requests;
-pub mod seen;
-pub mod segment;
-pub mod sources;
+mod grpc;
+mod http;
+mod intake;
+mod mparticle;
+mod normalise;
+mod protobuf;
+mod publish;
+mod quarantine;
+mod quarantine_service;
+mod ratelimit;
+mod requests;
+mod seen;
+mod segment;
+mod source_registry;
+mod source_store;
+mod source_sync;
 
 use std::time::Duration;
 
@@ -32,9 +40,28 @@ use herald_common::supervisor::Supervisor;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::config::{IngestConfig, SourceConfig};
+use crate::core::Core;
+
+pub use crate::body::{Encoding, JsonScan, check_depth, decode as decode_body, scan as scan_body};
+pub use crate::config::{IngestConfig, SourceConfig, SourceSettings};
 pub use crate::error::{ApiError, IngestError};
-pub use crate::http::{AppState, router};
+pub use crate::http::{AppState, SEGMENT_SINGLE_ROUTES, router};
+pub use crate::mparticle::{Batch as MparticleBatch, mark_historical, parse as parse_mparticle};
+pub use crate::normalise::{Decoded, InvalidEvent, Normaliser, Reason, Rejected};
+pub use crate::publish::{BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER, Publisher};
+pub use crate::quarantine::stream_config as quarantine_stream_config;
+pub use crate::seen::SeenSet;
+pub use crate::segment::{
+    Envelope, RawBatch, Shape as SegmentShape, call_type, parse_batch, parse_batch_raw,
+    parse_single,
+};
+
+/// The decoders, one per wire format, each returning a [`Decoded`].
+pub mod decode {
+    pub use crate::mparticle::decode as mparticle;
+    pub use crate::protobuf::decode as protobuf;
+    pub use crate::segment::decode as segment;
+}
 
 /// The readiness check flipped once the events stream exists with Herald's config.
 pub const EVENTS_STREAM_CHECK: &str = "events stream";
@@ -64,19 +91,20 @@ pub async fn start(
     );
 
     let client = connect(&common.nats, "herald-ingest").await?;
-    let state = AppState::new(common, cfg, client.clone())?;
+    let core = Core::new(common, cfg, client.clone())?;
+    let state = AppState::with_core(common, cfg, core.clone())?;
     let readiness = Readiness::new(
         client.clone(),
         &[
             EVENTS_STREAM_CHECK,
-            sources::SOURCES_LOADED_CHECK,
+            source_sync::SOURCES_LOADED_CHECK,
             quarantine::STREAM_CHECK,
             intake::CONSUMER_CHECK,
         ],
     );
     // Sources come from the config bucket (seeded from `cfg.sources`), watched from now on.
     state.sources().await_bucket();
-    let source_store = sources::SourceStore::new(state.sources().clone());
+    let source_store = source_store::SourceStore::new(state.sources().clone());
 
     // One failing server or task stops the others; the caller's token stops them all, and
     // shutdown (in-flight requests answered, the intake batch settled, NATS drained) is bounded
@@ -91,7 +119,7 @@ pub async fn start(
     let js = jetstream(client.clone(), &common.nats);
     supervisor.spawn_task(
         "sources sync",
-        sources::sync(
+        source_sync::sync(
             source_store.clone(),
             js.clone(),
             state.topology().clone(),
@@ -101,8 +129,8 @@ pub async fn start(
         ),
     );
     // NATS intake and the quarantine: their streams, the intake consumer, the gRPC service.
-    let intake = intake::Intake::new(state.clone(), common, cfg, js.clone());
-    let quarantine_grpc = quarantine::QuarantineGrpc::new(intake.clone(), js.clone());
+    let intake = intake::Intake::new(core);
+    let quarantine_grpc = quarantine_service::QuarantineGrpc::new(intake.clone(), js.clone());
     // The intake finishes its batch (or leaves it unacked for redelivery) before it ends.
     supervisor.spawn_task(
         "intake",

@@ -24,14 +24,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use herald_common::partition::partition_for;
+use herald_proto::time::to_proto;
 use herald_proto::v1::{Consent, Event, EventType};
-use prost::Message as _;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
-use crate::segment::{
-    InvalidEvent, check_message_id, corrected_timestamp, derive_message_id, json_bytes,
-    to_timestamp, truncate,
+use crate::normalise::{
+    DEVICE_ID_FIELDS, Decoded, InvalidEvent, Normaliser, check_message_id, check_time,
+    corrected_timestamp, derive_message_id, event_id, json_bytes, partition_key, truncate,
 };
 
 /// Most batches in one bulk request, as the mParticle API defines.
@@ -45,20 +45,6 @@ pub const MAX_SOURCE_REQUEST_ID_CHARS: usize = 256;
 
 /// The event type of the event made for a batch that carries user attributes but no events.
 const BATCH_ATTRIBUTES: &str = "\u{0}batch_attributes";
-
-/// Device ids read from `device_info`, in the order they are tried as a partition key.
-pub const DEVICE_ID_FIELDS: [&str; 10] = [
-    "ios_idfv",
-    "ios_advertising_id",
-    "android_uuid",
-    "android_advertising_id",
-    "fire_advertising_id",
-    "roku_advertising_id",
-    "roku_publisher_id",
-    "microsoft_advertising_id",
-    "microsoft_publisher_id",
-    "mp_deviceid",
-];
 
 /// One mParticle batch: its events plus what applies to all of them.
 #[derive(Debug, Clone, Default)]
@@ -82,6 +68,68 @@ pub struct Batch {
     pub context: Map<String, Value>,
     /// The consent state the batch carried, if any.
     pub consent: Option<Consent>,
+    /// Whether its events are historical imports (`/v2/bulkevents/historical`), checked by
+    /// [`mark_historical`].
+    pub historical: bool,
+}
+
+/// Which `/v2/*` call a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `/v2/events`: one batch.
+    Events,
+    /// `/v2/bulkevents`: an array of batches.
+    Bulk,
+    /// `/v2/bulkevents/historical`: an array of batches of events at least 72 hours old.
+    Historical,
+}
+
+/// Parses an mParticle payload: one batch object, or a bulk array of them. A `historical`
+/// payload must hold only events at least 72 hours older than `received_at`.
+pub fn parse(
+    body: &[u8],
+    bulk: bool,
+    historical: bool,
+    received_at: DateTime<Utc>,
+) -> Result<Vec<Batch>, ApiError> {
+    let mut batches = if bulk {
+        parse_bulk(body)?
+    } else {
+        vec![parse_events(body)?]
+    };
+    if historical {
+        mark_historical(&mut batches, received_at)?;
+    }
+    Ok(batches)
+}
+
+/// How many events the batches hold.
+pub fn count(batches: &[Batch]) -> usize {
+    batches.iter().map(|b| b.events.len()).sum()
+}
+
+/// The mParticle decoder: normalises the events of every batch whose `fresh` entry is true
+/// (`None`: every batch), plus the attribute update of a batch without events. A rejected
+/// event's index is its position among all events of the batches, batch after batch.
+pub fn decode(n: &Normaliser<'_>, batches: &[Batch], fresh: Option<&[bool]>) -> Decoded {
+    let mut decoded = Decoded {
+        events: Vec::with_capacity(count(batches)),
+        rejected: Vec::new(),
+    };
+    let mut index = 0;
+    for (b, batch) in batches.iter().enumerate() {
+        let fresh = fresh.is_none_or(|f| f.get(b).copied().unwrap_or(true));
+        if fresh && let Some(result) = n.normalise_attributes_only(batch) {
+            decoded.push(index, result);
+        }
+        for item in &batch.events {
+            if fresh {
+                decoded.push(index, n.normalise_mparticle(item, batch));
+            }
+            index += 1;
+        }
+    }
+    decoded
 }
 
 /// Parses a `/v2/events` body: one batch object.
@@ -202,7 +250,9 @@ pub fn parse_batch(mut obj: Map<String, Value>, index: Option<usize>) -> Result<
             device_ids.insert(field, id);
         }
     }
-    let partition_key = partition_key(&user_id, &identities, &device_ids).ok_or_else(|| {
+    let ids = identities.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let devices = device_ids.iter().map(|(k, v)| (*k, v.as_str()));
+    let partition_key = partition_key(&user_id, "", ids.chain(devices)).ok_or_else(|| {
         bad("the batch identifies no user: send user_identities (customerid, email, ...), mpid or device_info ids".into())
     })?;
     for (k, v) in device_ids {
@@ -273,29 +323,8 @@ pub fn parse_batch(mut obj: Map<String, Value>, index: Option<usize>) -> Result<
         deleted_user_attributes,
         context,
         consent,
+        historical: false,
     })
-}
-
-/// The user id, else `mpid:`, else `email:`, else other identities by name, else device ids.
-fn partition_key(
-    user_id: &str,
-    identities: &BTreeMap<String, String>,
-    device_ids: &BTreeMap<&str, String>,
-) -> Option<String> {
-    if !user_id.is_empty() {
-        return Some(user_id.to_string());
-    }
-    for preferred in ["mpid", "email"] {
-        if let Some(v) = identities.get(preferred) {
-            return Some(format!("{preferred}:{v}"));
-        }
-    }
-    if let Some((k, v)) = identities.iter().next() {
-        return Some(format!("{k}:{v}"));
-    }
-    DEVICE_ID_FIELDS
-        .iter()
-        .find_map(|f| device_ids.get(f).map(|v| format!("{f}:{v}")))
 }
 
 /// `consent_state`: GDPR purposes and CCPA's data sale opt-out.
@@ -355,7 +384,7 @@ fn parse_consent(state: &Map<String, Value>) -> Result<Consent, String> {
         opted_out: false,
         updated_at: updated
             .and_then(DateTime::<Utc>::from_timestamp_millis)
-            .map(to_timestamp),
+            .map(to_proto),
     })
 }
 
@@ -371,9 +400,9 @@ fn scalar_text(v: &Value) -> Result<Option<String>, ()> {
 }
 
 /// Checks that every event of the batches has a `timestamp_unixtime_ms` at least
-/// [`HISTORICAL_MIN_AGE`] before `received_at` (`/v2/bulkevents/historical`); the first one
-/// that has not is `400 not_historical`.
-pub fn check_historical(batches: &[Batch], received_at: DateTime<Utc>) -> Result<(), ApiError> {
+/// 72 hours before `received_at` (`/v2/bulkevents/historical`), and marks the
+/// batches historical; the first event that is not is `400 not_historical`.
+pub fn mark_historical(batches: &mut [Batch], received_at: DateTime<Utc>) -> Result<(), ApiError> {
     let newest_allowed = received_at - HISTORICAL_MIN_AGE;
     for (b, batch) in batches.iter().enumerate() {
         for (e, event) in batch.events.iter().enumerate() {
@@ -397,6 +426,9 @@ pub fn check_historical(batches: &[Batch], received_at: DateTime<Utc>) -> Result
             }
         }
     }
+    for batch in batches {
+        batch.historical = true;
+    }
     Ok(())
 }
 
@@ -416,33 +448,16 @@ fn millis(v: &Value, field: &'static str) -> Result<Option<DateTime<Utc>>, Inval
         Value::String(s) => s.trim().parse::<i64>().map_err(|_| bad())?,
         _ => return Err(bad()),
     };
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(Some)
-        .ok_or_else(bad)
+    let t = DateTime::<Utc>::from_timestamp_millis(ms).ok_or_else(bad)?;
+    check_time(t, field, || v.to_string()).map(Some)
 }
 
-/// What normalisation needs besides the event and its batch.
-#[derive(Debug, Clone, Copy)]
-pub struct Normaliser<'a> {
-    /// The authenticated source.
-    pub source_id: &'a str,
-    /// When the request arrived.
-    pub received_at: DateTime<Utc>,
-    /// Number of partitions.
-    pub partitions: u32,
-    /// Largest encoded event accepted.
-    pub max_event_bytes: usize,
-    /// Longest `source_message_id` accepted, in characters.
-    pub max_message_id_chars: usize,
-    /// Whether the events are historical imports (`/v2/bulkevents/historical`).
-    pub historical: bool,
-}
-
+/// Normalisation of mParticle events.
 impl Normaliser<'_> {
     /// Validates one `{event_type, data}` item of `batch` and turns it into a
     /// `herald.v1.Event`. Unknown event types are kept as [`EventType::Application`] named
     /// after their `event_type`.
-    pub fn normalise(&self, item: &Value, batch: &Batch) -> Result<Event, InvalidEvent> {
+    pub fn normalise_mparticle(&self, item: &Value, batch: &Batch) -> Result<Event, InvalidEvent> {
         let Value::Object(obj) = item else {
             return Err(InvalidEvent::NotAnObject);
         };
@@ -542,7 +557,7 @@ impl Normaliser<'_> {
                 };
                 let c = consent.get_or_insert_with(Consent::default);
                 c.opted_out = opted_out;
-                c.updated_at = Some(to_timestamp(timestamp));
+                c.updated_at = Some(to_proto(timestamp));
                 (EventType::OptOut, String::new())
             }
             "user_attribute_change" => {
@@ -614,7 +629,7 @@ impl Normaliser<'_> {
         if let Some(c) = consent.as_mut()
             && c.updated_at.is_none()
         {
-            c.updated_at = Some(to_timestamp(timestamp));
+            c.updated_at = Some(to_proto(timestamp));
         }
 
         let message_id = match data.get("source_message_id") {
@@ -656,7 +671,7 @@ impl Normaliser<'_> {
         let properties = (!properties.is_empty()).then_some(Value::Object(properties));
         let context = (!context.is_empty()).then_some(Value::Object(context));
         let event = Event {
-            id: format!("{}:{message_id}", self.source_id),
+            id: event_id(self.source_id, &message_id),
             message_id,
             source_id: self.source_id.to_string(),
             r#type: ty as i32,
@@ -668,12 +683,12 @@ impl Normaliser<'_> {
             traits: json_bytes(traits.as_ref()),
             context: json_bytes(context.as_ref()),
             integrations: Vec::new(),
-            original_timestamp: original.map(to_timestamp),
+            original_timestamp: original.map(to_proto),
             sent_at: None,
-            received_at: Some(to_timestamp(self.received_at)),
-            timestamp: Some(to_timestamp(timestamp)),
+            received_at: Some(to_proto(self.received_at)),
+            timestamp: Some(to_proto(timestamp)),
             consent,
-            historical: self.historical,
+            historical: batch.historical,
             group_id: String::new(),
             previous_id: String::new(),
             partition: partition_for(&batch.partition_key, self.partitions),
@@ -681,14 +696,7 @@ impl Normaliser<'_> {
             source_request_id: batch.source_request_id.clone().unwrap_or_default(),
             deleted_traits,
         };
-        let size = event.encoded_len();
-        if size > self.max_event_bytes {
-            return Err(InvalidEvent::TooLarge {
-                size,
-                limit: self.max_event_bytes,
-            });
-        }
-        Ok(event)
+        self.check_size(event)
     }
 
     /// For a batch without events that carries `user_attributes` or `deleted_user_attributes`
@@ -704,7 +712,7 @@ impl Normaliser<'_> {
             return None;
         }
         let item = serde_json::json!({"event_type": BATCH_ATTRIBUTES, "data": {}});
-        Some(self.normalise(&item, batch))
+        Some(self.normalise_mparticle(&item, batch))
     }
 
     /// A message id for an event without `source_message_id`: Segment's derivation over the
@@ -845,14 +853,7 @@ mod tests {
     }
 
     fn norm() -> Normaliser<'static> {
-        Normaliser {
-            source_id: "app",
-            received_at: now(),
-            partitions: 16,
-            max_event_bytes: 32 * 1024,
-            max_message_id_chars: 100,
-            historical: false,
-        }
+        Normaliser::with_default_limits("app", now(), 16)
     }
 
     fn batch(v: Value) -> Batch {
@@ -864,7 +865,7 @@ mod tests {
     }
 
     fn one(item: Value) -> Result<Event, InvalidEvent> {
-        norm().normalise(&item, &user_batch())
+        norm().normalise_mparticle(&item, &user_batch())
     }
 
     fn json_of(bytes: &[u8]) -> Value {
@@ -961,7 +962,7 @@ mod tests {
         assert_eq!((t.seconds, t.nanos), (1_700_000_000, 123_000_000));
         assert_eq!(e.timestamp, e.original_timestamp);
         assert!(e.sent_at.is_none());
-        assert_eq!(e.received_at, Some(to_timestamp(now())));
+        assert_eq!(e.received_at, Some(to_proto(now())));
         let ctx = json_of(&e.context);
         assert_eq!(ctx["session"], json!({"id": 42}));
         assert_eq!(ctx["location"], json!({"latitude": 1.5}));
@@ -969,7 +970,7 @@ mod tests {
         // Without a timestamp: the received time.
         let e = one(json!({"event_type": "custom_event", "data": {"event_name": "E"}})).unwrap();
         assert!(e.original_timestamp.is_none());
-        assert_eq!(e.timestamp, Some(to_timestamp(now())));
+        assert_eq!(e.timestamp, Some(to_proto(now())));
     }
 
     #[test]
@@ -1022,7 +1023,7 @@ mod tests {
         assert_eq!(b.user_id, "u9");
         assert_eq!(b.partition_key, "u9");
         let e = norm()
-            .normalise(&json!({"event_type": "session_start", "data": {}}), &b)
+            .normalise_mparticle(&json!({"event_type": "session_start", "data": {}}), &b)
             .unwrap();
         assert_eq!(e.user_id, "u9");
         assert_eq!(e.identities["email"], "ada@example.com");
@@ -1085,7 +1086,7 @@ mod tests {
             "ccpa": {"data_sale_opt_out": {"consented": true}}}}),
         );
         let e = norm()
-            .normalise(
+            .normalise_mparticle(
                 &json!({"event_type": "custom_event", "data": {"event_name": "E"}}),
                 &b,
             )
@@ -1104,7 +1105,7 @@ mod tests {
             json!({"mpid": 1, "consent_state": {"ccpa": {"data_sale_opt_out": {"consented": false}}}}),
         );
         let e = norm()
-            .normalise(
+            .normalise_mparticle(
                 &json!({"event_type": "opt_out", "data": {"is_opted_out": true}}),
                 &b,
             )
@@ -1135,7 +1136,7 @@ mod tests {
         let b = batch(json!({"user_identities": {"customerid": "u"},
             "user_attributes": {"plan": "free", "tier": 1}}));
         let e = norm()
-            .normalise(
+            .normalise_mparticle(
                 &json!({"event_type": "user_attribute_change", "data": {
                     "user_attribute_name": "plan", "new": "pro", "old": "free", "deleted": false}}),
                 &b,
@@ -1144,7 +1145,7 @@ mod tests {
         assert_eq!(json_of(&e.traits), json!({"plan": "pro", "tier": 1}));
         assert!(e.deleted_traits.is_empty());
         let e = norm()
-            .normalise(
+            .normalise_mparticle(
                 &json!({"event_type": "user_attribute_change", "data": {
                     "user_attribute_name": "tier", "deleted": true}}),
                 &b,
@@ -1153,7 +1154,7 @@ mod tests {
         assert_eq!(json_of(&e.traits), json!({"plan": "free"}));
         assert_eq!(e.deleted_traits, ["tier"]);
         let e = norm()
-            .normalise(
+            .normalise_mparticle(
                 &json!({"event_type": "user_identity_change", "data": {
                     "new": {"identity_type": "other_id_2", "identity": "x2"},
                     "old": {"identity_type": "other_id_2", "identity": "x1"}}}),
@@ -1229,7 +1230,7 @@ mod tests {
             ),
         ];
         for (item, reason) in cases {
-            let got = one(item.clone()).err().map(|e| e.reason());
+            let got = one(item.clone()).err().map(|e| e.reason().label());
             assert_eq!(got, Some(reason), "{item}");
         }
         let small = Normaliser {
@@ -1237,13 +1238,13 @@ mod tests {
             ..norm()
         };
         let err = small
-            .normalise(
+            .normalise_mparticle(
                 &json!({"event_type": "custom_event", "data": {"event_name": "E",
                     "custom_attributes": {"blob": "x".repeat(200)}}}),
                 &user_batch(),
             )
             .unwrap_err();
-        assert_eq!(err.reason(), "event_too_large");
+        assert_eq!(err.reason().label(), "event_too_large");
     }
 
     #[test]
@@ -1288,6 +1289,25 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_outside_the_protobuf_range_are_invalid() {
+        // 10000-01-01: chrono holds it, a protobuf timestamp cannot.
+        let err = one(json!({"event_type": "custom_event",
+            "data": {"event_name": "E", "timestamp_unixtime_ms": 253_402_300_800_000_i64}}))
+        .unwrap_err();
+        assert_eq!(err.reason().label(), "invalid_timestamp");
+        let e = one(json!({"event_type": "custom_event",
+            "data": {"event_name": "E", "timestamp_unixtime_ms": 253_402_300_799_999_i64}}))
+        .expect("valid");
+        assert_eq!(
+            e.timestamp,
+            Some(prost_types::Timestamp {
+                seconds: 253_402_300_799,
+                nanos: 999_000_000
+            })
+        );
+    }
+
+    #[test]
     fn historical_needs_old_timestamps() {
         let at = |ms: Value| {
             vec![batch(json!({"mpid": 1, "events": [
@@ -1297,25 +1317,29 @@ mod tests {
         let old = (now() - chrono::TimeDelta::hours(73)).timestamp_millis();
         let edge = (now() - HISTORICAL_MIN_AGE).timestamp_millis();
         let recent = (now() - chrono::TimeDelta::hours(71)).timestamp_millis();
-        assert!(check_historical(&at(json!(old)), now()).is_ok());
-        assert!(check_historical(&at(json!(edge)), now()).is_ok());
+        assert!(mark_historical(&mut at(json!(old)), now()).is_ok());
+        assert!(mark_historical(&mut at(json!(edge)), now()).is_ok());
         for bad in [json!(recent), json!(null), json!("x")] {
-            let err = check_historical(&at(bad.clone()), now()).unwrap_err();
+            let err = mark_historical(&mut at(bad.clone()), now()).unwrap_err();
             assert_eq!(err.kind(), "not_historical", "{bad}");
         }
-        let no_ts = vec![batch(
+        let mut no_ts = vec![batch(
             json!({"mpid": 1, "events": [{"event_type": "custom_event", "data": {}}]}),
         )];
         assert_eq!(
-            check_historical(&no_ts, now()).unwrap_err().kind(),
+            mark_historical(&mut no_ts, now()).unwrap_err().kind(),
             "not_historical"
         );
-        let hist = Normaliser {
-            historical: true,
-            ..norm()
-        };
-        let e = hist
-            .normalise(&at(json!(old))[0].events[0], &at(json!(old))[0])
+        let mut hist = at(json!(old));
+        assert!(
+            !norm()
+                .normalise_mparticle(&hist[0].events[0], &hist[0])
+                .unwrap()
+                .historical
+        );
+        mark_historical(&mut hist, now()).unwrap();
+        let e = norm()
+            .normalise_mparticle(&hist[0].events[0], &hist[0])
             .unwrap();
         assert!(e.historical);
     }
@@ -1354,10 +1378,10 @@ mod tests {
     fn derived_ids_differ_by_user_and_are_stable() {
         let item = json!({"event_type": "custom_event", "data": {"event_name": "E",
             "timestamp_unixtime_ms": 1_700_000_000_000_i64}});
-        let a1 = norm().normalise(&item, &user_batch()).unwrap();
-        let a2 = norm().normalise(&item, &user_batch()).unwrap();
+        let a1 = norm().normalise_mparticle(&item, &user_batch()).unwrap();
+        let a2 = norm().normalise_mparticle(&item, &user_batch()).unwrap();
         let b = norm()
-            .normalise(
+            .normalise_mparticle(
                 &item,
                 &batch(json!({"user_identities": {"customerid": "u2"}})),
             )

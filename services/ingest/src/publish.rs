@@ -354,7 +354,7 @@ impl Publisher {
             }
         };
         AtomicBatchStored {
-            fallback,
+            fallback: fallback.map(Fallback::label),
             events: events.len(),
         }
         .emit();
@@ -366,7 +366,7 @@ impl Publisher {
 
     /// Sends one atomic batch of at least two events and awaits its commit.
     async fn send_atomic(&self, events: &[&Event]) -> Result<(), AtomicError> {
-        let batch_id = crate::sources::generate_key(22);
+        let batch_id = crate::source_store::generate_key(22);
         let last = events.len();
         for (i, event) in events.iter().enumerate() {
             let sequence = i + 1;

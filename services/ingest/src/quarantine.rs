@@ -4,11 +4,10 @@
 //!
 //! - [`Quarantine`] writes records, with JetStream acks and a `Nats-Msg-Id` derived from the
 //!   record's origin and content, so a retried write stores it once.
-//! - [`QuarantineGrpc`] serves `herald.v1.QuarantineService`: `ListQuarantine` and
-//!   `RedriveQuarantine`, which submits a record's original payload again through
-//!   [`Intake::submit`]: what passes goes to the events stream and the record is deleted; what
-//!   fails again is written as a new record (the new reason, attempt + 1) and the old one is
-//!   deleted.
+//! - [`Submission`] is one payload as received (an HTTP request, a NATS intake message, or a
+//!   record being redriven); [`record`] and [`item_records`] make the records of what in it
+//!   failed, each invalid item of a batch as a one-item batch of its format.
+//! - [`crate::quarantine_service`] serves `herald.v1.QuarantineService` (list and redrive).
 //!
 //! Ingest creates the stream (limits retention, max age `topology.quarantine_max_age_seconds`,
 //! DiscardNew). A full quarantine refuses new records instead of evicting old ones: the NATS
@@ -16,42 +15,30 @@
 //! answered 503, so nothing accepted is lost.
 
 use std::future::IntoFuture;
-use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::Client;
-use async_nats::jetstream::message::{PublishMessage, StreamMessage};
-use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream;
 use async_nats::jetstream::{self, context::PublishError};
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
-use futures_util::{Stream, TryStreamExt};
 use herald_common::Topology;
 use herald_common::nats::is_connected;
-use herald_proto::v1::quarantine_service_server::{QuarantineService, QuarantineServiceServer};
-use herald_proto::v1::{
-    ListQuarantineRequest, ListQuarantineResponse, PayloadFormat, QuarantineEntry,
-    QuarantineRecord, RedriveOutcome, RedriveQuarantineProgress, RedriveQuarantineRequest,
-};
+use herald_proto::time::to_proto;
+use herald_proto::v1::{PayloadFormat, QuarantineRecord};
 use prost::Message as _;
 use serde_json::Value;
-use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
-use crate::events::{QuarantineWriteFailed, Quarantined, RedriveDone};
-use crate::intake::{Intake, Submission, from_timestamp, reason_label};
+use crate::events::{QuarantineWriteFailed, Quarantined};
+use crate::normalise::{Reason, Rejected};
+use crate::segment::Shape;
 
 /// The readiness check flipped once the quarantine stream exists with Herald's config.
 pub const STREAM_CHECK: &str = "quarantine stream";
 
-/// The fully qualified gRPC service name.
-pub const SERVICE_NAME: &str = "herald.v1.QuarantineService";
-
-/// Records listed when a request names no limit.
-const DEFAULT_LIST_LIMIT: u32 = 100;
-/// Most records listed in one request.
-const MAX_LIST_LIMIT: u32 = 1000;
 /// Room left in a NATS message for headers and framing when a record is fitted to the limit.
 const HEADROOM: usize = 4096;
 /// The NATS message size limit assumed until the server has told its own.
@@ -283,10 +270,6 @@ pub fn one_item_batches(body: &[u8], indices: &[usize]) -> Vec<Bytes> {
         .collect()
 }
 
-/// The origin of events that came in through `/v2/bulkevents/historical`: a redrive keeps them
-/// historical.
-pub const HISTORICAL_ORIGIN: &str = "http:/v2/bulkevents/historical";
-
 /// For each position (among all events of the body, batch after batch), the mParticle batch
 /// holding that event reduced to that one event, keeping the batch's other fields. `body` is
 /// one batch object (`/v2/events`) or an array of them (`/v2/bulkevents`). Falls back to the
@@ -321,461 +304,126 @@ pub fn one_event_mparticle_batches(body: &[u8], positions: &[usize]) -> Vec<Byte
         .collect()
 }
 
-/// Quarantine records for the invalid items of a batch request received over HTTP (the
-/// request is still answered with success): each item as a one-item batch of its API (Segment
-/// for `/v1/*`, mParticle for `/v2/*`), with its reason and position.
-pub fn http_batch_records(
-    source_id: &str,
-    route: &str,
-    body: &[u8],
-    rejected: &[(usize, crate::segment::InvalidEvent)],
-    received_at: chrono::DateTime<Utc>,
-) -> Vec<QuarantineRecord> {
-    let positions: Vec<usize> = rejected.iter().map(|(i, _)| *i).collect();
-    let (format, payloads, what) = if route.starts_with("/v2/") {
-        (
-            PayloadFormat::MparticleJson,
-            one_event_mparticle_batches(body, &positions),
+/// The origin the previous version wrote for `/v2/bulkevents/historical` records, before
+/// records carried `historical`: such a record is still redriven as historical.
+const LEGACY_HISTORICAL_ORIGIN: &str = "http:/v2/bulkevents/historical";
+
+/// Whether a record's payload was a historical import: its `historical` field, or (a record of
+/// the previous version) its origin.
+pub fn is_historical(rec: &QuarantineRecord) -> bool {
+    rec.historical || rec.origin == LEGACY_HISTORICAL_ORIGIN
+}
+
+/// One payload as received: a new HTTP request or NATS intake message, or a quarantined one
+/// being redriven. What its quarantine records say about where it came from.
+#[derive(Debug, Clone)]
+pub struct Submission<'a> {
+    /// The source it was sent for.
+    pub source_id: &'a str,
+    /// How it is encoded.
+    pub format: PayloadFormat,
+    /// The content type the producer declared.
+    pub content_type: &'a str,
+    /// The payload.
+    pub payload: &'a Bytes,
+    /// When Herald first received it.
+    pub received_at: DateTime<Utc>,
+    /// Where it came in (`nats:<subject>`, `http:/v1/batch`), for people.
+    pub origin: &'a str,
+    /// Whether its events are historical imports (`/v2/bulkevents/historical`).
+    pub historical: bool,
+    /// The intake stream sequence, for NATS intake; 0 otherwise.
+    pub intake_sequence: u64,
+    /// The attempt a failure is recorded as: 1 for a new payload, one more per redrive.
+    pub attempt: u32,
+    /// For a redriven batch item: its index in the original batch, kept in new records.
+    pub item_index: Option<i32>,
+}
+
+/// The record of a submission (or, with `item_index`, of one item of it) that failed.
+pub fn record(
+    sub: &Submission<'_>,
+    reason: Reason,
+    message: String,
+    payload: Bytes,
+    item_index: Option<i32>,
+) -> QuarantineRecord {
+    QuarantineRecord {
+        source_id: sub.source_id.to_string(),
+        reason: reason.label().to_string(),
+        message,
+        origin: sub.origin.to_string(),
+        payload: payload.to_vec(),
+        format: sub.format as i32,
+        content_type: sub.content_type.to_string(),
+        received_at: Some(to_proto(sub.received_at)),
+        quarantined_at: Some(to_proto(Utc::now())),
+        attempt: sub.attempt,
+        intake_sequence: sub.intake_sequence,
+        item_index: item_index.or(sub.item_index).unwrap_or(-1),
+        payload_truncated: false,
+        historical: sub.historical,
+    }
+}
+
+/// The records of a submission's rejected events: an item of a Segment batch as a one-item
+/// batch, an mParticle event as its batch with only that event (both keeping their position
+/// unless the submission is a redriven item already); a single event or a protobuf payload as
+/// the whole payload.
+pub fn item_records(sub: &Submission<'_>, rejected: Vec<Rejected>) -> Vec<QuarantineRecord> {
+    if rejected.is_empty() {
+        return Vec::new();
+    }
+    let positions: Vec<usize> = rejected.iter().map(|r| r.index).collect();
+    let (payloads, what) = match sub.format {
+        PayloadFormat::SegmentJson if Shape::of_payload(sub.payload) == Shape::Batch => {
+            (one_item_batches(sub.payload, &positions), "batch item")
+        }
+        PayloadFormat::MparticleJson => (
+            one_event_mparticle_batches(sub.payload, &positions),
             "event",
-        )
-    } else {
-        (
-            PayloadFormat::SegmentJson,
-            one_item_batches(body, &positions),
-            "batch item",
-        )
+        ),
+        _ => {
+            return rejected
+                .into_iter()
+                .map(|r| {
+                    let reason = r.error.reason();
+                    record(sub, reason, r.error.to_string(), sub.payload.clone(), None)
+                })
+                .collect();
+        }
     };
-    let now = crate::intake::to_timestamp(Utc::now());
-    let received = crate::intake::to_timestamp(received_at);
     rejected
-        .iter()
+        .into_iter()
         .zip(payloads)
-        .map(|((index, invalid), payload)| QuarantineRecord {
-            source_id: source_id.to_string(),
-            reason: invalid.reason().to_string(),
-            message: format!("{what} {index}: {invalid}"),
-            origin: format!("http:{route}"),
-            payload: payload.to_vec(),
-            format: format as i32,
-            content_type: "application/json".into(),
-            received_at: Some(received),
-            quarantined_at: Some(now),
-            attempt: 1,
-            intake_sequence: 0,
-            item_index: i32::try_from(*index).unwrap_or(i32::MAX),
-            payload_truncated: false,
+        .map(|(r, payload)| {
+            let index = sub
+                .item_index
+                .unwrap_or(i32::try_from(r.index).unwrap_or(i32::MAX));
+            let reason = r.error.reason();
+            record(
+                sub,
+                reason,
+                format!("{what} {index}: {}", r.error),
+                payload,
+                Some(index),
+            )
         })
         .collect()
 }
 
-/// Quarantines the invalid items of an accepted HTTP batch request; fails (the request is then
-/// answered 503) when the records cannot be stored.
-pub async fn quarantine_http_items(
-    quarantine: &Quarantine,
-    source_id: &str,
-    route: &str,
-    body: &[u8],
-    received_at: chrono::DateTime<Utc>,
-    rejected: &[(usize, crate::segment::InvalidEvent)],
-) -> Result<(), ApiError> {
-    if rejected.is_empty() {
-        return Ok(());
-    }
-    let records = http_batch_records(source_id, route, body, rejected, received_at);
-    quarantine.record_all(&records).await?;
-    for r in &records {
+/// Counts and logs records once they are stored, by how their payload came in.
+pub fn emit_quarantined(via: &'static str, records: &[QuarantineRecord]) {
+    for r in records {
         Quarantined {
-            via: "http",
-            source: source_id,
-            reason: reason_label(&r.reason),
+            via,
+            source: &r.source_id,
+            reason: Reason::from_label(&r.reason).label(),
             message: &r.message,
         }
         .emit();
     }
-    Ok(())
 }
-
-/// Serves `herald.v1.QuarantineService`.
-#[derive(Clone)]
-pub struct QuarantineGrpc {
-    intake: Intake,
-    js: jetstream::Context,
-}
-
-impl QuarantineGrpc {
-    /// The service: redrives go through `intake`; records are read with `js`.
-    pub fn new(intake: Intake, js: jetstream::Context) -> Self {
-        Self { intake, js }
-    }
-
-    /// The tonic server wrapping it.
-    pub fn into_server(self) -> QuarantineServiceServer<Self> {
-        QuarantineServiceServer::new(self)
-    }
-
-    fn topology(&self) -> &Topology {
-        self.intake.publisher().topology()
-    }
-
-    async fn stream(&self) -> Result<stream::Stream, Status> {
-        let name = self.topology().quarantine_stream();
-        self.js.get_stream(&name).await.map_err(|e| {
-            Status::unavailable(format!(
-                "cannot read the quarantine stream {name}: {e} (is NATS up and ingest ready?)"
-            ))
-        })
-    }
-
-    fn filter(&self, source_id: &str) -> Result<String, Status> {
-        if source_id.is_empty() {
-            return Ok(self.topology().quarantine_wildcard());
-        }
-        if subject_token(source_id) != source_id {
-            return Err(Status::invalid_argument(format!(
-                "source id {source_id:?} cannot name a quarantine subject"
-            )));
-        }
-        Ok(self.topology().quarantine_subject(source_id))
-    }
-
-    /// Redrives one fetched record; see the module docs.
-    async fn redrive_message(&self, stream: &stream::Stream, msg: StreamMessage) -> Progress {
-        let seq = msg.sequence;
-        let rec = match QuarantineRecord::decode(msg.payload) {
-            Ok(rec) => rec,
-            Err(e) => {
-                return Progress::failed(
-                    seq,
-                    format!("message {seq} is not a quarantine record: {e}"),
-                );
-            }
-        };
-        if rec.payload_truncated {
-            return Progress::failed(
-                seq,
-                "its payload was truncated to fit the NATS message size limit; it cannot be redriven".into(),
-            );
-        }
-        let payload = Bytes::from(rec.payload);
-        let received_at = rec
-            .received_at
-            .as_ref()
-            .and_then(from_timestamp)
-            .unwrap_or_else(Utc::now);
-        let format = PayloadFormat::try_from(rec.format).unwrap_or(PayloadFormat::Unspecified);
-        let decoded = self.intake.submit(&Submission {
-            source_id: &rec.source_id,
-            format,
-            content_type: &rec.content_type,
-            payload: &payload,
-            received_at,
-            origin: &rec.origin,
-            intake_sequence: rec.intake_sequence,
-            attempt: rec.attempt.saturating_add(1),
-            item_index: (rec.item_index >= 0).then_some(rec.item_index),
-        });
-        let (published, new_sequences) = match self.intake.store(&decoded).await {
-            Ok(stored) => stored,
-            Err(e) => return Progress::failed(seq, format!("not redriven: {e}")),
-        };
-        if let Some(p) = published {
-            crate::events::EventsAccepted {
-                source: &rec.source_id,
-                count: p.acked,
-                duplicates: p.duplicates,
-                publish_elapsed: p.elapsed,
-            }
-            .emit();
-        }
-        for r in &decoded.rejected {
-            Quarantined {
-                via: "redrive",
-                source: &r.source_id,
-                reason: reason_label(&r.reason),
-                message: &r.message,
-            }
-            .emit();
-        }
-        if let Err(e) = stream.delete_message(seq).await {
-            return Progress::failed(
-                seq,
-                format!(
-                    "its payload was stored again, but the record could not be deleted: {e}; redriving it again is harmless"
-                ),
-            );
-        }
-        let events = u32::try_from(decoded.events.len()).unwrap_or(u32::MAX);
-        match decoded.rejected.first() {
-            None => Progress {
-                sequence: seq,
-                outcome: RedriveOutcome::Redriven,
-                events_published: events,
-                ..Progress::default()
-            },
-            Some(first) => Progress {
-                sequence: seq,
-                outcome: RedriveOutcome::QuarantinedAgain,
-                events_published: events,
-                new_sequences,
-                reason: first.reason.clone(),
-                message: first.message.clone(),
-            },
-        }
-    }
-
-    async fn redrive_sequence(&self, stream: &stream::Stream, seq: u64) -> Progress {
-        match stream.get_raw_message(seq).await {
-            Ok(msg) => self.redrive_message(stream, msg).await,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Progress {
-                sequence: seq,
-                outcome: RedriveOutcome::NotFound,
-                message: format!("no quarantine record has sequence {seq}"),
-                ..Progress::default()
-            },
-            Err(e) => Progress::failed(seq, format!("cannot read record {seq}: {e}")),
-        }
-    }
-
-    async fn run_redrive(
-        self,
-        stream: stream::Stream,
-        plan: Plan,
-        tx: tokio::sync::mpsc::Sender<Result<RedriveQuarantineProgress, Status>>,
-    ) {
-        let mut done = 0u64;
-        let send = |p: Progress, done: u64, total: u64| {
-            RedriveDone {
-                outcome: outcome_label(p.outcome),
-            }
-            .emit();
-            p.into_proto(done, total.max(done))
-        };
-        match plan {
-            Plan::Sequences(seqs) => {
-                let total = seqs.len() as u64;
-                for seq in seqs {
-                    let p = self.redrive_sequence(&stream, seq).await;
-                    done += 1;
-                    if tx.send(Ok(send(p, done, total))).await.is_err() {
-                        return; // the caller went away: stop here
-                    }
-                }
-            }
-            Plan::All {
-                subject,
-                last,
-                total,
-            } => {
-                let mut next = 1u64;
-                loop {
-                    let msg = match stream
-                        .get_first_raw_message_by_subject(&subject, next)
-                        .await
-                    {
-                        Ok(msg) if msg.sequence <= last => msg,
-                        Ok(_) => break,
-                        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => break,
-                        Err(e) => {
-                            let _ = tx
-                                .send(Err(Status::unavailable(format!(
-                                    "cannot read the quarantine after {done} records: {e}; run the redrive again to continue"
-                                ))))
-                                .await;
-                            return;
-                        }
-                    };
-                    next = msg.sequence + 1;
-                    let p = self.redrive_message(&stream, msg).await;
-                    done += 1;
-                    if tx.send(Ok(send(p, done, total))).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Which records a redrive handles.
-enum Plan {
-    Sequences(Vec<u64>),
-    All {
-        subject: String,
-        last: u64,
-        total: u64,
-    },
-}
-
-/// One record's redrive result, before the running counts are added.
-#[derive(Default)]
-struct Progress {
-    sequence: u64,
-    outcome: RedriveOutcome,
-    events_published: u32,
-    new_sequences: Vec<u64>,
-    reason: String,
-    message: String,
-}
-
-impl Progress {
-    fn failed(sequence: u64, message: String) -> Self {
-        Self {
-            sequence,
-            outcome: RedriveOutcome::Failed,
-            message,
-            ..Self::default()
-        }
-    }
-
-    fn into_proto(self, done: u64, total: u64) -> RedriveQuarantineProgress {
-        RedriveQuarantineProgress {
-            sequence: self.sequence,
-            outcome: self.outcome as i32,
-            events_published: self.events_published,
-            new_sequences: self.new_sequences,
-            reason: self.reason,
-            message: self.message,
-            done,
-            total,
-        }
-    }
-}
-
-/// The metric label of a redrive outcome.
-pub fn outcome_label(o: RedriveOutcome) -> &'static str {
-    match o {
-        RedriveOutcome::Unspecified => "unspecified",
-        RedriveOutcome::Redriven => "redriven",
-        RedriveOutcome::QuarantinedAgain => "quarantined_again",
-        RedriveOutcome::NotFound => "not_found",
-        RedriveOutcome::Failed => "failed",
-    }
-}
-
-/// The stream of redrive progress messages.
-pub type ProgressStream =
-    Pin<Box<dyn Stream<Item = Result<RedriveQuarantineProgress, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl QuarantineService for QuarantineGrpc {
-    async fn list_quarantine(
-        &self,
-        request: Request<ListQuarantineRequest>,
-    ) -> Result<Response<ListQuarantineResponse>, Status> {
-        let req = request.into_inner();
-        let filter = self.filter(&req.source_id)?;
-        let limit = match req.limit {
-            0 => DEFAULT_LIST_LIMIT,
-            n => n.min(MAX_LIST_LIMIT),
-        } as usize;
-        let stream = self.stream().await?;
-        let mut next = req.start_sequence.max(1);
-        let mut entries = Vec::new();
-        let mut next_sequence = 0;
-        loop {
-            let msg = match stream.get_first_raw_message_by_subject(&filter, next).await {
-                Ok(msg) => msg,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => break,
-                Err(e) => {
-                    return Err(Status::unavailable(format!(
-                        "cannot read the quarantine: {e}"
-                    )));
-                }
-            };
-            if entries.len() == limit {
-                next_sequence = msg.sequence;
-                break;
-            }
-            next = msg.sequence + 1;
-            let record = QuarantineRecord::decode(msg.payload).map_err(|e| {
-                Status::internal(format!(
-                    "quarantine message {} is not a QuarantineRecord: {e}",
-                    msg.sequence
-                ))
-            })?;
-            entries.push(QuarantineEntry {
-                sequence: msg.sequence,
-                record: Some(record),
-            });
-        }
-        Ok(Response::new(ListQuarantineResponse {
-            entries,
-            next_sequence,
-        }))
-    }
-
-    type RedriveQuarantineStream = ProgressStream;
-
-    async fn redrive_quarantine(
-        &self,
-        request: Request<RedriveQuarantineRequest>,
-    ) -> Result<Response<Self::RedriveQuarantineStream>, Status> {
-        let req = request.into_inner();
-        if !self.intake.sources_loaded() {
-            return Err(Status::unavailable(
-                "ingest has not loaded its sources yet (see its /readyz); retry shortly",
-            ));
-        }
-        let plan = match (req.sequences.is_empty(), req.all) {
-            (false, false) => {
-                if !req.source_id.is_empty() {
-                    return Err(Status::invalid_argument(
-                        "give sequences, or a source with `all`, not both",
-                    ));
-                }
-                let mut seqs = req.sequences;
-                let mut seen = std::collections::HashSet::new();
-                seqs.retain(|s| seen.insert(*s));
-                Plan::Sequences(seqs)
-            }
-            (true, true) => {
-                if req.source_id.is_empty() {
-                    return Err(Status::invalid_argument(
-                        "`all` redrives every record of one source: name the source",
-                    ));
-                }
-                let subject = self.filter(&req.source_id)?;
-                let mut stream = self.stream().await?;
-                let last = stream
-                    .info()
-                    .await
-                    .map_err(|e| Status::unavailable(format!("quarantine stream info: {e}")))?
-                    .state
-                    .last_sequence;
-                let total = stream
-                    .info_with_subjects(&subject)
-                    .await
-                    .map_err(|e| Status::unavailable(format!("quarantine stream info: {e}")))?
-                    .try_fold(0u64, |n, (_, count)| async move { Ok(n + count as u64) })
-                    .await
-                    .map_err(|e| Status::unavailable(format!("quarantine stream info: {e}")))?;
-                Plan::All {
-                    subject,
-                    last,
-                    total,
-                }
-            }
-            (false, true) => {
-                return Err(Status::invalid_argument(
-                    "give sequences, or a source with `all`, not both",
-                ));
-            }
-            (true, false) => {
-                return Err(Status::invalid_argument(
-                    "name the records to redrive: sequences, or a source with `all`",
-                ));
-            }
-        };
-        let stream = self.stream().await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(self.clone().run_redrive(stream, plan, tx));
-        let out = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        Ok(Response::new(Box::pin(out)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::sources::{Source, SourceSettings};
+use crate::config::SourceSettings;
+use crate::source_registry::Source;
 
 /// A token bucket; pure, time passed in.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,12 +56,6 @@ impl TokenBucket {
     /// The bucket's capacity.
     pub fn capacity(&self) -> f64 {
         self.capacity
-    }
-
-    /// The tokens held at `now` (negative while in debt).
-    pub fn tokens(&mut self, now: Instant) -> f64 {
-        self.refill(now);
-        self.tokens
     }
 
     fn refill(&mut self, now: Instant) {

@@ -61,11 +61,6 @@ impl RequestLog {
         }
     }
 
-    /// The bucket's name.
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
     /// The bucket, created (or updated to this config) on first use; a failure is not cached.
     async fn store(&self) -> Result<&kv::Store, RequestLogError> {
         self.store

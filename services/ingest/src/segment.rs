@@ -4,115 +4,20 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use axum::http::StatusCode;
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use herald_common::partition::partition_for;
+use herald_proto::time::to_proto;
 use herald_proto::v1::{Consent, Event, EventType};
-use prost::Message as _;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::body::JsonScan;
 use crate::error::ApiError;
-
-/// Why one event was not accepted. `reason()` is a bounded label.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidEvent {
-    /// The event is not a JSON object.
-    #[error("each event must be a JSON object")]
-    NotAnObject,
-    /// `type` is missing or not a known call type.
-    #[error("{}", invalid_type_message(.0))]
-    InvalidType(String),
-    /// Neither `userId` nor `anonymousId` was given.
-    #[error("userId or anonymousId is required")]
-    MissingIdentity,
-    /// A track call without `event`.
-    #[error("track events need a non-empty `event` name")]
-    MissingEvent,
-    /// A group call without `groupId`.
-    #[error("group events need a `groupId`")]
-    MissingGroupId,
-    /// An alias call without `previousId`.
-    #[error("alias events need a `previousId`")]
-    MissingPreviousId,
-    /// An alias call without `userId`.
-    #[error("alias events need a `userId`")]
-    MissingUserId,
-    /// A field has the wrong JSON type or shape.
-    #[error("`{field}` must be {expected}")]
-    InvalidField {
-        /// The field.
-        field: &'static str,
-        /// What it must be.
-        expected: &'static str,
-    },
-    /// A timestamp that is not RFC 3339 / ISO 8601.
-    #[error("`{field}` is not an ISO 8601 timestamp such as 2024-05-01T12:00:00.000Z: {value:?}")]
-    InvalidTimestamp {
-        /// The field.
-        field: &'static str,
-        /// The value (truncated).
-        value: String,
-    },
-    /// A required field is missing or empty (mParticle: `event_type`, `data.event_name`, ...).
-    #[error("`{field}` is required")]
-    MissingField {
-        /// The field.
-        field: &'static str,
-    },
-    /// The client's message id is longer than `max_message_id_chars`.
-    #[error("the message id is longer than the limit of {limit} characters")]
-    MessageIdTooLong {
-        /// The limit.
-        limit: usize,
-    },
-    /// The event is larger than `max_event_bytes`.
-    #[error("event is {size} bytes, more than the limit of {limit} bytes")]
-    TooLarge {
-        /// Its encoded size.
-        size: usize,
-        /// The limit.
-        limit: usize,
-    },
-}
-
-fn invalid_type_message(t: &str) -> String {
-    if t.is_empty() {
-        "event needs a `type`: identify, track, page, screen, group or alias".into()
-    } else {
-        format!("event type {t:?} is not one of identify, track, page, screen, group, alias")
-    }
-}
-
-impl InvalidEvent {
-    /// A bounded label for metrics and the `error` field of a 4xx body.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::NotAnObject => "not_an_object",
-            Self::InvalidType(_) => "invalid_type",
-            Self::MissingIdentity => "missing_identity",
-            Self::MissingEvent => "missing_event",
-            Self::MissingGroupId => "missing_group_id",
-            Self::MissingPreviousId => "missing_previous_id",
-            Self::MissingUserId => "missing_user_id",
-            Self::InvalidField { .. } => "invalid_field",
-            Self::InvalidTimestamp { .. } => "invalid_timestamp",
-            Self::MissingField { .. } => "missing_field",
-            Self::MessageIdTooLong { .. } => "message_id_too_long",
-            Self::TooLarge { .. } => "event_too_large",
-        }
-    }
-
-    /// The HTTP status when a single-event call fails with this.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::BAD_REQUEST,
-        }
-    }
-}
+use crate::normalise::{
+    Decoded, InvalidEvent, Normaliser, check_message_id, corrected_timestamp, derive_message_id,
+    event_id, json_bytes, parse_time, parse_time_str, partition_key, truncate,
+};
 
 /// The call type named by a Segment `type` value or path segment.
 pub fn call_type(name: &str) -> Option<EventType> {
@@ -205,24 +110,119 @@ pub fn parse_single(body: &[u8]) -> Result<Envelope, ApiError> {
     })
 }
 
-/// The default of `ingest.max_message_id_chars`.
-pub const DEFAULT_MAX_MESSAGE_ID_CHARS: usize = 100;
-
-/// What normalisation needs besides the event itself.
-#[derive(Debug, Clone, Copy)]
-pub struct Normaliser<'a> {
-    /// The authenticated source.
-    pub source_id: &'a str,
-    /// When the request arrived.
-    pub received_at: DateTime<Utc>,
-    /// Number of partitions.
-    pub partitions: u32,
-    /// Largest encoded event accepted.
-    pub max_event_bytes: usize,
-    /// Longest client `messageId` accepted, in characters.
-    pub max_message_id_chars: usize,
+/// The shape of a Segment payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A batch: `{"batch": [...], "context", "integrations", "sentAt", "writeKey"}`.
+    Batch,
+    /// One event. A single-event path names its call type, which wins over the body's `type`.
+    Single(Option<EventType>),
 }
 
+impl Shape {
+    /// The shape of a payload that does not say (NATS intake, a redrive): a batch when it is an
+    /// object with a `batch` key, else one event.
+    pub fn of_payload(payload: &[u8]) -> Self {
+        match serde_json::from_slice::<Peek>(payload) {
+            Ok(Peek { batch: Some(_) }) => Self::Batch,
+            _ => Self::Single(None),
+        }
+    }
+}
+
+/// Peeks whether a JSON object has a `batch` key without building the value.
+#[derive(Deserialize)]
+struct Peek {
+    #[serde(default)]
+    batch: Option<serde::de::IgnoredAny>,
+}
+
+/// A Segment payload, parsed and not yet normalised (the source is not known until its write
+/// key is): a batch on the fast path with its items as raw JSON, or parsed into `Value`s.
+pub struct Parsed<'a> {
+    body: &'a [u8],
+    shape: Shape,
+    inner: ParsedInner<'a>,
+}
+
+enum ParsedInner<'a> {
+    Raw(RawBatch<'a>),
+    Value(Envelope),
+}
+
+/// Parses a Segment payload of this shape. `scan` is what [`crate::body::scan`] found in it,
+/// when it was scanned: a batch then takes the fast path where it can.
+pub fn parse<'a>(
+    body: &'a [u8],
+    shape: Shape,
+    scan: Option<&JsonScan>,
+) -> Result<Parsed<'a>, ApiError> {
+    let inner = match (shape, scan) {
+        (Shape::Single(_), _) => ParsedInner::Value(parse_single(body)?),
+        (Shape::Batch, Some(scan)) => match parse_batch_raw(body, scan) {
+            Some(raw) => ParsedInner::Raw(raw),
+            None => ParsedInner::Value(parse_batch(body)?),
+        },
+        (Shape::Batch, None) => ParsedInner::Value(parse_batch(body)?),
+    };
+    Ok(Parsed { body, shape, inner })
+}
+
+impl Parsed<'_> {
+    /// `writeKey` from the body.
+    pub fn write_key(&self) -> Option<&str> {
+        match &self.inner {
+            ParsedInner::Raw(raw) => raw.write_key(),
+            ParsedInner::Value(env) => env.write_key.as_deref(),
+        }
+    }
+
+    /// How many events it carries.
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            ParsedInner::Raw(raw) => raw.len(),
+            ParsedInner::Value(env) => env.items.len(),
+        }
+    }
+
+    /// Normalises every event: the valid ones, and the invalid ones by their index in `batch`
+    /// (0 for a single event).
+    pub fn decode(self, n: &Normaliser<'_>) -> Result<Decoded, ApiError> {
+        let call = match self.shape {
+            Shape::Single(call) => call,
+            Shape::Batch => None,
+        };
+        let mut env = match self.inner {
+            ParsedInner::Raw(raw) => match n.normalise_batch_fast(raw) {
+                Some(events) => {
+                    return Ok(Decoded {
+                        events,
+                        rejected: Vec::new(),
+                    });
+                }
+                // An item the fast path cannot build exactly: the whole body goes the Value way.
+                None => parse_batch(self.body)?,
+            },
+            ParsedInner::Value(env) => env,
+        };
+        let items = std::mem::take(&mut env.items);
+        let mut decoded = Decoded {
+            events: Vec::with_capacity(items.len()),
+            rejected: Vec::new(),
+        };
+        for (index, item) in items.into_iter().enumerate() {
+            decoded.push(index, n.normalise(item, call, &env));
+        }
+        Ok(decoded)
+    }
+}
+
+/// The Segment decoder: parses and normalises a payload of this shape.
+pub fn decode(n: &Normaliser<'_>, body: &[u8], shape: Shape) -> Result<Decoded, ApiError> {
+    parse(body, shape, None)?.decode(n)
+}
+
+/// Normalisation of Segment events (the `Value` path and, below, the fast path).
 impl Normaliser<'_> {
     /// Validates one event and turns it into a `herald.v1.Event`. `call` is the call type of a
     /// single-event path (it wins over the body's `type`); batch items name their own.
@@ -260,13 +260,13 @@ impl Normaliser<'_> {
         let group_id = id_field(obj, "groupId")?;
         let previous_id = id_field(obj, "previousId")?;
         if user_id.is_empty() && anonymous_id.is_empty() {
-            return Err(InvalidEvent::MissingIdentity);
+            return Err(InvalidEvent::MissingIdentity("userId or anonymousId"));
         }
         let name = match ty {
             EventType::Track => {
                 let name = string_field(obj, "event")?;
                 if name.is_empty() {
-                    return Err(InvalidEvent::MissingEvent);
+                    return Err(InvalidEvent::MissingEvent("event"));
                 }
                 name
             }
@@ -346,14 +346,7 @@ impl Normaliser<'_> {
             timestamp,
             consent,
         });
-        let size = event.encoded_len();
-        if size > self.max_event_bytes {
-            return Err(InvalidEvent::TooLarge {
-                size,
-                limit: self.max_event_bytes,
-            });
-        }
-        Ok(event)
+        self.check_size(event)
     }
 }
 
@@ -366,17 +359,8 @@ fn consent_of(prefs: &Map<String, Value>, timestamp: DateTime<Utc>) -> Consent {
             .filter_map(|(k, v)| v.as_bool().map(|b| (k.to_lowercase(), b)))
             .collect(),
         opted_out: false,
-        updated_at: Some(to_timestamp(timestamp)),
+        updated_at: Some(to_proto(timestamp)),
     }
-}
-
-/// An event's id: `<source id>:<message id>`.
-pub(crate) fn event_id(source_id: &str, message_id: &str) -> String {
-    let mut id = String::with_capacity(source_id.len() + 1 + message_id.len());
-    id.push_str(source_id);
-    id.push(':');
-    id.push_str(message_id);
-    id
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,7 +544,7 @@ fn text(t: Option<Text<'_>>) -> String {
 }
 
 /// Parses a `/v1/batch` body keeping its items as raw JSON, for
-/// [`Normaliser::normalise_raw`]; `scan` is what [`crate::body::scan`] found in it. `None`
+/// [`Normaliser::normalise_batch_fast`]; `scan` is what [`crate::body::scan`] found in it. `None`
 /// when the fast path cannot take the body (batch-level `context` or `integrations`, an
 /// unusual number, a surrogate escape, any error): then [`parse_batch`] decides.
 pub fn parse_batch_raw<'a>(body: &'a [u8], scan: &JsonScan) -> Option<RawBatch<'a>> {
@@ -706,7 +690,7 @@ impl Normaliser<'_> {
             consent,
         });
         // Over the limit here may still be under it with the JSON rewritten: let that decide.
-        (event.encoded_len() <= self.max_event_bytes).then_some(event)
+        (prost::Message::encoded_len(&event) <= self.max_event_bytes).then_some(event)
     }
 }
 
@@ -733,11 +717,9 @@ impl Normaliser<'_> {
     /// The `herald.v1.Event` of `p`: its id, partition key (user id, else anonymous id) and
     /// partition, and its times as protobuf timestamps.
     fn event(&self, p: Parts) -> Event {
-        let partition_key = if p.user_id.is_empty() {
-            p.anonymous_id.clone()
-        } else {
-            p.user_id.clone()
-        };
+        // Segment events always name a user id or an anonymous id.
+        let partition_key =
+            partition_key(&p.user_id, &p.anonymous_id, std::iter::empty()).unwrap_or_default();
         Event {
             id: event_id(self.source_id, &p.message_id),
             message_id: p.message_id,
@@ -751,10 +733,10 @@ impl Normaliser<'_> {
             traits: p.traits,
             context: p.context,
             integrations: p.integrations,
-            original_timestamp: p.original.map(to_timestamp),
-            sent_at: p.sent_at.map(to_timestamp),
-            received_at: Some(to_timestamp(self.received_at)),
-            timestamp: Some(to_timestamp(p.timestamp)),
+            original_timestamp: p.original.map(to_proto),
+            sent_at: p.sent_at.map(to_proto),
+            received_at: Some(to_proto(self.received_at)),
+            timestamp: Some(to_proto(p.timestamp)),
             consent: p.consent,
             historical: false,
             group_id: p.group_id,
@@ -763,84 +745,6 @@ impl Normaliser<'_> {
             partition_key,
             ..Default::default()
         }
-    }
-}
-
-/// The event time corrected for device clock skew: `received_at - (sent_at - original)` when
-/// both device times are known, else `original`, else `received_at`.
-pub fn corrected_timestamp(
-    received_at: DateTime<Utc>,
-    sent_at: Option<DateTime<Utc>>,
-    original: Option<DateTime<Utc>>,
-) -> DateTime<Utc> {
-    match (sent_at, original) {
-        // Absurd device times can leave chrono's range: then fall back to the device time.
-        (Some(sent), Some(orig)) => received_at.checked_sub_signed(sent - orig).unwrap_or(orig),
-        (None, Some(orig)) => orig,
-        _ => received_at,
-    }
-}
-
-/// Parses an RFC 3339 timestamp (any fraction, `Z` or an offset); one without an offset is
-/// read as UTC. Absent, `null` and `""` are `None`.
-pub fn parse_time(
-    v: Option<&Value>,
-    field: &'static str,
-) -> Result<Option<DateTime<Utc>>, InvalidEvent> {
-    let s = match v {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) if s.is_empty() => return Ok(None),
-        Some(Value::String(s)) => s,
-        Some(other) => {
-            return Err(InvalidEvent::InvalidTimestamp {
-                field,
-                value: truncate(&other.to_string()),
-            });
-        }
-    };
-    parse_time_str(s, field)
-}
-
-/// [`parse_time`] of a string: `""` is `None`.
-fn parse_time_str(s: &str, field: &'static str) -> Result<Option<DateTime<Utc>>, InvalidEvent> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(Some(t.to_utc()));
-    }
-    NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
-        .map(|t| Some(t.and_utc()))
-        .map_err(|_| InvalidEvent::InvalidTimestamp {
-            field,
-            value: truncate(s),
-        })
-}
-
-/// Checks a client message id: at most `limit` characters, no control characters.
-pub(crate) fn check_message_id(
-    id: &str,
-    field: &'static str,
-    limit: usize,
-) -> Result<(), InvalidEvent> {
-    if id.chars().count() > limit {
-        return Err(InvalidEvent::MessageIdTooLong { limit });
-    }
-    if id.chars().any(char::is_control) {
-        return Err(InvalidEvent::InvalidField {
-            field,
-            expected: "a string without control characters",
-        });
-    }
-    Ok(())
-}
-
-/// A protobuf timestamp.
-pub(crate) fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        // A leap second shows as nanos above 1e9, which protobuf timestamps do not allow.
-        nanos: t.timestamp_subsec_nanos().min(999_999_999) as i32,
     }
 }
 
@@ -894,124 +798,6 @@ fn static_field(field: &str) -> &'static str {
     }
 }
 
-/// A JSON value as bytes; absent and `null` are empty.
-pub(crate) fn json_bytes(v: Option<&Value>) -> Vec<u8> {
-    match v {
-        None | Some(Value::Null) => Vec::new(),
-        Some(v) => serde_json::to_vec(v).expect("a JSON value serialises"),
-    }
-}
-
-/// At most 64 characters of `s`, for messages.
-pub(crate) fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
-/// A stable message id for an event the client sent without one: 128-bit FNV-1a over the
-/// source id, the call type, the event's canonical JSON (sorted keys; without `sentAt`,
-/// `writeKey` and `messageId`, which change between retries or are absent) and its device
-/// timestamp, as 32 hex digits. A retried request derives the same id, so JetStream drops the
-/// duplicate.
-pub fn derive_message_id(
-    source_id: &str,
-    ty: EventType,
-    obj: &Map<String, Value>,
-    original: Option<DateTime<Utc>>,
-) -> String {
-    let mut h = Fnv128::new();
-    h.write(source_id.as_bytes());
-    h.write(&[0]);
-    h.write(ty.as_str_name().as_bytes());
-    h.write(&[0]);
-    let mut buf = Vec::with_capacity(256);
-    buf.push(b'{');
-    let mut keys: Vec<&String> = obj
-        .keys()
-        .filter(|k| !matches!(k.as_str(), "sentAt" | "writeKey" | "messageId"))
-        .collect();
-    keys.sort();
-    for (i, k) in keys.into_iter().enumerate() {
-        if i > 0 {
-            buf.push(b',');
-        }
-        write_json_string(k, &mut buf);
-        buf.push(b':');
-        write_canonical(&obj[k], &mut buf);
-    }
-    buf.push(b'}');
-    h.write(&buf);
-    h.write(&[0]);
-    if let Some(t) = original {
-        h.write(
-            &t.timestamp_nanos_opt()
-                .unwrap_or(t.timestamp())
-                .to_be_bytes(),
-        );
-    }
-    format!("{:032x}", h.finish())
-}
-
-/// JSON with object keys sorted at every level, so equal values give equal bytes whatever the
-/// key order the client used.
-fn write_canonical(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Object(m) => {
-            out.push(b'{');
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_json_string(k, out);
-                out.push(b':');
-                write_canonical(&m[k], out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(a) => {
-            out.push(b'[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(x, out);
-            }
-            out.push(b']');
-        }
-        scalar => {
-            serde_json::to_writer(&mut *out, scalar).expect("writing to a Vec cannot fail");
-        }
-    }
-}
-
-fn write_json_string(s: &str, out: &mut Vec<u8>) {
-    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
-}
-
-/// FNV-1a, 128-bit: stable across processes, platforms and releases.
-struct Fnv128(u128);
-
-impl Fnv128 {
-    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
-    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
-
-    fn new() -> Self {
-        Self(Self::OFFSET)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u128::from(*b);
-            self.0 = self.0.wrapping_mul(Self::PRIME);
-        }
-    }
-
-    fn finish(&self) -> u128 {
-        self.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
@@ -1024,17 +810,11 @@ mod tests {
     }
 
     fn norm() -> Normaliser<'static> {
-        Normaliser {
-            source_id: "web",
-            received_at: now(),
-            partitions: 16,
-            max_event_bytes: 32 * 1024,
-            max_message_id_chars: 100,
-        }
+        Normaliser::with_default_limits("web", now(), 16)
     }
 
     fn ts(s: &str) -> prost_types::Timestamp {
-        to_timestamp(DateTime::parse_from_rfc3339(s).unwrap().to_utc())
+        to_proto(DateTime::parse_from_rfc3339(s).unwrap().to_utc())
     }
 
     fn one(item: Value) -> Result<Event, InvalidEvent> {
@@ -1047,15 +827,6 @@ mod tests {
         assert!(matches!(t.0, Cow::Borrowed("plain")));
         let t: Text<'_> = serde_json::from_str(r#""caf\u00e9""#).unwrap();
         assert!(matches!(t.0, Cow::Owned(ref s) if s == "café"));
-    }
-
-    #[test]
-    fn fnv128_known_values() {
-        // Published FNV-1a 128 test vectors.
-        let mut h = Fnv128::new();
-        assert_eq!(h.finish(), 0x6c62272e07bb014262b821756295c58d);
-        h.write(b"a");
-        assert_eq!(h.finish(), 0xd228cb696f1a8caf78912b704e4a8964);
     }
 
     #[test]
@@ -1158,7 +929,7 @@ mod tests {
             (json!(["not", "an", "object"]), Some("not_an_object")),
         ];
         for (item, want) in cases {
-            let got = one(item.clone()).err().map(|e| e.reason());
+            let got = one(item.clone()).err().map(|e| e.reason().label());
             assert_eq!(got, want, "{item}");
         }
     }
@@ -1212,7 +983,7 @@ mod tests {
         assert_eq!(e.original_timestamp, Some(ts("2024-05-01T12:00:00Z")));
         assert_eq!(e.timestamp, Some(ts("2024-05-01T12:00:00Z")));
         assert_eq!(e.sent_at, None);
-        assert_eq!(e.received_at, Some(to_timestamp(now())));
+        assert_eq!(e.received_at, Some(to_proto(now())));
     }
 
     #[test]
@@ -1349,6 +1120,26 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_convert_through_the_one_conversion() {
+        // A leap second is clamped to the last nanosecond of its second.
+        let e = one(json!({"type": "track", "userId": "u", "event": "E",
+            "timestamp": "2016-12-31T23:59:60.5Z"}))
+        .expect("valid");
+        let want = prost_types::Timestamp {
+            seconds: 1_483_228_799,
+            nanos: 999_999_999,
+        };
+        assert_eq!(e.original_timestamp, Some(want));
+        assert_eq!(e.timestamp, Some(want));
+        // A year a protobuf timestamp cannot hold is an invalid timestamp.
+        for t in ["0000-06-01T00:00:00Z", "0000-06-01T00:00:00"] {
+            let err = one(json!({"type": "track", "userId": "u", "event": "E", "timestamp": t}))
+                .unwrap_err();
+            assert_eq!(err.reason().label(), "invalid_timestamp", "{t}");
+        }
+    }
+
+    #[test]
     fn skew_correction_never_overflows() {
         let (min, max) = (DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC);
         assert_eq!(corrected_timestamp(now(), Some(max), Some(min)), min);
@@ -1447,7 +1238,7 @@ mod tests {
                 &Envelope::default(),
             )
             .unwrap_err();
-        assert_eq!(err.reason(), "event_too_large");
-        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(err.reason().label(), "event_too_large");
+        assert_eq!(err.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

@@ -2,21 +2,19 @@
 //! are stored whole or not at all, and fall back to per-message publishing where the server
 //! refuses the batch (a stored message id, its size cap, too many batches in flight).
 
-mod common;
-mod support;
-
+use herald_testkit::ingest;
 use std::collections::HashMap;
 
 use async_nats::HeaderMap;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
-use common::{Harness, WRITE_KEY, WRITE_SECRET};
 use herald_common::{CommonConfig, Topology};
 use herald_ingest::IngestConfig;
-use herald_ingest::publish::{BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER};
+use herald_ingest::{BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER};
+use herald_testkit::ingest::{Harness, WRITE_KEY, WRITE_SECRET};
+use herald_testkit::ingest::{Running, metric};
 use herald_testkit::{segment_batch, segment_track};
 use serde_json::json;
-use support::{Running, metric};
 
 fn atomic(_: &mut CommonConfig, cfg: &mut IngestConfig) {
     cfg.sources[0].atomic_publish = true;
@@ -271,11 +269,11 @@ async fn a_nats_intake_batch_is_stored_atomically() {
     let ingest = Running::start(atomic).await;
     let payload = batch_of("u1", 0..3).to_string();
     ingest
-        .publish_intake(common::SOURCE, &[], payload.clone())
+        .publish_intake(ingest::SOURCE, &[], payload.clone())
         .await;
     ingest.wait_intake_drained().await;
     // Published again: refused as a batch (its ids are stored), stored once per message.
-    ingest.publish_intake(common::SOURCE, &[], payload).await;
+    ingest.publish_intake(ingest::SOURCE, &[], payload).await;
     ingest.wait_intake_drained().await;
     let ids: Vec<String> = ingest
         .wait_events(3)
@@ -321,12 +319,8 @@ async fn atomic_batches_on_a_three_node_cluster() {
         })
         .await
         .expect("consumer");
-    let publisher = herald_ingest::publish::Publisher::new(
-        client,
-        js,
-        topology,
-        std::time::Duration::from_secs(10),
-    );
+    let publisher =
+        herald_ingest::Publisher::new(client, js, topology, std::time::Duration::from_secs(10));
     let events: Vec<herald_proto::v1::Event> = (0..5u32)
         .map(|i| herald_proto::v1::Event {
             id: format!("svc:e-{i}"),

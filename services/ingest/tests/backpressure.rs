@@ -1,11 +1,9 @@
 //! When JetStream cannot take events, ingest says so at once with a retryable status, never 2xx.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use axum::http::{StatusCode, header};
-use common::Harness;
+use herald_testkit::ingest::Harness;
 use herald_testkit::{segment_batch, segment_track};
 use serde_json::json;
 use tokio::time::timeout;

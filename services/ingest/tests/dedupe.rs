@@ -2,16 +2,14 @@
 //! after JetStream's duplicate window from being stored twice, and its failures never block
 //! ingestion.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
 use axum::body::Body;
 use axum::http::{Request, header};
-use common::{Harness, Reply, WRITE_KEY, basic, common_config, ingest_config};
 use herald_ingest::{AppState, router};
+use herald_testkit::ingest::{Harness, Reply, WRITE_KEY, basic, common_config, ingest_config};
 use herald_testkit::{segment_batch, segment_track, wait_until};
 use http_body_util::BodyExt as _;
 use serde_json::Value;
@@ -110,7 +108,7 @@ async fn the_seen_set_outlasts_jetstreams_duplicate_window() {
     let status = kv.status().await.expect("bucket status");
     assert_eq!(status.max_age(), Duration::from_secs(24 * 3600));
     assert_eq!(status.values(), 3);
-    let key = herald_ingest::seen::SeenSet::key("acceptance:a-0");
+    let key = herald_ingest::SeenSet::key("acceptance:a-0");
     assert!(kv.get(&key).await.expect("read").is_some());
 }
 

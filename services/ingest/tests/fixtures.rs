@@ -2,13 +2,11 @@
 //! their headers (gzip bodies compressed again, `Content-Encoding: gzip` kept), and checks the
 //! answers and the events stored in JetStream.
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
-use common::{Expected, Harness, SOURCE, fixtures, observed};
 use herald_proto::v1::{Event, EventType};
+use herald_testkit::ingest::{Expected, Harness, SOURCE, fixtures, observed};
 use serde_json::{Value, json};
 
 /// Replays every fixture of `folder`; each must answer exactly 200 `{"success":true}`, and the

@@ -1,8 +1,6 @@
 //! The Segment HTTP API against a real nats-server: deduplication, authentication, validation,
 //! limits, encodings, CORS and analytics.js's short paths.
 
-mod common;
-
 use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +9,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
 use bytes::Bytes;
-use common::{DISABLED_KEY, Harness, WRITE_KEY, basic, gzip};
 use herald_proto::v1::EventType;
+use herald_testkit::ingest::{DISABLED_KEY, Harness, WRITE_KEY, basic, gzip};
 use herald_testkit::{segment_batch, segment_track};
 use serde_json::{Value, json};
 
@@ -679,7 +677,7 @@ async fn the_openapi_document_describes_every_route() {
     )
     .unwrap();
     assert_eq!(doc, committed, "served = committed");
-    let mut routes: Vec<&str> = herald_ingest::http::SEGMENT_SINGLE_ROUTES
+    let mut routes: Vec<&str> = herald_ingest::SEGMENT_SINGLE_ROUTES
         .iter()
         .map(|(r, _)| *r)
         .collect();

@@ -2,21 +2,20 @@
 //! events on the events stream (same ids and dedupe as HTTP), or quarantine records with their
 //! reason; nothing is acked before it is stored.
 
-mod common;
-mod support;
-
+use herald_testkit::ingest;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::RetentionPolicy;
 use herald_proto::v1::{Event, EventType, PayloadFormat};
+use herald_testkit::ingest::{DEADLINE, Running, metric};
 use herald_testkit::{segment_batch, segment_track, wait_until};
 use prost::Message as _;
 use serde_json::json;
-use support::{DEADLINE, Running, metric};
 
-use crate::common::SOURCE;
+use herald_testkit::ingest::SOURCE;
 
 const PROTOBUF: (&str, &str) = ("Herald-Content-Type", "application/x-protobuf");
+const MPARTICLE: (&str, &str) = ("Herald-Content-Type", "application/vnd.mparticle+json");
 
 #[tokio::test]
 async fn json_and_protobuf_messages_become_events_once() {
@@ -338,11 +337,119 @@ async fn a_full_quarantine_holds_messages_instead_of_dropping_them() {
     );
 
     // Room again (an operator raised the limit): the retry stores the record and acks.
-    let mut cfg = herald_ingest::quarantine::stream_config(&ingest.topology);
+    let mut cfg = herald_ingest::quarantine_stream_config(&ingest.topology);
     cfg.max_bytes = -1;
     ingest.js.update_stream(cfg).await.expect("update");
     let records = ingest.wait_quarantine(1).await;
     assert_eq!(records[0].1.intake_sequence, seq);
     assert_eq!(records[0].1.reason, "invalid_json");
     ingest.wait_intake_drained().await;
+}
+
+/// The same people sent over HTTP (`/v2/events`) and over NATS intake (as mParticle JSON and as
+/// protobuf) get the same partition key and partition: an mpid-only person, an identity-only
+/// person and a device-only person.
+#[tokio::test]
+async fn one_person_gets_one_partition_key_whatever_the_transport() {
+    let ingest = Running::start(|_, _| {}).await;
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://{}/v2/events",
+        ingest.handle().http_addr.expect("HTTP")
+    );
+    // (mParticle batch identities, protobuf identities, the canonical key)
+    let people = [
+        (json!({"mpid": 42}), vec![("mpid", "42")], "mpid:42"),
+        (
+            json!({"user_identities": {"other": "o-7", "email": "p@example.com"}}),
+            vec![("other", "o-7"), ("email", "p@example.com")],
+            "email:p@example.com",
+        ),
+        (
+            json!({"device_info": {"android_uuid": "a-1", "ios_idfv": "i-1"}}),
+            vec![("android_uuid", "a-1"), ("ios_idfv", "i-1")],
+            "ios_idfv:i-1",
+        ),
+    ];
+    for (i, (ids, proto_ids, _)) in people.iter().enumerate() {
+        let mut batch = ids.clone();
+        batch["events"] = json!([{"event_type": "custom_event",
+            "data": {"event_name": "Seen", "source_message_id": format!("http-{i}")}}]);
+        let res = http
+            .post(&url)
+            .basic_auth(ingest::WRITE_KEY, Some(ingest::WRITE_SECRET))
+            .json(&batch)
+            .send()
+            .await
+            .expect("HTTP answers");
+        assert_eq!(res.status().as_u16(), 202, "{}", res.text().await.unwrap());
+
+        batch["events"][0]["data"]["source_message_id"] = json!(format!("nats-json-{i}"));
+        ingest
+            .publish_intake(SOURCE, &[MPARTICLE], batch.to_string())
+            .await;
+
+        let mut event = Event {
+            r#type: EventType::Track as i32,
+            name: "Seen".into(),
+            message_id: format!("nats-proto-{i}"),
+            ..Default::default()
+        };
+        for (k, v) in proto_ids {
+            event.identities.insert(k.to_string(), v.to_string());
+        }
+        ingest
+            .publish_intake(SOURCE, &[PROTOBUF], event.encode_to_vec())
+            .await;
+    }
+    let events = ingest.wait_events(people.len() * 3).await;
+    assert!(
+        ingest.quarantine().await.is_empty(),
+        "{:?}",
+        ingest.quarantine().await
+    );
+    for (i, (_, _, key)) in people.iter().enumerate() {
+        let want = herald_common::partition::partition_for(key, 4);
+        for id in [
+            format!("{SOURCE}:http-{i}"),
+            format!("{SOURCE}:nats-json-{i}"),
+            format!("{SOURCE}:nats-proto-{i}"),
+        ] {
+            let e = events
+                .iter()
+                .find(|e| e.id == id)
+                .unwrap_or_else(|| panic!("{id} stored"));
+            assert_eq!(
+                (e.partition_key.as_str(), e.partition),
+                (*key, want),
+                "{id}"
+            );
+        }
+    }
+}
+
+/// Every reject is counted under its own reason: an mParticle event without `event_type` is
+/// `missing_field` (a hand-kept list once counted it as `other`), and so is its record.
+#[tokio::test]
+async fn mparticle_rejects_count_under_their_own_reason() {
+    let ingest = Running::start(|_, _| {}).await;
+    let batch = json!({"mpid": 7, "events": [
+        {"data": {"event_name": "No Type"}},
+        {"event_type": "custom_event", "data": {"event_name": "Fine"}}
+    ]});
+    ingest
+        .publish_intake(SOURCE, &[MPARTICLE], batch.to_string())
+        .await;
+    ingest.wait_intake_drained().await;
+    let records = ingest.wait_quarantine(1).await;
+    assert_eq!(records[0].1.reason, "missing_field");
+    assert_eq!(ingest.wait_events(1).await.len(), 1);
+    let metrics = ingest.metrics().await;
+    for series in [
+        r#"herald_ingest_quarantined_total{via="nats",reason="missing_field"}"#,
+        r#"herald_ingest_events_rejected_total{reason="missing_field"}"#,
+    ] {
+        assert_eq!(metric(&metrics, series), 1.0, "{series}\n{metrics}");
+    }
+    assert!(!metrics.contains(r#"reason="other""#), "{metrics}");
 }

@@ -1,8 +1,6 @@
 //! The mParticle Events API v2 against a real nats-server: authentication, the three calls,
 //! event type mapping, historical imports, request-level dedupe and rejections.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,9 +9,9 @@ use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{TimeDelta, Utc};
-use common::{DISABLED_KEY, Harness, Reply, SOURCE, WRITE_KEY, WRITE_SECRET, gzip};
 use herald_common::nats::ensure_stream;
 use herald_proto::v1::EventType;
+use herald_testkit::ingest::{DISABLED_KEY, Harness, Reply, SOURCE, WRITE_KEY, WRITE_SECRET, gzip};
 use serde_json::{Value, json};
 
 fn pair(key: &str, secret: &str) -> String {

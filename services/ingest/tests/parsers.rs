@@ -5,9 +5,10 @@
 
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
-use herald_ingest::body::{self, Encoding};
-use herald_ingest::mparticle;
-use herald_ingest::segment::{self, Envelope};
+use herald_ingest::{
+    Encoding, Envelope, MparticleBatch, Normaliser, check_depth, decode_body, mark_historical,
+    parse_batch, parse_mparticle, parse_single,
+};
 use herald_proto::v1::EventType;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
@@ -140,41 +141,36 @@ fn data() -> impl Strategy<Value = Value> {
     ]
 }
 
-fn segment_normaliser() -> segment::Normaliser<'static> {
-    segment::Normaliser {
-        source_id: "web",
-        received_at: Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap(),
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-    }
+fn segment_normaliser() -> Normaliser<'static> {
+    Normaliser::with_default_limits(
+        "web",
+        Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap(),
+        16,
+    )
 }
 
-fn mparticle_normaliser(historical: bool) -> mparticle::Normaliser<'static> {
-    mparticle::Normaliser {
-        source_id: "app",
-        received_at: Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap(),
-        partitions: 16,
-        max_event_bytes: 32 * 1024,
-        max_message_id_chars: 100,
-        historical,
-    }
+fn mparticle_normaliser() -> Normaliser<'static> {
+    Normaliser::with_default_limits(
+        "app",
+        Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap(),
+        16,
+    )
 }
 
 /// Everything a request body goes through, after the body is read.
 fn parse_everything(bytes: &[u8]) {
-    let _ = body::check_depth(bytes, 64);
-    if let Ok(env) = segment::parse_batch(bytes) {
+    let _ = check_depth(bytes, 64);
+    if let Ok(env) = parse_batch(bytes) {
         normalise_segment(env, None);
     }
-    if let Ok(env) = segment::parse_single(bytes) {
+    if let Ok(env) = parse_single(bytes) {
         normalise_segment(env, Some(EventType::Track));
     }
-    if let Ok(batch) = mparticle::parse_events(bytes) {
-        normalise_mparticle(&[batch]);
-    }
-    if let Ok(batches) = mparticle::parse_bulk(bytes) {
-        normalise_mparticle(&batches);
+    let received = mparticle_normaliser().received_at;
+    for bulk in [false, true] {
+        if let Ok(batches) = parse_mparticle(bytes, bulk, false, received) {
+            normalise_mparticle(batches);
+        }
     }
 }
 
@@ -188,14 +184,14 @@ fn normalise_segment(mut env: Envelope, call: Option<EventType>) {
     }
 }
 
-fn normalise_mparticle(batches: &[mparticle::Batch]) {
-    let received = mparticle_normaliser(false).received_at;
-    let _ = mparticle::check_historical(batches, received);
+fn normalise_mparticle(mut batches: Vec<MparticleBatch>) {
+    let n = mparticle_normaliser();
+    let _ = mark_historical(&mut batches.clone(), n.received_at);
     for historical in [false, true] {
-        let n = mparticle_normaliser(historical);
-        for b in batches {
+        for b in &mut batches {
+            b.historical = historical;
             for item in &b.events {
-                if let Ok(e) = n.normalise(item, b) {
+                if let Ok(e) = n.normalise_mparticle(item, b) {
                     assert!(e.id.starts_with("app:"));
                     assert_eq!(e.historical, historical);
                     assert!(!e.partition_key.is_empty());
@@ -217,7 +213,7 @@ proptest! {
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         parse_everything(&bytes);
         for enc in [Encoding::Identity, Encoding::Gzip, Encoding::Deflate] {
-            if let Ok(decoded) = body::decode(Bytes::from(bytes.clone()), enc, 4096) {
+            if let Ok(decoded) = decode_body(Bytes::from(bytes.clone()), enc, 4096) {
                 prop_assert!(decoded.len() <= 4096);
                 parse_everything(&decoded);
             }
@@ -292,13 +288,13 @@ fn compressed_garbage_and_bombs_never_panic() {
     e.write_all(&vec![b'['; 1 << 20]).unwrap();
     let bomb = e.finish().unwrap();
     assert_eq!(
-        body::decode(Bytes::from(bomb), Encoding::Gzip, 64 * 1024)
+        decode_body(Bytes::from(bomb), Encoding::Gzip, 64 * 1024)
             .unwrap_err()
             .kind(),
         "request_too_large"
     );
     // A million nested brackets stop at the depth check, before any parser.
     let deep = vec![b'['; 1 << 20];
-    assert_eq!(body::check_depth(&deep, 64).unwrap_err().kind(), "too_deep");
+    assert_eq!(check_depth(&deep, 64).unwrap_err().kind(), "too_deep");
     parse_everything(&deep);
 }

@@ -1,9 +1,6 @@
 //! The quarantine through the whole service: listing and redriving records over gRPC, and
 //! invalid items of HTTP batches written as records (503 when they cannot be).
 
-mod common;
-mod support;
-
 use herald_common::auth::BearerToken;
 use herald_proto::v1::quarantine_service_client::QuarantineServiceClient;
 use herald_proto::v1::source_service_client::SourceServiceClient;
@@ -11,11 +8,12 @@ use herald_proto::v1::{
     CreateSourceRequest, ListQuarantineRequest, ListQuarantineResponse, PayloadFormat,
     RedriveOutcome, RedriveQuarantineProgress, RedriveQuarantineRequest,
 };
+use herald_testkit::ingest;
+use herald_testkit::ingest::{DEADLINE, QuarantineClient, Running, metric};
 use herald_testkit::{segment_batch, segment_track, wait_until};
 use serde_json::json;
-use support::{DEADLINE, QuarantineClient, Running, metric};
 
-use crate::common::{CONTROL_TOKEN, SOURCE, WRITE_KEY};
+use herald_testkit::ingest::{CONTROL_TOKEN, SOURCE, WRITE_KEY};
 
 async fn list(
     q: &mut QuarantineClient,
@@ -299,7 +297,7 @@ async fn invalid_http_batch_items_are_quarantined_or_the_batch_is_refused() {
     assert_eq!(ingest.quarantine().await.len(), 1);
 
     // A full quarantine: a batch with an invalid item is refused with 503, not half-accepted.
-    let mut cfg = herald_ingest::quarantine::stream_config(&ingest.topology);
+    let mut cfg = herald_ingest::quarantine_stream_config(&ingest.topology);
     cfg.max_bytes = 64;
     ingest.js.update_stream(cfg).await.expect("update");
     let body = segment_batch(vec![
@@ -351,7 +349,7 @@ async fn mparticle_events_are_quarantined_and_redriven_after_a_config_change() {
         "environment": "production", "user_identities": {"customerid": "u9"}});
     let res = reqwest::Client::new()
         .post(&url)
-        .basic_auth(WRITE_KEY, Some(crate::common::WRITE_SECRET))
+        .basic_auth(WRITE_KEY, Some(ingest::WRITE_SECRET))
         .json(&body)
         .send()
         .await
@@ -371,7 +369,7 @@ async fn mparticle_events_are_quarantined_and_redriven_after_a_config_change() {
 
     // A larger limit (a config change and a restart): the redrive now passes.
     ingest.stop_ingest().await;
-    let (common, cfg) = support::configs(&ingest.nats.url(), |_, cfg| {
+    let (common, cfg) = ingest::configs(&ingest.nats.url(), |_, cfg| {
         cfg.max_event_bytes = 64 * 1024;
     });
     ingest.start_ingest(&common, &cfg).await;
@@ -392,4 +390,88 @@ async fn mparticle_events_are_quarantined_and_redriven_after_a_config_change() {
         ("acceptance:big", "u9")
     );
     assert!(ingest.quarantine().await.is_empty());
+}
+
+/// Historical imports stay historical through the quarantine: a new record carries
+/// `historical`, and a record written by the previous version (which said so only by its origin
+/// `http:/v2/bulkevents/historical`) is still redriven as historical.
+#[tokio::test]
+async fn historical_records_redrive_as_historical_old_and_new() {
+    use herald_proto::v1::QuarantineRecord;
+    use prost::Message as _;
+
+    let ingest = Running::start(|_, _| {}).await;
+    let mut q = ingest.quarantine_client().await;
+    let now = chrono::Utc::now();
+    let old_ms = (now - chrono::TimeDelta::hours(80)).timestamp_millis();
+    let event = |id: &str| {
+        json!({"mpid": 9, "events": [{"event_type": "custom_event",
+            "data": {"event_name": "Imported", "source_message_id": id,
+                     "timestamp_unixtime_ms": old_ms}}]})
+    };
+
+    // A new record: an invalid event of a historical request.
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://{}/v2/bulkevents/historical",
+        ingest.handle().http_addr.expect("HTTP")
+    );
+    let mut bad = event("h-new");
+    bad["events"][0]["data"]["event_name"] = json!("");
+    let res = http
+        .post(&url)
+        .basic_auth(WRITE_KEY, Some(ingest::WRITE_SECRET))
+        .json(&json!([bad]))
+        .send()
+        .await
+        .expect("HTTP answers");
+    assert_eq!(res.status().as_u16(), 202);
+    let records = ingest.wait_quarantine(1).await;
+    let (_, new) = &records[0];
+    assert!(new.historical, "{new:?}");
+    assert_eq!(new.reason, "missing_field");
+
+    // Records as the previous version wrote them: no `historical`, only the origin says so.
+    let legacy = |id: &str, origin: &str| QuarantineRecord {
+        source_id: SOURCE.into(),
+        reason: "unknown_source".into(),
+        message: "written by the previous version".into(),
+        origin: origin.into(),
+        payload: event(id).to_string().into_bytes(),
+        format: PayloadFormat::MparticleJson as i32,
+        content_type: "application/json".into(),
+        received_at: Some(herald_proto::time::to_proto(now)),
+        attempt: 1,
+        item_index: -1,
+        ..Default::default()
+    };
+    let subject = ingest.topology.quarantine_subject(SOURCE);
+    let mut sequences = Vec::new();
+    for rec in [
+        legacy("h-old", "http:/v2/bulkevents/historical"),
+        legacy("h-recent", "http:/v2/bulkevents"),
+    ] {
+        let ack = ingest
+            .js
+            .publish(subject.clone(), rec.encode_to_vec().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        sequences.push(ack.sequence);
+    }
+    let progress = redrive(&mut q, by_sequences(sequences)).await;
+    for p in &progress {
+        assert_eq!(p.outcome(), RedriveOutcome::Redriven, "{p:?}");
+    }
+    let events = ingest.wait_events(2).await;
+    let historical = |id: &str| {
+        events
+            .iter()
+            .find(|e| e.id == format!("{SOURCE}:{id}"))
+            .unwrap_or_else(|| panic!("{id} stored"))
+            .historical
+    };
+    assert!(historical("h-old"), "the legacy historical origin is read");
+    assert!(!historical("h-recent"));
 }

@@ -1,14 +1,12 @@
 //! Per-source rate limits through the real router: events over the limit get 429 with
 //! `Retry-After` and a readable reason (mParticle's error shape on `/v2/*`), and are counted.
 
-mod common;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine as _;
-use common::{Harness, Reply, WRITE_KEY, WRITE_SECRET};
 use herald_common::Secret;
 use herald_ingest::SourceConfig;
+use herald_testkit::ingest::{Harness, Reply, WRITE_KEY, WRITE_SECRET};
 use herald_testkit::{segment_batch, segment_track};
 use serde_json::json;
 

@@ -3,12 +3,10 @@
 //! event and every rejection must be the same, except that stored JSON may keep the client's
 //! whitespace and key order (so JSON fields are compared parsed).
 
-mod common;
-
 use chrono::{DateTime, TimeZone as _, Utc};
-use herald_ingest::body;
-use herald_ingest::segment::{InvalidEvent, Normaliser, parse_batch, parse_batch_raw};
+use herald_ingest::{InvalidEvent, Normaliser, parse_batch, parse_batch_raw, scan_body};
 use herald_proto::v1::Event;
+use herald_testkit::ingest;
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -20,11 +18,8 @@ fn now() -> DateTime<Utc> {
 
 fn norm() -> Normaliser<'static> {
     Normaliser {
-        source_id: "web",
-        received_at: now(),
-        partitions: 16,
         max_event_bytes: 2048,
-        max_message_id_chars: 100,
+        ..Normaliser::with_default_limits("web", now(), 16)
     }
 }
 
@@ -45,7 +40,7 @@ fn slow(body: &[u8]) -> Outcome {
 
 /// The fast path; `None` when it does not decide the body (then the `Value` path does).
 fn fast(body: &[u8]) -> Option<Outcome> {
-    let scan = body::scan(body, MAX_DEPTH).ok()?;
+    let scan = scan_body(body, MAX_DEPTH).ok()?;
     let raw = parse_batch_raw(body, &scan)?;
     let key = raw.write_key().map(str::to_string);
     let events = norm().normalise_batch_fast(raw)?;
@@ -99,7 +94,7 @@ fn recorded_sdk_batches_normalise_the_same_both_ways() {
     let mut built = 0;
     let mut items = 0;
     for folder in ["segment-python", "rudder-python", "segment-http-raw"] {
-        for fx in common::fixtures(folder) {
+        for fx in ingest::fixtures(folder) {
             if fx.path != "/v1/batch" {
                 continue;
             }

@@ -1,14 +1,12 @@
 //! The whole service through `start()`: real listeners on port 0, gRPC, admin, shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{CONTROL_TOKEN, WRITE_KEY, common_config, ingest_config};
 use herald_common::auth::BearerToken;
 use herald_common::server::ServiceHandle;
 use herald_proto::v1::ListSourcesRequest;
 use herald_proto::v1::source_service_client::SourceServiceClient;
+use herald_testkit::ingest::{CONTROL_TOKEN, WRITE_KEY, common_config, ingest_config};
 use herald_testkit::{NatsServer, segment_batch, segment_track, wait_until};
 use tokio_util::sync::CancellationToken;
 

@@ -2,12 +2,9 @@
 //! server, the keys at the HTTP API, a second replica following changes, hashed storage,
 //! seeding from the config file.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{CONTROL_TOKEN, DISABLED_KEY, SOURCE, WRITE_KEY, common_config, ingest_config};
 use herald_common::auth::{BearerToken, sha256_hex};
 use herald_common::server::ServiceHandle;
 use herald_ingest::IngestConfig;
@@ -15,6 +12,9 @@ use herald_proto::v1::source_service_client::SourceServiceClient;
 use herald_proto::v1::{
     CreateSourceRequest, DeleteSourceRequest, DisableSourceRequest, EnableSourceRequest,
     GetSourceRequest, ListSourcesRequest, RotateSourceKeyRequest, SourceSettings,
+};
+use herald_testkit::ingest::{
+    CONTROL_TOKEN, DISABLED_KEY, SOURCE, WRITE_KEY, common_config, ingest_config,
 };
 use herald_testkit::{NatsServer, segment_batch, segment_track, wait_until};
 use tokio_util::sync::CancellationToken;

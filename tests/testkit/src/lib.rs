@@ -13,6 +13,8 @@ mod cluster;
 mod dev;
 mod events;
 mod herald;
+#[cfg(feature = "ingest")]
+pub mod ingest;
 mod order;
 mod server;
 mod wait;

@@ -1,26 +1,34 @@
-//! Shared harness of the ingest integration tests: a real nats-server, the events stream with a
-//! durable consumer (the stream has interest retention: without a consumer nothing is kept),
-//! and the ingest router over a real NATS client.
-
-#![allow(dead_code)]
+//! The harness of ingest's integration tests (behind the `ingest` feature): a real nats-server
+//! with the ingest router over a real NATS client ([`Harness`], driven with `oneshot`), or the
+//! whole service started with `herald_ingest::start` on port 0 ([`Running`]), readers of the
+//! streams ingest owns, and the recorded SDK requests ([`fixtures`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use async_nats::HeaderMap as NatsHeaders;
 use async_nats::jetstream::{self, consumer};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use base64::Engine as _;
+use bytes::Bytes;
+use herald_common::auth::BearerToken;
 use herald_common::nats::{ensure_stream, is_connected};
+use herald_common::server::ServiceHandle;
 use herald_common::{CommonConfig, ControlConfig, NatsConfig, Secret, Topology, TopologyConfig};
 use herald_ingest::{AppState, IngestConfig, SourceConfig, router};
-use herald_proto::v1::{Event, EventType};
-use herald_testkit::{NatsServer, wait_until};
+use herald_proto::v1::quarantine_service_client::QuarantineServiceClient;
+use herald_proto::v1::{Event, EventType, QuarantineRecord};
 use http_body_util::BodyExt as _;
 use prost::Message as _;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tower::ServiceExt as _;
+
+use crate::{NatsServer, wait_until};
 
 /// The write key the SDK fixtures were recorded with.
 pub const WRITE_KEY: &str = "acceptance-write-key";
@@ -131,19 +139,10 @@ impl Harness {
             .await
             .expect("events stream");
         // Invalid items of accepted batches are written to the quarantine.
-        ensure_stream(&js, herald_ingest::quarantine::stream_config(&topology))
+        ensure_stream(&js, herald_ingest::quarantine_stream_config(&topology))
             .await
             .expect("quarantine stream");
-        js.get_stream(topology.events_stream())
-            .await
-            .expect("stream exists")
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("test-reader".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ..Default::default()
-            })
-            .await
-            .expect("durable consumer");
+        add_test_reader(&js, &topology).await;
         let state = AppState::new(&common, &cfg, client).expect("valid config");
         Self {
             nats,
@@ -193,22 +192,11 @@ impl Harness {
 
     /// Every event stored in the events stream, in stream order.
     pub async fn stored(&self) -> Vec<Event> {
-        let mut stream = self
-            .js
-            .get_stream(self.topology.events_stream())
+        read_stream(&self.js, &self.topology.events_stream())
             .await
-            .expect("stream");
-        let state = stream.info().await.expect("stream info").state.clone();
-        let mut events = Vec::new();
-        for seq in state.first_sequence..=state.last_sequence {
-            if state.messages == 0 {
-                break;
-            }
-            if let Ok(msg) = stream.get_raw_message(seq).await {
-                events.push(Event::decode(msg.payload).expect("a herald.v1.Event"));
-            }
-        }
-        events
+            .into_iter()
+            .map(|(_, payload)| Event::decode(payload).expect("a herald.v1.Event"))
+            .collect()
     }
 }
 
@@ -324,7 +312,7 @@ pub fn fixtures(folder: &str) -> Vec<Fixture> {
 /// `tests/fixtures/sdk-requests` of the repository: requests recorded from official SDKs (see its
 /// README).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sdk-requests")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sdk-requests")
 }
 
 /// One recorded request.
@@ -405,7 +393,7 @@ impl Fixture {
                 let ty_name = path_type
                     .clone()
                     .unwrap_or_else(|| item["type"].as_str().expect("type").to_string());
-                let ty = herald_ingest::segment::call_type(&ty_name).expect("known type");
+                let ty = herald_ingest::call_type(&ty_name).expect("known type");
                 let name = match ty {
                     EventType::Track => item["event"].as_str().unwrap_or_default(),
                     EventType::Page | EventType::Screen => {
@@ -435,4 +423,254 @@ pub fn observed(e: &Event) -> Expected {
         name: e.name.clone(),
         message_id: e.message_id.clone(),
     }
+}
+
+/// Generous deadline of every wait.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The quarantine gRPC client with the control token.
+pub type QuarantineClient = QuarantineServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// A nats-server and a running ingest.
+pub struct Running {
+    /// The server.
+    pub nats: NatsServer,
+    /// The running ingest.
+    pub handle: Option<ServiceHandle>,
+    /// Stops it.
+    pub stop: CancellationToken,
+    /// A JetStream context of the test's own.
+    pub js: jetstream::Context,
+    /// Names of streams and subjects.
+    pub topology: Topology,
+}
+
+/// The configs ingest is started with: the shared test configs with port-0 listeners.
+pub fn configs(
+    url: &str,
+    tweak: impl FnOnce(&mut CommonConfig, &mut IngestConfig),
+) -> (CommonConfig, IngestConfig) {
+    let mut common = common_config(url);
+    let mut cfg = ingest_config();
+    cfg.http_addr = "127.0.0.1:0".into();
+    cfg.grpc_addr = "127.0.0.1:0".into();
+    cfg.admin_addr = "127.0.0.1:0".into();
+    tweak(&mut common, &mut cfg);
+    (common, cfg)
+}
+
+impl Running {
+    /// Starts nats-server and ingest (with `tweak` applied to the configs), waits until ingest is
+    /// ready, and adds a durable consumer to the events stream (interest retention keeps events
+    /// only while a consumer exists).
+    pub async fn start(tweak: impl FnOnce(&mut CommonConfig, &mut IngestConfig)) -> Self {
+        let nats = NatsServer::start().await.expect("nats-server starts");
+        let (common, cfg) = configs(&nats.url(), tweak);
+        let topology = Topology::new(common.topology.clone());
+        let js = nats.jetstream().await;
+        let mut running = Self {
+            nats,
+            handle: None,
+            stop: CancellationToken::new(),
+            js,
+            topology,
+        };
+        running.start_ingest(&common, &cfg).await;
+        add_test_reader(&running.js, &running.topology).await;
+        running
+    }
+
+    /// Starts ingest with these configs and waits until it is ready.
+    pub async fn start_ingest(&mut self, common: &CommonConfig, cfg: &IngestConfig) {
+        self.stop = CancellationToken::new();
+        let handle = herald_ingest::start(
+            common,
+            cfg,
+            herald_common::telemetry::metrics(),
+            self.stop.clone(),
+        )
+        .await
+        .expect("ingest starts");
+        let url = format!("http://{}/readyz", handle.admin_addr);
+        wait_until("ingest is ready", DEADLINE, || {
+            let url = url.clone();
+            async move {
+                reqwest::get(&url)
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 200)
+            }
+        })
+        .await
+        .expect("ready");
+        self.handle = Some(handle);
+    }
+
+    /// Stops ingest and waits for it to end.
+    pub async fn stop_ingest(&mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(DEADLINE, h.task)
+                .await
+                .expect("ingest stops")
+                .expect("task ends cleanly");
+        }
+    }
+
+    /// The running ingest.
+    pub fn handle(&self) -> &ServiceHandle {
+        self.handle.as_ref().expect("ingest runs")
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.handle().admin_addr))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// A quarantine gRPC client carrying the control token.
+    pub async fn quarantine_client(&self) -> QuarantineClient {
+        let channel = Channel::from_shared(format!("http://{}", self.handle().grpc_addr))
+            .expect("URL")
+            .connect()
+            .await
+            .expect("gRPC connects");
+        QuarantineServiceClient::with_interceptor(
+            channel,
+            BearerToken::new(CONTROL_TOKEN).expect("token"),
+        )
+    }
+
+    /// Publishes to `<prefix>.in.<source>` and waits for the intake stream's PubAck; returns
+    /// the intake sequence.
+    pub async fn publish_intake(
+        &self,
+        source: &str,
+        headers: &[(&str, &str)],
+        payload: impl Into<Bytes>,
+    ) -> u64 {
+        let subject = self.topology.intake_subject(source);
+        let ack = if headers.is_empty() {
+            self.js.publish(subject, payload.into()).await
+        } else {
+            let mut h = NatsHeaders::new();
+            for (k, v) in headers {
+                h.insert(*k, *v);
+            }
+            self.js
+                .publish_with_headers(subject, h, payload.into())
+                .await
+        };
+        ack.expect("publish sent")
+            .await
+            .expect("the intake stream acknowledges")
+            .sequence
+    }
+
+    /// Every event stored in the events stream, in stream order.
+    pub async fn events(&self) -> Vec<Event> {
+        self.read_all(&self.topology.events_stream())
+            .await
+            .into_iter()
+            .map(|(_, payload)| Event::decode(payload).expect("a herald.v1.Event"))
+            .collect()
+    }
+
+    /// Every quarantine record with its sequence, in stream order.
+    pub async fn quarantine(&self) -> Vec<(u64, QuarantineRecord)> {
+        self.read_all(&self.topology.quarantine_stream())
+            .await
+            .into_iter()
+            .map(|(seq, payload)| {
+                (
+                    seq,
+                    QuarantineRecord::decode(payload).expect("a QuarantineRecord"),
+                )
+            })
+            .collect()
+    }
+
+    async fn read_all(&self, stream: &str) -> Vec<(u64, Bytes)> {
+        read_stream(&self.js, stream).await
+    }
+
+    /// Waits until the events stream holds `n` events, and returns them.
+    pub async fn wait_events(&self, n: usize) -> Vec<Event> {
+        wait_until(&format!("{n} events are stored"), DEADLINE, || async {
+            self.events().await.len() >= n
+        })
+        .await
+        .expect("events arrive");
+        self.events().await
+    }
+
+    /// Waits until the quarantine holds `n` records, and returns them.
+    pub async fn wait_quarantine(&self, n: usize) -> Vec<(u64, QuarantineRecord)> {
+        wait_until(&format!("{n} quarantine records"), DEADLINE, || async {
+            self.quarantine().await.len() >= n
+        })
+        .await
+        .expect("records arrive");
+        self.quarantine().await
+    }
+
+    /// Waits until every intake message has been handled and acked (work-queue retention
+    /// removes acked messages).
+    pub async fn wait_intake_drained(&self) {
+        let name = self.topology.intake_stream();
+        wait_until("the intake stream is empty", DEADLINE, || {
+            let name = name.clone();
+            async move {
+                let mut s = self.js.get_stream(&name).await.expect("intake stream");
+                s.info().await.is_ok_and(|i| i.state.messages == 0)
+            }
+        })
+        .await
+        .expect("intake drained");
+    }
+}
+
+/// The value of a counter or gauge line in a Prometheus text, 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// A durable consumer on the events stream: its interest retention keeps events only while a
+/// consumer exists.
+async fn add_test_reader(js: &jetstream::Context, topology: &Topology) {
+    js.get_stream(topology.events_stream())
+        .await
+        .expect("events stream")
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("test-reader".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("durable consumer");
+}
+
+/// Every message of a stream with its sequence, in stream order.
+async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<(u64, Bytes)> {
+    let mut stream = js.get_stream(stream).await.expect("stream");
+    let state = stream.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            out.push((seq, msg.payload));
+        }
+    }
+    out
 }

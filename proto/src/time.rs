@@ -1,0 +1,142 @@
+//! The one conversion between `chrono` times and protobuf `Timestamp`s, used by every service.
+//!
+//! A protobuf timestamp covers 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z with
+//! `nanos` in `0..=999_999_999`. Both directions keep to that:
+//! - [`to_proto`] clamps a leap second (chrono shows it as nanos of 1e9 and above) to
+//!   `999_999_999` nanos of the same second, and clamps a time outside the range to its nearest
+//!   end;
+//! - [`from_proto`] gives `None` for a timestamp outside the range or with nanos outside
+//!   `0..=999_999_999`: the caller decides what that means (ingest rejects the event with
+//!   `invalid_timestamp`; the processor falls back to the receive time).
+
+use chrono::{DateTime, Utc};
+use prost_types::Timestamp;
+
+/// Seconds of 0001-01-01T00:00:00Z, the earliest protobuf timestamp.
+pub const MIN_SECONDS: i64 = -62_135_596_800;
+/// Seconds of 9999-12-31T23:59:59Z, the latest protobuf timestamp's second.
+pub const MAX_SECONDS: i64 = 253_402_300_799;
+/// The largest `nanos` of a protobuf timestamp.
+pub const MAX_NANOS: i32 = 999_999_999;
+
+/// A UTC time as a protobuf timestamp: a leap second's nanos clamped to `999_999_999`, a time
+/// outside the protobuf range clamped to its nearest end.
+pub fn to_proto(t: DateTime<Utc>) -> Timestamp {
+    let seconds = t.timestamp();
+    if seconds < MIN_SECONDS {
+        return Timestamp {
+            seconds: MIN_SECONDS,
+            nanos: 0,
+        };
+    }
+    if seconds > MAX_SECONDS {
+        return Timestamp {
+            seconds: MAX_SECONDS,
+            nanos: MAX_NANOS,
+        };
+    }
+    Timestamp {
+        seconds,
+        // A leap second shows as nanos of 1e9 and above, which protobuf does not allow.
+        nanos: t.timestamp_subsec_nanos().min(MAX_NANOS as u32) as i32,
+    }
+}
+
+/// A protobuf timestamp as a UTC time; `None` when it is not a valid protobuf timestamp
+/// (seconds outside 0001-01-01..=9999-12-31, nanos outside `0..=999_999_999`).
+pub fn from_proto(ts: &Timestamp) -> Option<DateTime<Utc>> {
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&ts.seconds) || !(0..=MAX_NANOS).contains(&ts.nanos) {
+        return None;
+    }
+    DateTime::from_timestamp(ts.seconds, ts.nanos as u32)
+}
+
+/// Whether `t` is inside the protobuf range, so [`to_proto`] keeps it exactly (but for a
+/// leap second's nanos).
+pub fn in_range(t: DateTime<Utc>) -> bool {
+    (MIN_SECONDS..=MAX_SECONDS).contains(&t.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveDate, TimeZone};
+
+    use super::*;
+
+    fn ts(seconds: i64, nanos: i32) -> Timestamp {
+        Timestamp { seconds, nanos }
+    }
+
+    #[test]
+    fn to_proto_table() {
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+            .unwrap()
+            .and_utc();
+        let cases = [
+            (Utc.timestamp_opt(0, 0).unwrap(), ts(0, 0)),
+            (
+                Utc.timestamp_opt(1_714_564_800, 123_456_789).unwrap(),
+                ts(1_714_564_800, 123_456_789),
+            ),
+            // A leap second: the last nanosecond of its second.
+            (leap, ts(1_483_228_799, MAX_NANOS)),
+            (Utc.timestamp_opt(-1, 5).unwrap(), ts(-1, 5)),
+            (
+                Utc.timestamp_opt(MIN_SECONDS, 0).unwrap(),
+                ts(MIN_SECONDS, 0),
+            ),
+            (
+                Utc.timestamp_opt(MAX_SECONDS, 999_999_999).unwrap(),
+                ts(MAX_SECONDS, MAX_NANOS),
+            ),
+            // Outside the protobuf range: its nearest end.
+            (DateTime::<Utc>::MIN_UTC, ts(MIN_SECONDS, 0)),
+            (DateTime::<Utc>::MAX_UTC, ts(MAX_SECONDS, MAX_NANOS)),
+        ];
+        for (t, want) in cases {
+            let got = to_proto(t);
+            assert_eq!(got, want, "{t:?}");
+            assert!(from_proto(&got).is_some(), "{t:?} round-trips");
+        }
+    }
+
+    #[test]
+    fn from_proto_table() {
+        let cases = [
+            (ts(0, 0), Some(Utc.timestamp_opt(0, 0).unwrap())),
+            (
+                ts(1_714_564_800, MAX_NANOS),
+                Some(Utc.timestamp_opt(1_714_564_800, 999_999_999).unwrap()),
+            ),
+            (
+                ts(MIN_SECONDS, 0),
+                Some(Utc.timestamp_opt(MIN_SECONDS, 0).unwrap()),
+            ),
+            (
+                ts(MAX_SECONDS, MAX_NANOS),
+                Some(Utc.timestamp_opt(MAX_SECONDS, 999_999_999).unwrap()),
+            ),
+            // Nanos of a leap second, or negative: not a protobuf timestamp.
+            (ts(1_483_228_799, 1_000_000_000), None),
+            (ts(1_483_228_799, 1_500_000_000), None),
+            (ts(0, -1), None),
+            // Seconds outside 0001..=9999.
+            (ts(MIN_SECONDS - 1, 0), None),
+            (ts(MAX_SECONDS + 1, 0), None),
+            (ts(i64::MAX, 0), None),
+            (ts(i64::MIN, 0), None),
+        ];
+        for (t, want) in cases {
+            assert_eq!(from_proto(&t), want, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn range() {
+        assert!(in_range(Utc.timestamp_opt(0, 0).unwrap()));
+        assert!(!in_range(DateTime::<Utc>::MIN_UTC));
+        assert!(!in_range(DateTime::<Utc>::MAX_UTC));
+    }
+}

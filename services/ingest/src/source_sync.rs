@@ -1,0 +1,215 @@
+//! The KV sync of the sources: opens (or creates) the config bucket, seeds the sources of the
+//! config file into it, loads every source into the [`SourceRegistry`] and follows the bucket's
+//! watch until shutdown.
+//!
+//! Sources in the config file (`ingest.sources`) are seeded at start: created when missing, and
+//! written again whenever their config entry changes (the record keeps a digest of the entry it
+//! was seeded from). Changes made through the control API (a rotated key, a disabled source)
+//! therefore survive restarts until the config entry itself changes. A source deleted through
+//! the API but still in the config file comes back at the next start.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use chrono::Utc;
+use futures_util::StreamExt as _;
+use herald_common::Topology;
+use herald_common::admin::Readiness;
+use herald_common::nats::retry_until;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SourceConfig;
+use crate::source_registry::{SourceRecord, SourceRegistry};
+use crate::source_store::{
+    CAS_ATTEMPTS, KEY_PREFIX, SourceStore, known_from_entry, kv_key, load_all,
+};
+
+/// The readiness check flipped once the sources have been loaded from the bucket.
+pub const SOURCES_LOADED_CHECK: &str = "sources loaded";
+
+/// Opens the config bucket, creating it (history 1, `topology.replicas` replicas) when missing.
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> Result<kv::Store, String> {
+    let name = topology.bucket("config");
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: name.clone(),
+            description: "Herald: configuration (sources, ...), watched by every replica".into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: topology.config().replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another replica may have created it meanwhile.
+        Err(e) => js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| format!("cannot create bucket {name}: {e}")),
+    }
+}
+
+/// Writes the configured sources into the bucket: creates missing ones, rewrites those whose
+/// config entry changed since they were last seeded, leaves the rest (and API changes) alone.
+pub async fn seed(kv: &kv::Store, sources: &[SourceConfig]) -> Result<(), String> {
+    for s in sources {
+        let key = kv_key(&s.id);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let wanted = SourceRecord::from_config(s, Utc::now());
+            let current = kv.entry(key.as_str()).await.map_err(|e| e.to_string())?;
+            let result = match current.filter(|e| e.operation == kv::Operation::Put) {
+                None => kv
+                    .create(key.as_str(), wanted.to_json())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::CreateErrorKind::AlreadyExists,
+                            e.to_string(),
+                        )
+                    }),
+                Some(entry) => {
+                    let existing = SourceRecord::from_json(&entry.value).ok();
+                    if existing.as_ref().and_then(|r| r.config_sha256.as_ref())
+                        == wanted.config_sha256.as_ref()
+                    {
+                        break;
+                    }
+                    let record = SourceRecord {
+                        created_at: existing.map_or(wanted.created_at, |r| r.created_at),
+                        ..wanted
+                    };
+                    kv.update(key.as_str(), record.to_json(), entry.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| {
+                            (
+                                e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                                e.to_string(),
+                            )
+                        })
+                }
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(source = %s.id, "source seeded from the config file");
+                    break;
+                }
+                Err((true, _)) if attempts < CAS_ATTEMPTS => continue,
+                Err((_, e)) => return Err(format!("seeding source {:?}: {e}", s.id)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `store`'s registry in step with the bucket until `cancel`: opens (or creates) the
+/// bucket, seeds the configured sources, loads everything (then flips the
+/// [`SOURCES_LOADED_CHECK`] readiness check), and applies every change the watch reports. A
+/// broken watch is restarted with a full reload; NATS being down only delays all this.
+pub async fn sync(
+    store: SourceStore,
+    js: jetstream::Context,
+    topology: Topology,
+    seeds: Vec<SourceConfig>,
+    readiness: Readiness,
+    cancel: CancellationToken,
+) {
+    let Some(kv) = retry_until("opening the config bucket", &cancel, || {
+        open_bucket(&js, &topology)
+    })
+    .await
+    else {
+        return;
+    };
+    store.open(kv.clone());
+    if retry_until("seeding sources from the config file", &cancel, || {
+        seed(&kv, &seeds)
+    })
+    .await
+    .is_none()
+    {
+        return;
+    }
+    let registry = store.registry().clone();
+    let stats = js.client().statistics();
+    loop {
+        match watch_and_apply(&kv, &registry, &readiness, &stats, &cancel).await {
+            Ok(Watched::Cancelled) => return,
+            Ok(Watched::Reconnected) => {
+                tracing::debug!("NATS reconnected: watching the sources anew");
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "the sources watch failed; reloading"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// How often the watch checks whether the client reconnected.
+const RECONNECT_CHECK: Duration = Duration::from_millis(100);
+
+/// How a watch ended without an error.
+enum Watched {
+    /// Shutdown.
+    Cancelled,
+    /// The client reconnected: watch anew at once.
+    Reconnected,
+}
+
+async fn watch_and_apply(
+    kv: &kv::Store,
+    registry: &SourceRegistry,
+    readiness: &Readiness,
+    stats: &async_nats::Statistics,
+    cancel: &CancellationToken,
+) -> Result<Watched, String> {
+    // A reconnect may mean a restarted server that lost the watch's ephemeral consumer (the
+    // client would notice only after missed heartbeats, seconds later): then watch anew and
+    // reload, which also picks up whatever changed meanwhile.
+    let connects = stats.connects.load(Ordering::Relaxed);
+    let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
+    // Watch first, then load: a change in between is in both, and revisions order them.
+    let mut watch = kv
+        .watch(format!("{KEY_PREFIX}*"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let loaded = load_all(kv).await?;
+    let count = loaded.values().filter(|k| k.record.is_some()).count();
+    registry.replace_all(loaded);
+    readiness.set(SOURCES_LOADED_CHECK, true);
+    tracing::info!(sources = count, "sources loaded from the config bucket");
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(Watched::Cancelled),
+            _ = reconnect_check.tick() => {
+                if stats.connects.load(Ordering::Relaxed) != connects {
+                    return Ok(Watched::Reconnected);
+                }
+            }
+            next = watch.next() => match next {
+                Some(Ok(entry)) => {
+                    if let Some((id, known)) = known_from_entry(&entry) {
+                        tracing::debug!(source = %id, revision = known.revision, "source changed");
+                        registry.apply(&id, known.revision, known.record);
+                    }
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the watch ended".into()),
+            },
+        }
+    }
+}
