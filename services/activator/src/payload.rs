@@ -1,7 +1,7 @@
 //! The JSON every webhook and log destination receives: Segment-spec fields plus a `herald`
 //! object. This is a public contract, fixed by a golden-file test.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use herald_proto::v1::{Consent, EventType, ProcessedEvent};
 use serde_json::{Map, Value, json};
 
@@ -29,7 +29,7 @@ pub fn type_name(t: EventType) -> &'static str {
 
 fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Option<Value> {
     let ts = ts.as_ref()?;
-    let dt = DateTime::<Utc>::from_timestamp(ts.seconds, ts.nanos.max(0) as u32)?;
+    let dt = herald_proto::time::from_proto(ts)?;
     Some(Value::String(
         dt.to_rfc3339_opts(SecondsFormat::AutoSi, true),
     ))
@@ -122,6 +122,7 @@ pub fn render(p: &ProcessedEvent) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use chrono::DateTime;
     use herald_proto::v1::{Event, Identity};
 
     use super::*;

@@ -13,6 +13,14 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+/// A protobuf timestamp as RFC 3339 with `digits` of a second (`-` when absent or invalid),
+/// through the one conversion, [`herald_proto::time::from_proto`].
+pub fn time(t: Option<&prost_types::Timestamp>, digits: chrono::SecondsFormat) -> String {
+    t.and_then(herald_proto::time::from_proto)
+        .map(|t| t.to_rfc3339_opts(digits, true))
+        .unwrap_or_else(|| "-".into())
+}
+
 /// The body of [`outln!`].
 pub fn line(args: fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();

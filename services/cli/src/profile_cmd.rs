@@ -63,10 +63,7 @@ fn show_identities(ids: &[Identity]) -> String {
 }
 
 fn show_time(ts: &Option<prost_types::Timestamp>) -> String {
-    ts.as_ref()
-        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| "-".into())
+    crate::output::time(ts.as_ref(), chrono::SecondsFormat::Millis)
 }
 
 fn print_profile(p: &Profile) {

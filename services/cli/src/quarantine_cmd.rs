@@ -253,9 +253,7 @@ fn join(seqs: &[u64]) -> String {
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> String {
-    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| "-".into())
+    crate::output::time(t, chrono::SecondsFormat::Secs)
 }
 
 #[cfg(test)]

@@ -714,10 +714,6 @@ fn pinned_id<'a>(info: &'a async_nats::jetstream::consumer::Info, group: &str) -
         .and_then(|g| g.pinned_client_id.as_deref())
 }
 
-// Moved to `crate::retry`, where every retry loop keeps its messages alive; re-exported here
-// for the callers that still import them from this module.
-pub use crate::retry::{KeepAlive, backoff};
-
 /// What [`PinnedPull::next`] got.
 enum Pulled {
     Message(Box<Message>),

@@ -16,7 +16,7 @@ const ENTRY_OVERHEAD: u64 = 96;
 
 /// What the allocator holds beyond the bytes asked for, in percent of them, while entries are
 /// evicted and replaced all the time (partly used pages). Every weight includes it, so the
-/// cap bounds resident memory rather than live bytes. From `herald bench processor`: with the
+/// cap bounds resident memory rather than live bytes. From `herald-bench processor`: with the
 /// cap at 32 and 128 MiB, resident memory grew about 1.5 times as fast as the estimated bytes
 /// (that was with parsed profiles, whose estimate was checked at 4 % in a probe).
 const ALLOCATOR_SLACK_PERCENT: u64 = 25;

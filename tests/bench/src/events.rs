@@ -228,10 +228,7 @@ impl EventFactory {
             partitions,
             event_bytes,
             prefix: prefix.to_string(),
-            now: prost_types::Timestamp {
-                seconds: now.timestamp(),
-                nanos: now.timestamp_subsec_nanos() as i32,
-            },
+            now: herald_proto::time::to_proto(now),
             context: serde_json::to_vec(&context).expect("JSON encodes"),
         }
     }
