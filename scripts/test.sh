@@ -62,6 +62,11 @@ for component in rustfmt clippy; do
 done
 
 step "format check (cargo fmt --all -- --check)" cargo fmt --all -- --check
+# The shipped binary carries no load generator: herald-bench (tests/bench) has it.
+announce "the herald binary links no benchmark code (cargo tree -p herald -e normal)"
+if cargo tree -p herald -e normal --locked --prefix none | grep -q '^hdrhistogram '; then
+    fail "the herald binary depends on hdrhistogram: keep benchmark code in tests/bench (herald-bench)"
+fi
 step "lint (cargo clippy --workspace --all-targets --locked -- -D warnings)" \
     cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests (cargo nextest run --workspace --locked)" \
