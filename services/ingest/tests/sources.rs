@@ -25,8 +25,6 @@ use tonic::{Code, Response, Status};
 
 /// The contract: every replica sees a change within a second.
 const PROPAGATION: Duration = Duration::from_secs(1);
-/// How long a starting ingest may take to become ready.
-const READY: Duration = Duration::from_secs(20);
 
 type Client = SourceServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -57,7 +55,8 @@ async fn start(nats_url: &str, cfg: IngestConfig, token: &CancellationToken) -> 
 /// Waits until every one of `ingests` is ready.
 async fn wait_ready(ingests: &[&Ingest]) {
     for i in ingests {
-        herald_testkit::wait_ready("ingest is ready", i.handle.admin_addr, READY)
+        let ready = Duration::from_secs(20);
+        herald_testkit::wait_ready("ingest is ready", i.handle.admin_addr, ready)
             .await
             .expect("ready");
     }

@@ -28,6 +28,8 @@ use tonic::transport::Channel;
 
 const TOKEN: &str = "ownership-test-token";
 const PARTITIONS: u32 = 16;
+/// The load's users: one per partition.
+const USERS: usize = PARTITIONS as usize;
 const WAIT: Duration = Duration::from_secs(30);
 
 type StatusClient = ProcessorServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -166,6 +168,13 @@ async fn wait_balanced(replicas: &[&Replica], active: bool) -> Result<Duration> 
     }
 }
 
+/// The topology of `cfg`, with its events stream created (ingest's in production).
+async fn events_stream(js: &jetstream::Context, cfg: &TopologyConfig) -> Result<Topology> {
+    let topology = Topology::new(cfg.clone());
+    herald_common::nats::ensure_stream(js, topology.events_stream_config()).await?;
+    Ok(topology)
+}
+
 /// Publishes events `seqs` of every user (one per partition), pipelined, as ingest would.
 async fn publish(
     js: &jetstream::Context,
@@ -236,8 +245,7 @@ async fn two_replicas_share_the_partitions_and_hand_over_quickly_on_shutdown() -
     let nats = NatsServer::start().await?;
     let js = nats.jetstream().await;
     let topology_cfg = TopologyConfig::default();
-    let topology = Topology::new(topology_cfg.clone());
-    herald_common::nats::ensure_stream(&js, topology.events_stream_config()).await?;
+    let topology = events_stream(&js, &topology_cfg).await?;
     // Long TTL and pin timeout: a quick handover must come from leaving and unpinning, not
     // from anything expiring.
     let ownership = OwnershipConfig {
@@ -284,13 +292,7 @@ async fn two_replicas_share_the_partitions_and_hand_over_quickly_on_shutdown() -
         "handover took {took:?}: it must not wait for the pin timeout"
     );
     let rounds = load.finish().await?;
-    check_processed_in_order(
-        &js,
-        &topology.processed_stream(),
-        PARTITIONS as usize,
-        rounds,
-    )
-    .await?;
+    check_processed_in_order(&js, &topology.processed_stream(), USERS, rounds).await?;
     r1.stop().await?;
     Ok(())
 }
@@ -343,8 +345,7 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
         replicas: 3,
         ..Default::default()
     };
-    let topology = Topology::new(topology_cfg.clone());
-    herald_common::nats::ensure_stream(&js, topology.events_stream_config()).await?;
+    let topology = events_stream(&js, &topology_cfg).await?;
     let ownership = OwnershipConfig {
         heartbeat_ms: 500,
         member_ttl_seconds: 3,
@@ -434,13 +435,7 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
     let rounds = load.finish().await?;
     stop_sampling.cancel();
     sampler.await?;
-    check_processed_in_order(
-        &js,
-        &topology.processed_stream(),
-        PARTITIONS as usize,
-        rounds,
-    )
-    .await?;
+    check_processed_in_order(&js, &topology.processed_stream(), USERS, rounds).await?;
 
     let samples = std::mem::take(&mut *samples.lock().expect("lock"));
     println!(
