@@ -40,6 +40,26 @@ impl Default for PipelineOptions {
     }
 }
 
+impl PipelineOptions {
+    /// The defaults, with one webhook destination (`hook`) at `url`.
+    pub fn webhook(url: String) -> Self {
+        Self {
+            webhook_url: Some(url),
+            ..Default::default()
+        }
+    }
+}
+
+/// The default processor config with every listener on a port of 127.0.0.1 the system picks.
+pub fn processor_config() -> ProcessorConfig {
+    ProcessorConfig {
+        grpc_addr: "127.0.0.1:0".into(),
+        http_addr: "127.0.0.1:0".into(),
+        admin_addr: "127.0.0.1:0".into(),
+        ..Default::default()
+    }
+}
+
 /// A running pipeline.
 pub struct Pipeline {
     /// Ingest.
@@ -80,11 +100,8 @@ impl Pipeline {
             ..Default::default()
         };
         let processor_cfg = ProcessorConfig {
-            grpc_addr: "127.0.0.1:0".into(),
-            http_addr: "127.0.0.1:0".into(),
-            admin_addr: "127.0.0.1:0".into(),
             ack_wait_seconds: opts.ack_wait_seconds,
-            ..Default::default()
+            ..processor_config()
         };
         let activator_cfg = ActivatorConfig {
             grpc_addr: "127.0.0.1:0".into(),
