@@ -6,9 +6,7 @@ use anyhow::Result;
 use herald_common::auth::BearerToken;
 use herald_common::server::ServiceHandle;
 use herald_common::{CommonConfig, ControlConfig, NatsConfig, telemetry};
-use herald_e2e::{
-    CONTROL_TOKEN, Pipeline, PipelineOptions, SOURCE_ID, processor_config, wait_ready,
-};
+use herald_e2e::{CONTROL_TOKEN, Pipeline, PipelineOptions, SOURCE_ID, processor_config};
 use herald_proto::v1::activator_service_client::ActivatorServiceClient;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
 use herald_proto::v1::source_service_client::SourceServiceClient;
@@ -132,7 +130,12 @@ async fn processor_waits_not_ready_until_the_events_stream_exists() -> Result<()
         herald_common::Topology::new(Default::default()).events_stream_config(),
     )
     .await?;
-    wait_ready(&http, h.admin_addr).await?;
+    herald_testkit::wait_ready(
+        "the activator is ready",
+        h.admin_addr,
+        Duration::from_secs(30),
+    )
+    .await?;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), h.task).await??;
     Ok(())
