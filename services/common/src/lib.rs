@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 mod events;
+pub mod expr;
 pub mod nats;
 pub mod natsbin;
 pub mod ordered;
