@@ -34,9 +34,12 @@
 //! binary). Timestamps in the payload are RFC 3339 strings, which order correctly as strings when
 //! they share a format.
 
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use cel::objects::{Key, Map};
+use cel::common::types::{CelBool, CelDouble, CelList, CelMap, CelMapKey, CelNull, CelString};
+use cel::common::value::{CowVal, Val};
+use cel::context::VariableResolver;
 
 /// The CEL environment every expression is compiled and evaluated with (the standard library,
 /// built once per process).
@@ -57,6 +60,17 @@ pub enum ExprError {
         column: usize,
         /// The parser's message.
         message: String,
+    },
+    /// The expression names a variable that does not exist (only `event` does, and the
+    /// variables of macros such as `exists(x, ...)`).
+    #[error("unknown name `{name}` at {line}:{column}: the only variable is `event`")]
+    UnknownName {
+        /// The name.
+        name: String,
+        /// Its line.
+        line: usize,
+        /// Its column (in characters).
+        column: usize,
     },
     /// The expression is longer than [`MAX_SOURCE_BYTES`].
     #[error("expression too long: {len} bytes, at most {MAX_SOURCE_BYTES}")]
@@ -80,6 +94,7 @@ impl ExprError {
     pub fn kind(&self) -> &'static str {
         match self {
             ExprError::Syntax { .. } => "syntax",
+            ExprError::UnknownName { .. } => "unknown_name",
             ExprError::TooLong { .. } => "too_long",
             ExprError::NotBool { .. } => "not_bool",
             ExprError::Eval(_) => "eval",
@@ -140,6 +155,7 @@ impl Expr {
                 ),
             }
         })?;
+        check_names(&program)?;
         Ok(Expr {
             inner: Arc::new(Compiled {
                 source: source.to_string(),
@@ -162,52 +178,138 @@ impl Expr {
 
     /// [`Expr::eval_bool`] on an input converted once, for evaluating several expressions
     /// (one per destination) on the same event.
-    pub fn eval_bool_on(&self, input: &Input) -> Result<bool, ExprError> {
+    pub fn eval_bool_on(&self, input: &Input<'_>) -> Result<bool, ExprError> {
         let mut ctx = cel::Context::with_env(ENV.clone());
-        ctx.add_variable_from_value("event", input.event.clone());
-        match self.inner.program.execute(&ctx) {
-            Ok(cel::Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(ExprError::NotBool {
-                got: other.type_of().to_string(),
+        ctx.set_variable_resolver(input);
+        let value = cel::Value::resolve_val(self.inner.program.expression(), &ctx)
+            .map_err(|e| ExprError::Eval(e.to_string()))?;
+        match value.downcast_ref::<CelBool>() {
+            Some(b) => Ok(*b.inner()),
+            None => Err(ExprError::NotBool {
+                got: value.get_type().name().to_string(),
             }),
-            Err(e) => Err(ExprError::Eval(e.to_string())),
         }
     }
 }
 
-/// An event converted to CEL values once, to evaluate any number of expressions on.
-#[derive(Debug, Clone)]
-pub struct Input {
-    event: cel::Value,
+/// An event converted to CEL values once, to evaluate any number of expressions on; its
+/// strings borrow the JSON's.
+#[derive(Debug)]
+pub struct Input<'a> {
+    event: Box<dyn Val + 'a>,
 }
 
-impl Input {
+impl<'a> Input<'a> {
     /// Converts `event` (see the module documentation for the mapping).
-    pub fn new(event: &serde_json::Value) -> Self {
+    pub fn new(event: &'a serde_json::Value) -> Self {
         Input {
             event: to_cel(event),
         }
     }
 }
 
+impl VariableResolver for Input<'_> {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
+        (variable == VARIABLE).then(|| CowVal::Borrowed(self.event.as_ref()))
+    }
+}
+
 /// JSON to CEL: objects are string-keyed maps, every number is a `double`.
-fn to_cel(v: &serde_json::Value) -> cel::Value {
+fn to_cel(v: &serde_json::Value) -> Box<dyn Val + '_> {
     use serde_json::Value as J;
     match v {
-        J::Null => cel::Value::Null,
-        J::Bool(b) => cel::Value::Bool(*b),
-        J::Number(n) => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-        J::String(s) => cel::Value::String(Arc::new(s.clone())),
-        J::Array(items) => cel::Value::List(Arc::new(items.iter().map(to_cel).collect())),
-        J::Object(fields) => cel::Value::Map(Map {
-            map: Arc::new(
-                fields
-                    .iter()
-                    .map(|(k, v)| (Key::String(Arc::new(k.clone())), to_cel(v)))
-                    .collect(),
-            ),
-        }),
+        J::Null => Box::new(CelNull),
+        J::Bool(b) => Box::new(CelBool::from(*b)),
+        J::Number(n) => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
+        J::String(s) => Box::new(CelString::from(s.as_str())),
+        J::Array(items) => Box::new(CelList::from(items.iter().map(to_cel).collect::<Vec<_>>())),
+        J::Object(fields) => Box::new(CelMap::from(
+            fields
+                .iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), to_cel(v)))
+                .collect::<HashMap<_, _>>(),
+        )),
     }
+}
+
+/// The variable every expression is evaluated with.
+const VARIABLE: &str = "event";
+
+/// Namespaces of the standard library's functions (`optional.of(...)`).
+const NAMESPACES: &[&str] = &["optional"];
+
+/// Refuses a name that no evaluation could resolve (a typo such as `evnt.type` or
+/// `properties.x`), at compile time and with its position, rather than on every event.
+fn check_names(program: &cel::Program) -> Result<(), ExprError> {
+    let mut bound = vec![VARIABLE.to_string()];
+    match free_name(program.expression(), &mut bound, false) {
+        None => Ok(()),
+        Some((id, name)) => {
+            let info = program.source_info();
+            let offset = info.offset_for(id).map_or(0, |(start, _)| start as usize);
+            let (line, column) = line_column(&info.source, offset);
+            Err(ExprError::UnknownName { name, line, column })
+        }
+    }
+}
+
+/// The first identifier of `e` that is neither bound nor a type (nor, as a call's target, a
+/// function namespace), with its node id.
+fn free_name(
+    e: &cel::IdedExpr,
+    bound: &mut Vec<String>,
+    call_target: bool,
+) -> Option<(u64, String)> {
+    use cel::common::ast::{EntryExpr, Expr as E};
+    let entry = |entry: &EntryExpr, bound: &mut Vec<String>| match entry {
+        EntryExpr::StructField(f) => free_name(&f.value, bound, false),
+        EntryExpr::MapEntry(m) => {
+            free_name(&m.key, bound, false).or_else(|| free_name(&m.value, bound, false))
+        }
+    };
+    match &e.expr {
+        E::Unspecified | E::Literal(_) => None,
+        E::Ident(name) => {
+            let known = name.starts_with('@')
+                || bound.iter().any(|b| b == name)
+                || ENV.types().find_type(name).is_some()
+                || (call_target && NAMESPACES.contains(&name.as_str()));
+            (!known).then(|| (e.id, name.clone()))
+        }
+        E::Select(s) => free_name(&s.operand, bound, call_target),
+        E::Call(c) => c
+            .target
+            .as_deref()
+            .and_then(|t| free_name(t, bound, true))
+            .or_else(|| c.args.iter().find_map(|a| free_name(a, bound, false))),
+        E::List(l) => l.elements.iter().find_map(|x| free_name(x, bound, false)),
+        E::Map(m) => m.entries.iter().find_map(|x| entry(&x.expr, bound)),
+        E::Struct(s) => s.entries.iter().find_map(|x| entry(&x.expr, bound)),
+        E::Comprehension(c) => {
+            let outer = free_name(&c.iter_range, bound, false)
+                .or_else(|| free_name(&c.accu_init, bound, false));
+            if outer.is_some() {
+                return outer;
+            }
+            let depth = bound.len();
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.clone());
+            bound.push(c.accu_var.clone());
+            let inner = [&c.loop_cond, &c.loop_step, &c.result]
+                .into_iter()
+                .find_map(|x| free_name(x, bound, false));
+            bound.truncate(depth);
+            inner
+        }
+    }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` in `source`.
+fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let before = source.get(..offset).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
 }
 
 #[cfg(test)]
@@ -347,13 +449,63 @@ mod tests {
     }
 
     #[test]
+    fn unknown_names_are_refused_with_their_position() {
+        let cases: &[(&str, &str, usize, usize)] = &[
+            ("evnt.type == \"track\"", "evnt", 1, 1),
+            ("properties.revenue > 10", "properties", 1, 1),
+            (
+                "event.type == \"track\" && has(traits.email)",
+                "traits",
+                1,
+                30,
+            ),
+            ("event.type == track", "track", 1, 15),
+            ("\"é\" == event.type ||\n  x > 1", "x", 2, 3),
+            ("\"é\" == evnt.type", "evnt", 1, 8),
+            ("[1, 2].exists(x, x > y)", "y", 1, 22),
+            ("[1].all(x, x > 0) && x > 0", "x", 1, 22),
+            ("{\"a\": b}.a", "b", 1, 7),
+            ("size(evnt) > 0", "evnt", 1, 6),
+            (
+                "event.properties.tags.filter(t, t == tag).size() > 0",
+                "tag",
+                1,
+                38,
+            ),
+        ];
+        for (source, name, line, column) in cases {
+            let err = Expr::compile(source).expect_err(source);
+            assert_eq!(
+                err,
+                ExprError::UnknownName {
+                    name: name.to_string(),
+                    line: *line,
+                    column: *column
+                },
+                "{source}: {err}"
+            );
+            assert_eq!(err.kind(), "unknown_name");
+        }
+        // Bound names, types and namespaces are known.
+        for source in [
+            "event.properties.items.exists(i, i.price > 10)",
+            "event.properties.items.map(i, i.price).all(p, p > 0)",
+            "[1, 2].exists_one(x, x == 1)",
+            "type(event.type) == string && type(1) == int && type(null) == null_type",
+            "optional.of(1).hasValue()",
+            "event.properties.tags.map(t, [t].exists(u, u == t)).all(b, b)",
+        ] {
+            Expr::compile(source).unwrap_or_else(|e| panic!("{source}: {e}"));
+        }
+    }
+
+    #[test]
     fn missing_fields_and_type_errors_are_eval_errors() {
         let ev = event();
         for source in [
             "event.properties.discount > 0",
             "event.traits.email == \"a@b.c\"",
             "has(event.traits.email)",
-            "nobody == 1",
             "event.properties.currency > 1",
             "event.properties.quantity * 2 > 1",
             "event.properties.items[5].sku == \"x\"",
@@ -369,11 +521,11 @@ mod tests {
     fn a_result_that_is_not_a_bool_is_refused_at_evaluation() {
         let ev = event();
         for (source, got) in [
-            ("event.properties.quantity", "float"),
+            ("event.properties.quantity", "double"),
             ("event.type", "string"),
             ("event.properties.tags", "list"),
             ("event.context", "map"),
-            ("event.properties.coupon", "null"),
+            ("event.properties.coupon", "null_type"),
             ("1 + 2", "int"),
         ] {
             let err = Expr::compile(source)
@@ -398,7 +550,8 @@ mod tests {
         assert!(Arc::ptr_eq(&expr.inner, &copy.inner));
         assert_eq!(copy.source(), "event.properties.revenue > 10");
         assert_eq!(expr, copy);
-        let input = Input::new(&json!({"properties": {"revenue": 12}}));
+        let payload = json!({"properties": {"revenue": 12}});
+        let input = Input::new(&payload);
         let other = Expr::compile("event.properties.revenue < 100").expect("compiles");
         assert_eq!(expr.eval_bool_on(&input), Ok(true));
         assert_eq!(other.eval_bool_on(&input), Ok(true));

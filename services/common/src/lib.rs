@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod consent;
 mod events;
 pub mod expr;
 pub mod nats;
