@@ -419,6 +419,33 @@ mod tests {
         );
     }
 
+    /// Every part of the golden payload is reachable from a condition, under the names the
+    /// destination sees.
+    #[test]
+    fn conditions_reach_every_part_of_the_golden_payload() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/track.json");
+        let golden: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("golden file"))
+                .expect("json");
+        for condition in [
+            r#"event.type == "track" && event.event == "Order Completed""#,
+            r#"event.userId == "user-42" && event.anonymousId == "anon-7""#,
+            r#"event.messageId == "msg-1" && event.herald.eventId == "web:msg-1""#,
+            r#"event.properties.revenue > 19 && event.properties.currency == "EUR""#,
+            r#"event.properties.items.exists(i, i.sku == "A-1")"#,
+            r#"event.context.library.name.startsWith("analytics-")"#,
+            r#"event.integrations.All"#,
+            r#"event.herald.sourceId == "web" && event.herald.profileId == "user-42""#,
+            r#"event.herald.identities.exists(i, i.type == "anonymous_id" && i.value == "anon-7")"#,
+            r#"!event.herald.consent.optedOut && event.herald.consent.purposes.analytics"#,
+            r#"!event.herald.consent.purposes.advertising && !event.herald.historical"#,
+            r#"event.receivedAt.startsWith("2026-11-20T")"#,
+        ] {
+            let f = Filter::new(&[], &[], Some(condition)).expect(condition);
+            assert_eq!(f.matches(&golden), Ok(true), "{condition}");
+        }
+    }
+
     #[test]
     fn a_condition_that_fails_is_an_error_for_the_caller_to_count() {
         let f = Filter::new(&[], &[], Some("event.properties.revenue > 10")).expect("valid");

@@ -31,8 +31,8 @@
 //!
 //! The standard library is CEL's, with `matches()` (regular expressions) and without the
 //! `timestamp` and `duration` types (not built in, to keep the time-zone database out of the
-//! binary). Timestamps in the payload are RFC 3339 strings, which order correctly as strings when
-//! they share a format.
+//! binary). Timestamps in the payload are RFC 3339 strings; comparing them as strings is not a
+//! time comparison (the fractional seconds vary in length).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -85,6 +85,8 @@ pub enum ExprError {
         got: String,
     },
     /// Evaluation failed on this input: a missing field, a type mismatch, a division by zero.
+    /// The message names fields, functions and types, never a value of the event, so it can be
+    /// logged.
     #[error("evaluation failed: {0}")]
     Eval(String),
 }
@@ -169,9 +171,10 @@ impl Expr {
         &self.inner.source
     }
 
-    /// Evaluates the expression as a condition, with `event` bound to `event` (see the module
-    /// documentation for how JSON maps to CEL). A result that is not a bool is
-    /// [`ExprError::NotBool`]; a failure such as a missing field is [`ExprError::Eval`].
+    /// Evaluates the expression as a condition, with the variable `event` bound to `event`, the
+    /// payload JSON (see the module documentation for how JSON maps to CEL). A result that is
+    /// not a bool is [`ExprError::NotBool`]; a failure such as a missing field is
+    /// [`ExprError::Eval`].
     pub fn eval_bool(&self, event: &serde_json::Value) -> Result<bool, ExprError> {
         self.eval_bool_on(&Input::new(event))
     }
@@ -182,7 +185,7 @@ impl Expr {
         let mut ctx = cel::Context::with_env(ENV.clone());
         ctx.set_variable_resolver(input);
         let value = cel::Value::resolve_val(self.inner.program.expression(), &ctx)
-            .map_err(|e| ExprError::Eval(e.to_string()))?;
+            .map_err(|e| ExprError::Eval(describe(&e)))?;
         match value.downcast_ref::<CelBool>() {
             Some(b) => Ok(*b.inner()),
             None => Err(ExprError::NotBool {
@@ -229,6 +232,41 @@ fn to_cel(v: &serde_json::Value) -> Box<dyn Val + '_> {
                 .map(|(k, v)| (CelMapKey::from(k.as_str()), to_cel(v)))
                 .collect::<HashMap<_, _>>(),
         )),
+    }
+}
+
+/// An evaluation error in words that name fields, functions and types but never quote a value
+/// of the event, so the message can be logged without customer data.
+fn describe(e: &cel::ExecutionError) -> String {
+    use cel::ExecutionError as X;
+    let t = |v: &cel::Value| match v.type_of() {
+        cel::objects::ValueType::Float => "double".to_string(),
+        other => other.to_string(),
+    };
+    match e {
+        X::InvalidArgumentCount { .. }
+        | X::NoSuchKey(_)
+        | X::NoSuchOverload(_)
+        | X::UndeclaredReference(_)
+        | X::MissingArgumentOrTarget
+        | X::UnexpectedType { .. }
+        | X::FunctionError { .. } => e.to_string(),
+        X::ValuesNotComparable(a, b) => format!("can not compare ({}, {})", t(a), t(b)),
+        X::UnsupportedBinaryOperator(op, a, b) => {
+            format!("operator '{op}' not defined for ({}, {})", t(a), t(b))
+        }
+        X::Overflow(op, a, b) => format!("overflow in '{op}' on ({}, {})", t(a), t(b)),
+        X::UnsupportedIndex(i, v) => format!("can not index a {} with a {}", t(v), t(i)),
+        X::UnsupportedTargetType { target } => format!("unsupported argument type {}", t(target)),
+        X::NotSupportedAsMethod { method, target } => {
+            format!("method '{method}' not supported on type {}", t(target))
+        }
+        X::UnsupportedKeyType(v) => format!("a {} can not be a map key", t(v)),
+        X::DivisionByZero(_) => "division by zero".into(),
+        X::RemainderByZero(_) => "remainder by zero".into(),
+        X::IndexOutOfBounds(_) => "index out of bounds".into(),
+        X::DuplicateKey(_) => "repeated key in a map literal".into(),
+        _ => "evaluation failed".into(),
     }
 }
 
@@ -514,6 +552,31 @@ mod tests {
             let err = expr.eval_bool(&ev).expect_err(source);
             assert_eq!(err.kind(), "eval", "{source}: {err}");
             assert!(err.to_string().starts_with("evaluation failed: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn evaluation_errors_name_fields_and_types_never_values() {
+        let ev =
+            json!({"properties": {"email": "ann@example.com", "n": 7.5, "tags": ["secret-tag"]}});
+        for source in [
+            "event.properties.email > 1",
+            "event.properties.email + 1 == \"x\"",
+            "event.properties.n + 1 > 1.0",
+            "1 / 0 == 1",
+            "event.properties.tags[3] == \"x\"",
+            "event.properties.tags[event.properties.email] == \"x\"",
+            "event.properties.email.size() > event.properties.tags",
+            "event.properties.missing == 1",
+        ] {
+            let err = Expr::compile(source)
+                .expect(source)
+                .eval_bool(&ev)
+                .expect_err(source);
+            let text = err.to_string();
+            for value in ["ann@example", "7.5", "secret-tag"] {
+                assert!(!text.contains(value), "{source}: {text}");
+            }
         }
     }
 
