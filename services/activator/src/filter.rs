@@ -102,8 +102,9 @@ impl Filter {
         }
     }
 
-    /// [`Filter::matches`] with the payload already converted for CEL, to evaluate several
-    /// destinations' conditions on one event with one conversion.
+    /// [`Filter::matches`] with the payload already converted for CEL (`input` is
+    /// `Input::new(payload)`), to evaluate several destinations' conditions on one event with
+    /// one conversion.
     pub fn matches_input(&self, payload: &Value, input: &Input) -> Result<bool, ExprError> {
         if !self.matches_lists(payload) {
             return Ok(false);
@@ -123,7 +124,8 @@ impl Filter {
     }
 }
 
-/// Every event type name a payload can carry, `unspecified` excepted.
+/// Every event type name a payload can carry, `unspecified` (0) excepted: the proto's values
+/// are small, 64 leaves room for those to come.
 fn known_event_types() -> Vec<&'static str> {
     (1..=64)
         .filter_map(|i| EventType::try_from(i).ok())
@@ -253,8 +255,9 @@ impl ConsentPolicy {
     ///   [`UnknownConsent::Allow`];
     /// - a destination that requires no purpose gets everyone not opted out.
     ///
-    /// The caller must pass a `current` that is not older than the snapshot; a cache that is
-    /// behind can refuse an event that a newer grant allows (never the reverse for an opt-out).
+    /// A `current` older than the snapshot (a cache that is behind the processed stream) can
+    /// only refuse more, never less: it may drop an event whose snapshot carries a newer grant,
+    /// and the caller decides whether to wait for the cache to catch up first.
     pub fn decide(&self, snapshot: &Consent, current: Option<&Consent>) -> Decision {
         let states = [
             (ConsentSide::Event, Some(snapshot)),
