@@ -5,6 +5,7 @@
 mod config;
 pub mod destinations;
 mod events;
+pub mod filter;
 mod grpc;
 pub mod payload;
 mod worker;

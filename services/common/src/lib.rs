@@ -7,7 +7,9 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod consent;
 mod events;
+pub mod expr;
 pub mod nats;
 pub mod natsbin;
 pub mod ordered;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use herald_common::consent::purpose_name;
 use herald_proto::v1::{Consent, Event, EventType, ProcessedEvent};
 use serde::{Deserialize, Serialize};
 
@@ -35,16 +36,6 @@ pub struct ConsentState {
     /// consent-changed event if that event is redelivered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed_by: Option<String>,
-}
-
-/// Lower-case purpose names; CCPA's `data_sale_opt_out` is the purpose `data_sale`.
-pub fn purpose_name(name: &str) -> String {
-    let n = name.trim().to_lowercase();
-    if n == "data_sale_opt_out" {
-        "data_sale".into()
-    } else {
-        n
-    }
 }
 
 impl ConsentState {
