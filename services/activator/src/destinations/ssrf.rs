@@ -47,17 +47,29 @@ pub const DEV_ALLOWED_NETWORKS: [&str; 6] = [
 ];
 
 /// An address the guard refuses.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{host} resolves to {addr}, a loopback, private or link-local address; \
-     list a CIDR that covers it in {ALLOW_SETTING} to allow it"
-)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
     /// The host name or IP literal of the URL.
     pub host: String,
     /// The refused address.
     pub addr: IpAddr,
 }
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host != self.addr.to_string() {
+            write!(f, "{} resolves to ", self.host)?;
+        }
+        write!(
+            f,
+            "{}, a loopback, private or link-local address; list a CIDR that covers it in \
+             {ALLOW_SETTING} to allow it",
+            self.addr
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// Which addresses webhooks may reach: everything but [`REFUSED_NETWORKS`], except what the
 /// allow-list covers.
