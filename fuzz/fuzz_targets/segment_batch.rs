@@ -4,29 +4,19 @@
 
 #![no_main]
 
-use bytes::Bytes;
+mod common;
+
 use chrono::{TimeZone, Utc};
-use herald_ingest::{Encoding, Normaliser, SegmentShape, check_depth, decode, decode_body};
+use herald_ingest::{SegmentShape, decode};
 use herald_proto::v1::EventType;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, rest)) = data.split_first() else {
+    let Some(bytes) = common::decoded_body(data, 512 * 1024) else {
         return;
     };
-    let encoding = match selector % 3 {
-        0 => Encoding::Identity,
-        1 => Encoding::Gzip,
-        _ => Encoding::Deflate,
-    };
-    let Ok(bytes) = decode_body(Bytes::copy_from_slice(rest), encoding, 512 * 1024) else {
-        return;
-    };
-    if check_depth(&bytes, 64).is_err() {
-        return;
-    }
     let received_at = Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).unwrap();
-    let normaliser = Normaliser::with_default_limits("fuzz", received_at, 16);
+    let normaliser = common::normaliser(received_at);
     for shape in [
         SegmentShape::Batch,
         SegmentShape::Single(None),

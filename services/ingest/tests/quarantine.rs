@@ -11,9 +11,19 @@ use herald_proto::v1::{
 use herald_testkit::ingest;
 use herald_testkit::ingest::{DEADLINE, QuarantineClient, Running, metric};
 use herald_testkit::{segment_batch, segment_track, wait_until};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use herald_testkit::ingest::{CONTROL_TOKEN, SOURCE, WRITE_KEY};
+
+/// POSTs `body` as JSON to `url` with the acceptance key and `secret` as HTTP Basic credentials.
+async fn post(http: &reqwest::Client, url: &str, secret: &str, body: &Value) -> reqwest::Response {
+    http.post(url)
+        .basic_auth(WRITE_KEY, Some(secret))
+        .json(body)
+        .send()
+        .await
+        .expect("answer")
+}
 
 async fn list(
     q: &mut QuarantineClient,
@@ -261,13 +271,7 @@ async fn invalid_http_batch_items_are_quarantined_or_the_batch_is_refused() {
         json!({"type": "track", "userId": "u1", "messageId": "no-name"}),
     ]);
     body["context"] = json!({"locale": "en"});
-    let res = http
-        .post(&url)
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&body)
-        .send()
-        .await
-        .expect("answer");
+    let res = post(&http, &url, "", &body).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), r#"{"success":true}"#);
     let records = ingest.wait_quarantine(1).await;
@@ -286,13 +290,7 @@ async fn invalid_http_batch_items_are_quarantined_or_the_batch_is_refused() {
     );
     assert_eq!(ingest.wait_events(1).await[0].id, "acceptance:u1-1");
     // The same request again (an SDK retry): no second record.
-    let res = http
-        .post(&url)
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&body)
-        .send()
-        .await
-        .expect("answer");
+    let res = post(&http, &url, "", &body).await;
     assert_eq!(res.status(), 200);
     assert_eq!(ingest.quarantine().await.len(), 1);
 
@@ -304,23 +302,17 @@ async fn invalid_http_batch_items_are_quarantined_or_the_batch_is_refused() {
         segment_track("u2", 1),
         json!({"type": "track", "userId": "u2", "messageId": "no-name-2"}),
     ]);
-    let res = http
-        .post(&url)
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&body)
-        .send()
-        .await
-        .expect("answer");
+    let res = post(&http, &url, "", &body).await;
     assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("retry-after"));
     // A batch without invalid items needs no quarantine.
-    let res = http
-        .post(&url)
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&segment_batch(vec![segment_track("u3", 1)]))
-        .send()
-        .await
-        .expect("answer");
+    let res = post(
+        &http,
+        &url,
+        "",
+        &segment_batch(vec![segment_track("u3", 1)]),
+    )
+    .await;
     assert_eq!(res.status(), 200);
     let metrics = ingest.metrics().await;
     assert_eq!(
@@ -347,13 +339,7 @@ async fn mparticle_events_are_quarantined_and_redriven_after_a_config_change() {
     };
     let body = json!({"events": [event("small", 10), event("big", 4096)],
         "environment": "production", "user_identities": {"customerid": "u9"}});
-    let res = reqwest::Client::new()
-        .post(&url)
-        .basic_auth(WRITE_KEY, Some(ingest::WRITE_SECRET))
-        .json(&body)
-        .send()
-        .await
-        .expect("answer");
+    let res = post(&reqwest::Client::new(), &url, ingest::WRITE_SECRET, &body).await;
     assert_eq!(res.status(), 202);
     let records = ingest.wait_quarantine(1).await;
     let (seq, r) = &records[0];
@@ -418,13 +404,7 @@ async fn historical_records_redrive_as_historical_old_and_new() {
     );
     let mut bad = event("h-new");
     bad["events"][0]["data"]["event_name"] = json!("");
-    let res = http
-        .post(&url)
-        .basic_auth(WRITE_KEY, Some(ingest::WRITE_SECRET))
-        .json(&json!([bad]))
-        .send()
-        .await
-        .expect("HTTP answers");
+    let res = post(&http, &url, ingest::WRITE_SECRET, &json!([bad])).await;
     assert_eq!(res.status().as_u16(), 202);
     let records = ingest.wait_quarantine(1).await;
     let (_, new) = &records[0];

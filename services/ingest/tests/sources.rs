@@ -10,17 +10,18 @@ use herald_common::server::ServiceHandle;
 use herald_ingest::IngestConfig;
 use herald_proto::v1::source_service_client::SourceServiceClient;
 use herald_proto::v1::{
-    CreateSourceRequest, DeleteSourceRequest, DisableSourceRequest, EnableSourceRequest,
-    GetSourceRequest, ListSourcesRequest, RotateSourceKeyRequest, SourceSettings,
+    CreateSourceRequest, CreateSourceResponse, DeleteSourceRequest, DisableSourceRequest,
+    EnableSourceRequest, GetSourceRequest, ListSourcesRequest, RotateSourceKeyRequest,
+    RotateSourceKeyResponse, SourceSettings,
 };
 use herald_testkit::ingest::{
     CONTROL_TOKEN, DISABLED_KEY, SOURCE, WRITE_KEY, common_config, ingest_config,
 };
-use herald_testkit::{NatsServer, segment_batch, segment_track, wait_until};
+use herald_testkit::{NatsServer, post_segment_track, segment_batch, segment_track, wait_until};
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
 
 /// The contract: every replica sees a change within a second.
 const PROPAGATION: Duration = Duration::from_secs(1);
@@ -51,18 +52,14 @@ async fn start(nats_url: &str, cfg: IngestConfig, token: &CancellationToken) -> 
     Ingest { handle, http }
 }
 
-async fn wait_ready(i: &Ingest) {
-    let url = format!("http://{}/readyz", i.handle.admin_addr);
-    wait_until("ingest is ready", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            reqwest::get(&url)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        }
-    })
-    .await
-    .expect("ready");
+/// Waits until every one of `ingests` is ready.
+async fn wait_ready(ingests: &[&Ingest]) {
+    for i in ingests {
+        let ready = Duration::from_secs(20);
+        herald_testkit::wait_ready("ingest is ready", i.handle.admin_addr, ready)
+            .await
+            .expect("ready");
+    }
 }
 
 async fn client(i: &Ingest) -> Client {
@@ -74,16 +71,30 @@ async fn client(i: &Ingest) -> Client {
     SourceServiceClient::with_interceptor(channel, BearerToken::new(CONTROL_TOKEN).expect("token"))
 }
 
+/// Creates the source `id` with generated keys.
+async fn create(c: &mut Client, id: &str) -> Result<CreateSourceResponse, Status> {
+    c.create_source(CreateSourceRequest {
+        id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .map(Response::into_inner)
+}
+
+/// Gives the source `id` new generated keys.
+async fn rotate(c: &mut Client, id: &str) -> RotateSourceKeyResponse {
+    c.rotate_source_key(RotateSourceKeyRequest {
+        id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("rotate")
+    .into_inner()
+}
+
 /// The status of one Segment batch sent with `key`.
 async fn post(i: &Ingest, key: &str) -> u16 {
-    reqwest::Client::new()
-        .post(format!("http://{}/v1/batch", i.http))
-        .basic_auth(key, Some(""))
-        .json(&segment_batch(vec![segment_track("u1", 1)]))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
+    post_segment_track(i.http, key).await
 }
 
 async fn wait_status(i: &Ingest, key: &str, want: u16, what: &str) {
@@ -99,12 +110,15 @@ async fn wait_status(i: &Ingest, key: &str, want: u16, what: &str) {
     }
 }
 
-async fn stop(i: Ingest, token: &CancellationToken) {
+/// Cancels `token` and waits until every one of `ingests` (started with it) has stopped.
+async fn stop(token: &CancellationToken, ingests: impl IntoIterator<Item = Ingest>) {
     token.cancel();
-    tokio::time::timeout(Duration::from_secs(10), i.handle.task)
-        .await
-        .expect("stops")
-        .expect("task ends cleanly");
+    for i in ingests {
+        tokio::time::timeout(Duration::from_secs(10), i.handle.task)
+            .await
+            .expect("stops")
+            .expect("task ends cleanly");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +126,7 @@ async fn create_list_get_rotate_disable_enable_delete() {
     let nats = NatsServer::start().await.expect("nats-server");
     let token = CancellationToken::new();
     let ingest = start(&nats.url(), ingest_config(), &token).await;
-    wait_ready(&ingest).await;
+    wait_ready(&[&ingest]).await;
     let mut c = client(&ingest).await;
 
     // The config file's sources were seeded into the bucket.
@@ -192,13 +206,7 @@ async fn create_list_get_rotate_disable_enable_delete() {
     assert!(got.created_at.is_some() && got.updated_at.is_some());
 
     // Refusals say what is wrong.
-    let again = c
-        .create_source(CreateSourceRequest {
-            id: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let again = create(&mut c, "web").await.unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
     let taken = c
         .create_source(CreateSourceRequest {
@@ -210,13 +218,7 @@ async fn create_list_get_rotate_disable_enable_delete() {
         .unwrap_err();
     assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
     assert!(taken.message().contains("in use"), "{taken:?}");
-    let bad = c
-        .create_source(CreateSourceRequest {
-            id: "bad.id".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let bad = create(&mut c, "bad.id").await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
     let missing = c
         .get_source(GetSourceRequest { id: "nope".into() })
@@ -243,14 +245,7 @@ async fn create_list_get_rotate_disable_enable_delete() {
     assert_eq!(chosen.write_secret, "ios-chosen-secret");
     wait_status(&ingest, "ios-chosen-write-key", 200, "the chosen key works").await;
 
-    let rotated = c
-        .rotate_source_key(RotateSourceKeyRequest {
-            id: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("rotate")
-        .into_inner();
+    let rotated = rotate(&mut c, "web").await;
     assert_ne!(rotated.write_key, key);
     assert_ne!(rotated.write_secret, secret);
     wait_status(&ingest, &key, 401, "the old key stops working").await;
@@ -297,14 +292,9 @@ async fn create_list_get_rotate_disable_enable_delete() {
     assert_eq!(ids, [SOURCE, "disabled", "ios"]);
 
     // A deleted id can be created again.
-    c.create_source(CreateSourceRequest {
-        id: "web".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("re-create");
+    create(&mut c, "web").await.expect("re-create");
 
-    stop(ingest, &token).await;
+    stop(&token, [ingest]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,28 +303,13 @@ async fn a_second_replica_follows_changes_within_a_second() {
     let token = CancellationToken::new();
     let a = start(&nats.url(), ingest_config(), &token).await;
     let b = start(&nats.url(), ingest_config(), &token).await;
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    wait_ready(&[&a, &b]).await;
     let mut c = client(&a).await;
 
-    let created = c
-        .create_source(CreateSourceRequest {
-            id: "app".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create")
-        .into_inner();
+    let created = create(&mut c, "app").await.expect("create");
     wait_status(&b, &created.write_key, 200, "replica B accepts the new key").await;
 
-    let rotated = c
-        .rotate_source_key(RotateSourceKeyRequest {
-            id: "app".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("rotate")
-        .into_inner();
+    let rotated = rotate(&mut c, "app").await;
     wait_status(&b, &created.write_key, 401, "replica B refuses the old key").await;
     wait_status(&b, &rotated.write_key, 200, "replica B accepts the new key").await;
 
@@ -382,13 +357,7 @@ async fn a_second_replica_follows_changes_within_a_second() {
         .expect("source");
     assert!(!on_b.enabled);
 
-    token.cancel();
-    for i in [a, b] {
-        tokio::time::timeout(Duration::from_secs(10), i.handle.task)
-            .await
-            .expect("stops")
-            .expect("task ends cleanly");
-    }
+    stop(&token, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,7 +365,7 @@ async fn api_changes_survive_restarts_until_the_config_entry_changes() {
     let nats = NatsServer::start().await.expect("nats-server");
     let token = CancellationToken::new();
     let ingest = start(&nats.url(), ingest_config(), &token).await;
-    wait_ready(&ingest).await;
+    wait_ready(&[&ingest]).await;
     let rotated = client(&ingest)
         .await
         .rotate_source_key(RotateSourceKeyRequest {
@@ -406,25 +375,25 @@ async fn api_changes_survive_restarts_until_the_config_entry_changes() {
         .await
         .expect("rotate the config source")
         .into_inner();
-    stop(ingest, &token).await;
+    stop(&token, [ingest]).await;
 
     // Same config: the rotation holds; the config file's old key stays refused.
     let token = CancellationToken::new();
     let ingest = start(&nats.url(), ingest_config(), &token).await;
-    wait_ready(&ingest).await;
+    wait_ready(&[&ingest]).await;
     assert_eq!(post(&ingest, WRITE_KEY).await, 401);
     assert_eq!(post(&ingest, &rotated.write_key).await, 200);
-    stop(ingest, &token).await;
+    stop(&token, [ingest]).await;
 
     // A changed config entry wins.
     let mut cfg = ingest_config();
     cfg.sources[0].write_key = herald_common::Secret("acceptance-key-from-config-2".into());
     let token = CancellationToken::new();
     let ingest = start(&nats.url(), cfg, &token).await;
-    wait_ready(&ingest).await;
+    wait_ready(&[&ingest]).await;
     assert_eq!(post(&ingest, "acceptance-key-from-config-2").await, 200);
     assert_eq!(post(&ingest, &rotated.write_key).await, 401);
-    stop(ingest, &token).await;
+    stop(&token, [ingest]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,9 +426,9 @@ async fn answers_503_until_sources_are_loaded() {
     assert_eq!(unavailable.code(), Code::Unavailable, "{unavailable:?}");
 
     nats.restart().await.expect("nats-server restarts");
-    wait_ready(&ingest).await;
+    wait_ready(&[&ingest]).await;
     assert_eq!(post(&ingest, WRITE_KEY).await, 200);
-    stop(ingest, &token).await;
+    stop(&token, [ingest]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,12 +437,10 @@ async fn changes_still_arrive_after_nats_restarts() {
     let token = CancellationToken::new();
     let a = start(&nats.url(), ingest_config(), &token).await;
     let b = start(&nats.url(), ingest_config(), &token).await;
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    wait_ready(&[&a, &b]).await;
 
     nats.restart().await.expect("nats-server restarts");
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    wait_ready(&[&a, &b]).await;
     // The first call after the restart may race the client's reconnect.
     let c = client(&a).await;
     wait_until(
@@ -487,14 +454,7 @@ async fn changes_still_arrive_after_nats_restarts() {
     .await
     .expect("answers");
     let mut c = c;
-    let created = c
-        .create_source(CreateSourceRequest {
-            id: "late".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create")
-        .into_inner();
+    let created = create(&mut c, "late").await.expect("create");
     wait_status(
         &b,
         &created.write_key,
@@ -507,11 +467,5 @@ async fn changes_still_arrive_after_nats_restarts() {
         .expect("disable");
     wait_status(&b, &created.write_key, 403, "and the next one").await;
 
-    token.cancel();
-    for i in [a, b] {
-        tokio::time::timeout(Duration::from_secs(10), i.handle.task)
-            .await
-            .expect("stops")
-            .expect("task ends cleanly");
-    }
+    stop(&token, [a, b]).await;
 }

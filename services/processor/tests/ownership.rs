@@ -9,18 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
+use async_nats::jetstream;
 use herald_common::auth::BearerToken;
 use herald_common::ownership::OwnershipConfig;
-use herald_common::partition::partition_for;
 use herald_common::server::ServiceHandle;
 use herald_common::{CommonConfig, ControlConfig, NatsConfig, Topology, TopologyConfig, telemetry};
 use herald_processor::ProcessorConfig;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
-use herald_proto::v1::{Event, EventType, GetStatusRequest, GetStatusResponse, ProcessedEvent};
-use herald_testkit::{NatsCluster, NatsServer, wait_until};
-use prost::Message as _;
+use herald_proto::v1::{GetStatusRequest, GetStatusResponse};
+use herald_testkit::{
+    NatsCluster, NatsServer, check_processed_in_order, protobuf_track, publish_as_ingest,
+    user_per_partition, wait_ready, wait_until,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -28,6 +28,8 @@ use tonic::transport::Channel;
 
 const TOKEN: &str = "ownership-test-token";
 const PARTITIONS: u32 = 16;
+/// The load's users: one per partition.
+const USERS: usize = PARTITIONS as usize;
 const WAIT: Duration = Duration::from_secs(30);
 
 type StatusClient = ProcessorServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -66,13 +68,7 @@ impl Replica {
         let shutdown = CancellationToken::new();
         let handle =
             herald_processor::start(&common, &cfg, telemetry::metrics(), shutdown.clone()).await?;
-        let ready = format!("http://{}/readyz", handle.admin_addr);
-        wait_until("the processor replica is ready", WAIT, || async {
-            reqwest::get(&ready)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await?;
+        wait_ready("the processor replica is ready", handle.admin_addr, WAIT).await?;
         let channel = Channel::from_shared(format!("http://{}", handle.grpc_addr))?
             .connect()
             .await?;
@@ -172,61 +168,28 @@ async fn wait_balanced(replicas: &[&Replica], active: bool) -> Result<Duration> 
     }
 }
 
-/// One user per partition, so that load reaches every partition.
-fn users() -> Vec<String> {
-    (0..PARTITIONS)
-        .map(|p| {
-            (0..)
-                .map(|i| format!("user-{i}"))
-                .find(|u| partition_for(u, PARTITIONS) == p)
-                .expect("some user falls in every partition")
-        })
-        .collect()
+/// The topology of `cfg`, with its events stream created (ingest's in production).
+async fn events_stream(js: &jetstream::Context, cfg: &TopologyConfig) -> Result<Topology> {
+    let topology = Topology::new(cfg.clone());
+    herald_common::nats::ensure_stream(js, topology.events_stream_config()).await?;
+    Ok(topology)
 }
 
-/// An event of `user`, number `seq` of that user, routed as ingest routes it.
-fn event(user: &str, seq: u64) -> Event {
-    Event {
-        id: format!("own:{user}-{seq}"),
-        message_id: format!("{user}-{seq}"),
-        source_id: "own".into(),
-        r#type: EventType::Track as i32,
-        name: "Tick".into(),
-        user_id: user.into(),
-        partition_key: user.into(),
-        partition: partition_for(user, PARTITIONS),
-        properties: format!("{{\"seq\":{seq}}}").into_bytes(),
-        ..Default::default()
-    }
-}
-
-/// Publishes events `seqs` of every user, pipelined, as ingest would.
+/// Publishes events `seqs` of every user (one per partition), pipelined, as ingest would.
 async fn publish(
     js: &jetstream::Context,
     topology: &Topology,
     seqs: std::ops::Range<u64>,
 ) -> Result<u64> {
-    let users = users();
-    let mut acks = Vec::new();
-    for seq in seqs {
-        for user in &users {
-            let e = event(user, seq);
-            acks.push(
-                js.send_publish(
-                    topology.events_subject(e.partition),
-                    jetstream::message::PublishMessage::build()
-                        .payload(e.encode_to_vec().into())
-                        .message_id(&e.id),
-                )
-                .await?,
-            );
-        }
-    }
-    let n = acks.len() as u64;
-    for ack in acks {
-        ack.await?;
-    }
-    Ok(n)
+    let users = user_per_partition(PARTITIONS);
+    let events: Vec<_> = seqs
+        .flat_map(|seq| {
+            users
+                .iter()
+                .map(move |user| protobuf_track("own", user, seq, PARTITIONS))
+        })
+        .collect();
+    publish_as_ingest(js, topology, events).await
 }
 
 /// Load: one round of events (one per user) every few milliseconds, from round `from` on.
@@ -277,70 +240,12 @@ impl Load {
     }
 }
 
-/// Reads the processed stream and checks each user's events `0..rounds` are all there, once,
-/// in order.
-async fn check_processed(js: &jetstream::Context, topology: &Topology, rounds: u64) -> Result<()> {
-    let users = PARTITIONS as usize;
-    let total = users * rounds as usize;
-    let stream = js.get_stream(topology.processed_stream()).await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer
-        .stream()
-        .heartbeat(Duration::from_secs(1))
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await?;
-    let mut per_user: HashMap<String, Vec<u64>> = HashMap::new();
-    let mut seen = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen < total {
-        let next = tokio::time::timeout_at(deadline, messages.next())
-            .await
-            .with_context(|| format!("only {seen} of {total} events were processed"))?;
-        let msg = next.context("the processed stream ended")??;
-        let processed = ProcessedEvent::decode(msg.payload.as_ref())?;
-        let Some(e) = processed.event else { continue };
-        if e.r#type != EventType::Track as i32 {
-            continue;
-        }
-        let (user, seq) = e
-            .message_id
-            .rsplit_once('-')
-            .context("message id is user-seq")?;
-        per_user
-            .entry(user.to_string())
-            .or_default()
-            .push(seq.parse()?);
-        seen += 1;
-    }
-    ensure!(
-        per_user.len() == users,
-        "{} users of {users}",
-        per_user.len()
-    );
-    for (user, seqs) in per_user {
-        let expected: Vec<u64> = (0..rounds).collect();
-        ensure!(
-            seqs == expected,
-            "{user}: events missing, repeated or out of order: {seqs:?}"
-        );
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_the_partitions_and_hand_over_quickly_on_shutdown() -> Result<()> {
     let nats = NatsServer::start().await?;
     let js = nats.jetstream().await;
     let topology_cfg = TopologyConfig::default();
-    let topology = Topology::new(topology_cfg.clone());
-    herald_common::nats::ensure_stream(&js, topology.events_stream_config()).await?;
+    let topology = events_stream(&js, &topology_cfg).await?;
     // Long TTL and pin timeout: a quick handover must come from leaving and unpinning, not
     // from anything expiring.
     let ownership = OwnershipConfig {
@@ -387,7 +292,7 @@ async fn two_replicas_share_the_partitions_and_hand_over_quickly_on_shutdown() -
         "handover took {took:?}: it must not wait for the pin timeout"
     );
     let rounds = load.finish().await?;
-    check_processed(&js, &topology, rounds).await?;
+    check_processed_in_order(&js, &topology.processed_stream(), USERS, rounds).await?;
     r1.stop().await?;
     Ok(())
 }
@@ -440,8 +345,7 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
         replicas: 3,
         ..Default::default()
     };
-    let topology = Topology::new(topology_cfg.clone());
-    herald_common::nats::ensure_stream(&js, topology.events_stream_config()).await?;
+    let topology = events_stream(&js, &topology_cfg).await?;
     let ownership = OwnershipConfig {
         heartbeat_ms: 500,
         member_ttl_seconds: 3,
@@ -531,7 +435,7 @@ async fn scaling_from_one_to_three_and_back_under_load_keeps_one_owner_per_parti
     let rounds = load.finish().await?;
     stop_sampling.cancel();
     sampler.await?;
-    check_processed(&js, &topology, rounds).await?;
+    check_processed_in_order(&js, &topology.processed_stream(), USERS, rounds).await?;
 
     let samples = std::mem::take(&mut *samples.lock().expect("lock"));
     println!(

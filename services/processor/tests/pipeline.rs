@@ -20,7 +20,7 @@ use herald_proto::v1::{
     EraseRequest, ErasureState, Event, EventType, GetErasureStatusRequest, GetProfileRequest,
     Identity, ProcessedEvent, SuppressRequest, UnsuppressRequest,
 };
-use herald_testkit::{NatsServer, wait_until};
+use herald_testkit::{NatsServer, read_from_start, wait_ready};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -61,28 +61,16 @@ impl ProcessedReader {
         let t = topology();
         let name = t.processed_stream();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let stream = loop {
+        loop {
             match js.get_stream(&name).await {
-                Ok(s) => break s,
+                Ok(_) => break,
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     bail!("the processed stream never appeared: {e}")
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-        };
-        let consumer = stream
-            .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await?;
-        let messages = consumer
-            .stream()
-            .heartbeat(Duration::from_secs(1))
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await?;
+        }
+        let messages = read_from_start(js, &name).await?;
         Ok(Self {
             messages,
             seen: Vec::new(),
@@ -131,16 +119,10 @@ async fn start(nats: &NatsServer) -> Result<(ServiceHandle, CancellationToken)> 
     };
     let shutdown = CancellationToken::new();
     let h = herald_processor::start(&common, &cfg, telemetry::metrics(), shutdown.clone()).await?;
-    let ready = format!("http://{}/readyz", h.admin_addr);
     // The events stream is ingest's: create it so the processor can bind.
     herald_common::nats::ensure_stream(&nats.jetstream().await, topology().events_stream_config())
         .await?;
-    wait_until("the processor is ready", WAIT, || async {
-        reqwest::get(&ready)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await?;
+    wait_ready("the processor is ready", h.admin_addr, WAIT).await?;
     Ok((h, shutdown))
 }
 

@@ -1,10 +1,9 @@
 //! End-to-end harness: the three Herald services started in-process, through the same library
 //! functions the binary uses, on port 0, against a real nats-server from the testkit.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind};
 use herald_common::server::ServiceHandle;
 use herald_common::{CommonConfig, ControlConfig, NatsConfig, Secret, TopologyConfig, telemetry};
@@ -37,6 +36,26 @@ impl Default for PipelineOptions {
             webhook_url: None,
             ack_wait_seconds: 2,
         }
+    }
+}
+
+impl PipelineOptions {
+    /// The defaults, with one webhook destination (`hook`) at `url`.
+    pub fn webhook(url: String) -> Self {
+        Self {
+            webhook_url: Some(url),
+            ..Default::default()
+        }
+    }
+}
+
+/// The default processor config with every listener on a port of 127.0.0.1 the system picks.
+pub fn processor_config() -> ProcessorConfig {
+    ProcessorConfig {
+        grpc_addr: "127.0.0.1:0".into(),
+        http_addr: "127.0.0.1:0".into(),
+        admin_addr: "127.0.0.1:0".into(),
+        ..Default::default()
     }
 }
 
@@ -80,11 +99,8 @@ impl Pipeline {
             ..Default::default()
         };
         let processor_cfg = ProcessorConfig {
-            grpc_addr: "127.0.0.1:0".into(),
-            http_addr: "127.0.0.1:0".into(),
-            admin_addr: "127.0.0.1:0".into(),
             ack_wait_seconds: opts.ack_wait_seconds,
-            ..Default::default()
+            ..processor_config()
         };
         let activator_cfg = ActivatorConfig {
             grpc_addr: "127.0.0.1:0".into(),
@@ -125,9 +141,7 @@ impl Pipeline {
             http: reqwest::Client::new(),
         };
         for s in [&p.ingest, &p.processor, &p.activator] {
-            wait_ready(&p.http, s.admin_addr)
-                .await
-                .with_context(|| s.name)?;
+            herald_testkit::wait_ready(s.name, s.admin_addr, Duration::from_secs(30)).await?;
         }
         Ok(p)
     }
@@ -169,27 +183,6 @@ impl Pipeline {
         for s in [self.ingest, self.processor, self.activator] {
             let _ = s.task.await;
         }
-    }
-}
-
-/// Polls `/readyz` until it answers 200 (30 s deadline).
-pub async fn wait_ready(http: &reqwest::Client, admin: SocketAddr) -> Result<()> {
-    let url = format!("http://{admin}/readyz");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(&url).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            let body = match http.get(&url).send().await {
-                Ok(r) => r.text().await.unwrap_or_default(),
-                Err(e) => e.to_string(),
-            };
-            bail!("{url} not ready within 30 s: {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use herald_common::auth::BearerToken;
+use herald_common::server::ServiceHandle;
 use herald_common::{CommonConfig, ControlConfig, NatsConfig, telemetry};
-use herald_e2e::{CONTROL_TOKEN, Pipeline, PipelineOptions, SOURCE_ID, wait_ready};
+use herald_e2e::{CONTROL_TOKEN, Pipeline, PipelineOptions, SOURCE_ID, processor_config};
 use herald_proto::v1::activator_service_client::ActivatorServiceClient;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
 use herald_proto::v1::source_service_client::SourceServiceClient;
@@ -21,14 +22,7 @@ use tonic_health::pb::health_client::HealthClient;
 async fn control_rpcs_report_sources_status_and_destinations() -> Result<()> {
     let nats = NatsServer::start().await?;
     let hook = WebhookServer::start().await?;
-    let p = Pipeline::start(
-        &nats.url(),
-        PipelineOptions {
-            webhook_url: Some(hook.url()),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let p = Pipeline::start(&nats.url(), PipelineOptions::webhook(hook.url())).await?;
     let batch = segment_batch((0..10).map(|i| segment_track("user-1", i)).collect());
     assert_eq!(p.post_batch(&batch).await?.0, 200);
     hook.wait_for(10, Duration::from_secs(30)).await?;
@@ -100,12 +94,7 @@ async fn processor_waits_not_ready_until_the_events_stream_exists() -> Result<()
         control: ControlConfig::with_token(CONTROL_TOKEN),
         ..Default::default()
     };
-    let cfg = herald_processor::ProcessorConfig {
-        grpc_addr: "127.0.0.1:0".into(),
-        http_addr: "127.0.0.1:0".into(),
-        admin_addr: "127.0.0.1:0".into(),
-        ..Default::default()
-    };
+    let cfg = processor_config();
     let shutdown = CancellationToken::new();
     let h = herald_processor::start(&common, &cfg, telemetry::metrics(), shutdown.clone()).await?;
     let http = reqwest::Client::new();
@@ -141,7 +130,12 @@ async fn processor_waits_not_ready_until_the_events_stream_exists() -> Result<()
         herald_common::Topology::new(Default::default()).events_stream_config(),
     )
     .await?;
-    wait_ready(&http, h.admin_addr).await?;
+    herald_testkit::wait_ready(
+        "the activator is ready",
+        h.admin_addr,
+        Duration::from_secs(30),
+    )
+    .await?;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), h.task).await??;
     Ok(())
@@ -241,42 +235,24 @@ async fn control_apis_require_the_token_and_health_does_not() -> Result<()> {
         ..Default::default()
     };
     let shutdown = CancellationToken::new();
+    let (m, s) = (telemetry::metrics, &shutdown);
     let errors = [
-        herald_ingest::start(
-            &common,
-            &herald_ingest::IngestConfig::default(),
-            telemetry::metrics(),
-            shutdown.clone(),
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err()
-        .to_string(),
-        herald_processor::start(
-            &common,
-            &herald_processor::ProcessorConfig::default(),
-            telemetry::metrics(),
-            shutdown.clone(),
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err()
-        .to_string(),
-        herald_activator::start(
-            &common,
-            &herald_activator::ActivatorConfig::default(),
-            telemetry::metrics(),
-            shutdown.clone(),
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err()
-        .to_string(),
+        refusal(herald_ingest::start(&common, &Default::default(), m(), s.clone()).await),
+        refusal(herald_processor::start(&common, &Default::default(), m(), s.clone()).await),
+        refusal(herald_activator::start(&common, &Default::default(), m(), s.clone()).await),
     ];
     for e in errors {
         assert!(e.contains("set control.token or control.token_file"), "{e}");
     }
     Ok(())
+}
+
+/// The error of a service start that must fail, as text.
+fn refusal<E: std::fmt::Display>(started: Result<ServiceHandle, E>) -> String {
+    match started {
+        Ok(_) => panic!("the service started"),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// `nats.servers` takes several URLs separated by commas; the client reaches whichever is up.

@@ -60,14 +60,7 @@ fn batches(users: usize, per_user: usize, size: usize) -> Vec<Value> {
 async fn thousand_events_arrive_exactly_once_in_per_user_order() -> Result<()> {
     let nats = NatsServer::start().await?;
     let hook = WebhookServer::start().await?;
-    let p = Pipeline::start(
-        &nats.url(),
-        PipelineOptions {
-            webhook_url: Some(hook.url()),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let p = Pipeline::start(&nats.url(), PipelineOptions::webhook(hook.url())).await?;
 
     for b in batches(50, 20, 100) {
         let (status, body) = p.post_batch(&b).await?;
@@ -148,14 +141,7 @@ async fn thousand_events_arrive_exactly_once_in_per_user_order() -> Result<()> {
 async fn a_retried_batch_produces_no_duplicates_downstream() -> Result<()> {
     let nats = NatsServer::start().await?;
     let hook = WebhookServer::start().await?;
-    let p = Pipeline::start(
-        &nats.url(),
-        PipelineOptions {
-            webhook_url: Some(hook.url()),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let p = Pipeline::start(&nats.url(), PipelineOptions::webhook(hook.url())).await?;
     let batch = batches(5, 4, 20).remove(0);
     for _ in 0..3 {
         let (status, _) = p.post_batch(&batch).await?;
@@ -194,14 +180,7 @@ async fn a_failing_webhook_that_recovers_gets_each_users_events_in_order() -> Re
     let nats = NatsServer::start().await?;
     let hook = WebhookServer::start().await?;
     hook.set_failing(503);
-    let p = Pipeline::start(
-        &nats.url(),
-        PipelineOptions {
-            webhook_url: Some(hook.url()),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let p = Pipeline::start(&nats.url(), PipelineOptions::webhook(hook.url())).await?;
     for b in batches(10, 20, 50) {
         assert_eq!(p.post_batch(&b).await?.0, 200);
     }
@@ -233,12 +212,11 @@ async fn three_times_the_events_stream_size_flows_through() -> Result<()> {
     let p = Pipeline::start(
         &nats.url(),
         PipelineOptions {
-            webhook_url: Some(hook.url()),
             topology: TopologyConfig {
                 events_max_bytes: max_bytes,
                 ..Default::default()
             },
-            ..Default::default()
+            ..PipelineOptions::webhook(hook.url())
         },
     )
     .await?;

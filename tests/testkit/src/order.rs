@@ -1,4 +1,5 @@
-//! Checking what reached the processed stream: every user's events, each once, in order.
+//! Reading a stream from its start, and checking what reached the processed stream: every
+//! user's events, each once, in order.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,6 +10,33 @@ use futures_util::StreamExt as _;
 use herald_proto::v1::{EventType, ProcessedEvent};
 use prost::Message as _;
 use tokio::time::Instant;
+
+/// Every message of the stream `stream`, from its first on, through a new ephemeral consumer
+/// that acknowledges nothing.
+///
+/// # Errors
+///
+/// When the stream does not exist or the consumer cannot be created.
+pub async fn read_from_start(
+    js: &jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<consumer::pull::Stream> {
+    let consumer = js
+        .get_stream(stream)
+        .await?
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    Ok(consumer
+        .stream()
+        .heartbeat(Duration::from_secs(1))
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await?)
+}
 
 /// Reads the processed stream `stream` from its start and checks that each of `users` users'
 /// tracks `0..rounds` (message ids `<user>-<seq>`, as [`crate::protobuf_track`] makes them) is
@@ -24,21 +52,7 @@ pub async fn check_processed_in_order(
     rounds: u64,
 ) -> anyhow::Result<()> {
     let total = users * rounds as usize;
-    let consumer = js
-        .get_stream(stream)
-        .await?
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::All,
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer
-        .stream()
-        .heartbeat(Duration::from_secs(1))
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await?;
+    let mut messages = read_from_start(js, stream).await?;
     let mut per_user: HashMap<String, Vec<u64>> = HashMap::new();
     let mut seen = 0usize;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -28,7 +28,8 @@ where
 }
 
 /// Waits until the admin server at `admin` (`host:port`) answers `/readyz` with a success,
-/// failing after `timeout` with a message naming `what` (e.g. `"ingest is ready"`).
+/// failing after `timeout` with a message naming `what` (e.g. `"ingest is ready"`) and what
+/// `/readyz` still answers.
 ///
 /// # Errors
 ///
@@ -40,14 +41,23 @@ pub async fn wait_ready(
 ) -> anyhow::Result<()> {
     let url = format!("http://{admin}/readyz");
     let client = reqwest::Client::new();
-    wait_until(what, timeout, || async {
+    let waited = wait_until(what, timeout, || async {
         client
             .get(&url)
             .send()
             .await
             .is_ok_and(|r| r.status().is_success())
     })
-    .await
+    .await;
+    if let Err(e) = waited {
+        // What the service still waits for, from its own answer.
+        let answer = match client.get(&url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        bail!("{e}: {url} answers {answer}");
+    }
+    Ok(())
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
