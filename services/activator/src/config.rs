@@ -1,7 +1,10 @@
 //! The activator's config section (`[activator]`, env `HERALD__ACTIVATOR__*`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use herald_common::config::Secret;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Settings of the activator service.
@@ -27,6 +30,11 @@ pub struct ActivatorConfig {
     pub shutdown_timeout_seconds: u64,
     /// The destinations.
     pub destinations: Vec<DestinationConfig>,
+    /// CIDRs webhooks may reach although they are loopback, private or link-local (e.g.
+    /// `["10.20.0.0/16"]`); every other such address is refused (see
+    /// [`crate::destinations::ssrf`]). Empty by default; `herald dev` allows loopback and
+    /// private ranges.
+    pub allow_private_networks: Vec<IpNet>,
 }
 
 impl Default for ActivatorConfig {
@@ -41,6 +49,7 @@ impl Default for ActivatorConfig {
             retry_max_backoff_ms: 5_000,
             shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             destinations: Vec::new(),
+            allow_private_networks: Vec::new(),
         }
     }
 }
@@ -82,6 +91,15 @@ pub struct DestinationConfig {
     /// File to append lines to (log only); stdout when absent.
     #[serde(default)]
     pub log_file: Option<PathBuf>,
+    /// Extra request headers (webhook only), e.g. `{ Authorization = "Bearer ..." }`; their
+    /// values are secrets (redacted in `Debug`). `Content-Type`, `Idempotency-Key` and
+    /// `Herald-Signature` are Herald's and cannot be set here.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// Signing secret (webhook only): with it every request carries `Herald-Signature`
+    /// (see [`crate::destinations::WebhookSender`]).
+    #[serde(default)]
+    pub secret: Option<Secret>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -99,6 +117,14 @@ impl DestinationConfig {
         {
             return Err(format!(
                 "destination id {:?} must be letters, digits, '-' or '_'",
+                self.id
+            ));
+        }
+        if self.kind != DestinationKind::Webhook
+            && (!self.headers.is_empty() || self.secret.is_some())
+        {
+            return Err(format!(
+                "destination {:?}: headers and secret apply to webhook destinations only",
                 self.id
             ));
         }

@@ -14,7 +14,7 @@ pub fn describe() {
     );
     describe_counter!(
         "herald_activator_send_failures_total",
-        "Failed send attempts, by destination and reason; each is retried."
+        "Failed send attempts, by destination, reason and class (transient or permanent); each is retried."
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
@@ -51,6 +51,8 @@ pub struct SendFailed<'a> {
     pub destination: &'a str,
     /// The failure's kind (a closed set).
     pub reason: &'static str,
+    /// `transient` or `permanent` (whether sending again can succeed).
+    pub class: &'static str,
     /// Failed attempts so far.
     pub attempt: u32,
     /// The pause before the next attempt.
@@ -65,12 +67,13 @@ impl SendFailed<'_> {
         tracing::warn!(
             destination = self.destination,
             reason = self.reason,
+            class = self.class,
             attempt = self.attempt,
             wait_ms = self.wait.as_millis(),
             error = self.error,
             "send failed; retrying"
         );
-        counter!("herald_activator_send_failures_total", "destination" => self.destination.to_string(), "reason" => self.reason)
+        counter!("herald_activator_send_failures_total", "destination" => self.destination.to_string(), "reason" => self.reason, "class" => self.class)
             .increment(1);
     }
 }

@@ -54,9 +54,12 @@ pub async fn start(
         .map_err(|e| ActivatorError::Config(e.to_string()))?;
     let auth = herald_common::auth::ControlAuth::from_config(&common.control)
         .map_err(|e| ActivatorError::Config(e.to_string()))?;
+    let guard = Arc::new(destinations::NetworkGuard::new(&cfg.allow_private_networks));
     let mut senders = Vec::with_capacity(cfg.destinations.len());
     for d in &cfg.destinations {
-        let sender = destinations::Sender::new(d).map_err(ActivatorError::Config)?;
+        let sender = destinations::Sender::new(d, &guard)
+            .await
+            .map_err(ActivatorError::Config)?;
         senders.push((
             d.clone(),
             Arc::new(sender),

@@ -160,6 +160,7 @@ async fn deliver_in_order(
 ) {
     for item in items {
         let sent = Retry::new(max_backoff)
+            .jitter()
             .run(
                 cancel,
                 || async {
@@ -170,15 +171,18 @@ async fn deliver_in_order(
                 |f: &mut Failure<'_, SendError>| {
                     stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
                     // A destination's Retry-After replaces the backoff, within bounds.
-                    if let Some(after) = f.error.retry_after {
+                    if let Some(after) = f.error.retry_after() {
                         f.wait = after.min(max_backoff * 6);
                     }
+                    // Permanent failures are retried too until the DLQ exists; their class
+                    // is logged and counted.
                     events::SendFailed {
                         destination,
-                        reason: f.error.kind,
+                        reason: f.error.kind(),
+                        class: f.error.class().as_str(),
                         attempt: f.attempt,
                         wait: f.wait,
-                        error: &f.error.message,
+                        error: &f.error.to_string(),
                     }
                     .emit();
                 },

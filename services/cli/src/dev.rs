@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use figment::Figment;
 use figment::providers::Serialized;
+use herald_activator::destinations::ssrf::DEV_ALLOWED_NETWORKS;
 use herald_activator::{DestinationConfig, DestinationKind};
 use herald_common::natsbin::{self, Launch, NatsProcess};
 use herald_common::server::ServiceHandle;
@@ -122,7 +123,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
         url: None,
         timeout_ms: 10_000,
         log_file: args.log_file.clone(),
+        headers: Default::default(),
+        secret: None,
     });
+    let private_note = allow_private_networks(&mut cfg.activator);
 
     let metrics = telemetry::metrics();
     let shutdown = server::shutdown_on_signals();
@@ -150,6 +154,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
          \nmParticle key:secret:     {write_key}:{write_secret}\
          \nControl token:            {token_note}\
          \nDelivered events:         JSON lines to {}\
+         \nWebhook private networks: {private_note}\
          \n\nSend an event:\
          \n  curl -u '{write_key}:' http://{http}/v1/track -H 'Content-Type: application/json' -d '{{\"userId\":\"user-1\",\"event\":\"Signed Up\",\"properties\":{{\"plan\":\"pro\"}}}}'\n",
         data_dir.display(),
@@ -184,6 +189,31 @@ pub async fn run(args: DevArgs) -> Result<()> {
     nats_child.terminate(Duration::from_secs(5)).await;
     eprintln!("Herald stopped.");
     Ok(())
+}
+
+/// Lets webhooks reach loopback and private ranges (the SSRF guard refuses them elsewhere),
+/// unless the config lists its own `activator.allow_private_networks`. Returns the banner's note.
+fn allow_private_networks(cfg: &mut herald_activator::ActivatorConfig) -> String {
+    if cfg.allow_private_networks.is_empty() {
+        cfg.allow_private_networks = DEV_ALLOWED_NETWORKS
+            .iter()
+            .map(|n| n.parse().expect("valid built-in CIDR"))
+            .collect();
+        format!(
+            "loopback and private ranges allowed ({}; activator.allow_private_networks)",
+            DEV_ALLOWED_NETWORKS.join(", ")
+        )
+    } else {
+        let listed: Vec<String> = cfg
+            .allow_private_networks
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        format!(
+            "{} allowed (activator.allow_private_networks)",
+            listed.join(", ")
+        )
+    }
 }
 
 /// `ingest ready: http://127.0.0.1:8080, gRPC :50051, admin :9091`.

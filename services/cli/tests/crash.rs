@@ -50,6 +50,7 @@ grpc_addr = "127.0.0.1:0"
 admin_addr = "127.0.0.1:{}"
 ack_wait_seconds = 2
 retry_max_backoff_ms = 500
+allow_private_networks = ["127.0.0.0/8"]
 
 [[activator.destinations]]
 id = "hook"

@@ -40,6 +40,11 @@ async fn dev_runs_everything_and_delivers_the_printed_curl_event() -> Result<()>
     ] {
         assert!(banner.contains(&ready), "{ready:?} in:\n{banner}");
     }
+    // Webhooks on this machine or its network are allowed, and the banner says so.
+    assert!(
+        banner.contains("Webhook private networks: loopback and private ranges allowed"),
+        "{banner}"
+    );
     let log_file = dev.log_file();
     let http_port = dev.ports.ingest_http;
     let grpc = [

@@ -3,7 +3,8 @@
 //! the NATS provisioning helpers).
 //!
 //! [`Retry::run`] calls an operation until it succeeds, waiting [`backoff`] between attempts
-//! (doubling up to a maximum), and gives up only when the cancellation token fires. Each
+//! (doubling up to a maximum; with [`Retry::jitter`], a random part of it, see [`jittered`]),
+//! and gives up only when the cancellation token fires. Each
 //! caller keeps its own telemetry: the `on_error` callback sees every [`Failure`] and may change
 //! how long to wait before the next attempt (a destination's `Retry-After`). Messages whose
 //! outcome waits on the retry are kept alive with in-progress acks ([`Retry::keep_alive`]) from
@@ -24,6 +25,14 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
     Duration::from_millis(ms).min(max)
 }
 
+/// `wait` with "equal jitter": a uniformly random pause between half of `wait` and `wait`, so
+/// clients that failed together do not retry together.
+pub fn jittered(wait: Duration) -> Duration {
+    use rand::Rng as _;
+    let nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::rng().random_range(nanos / 2..=nanos))
+}
+
 /// One failed attempt, as [`Retry::run`]'s `on_error` callback sees it.
 #[derive(Debug)]
 pub struct Failure<'a, E> {
@@ -31,8 +40,8 @@ pub struct Failure<'a, E> {
     pub attempt: u32,
     /// What failed.
     pub error: &'a E,
-    /// How long the retry waits before the next attempt: [`backoff`] unless the callback sets
-    /// another value.
+    /// How long the retry waits before the next attempt: [`backoff`] ([`jittered`] with
+    /// [`Retry::jitter`]) unless the callback sets another value.
     pub wait: Duration,
 }
 
@@ -41,6 +50,7 @@ pub struct Failure<'a, E> {
 #[derive(Debug, Clone)]
 pub struct Retry<'a> {
     max_backoff: Duration,
+    jitter: bool,
     keep_alive: Option<(Cow<'a, [Message]>, Duration)>,
 }
 
@@ -49,8 +59,16 @@ impl<'a> Retry<'a> {
     pub fn new(max_backoff: Duration) -> Self {
         Self {
             max_backoff,
+            jitter: false,
             keep_alive: None,
         }
+    }
+
+    /// Waits a [`jittered`] backoff instead of the exact one (a pause the callback sets is
+    /// kept as it is).
+    pub fn jitter(mut self) -> Self {
+        self.jitter = true;
+        self
     }
 
     /// Sends in-progress acks for `messages` every `every` from the first failure until
@@ -76,6 +94,7 @@ impl<'a> Retry<'a> {
     {
         let Self {
             max_backoff,
+            jitter,
             mut keep_alive,
         } = self;
         // Stops (is dropped) when this function returns.
@@ -87,10 +106,11 @@ impl<'a> Retry<'a> {
                 Err(e) => e,
             };
             attempt = attempt.saturating_add(1);
+            let wait = backoff(attempt, max_backoff);
             let mut failure = Failure {
                 attempt,
                 error: &error,
-                wait: backoff(attempt, max_backoff),
+                wait: if jitter { jittered(wait) } else { wait },
             };
             on_error(&mut failure);
             let wait = failure.wait;
@@ -198,6 +218,50 @@ mod tests {
         let calls = calls.into_inner().unwrap();
         for (gap, (_, _, wait)) in calls.windows(2).zip(&failures) {
             assert!(gap[1] - gap[0] >= *wait, "{:?} < {wait:?}", gap[1] - gap[0]);
+        }
+    }
+
+    #[test]
+    fn jittered_stays_between_half_and_all_of_the_pause() {
+        for ms in [0, 1, 200, 5_000] {
+            let wait = Duration::from_millis(ms);
+            let got: Vec<Duration> = (0..200).map(|_| jittered(wait)).collect();
+            assert!(
+                got.iter().all(|j| *j >= wait / 2 && *j <= wait),
+                "{wait:?}: {got:?}"
+            );
+            if ms >= 200 {
+                // 200 draws over a range of 100 ms or more are never all the same.
+                assert!(got.iter().any(|j| *j != got[0]), "{wait:?} is not jittered");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn with_jitter_each_pause_is_within_its_backoff() {
+        let cancel = CancellationToken::new();
+        let mut waits = Vec::new();
+        let mut n = 0;
+        let got = Retry::new(Duration::from_millis(40))
+            .jitter()
+            .run(
+                &cancel,
+                || {
+                    n += 1;
+                    let n = n;
+                    async move { if n < 4 { Err(()) } else { Ok(n) } }
+                },
+                |f| waits.push((f.attempt, f.wait)),
+            )
+            .await;
+        assert_eq!(got, Some(4));
+        assert_eq!(waits.len(), 3);
+        for (attempt, wait) in waits {
+            let full = backoff(attempt, Duration::from_millis(40));
+            assert!(
+                wait >= full / 2 && wait <= full,
+                "attempt {attempt}: {wait:?}"
+            );
         }
     }
 

@@ -54,6 +54,7 @@ struct Inner {
     failing: Option<u16>,
     fail_next: usize,
     delay: Duration,
+    retry_after: Option<String>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -134,6 +135,12 @@ impl WebhookServer {
     /// with a real destination. `Duration::ZERO` turns the delay off.
     pub fn set_delay(&self, delay: Duration) {
         self.lock().delay = delay;
+    }
+
+    /// Send `Retry-After: <value>` with every failure answer (seconds or an HTTP date);
+    /// `None` stops it.
+    pub fn set_retry_after(&self, value: Option<&str>) {
+        self.lock().retry_after = value.map(str::to_owned);
     }
 
     /// The requests delivered successfully (answered 2xx), in arrival order.
@@ -222,7 +229,7 @@ async fn handle(
     }
     let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
 
-    let (status, delay) = {
+    let (status, delay, retry_after) = {
         let mut inner = lock(&state);
         let status = if inner.fail_next > 0 {
             inner.fail_next -= 1;
@@ -246,7 +253,7 @@ async fn handle(
             inner.delivered.push(received.clone());
         }
         inner.requests.push(received);
-        (status, inner.delay)
+        (status, inner.delay, inner.retry_after.clone())
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -255,10 +262,14 @@ async fn handle(
     if status.is_success() {
         (status, axum::Json(serde_json::json!({ "ok": true }))).into_response()
     } else {
-        (
+        let mut res = (
             status,
             axum::Json(serde_json::json!({ "error": "failing on purpose" })),
         )
-            .into_response()
+            .into_response();
+        if let Some(value) = retry_after.and_then(|v| v.parse().ok()) {
+            res.headers_mut().insert("retry-after", value);
+        }
+        res
     }
 }

@@ -37,10 +37,6 @@ impl LogSender {
         let mut out = self.out.lock().expect("log destination lock");
         out.write_all(&line)
             .and_then(|()| out.flush())
-            .map_err(|e| SendError {
-                kind: "io",
-                message: format!("cannot write event line: {e}"),
-                retry_after: None,
-            })
+            .map_err(SendError::Io)
     }
 }

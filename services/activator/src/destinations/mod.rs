@@ -1,25 +1,126 @@
 //! Destination senders: one per configured destination, each sending one rendered event.
+//!
+//! A failed send is a [`SendError`]: its [`SendError::kind`] is a bounded label, and its
+//! [`SendError::class`] says whether sending the same event again can succeed
+//! ([`FailureClass::Transient`]: 408, 429, 5xx, network errors) or not
+//! ([`FailureClass::Permanent`]: any other 4xx, a refused address).
 
 mod log;
+pub mod ssrf;
 mod webhook;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use log::LogSender;
-pub use webhook::WebhookSender;
+pub use ssrf::NetworkGuard;
+pub use webhook::{WebhookSender, parse_retry_after, signature};
 
 use crate::config::{DestinationConfig, DestinationKind};
 
+/// Whether sending the same event again can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// It may succeed later (the destination is down, overloaded or slow).
+    Transient,
+    /// It will fail again: the destination refuses this request.
+    Permanent,
+}
+
+impl FailureClass {
+    /// The class's metric label: `transient` or `permanent`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+        }
+    }
+}
+
 /// A failed send.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct SendError {
-    /// Bounded label for metrics (`http_5xx`, `timeout`, `connect`, `io`, ...).
-    pub kind: &'static str,
-    /// What happened, for logs.
-    pub message: String,
-    /// How long the destination asked us to wait (HTTP Retry-After).
-    pub retry_after: Option<Duration>,
+pub enum SendError {
+    /// The destination answered a status other than 2xx.
+    #[error("POST {url} answered {status}")]
+    Status {
+        /// The URL posted to.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// How long the destination asked us to wait (`Retry-After`, seconds or HTTP date).
+        retry_after: Option<Duration>,
+    },
+    /// No answer: the request timed out.
+    #[error("POST {url} timed out: {message}")]
+    Timeout {
+        /// The URL posted to.
+        url: String,
+        /// The client's error.
+        message: String,
+    },
+    /// No answer: the connection failed, or the request failed on the way.
+    #[error("POST {url} failed: {message}")]
+    Network {
+        /// The URL posted to.
+        url: String,
+        /// Whether it failed while connecting.
+        connect: bool,
+        /// The client's error.
+        message: String,
+    },
+    /// The SSRF guard refused the address the URL (or a redirect) leads to.
+    #[error("POST {url} refused: {refused}")]
+    Refused {
+        /// The URL posted to.
+        url: String,
+        /// The refused host and address.
+        refused: ssrf::Refused,
+    },
+    /// Writing a log line failed.
+    #[error("cannot write event line: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl SendError {
+    /// Bounded label for metrics and logs: `http_4xx`, `http_408`, `http_429`, `http_5xx`,
+    /// `http_other` (1xx or 3xx), `timeout`, `connect`, `http`, `refused_address` or `io`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Status { status, .. } => match status {
+                408 => "http_408",
+                429 => "http_429",
+                500..=599 => "http_5xx",
+                400..=499 => "http_4xx",
+                _ => "http_other",
+            },
+            Self::Timeout { .. } => "timeout",
+            Self::Network { connect: true, .. } => "connect",
+            Self::Network { .. } => "http",
+            Self::Refused { .. } => "refused_address",
+            Self::Io(_) => "io",
+        }
+    }
+
+    /// Whether sending again can succeed: 408, 429, 5xx, network and I/O errors are transient;
+    /// other statuses (4xx, and 3xx left after redirects) and refused addresses are permanent.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Self::Status { status, .. } => match status {
+                408 | 429 | 500..=599 => FailureClass::Transient,
+                _ => FailureClass::Permanent,
+            },
+            Self::Timeout { .. } | Self::Network { .. } | Self::Io(_) => FailureClass::Transient,
+            Self::Refused { .. } => FailureClass::Permanent,
+        }
+    }
+
+    /// How long the destination asked us to wait before the next attempt, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// Sends rendered events to one destination.
@@ -31,11 +132,11 @@ pub enum Sender {
 }
 
 impl Sender {
-    /// Builds the sender for a destination.
-    pub fn new(cfg: &DestinationConfig) -> Result<Self, String> {
+    /// Builds the sender for a destination, refusing a webhook URL the guard refuses.
+    pub async fn new(cfg: &DestinationConfig, guard: &Arc<NetworkGuard>) -> Result<Self, String> {
         cfg.validate()?;
         Ok(match cfg.kind {
-            DestinationKind::Webhook => Self::Webhook(WebhookSender::new(cfg)?),
+            DestinationKind::Webhook => Self::Webhook(WebhookSender::new(cfg, guard).await?),
             DestinationKind::Log => Self::Log(LogSender::new(cfg)?),
         })
     }
@@ -46,5 +147,62 @@ impl Sender {
             Self::Webhook(w) => w.send(event_id, body).await,
             Self::Log(l) => l.send(body),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        let cases = [
+            (400, "http_4xx", FailureClass::Permanent),
+            (401, "http_4xx", FailureClass::Permanent),
+            (404, "http_4xx", FailureClass::Permanent),
+            (413, "http_4xx", FailureClass::Permanent),
+            (408, "http_408", FailureClass::Transient),
+            (429, "http_429", FailureClass::Transient),
+            (500, "http_5xx", FailureClass::Transient),
+            (503, "http_5xx", FailureClass::Transient),
+            (599, "http_5xx", FailureClass::Transient),
+            (302, "http_other", FailureClass::Permanent),
+        ];
+        for (status, kind, class) in cases {
+            let e = SendError::Status {
+                url: "http://x/".into(),
+                status,
+                retry_after: None,
+            };
+            assert_eq!((e.kind(), e.class()), (kind, class), "{status}");
+        }
+        let timeout = SendError::Timeout {
+            url: "u".into(),
+            message: "m".into(),
+        };
+        assert_eq!(
+            (timeout.kind(), timeout.class()),
+            ("timeout", FailureClass::Transient)
+        );
+        let connect = SendError::Network {
+            url: "u".into(),
+            connect: true,
+            message: "m".into(),
+        };
+        assert_eq!(
+            (connect.kind(), connect.class()),
+            ("connect", FailureClass::Transient)
+        );
+        let refused = SendError::Refused {
+            url: "u".into(),
+            refused: ssrf::Refused {
+                host: "h".into(),
+                addr: "10.0.0.1".parse().unwrap(),
+            },
+        };
+        assert_eq!(
+            (refused.kind(), refused.class()),
+            ("refused_address", FailureClass::Permanent)
+        );
     }
 }

@@ -1,52 +1,121 @@
-//! Webhook destination: POSTs each event as JSON with an `Idempotency-Key` header.
+//! Webhook destination: POSTs each event as JSON with an `Idempotency-Key` header, the
+//! destination's own headers and, with a `secret`, a `Herald-Signature`.
+//!
+//! The signature is `Herald-Signature: t=<unix seconds>,v1=<hex>`, where `<hex>` is the
+//! lower-case hex HMAC-SHA256, keyed with the secret, of `"<t>.<raw body>"` ([`signature`]).
+//! A receiver recomputes it over the body bytes as received, compares in constant time, and
+//! rejects an old `t` to stop replays. Every attempt is signed afresh.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_common::config::Secret;
+use hmac::{Hmac, Mac};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use sha2::Sha256;
 
 use super::SendError;
+use super::ssrf::{GuardedResolver, NetworkGuard, Refused};
 use crate::config::DestinationConfig;
+
+/// Headers Herald sets itself, which a destination's `headers` may not replace.
+const RESERVED_HEADERS: [&str; 5] = [
+    "content-type",
+    "content-length",
+    "host",
+    "idempotency-key",
+    "herald-signature",
+];
+
+/// Most redirects a send follows (each one checked by the SSRF guard).
+const MAX_REDIRECTS: usize = 10;
 
 /// Sends events to an HTTP endpoint.
 pub struct WebhookSender {
     client: reqwest::Client,
     url: String,
+    headers: HeaderMap,
+    secret: Option<Secret>,
 }
 
 impl WebhookSender {
-    /// A sender for the destination's URL.
-    pub fn new(cfg: &DestinationConfig) -> Result<Self, String> {
+    /// A sender for the destination's URL, headers and secret. Refuses a URL whose address the
+    /// guard refuses (an IP literal, or a host name as it resolves now); the client's resolver
+    /// checks again at every connect.
+    pub async fn new(cfg: &DestinationConfig, guard: &Arc<NetworkGuard>) -> Result<Self, String> {
         let url = cfg
             .url
             .clone()
             .ok_or_else(|| format!("webhook destination {:?} needs a url", cfg.id))?;
+        let parsed = reqwest::Url::parse(&url)
+            .map_err(|e| format!("webhook destination {:?}: invalid url {url:?}: {e}", cfg.id))?;
+        guard
+            .check_url(&parsed)
+            .await
+            .map_err(|e| format!("webhook destination {:?}: url {url}: {e}", cfg.id))?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &cfg.headers {
+            let bad =
+                |what: &str| format!("webhook destination {:?}: header {name:?}: {what}", cfg.id);
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| bad("not a valid header name"))?;
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(bad("set by Herald, cannot be configured"));
+            }
+            let mut value = HeaderValue::from_str(value.expose())
+                .map_err(|_| bad("the value is not a valid header value"))?;
+            value.set_sensitive(true);
+            headers.insert(header, value);
+        }
+        let redirect_guard = guard.clone();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(GuardedResolver::new(guard.clone())))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                // Host names are checked by the resolver; IP literals are not resolved.
+                if let Err(refused) = redirect_guard.check_literal(attempt.url()) {
+                    attempt.error(refused)
+                } else if attempt.previous().len() > MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            }))
             .build()
             .map_err(|e| format!("cannot build HTTP client: {e}"))?;
-        Ok(Self { client, url })
+        Ok(Self {
+            client,
+            url,
+            headers,
+            secret: cfg.secret.clone(),
+        })
     }
 
-    /// POSTs one event. 2xx is success; anything else is an error to retry.
+    /// POSTs one event. 2xx is success; anything else is a [`SendError`] whose class says
+    /// whether to try again.
     pub async fn send(&self, event_id: &str, body: &[u8]) -> Result<(), SendError> {
-        let res = self
+        let mut req = self
             .client
             .post(&self.url)
+            .headers(self.headers.clone())
             .header("content-type", "application/json")
-            .header("idempotency-key", event_id)
+            .header("idempotency-key", event_id);
+        if let Some(secret) = &self.secret {
+            let t = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            req = req.header(
+                "herald-signature",
+                signature(secret.expose().as_bytes(), t, body),
+            );
+        }
+        let res = req
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| SendError {
-                kind: if e.is_timeout() {
-                    "timeout"
-                } else if e.is_connect() {
-                    "connect"
-                } else {
-                    "http"
-                },
-                message: format!("POST {} failed: {e}", self.url),
-                retry_after: None,
-            })?;
+            .map_err(|e| self.request_error(e))?;
         let status = res.status();
         if status.is_success() {
             return Ok(());
@@ -55,18 +124,103 @@ impl WebhookSender {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        Err(SendError {
-            kind: if status.is_server_error() {
-                "http_5xx"
-            } else if status.as_u16() == 429 {
-                "http_429"
-            } else {
-                "http_4xx"
-            },
-            message: format!("POST {} answered {status}", self.url),
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        Err(SendError::Status {
+            url: self.url.clone(),
+            status: status.as_u16(),
             retry_after,
         })
+    }
+
+    fn request_error(&self, e: reqwest::Error) -> SendError {
+        let url = self.url.clone();
+        // A refusal of the guard (resolver or redirect) is somewhere in the error's sources.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if let Some(refused) = s.downcast_ref::<Refused>() {
+                return SendError::Refused {
+                    url,
+                    refused: refused.clone(),
+                };
+            }
+            source = s.source();
+        }
+        let message = e.to_string();
+        if e.is_timeout() {
+            SendError::Timeout { url, message }
+        } else {
+            SendError::Network {
+                url,
+                connect: e.is_connect(),
+                message,
+            }
+        }
+    }
+}
+
+/// The `Herald-Signature` value for `body` sent at unix time `t`:
+/// `t=<t>,v1=<lower-case hex HMAC-SHA256(secret, "<t>.<body>")>`.
+pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let mut out = format!("t={t},v1=");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// A `Retry-After` value as a pause from `now`: delay seconds (`"120"`) or an HTTP date
+/// (`"Wed, 21 Oct 2015 07:28:00 GMT"`; a date in the past is no pause). `None` when it is
+/// neither.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        // 2015-10-21T07:28:00Z
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let cases = [
+            ("120", Some(120)),
+            (" 0 ", Some(0)),
+            ("Wed, 21 Oct 2015 07:28:30 GMT", Some(30)),
+            ("Wed, 21 Oct 2015 07:28:00 GMT", Some(0)),
+            ("Wed, 21 Oct 2015 07:27:00 GMT", Some(0)),
+            ("Wednesday, 21-Oct-15 07:29:00 GMT", Some(60)),
+            ("-5", None),
+            ("1.5", None),
+            ("soon", None),
+            ("", None),
+        ];
+        for (value, secs) in cases {
+            assert_eq!(
+                parse_retry_after(value, now),
+                secs.map(Duration::from_secs),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn signature_matches_a_known_vector() {
+        // Computed independently: python3 -c 'import hmac,hashlib;
+        // print(hmac.new(b"whsec", b"1700000000.{\"a\":1}", hashlib.sha256).hexdigest())'
+        assert_eq!(
+            signature(b"whsec", 1_700_000_000, br#"{"a":1}"#),
+            "t=1700000000,v1=8ad37ba156048ae0e0a5533c75cdf26fee88b07f93cb57ee4c80adb053012032"
+        );
     }
 }

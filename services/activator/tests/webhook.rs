@@ -1,0 +1,331 @@
+//! The webhook sender against real HTTP servers on loopback: custom headers, the
+//! `Herald-Signature` verified as a receiver would, outcome classes by status, `Retry-After`,
+//! and the SSRF guard at start and on redirects.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use herald_activator::destinations::{FailureClass, NetworkGuard, SendError, Sender};
+use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind};
+use herald_common::Secret;
+use herald_testkit::WebhookServer;
+use hmac::{Hmac, Mac};
+use ipnet::IpNet;
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn webhook(url: &str) -> DestinationConfig {
+    DestinationConfig {
+        id: "hook".into(),
+        kind: DestinationKind::Webhook,
+        url: Some(url.into()),
+        timeout_ms: 5_000,
+        log_file: None,
+        headers: BTreeMap::new(),
+        secret: None,
+    }
+}
+
+fn guard(cidrs: &[&str]) -> Arc<NetworkGuard> {
+    let nets: Vec<IpNet> = cidrs.iter().map(|c| c.parse().expect("CIDR")).collect();
+    Arc::new(NetworkGuard::new(&nets))
+}
+
+fn loopback() -> Arc<NetworkGuard> {
+    guard(&["127.0.0.0/8", "::1/128"])
+}
+
+async fn failure(sender: &Sender) -> SendError {
+    sender
+        .send("ev-1", br#"{"a":1}"#)
+        .await
+        .expect_err("the send fails")
+}
+
+#[tokio::test]
+async fn requests_carry_the_headers_and_a_signature_that_verifies() -> Result<()> {
+    let hook = WebhookServer::start().await?;
+    let mut cfg = webhook(&hook.url());
+    cfg.headers = BTreeMap::from([
+        ("Authorization".to_string(), Secret("Bearer t0ken".into())),
+        ("X-Tenant".to_string(), Secret("acme".into())),
+    ]);
+    cfg.secret = Some(Secret("whsec_s3cret".into()));
+    // Secrets stay out of logs.
+    let debug = format!("{cfg:?}");
+    for secret in ["t0ken", "acme", "s3cret"] {
+        assert!(!debug.contains(secret), "{debug}");
+    }
+    let sender = Sender::new(&cfg, &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let body = br#"{"type":"track","event":"Signed Up","messageId":"m-1"}"#;
+    let before = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    sender.send("src:m-1", body).await?;
+    let after = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+
+    let got = hook.wait_for(1, TIMEOUT).await?;
+    let req = &got[0];
+    assert_eq!(req.raw.as_ref(), body);
+    assert_eq!(req.header("idempotency-key"), Some("src:m-1"));
+    assert_eq!(req.header("content-type"), Some("application/json"));
+    assert_eq!(req.header("authorization"), Some("Bearer t0ken"));
+    assert_eq!(req.header("x-tenant"), Some("acme"));
+
+    // Verify as a receiver would: parse t and v1, HMAC-SHA256 of "<t>.<raw body>".
+    let header = req.header("herald-signature").context("signed")?;
+    let parts: BTreeMap<&str, &str> = header
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let t: u64 = parts.get("t").context("t=")?.parse()?;
+    assert!(
+        (before..=after).contains(&t),
+        "t={t} not in {before}..={after}"
+    );
+    let v1 = parts.get("v1").context("v1=")?;
+    assert_eq!(v1.len(), 64, "hex SHA-256: {v1}");
+    let expected: Vec<u8> = (0..v1.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&v1[i..i + 2], 16))
+        .collect::<Result<_, _>>()?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(b"whsec_s3cret").expect("any key length");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&req.raw);
+    assert!(
+        mac.verify_slice(&expected).is_ok(),
+        "the signature verifies with the secret"
+    );
+    // A different secret or body does not verify.
+    let mut wrong = Hmac::<Sha256>::new_from_slice(b"other").expect("any key length");
+    wrong.update(format!("{t}.").as_bytes());
+    wrong.update(&req.raw);
+    assert!(wrong.verify_slice(&expected).is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_secret_there_is_no_signature() -> Result<()> {
+    let hook = WebhookServer::start().await?;
+    let sender = Sender::new(&webhook(&hook.url()), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    sender.send("ev-1", b"{}").await?;
+    let got = hook.wait_for(1, TIMEOUT).await?;
+    assert_eq!(got[0].header("herald-signature"), None);
+    assert_eq!(got[0].header("idempotency-key"), Some("ev-1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn herald_headers_cannot_be_configured() -> Result<()> {
+    for name in [
+        "Idempotency-Key",
+        "herald-signature",
+        "Content-Type",
+        "bad header",
+    ] {
+        let mut cfg = webhook("http://127.0.0.1:9/hook");
+        cfg.headers = BTreeMap::from([(name.to_string(), Secret("x".into()))]);
+        let err = Sender::new(&cfg, &loopback())
+            .await
+            .err()
+            .with_context(|| format!("{name} is refused"))?;
+        assert!(err.contains(name), "{err}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn statuses_are_classified_transient_or_permanent() -> Result<()> {
+    let hook = WebhookServer::start().await?;
+    let sender = Sender::new(&webhook(&hook.url()), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let cases = [
+        (400, "http_4xx", FailureClass::Permanent),
+        (401, "http_4xx", FailureClass::Permanent),
+        (404, "http_4xx", FailureClass::Permanent),
+        (422, "http_4xx", FailureClass::Permanent),
+        (408, "http_408", FailureClass::Transient),
+        (429, "http_429", FailureClass::Transient),
+        (500, "http_5xx", FailureClass::Transient),
+        (503, "http_5xx", FailureClass::Transient),
+    ];
+    for (status, kind, class) in cases {
+        hook.set_failing(status);
+        let err = failure(&sender).await;
+        assert_eq!((err.kind(), err.class()), (kind, class), "{status}: {err}");
+        assert_eq!(err.retry_after(), None);
+    }
+    hook.set_healthy();
+    sender.send("ev-1", b"{}").await?;
+
+    // Nothing listens: a transient connect error.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let down = Sender::new(&webhook(&format!("http://{closed}/hook")), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let err = failure(&down).await;
+    assert_eq!(
+        (err.kind(), err.class()),
+        ("connect", FailureClass::Transient),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_after_is_read_as_seconds_and_as_an_http_date() -> Result<()> {
+    let hook = WebhookServer::start().await?;
+    let sender = Sender::new(&webhook(&hook.url()), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    hook.set_failing(429);
+    hook.set_retry_after(Some("7"));
+    assert_eq!(
+        failure(&sender).await.retry_after(),
+        Some(Duration::from_secs(7))
+    );
+    hook.set_failing(503);
+    let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+    hook.set_retry_after(Some(&date));
+    let wait = failure(&sender)
+        .await
+        .retry_after()
+        .context("an HTTP date is read")?;
+    // Whole seconds, counted from a moment later than the date was written.
+    assert!(
+        wait <= Duration::from_secs(120) && wait >= Duration::from_secs(100),
+        "{wait:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn internal_addresses_are_refused_at_start_unless_allowed() -> Result<()> {
+    let cases = [
+        ("http://127.0.0.1:9/hook", "127.0.0.1", "127.0.0.1/32"),
+        ("http://10.1.2.3/hook", "10.1.2.3", "10.0.0.0/8"),
+        (
+            "http://169.254.169.254/latest/meta-data",
+            "169.254.169.254",
+            "169.254.169.254/32",
+        ),
+        ("http://[::1]:9/hook", "::1", "::1/128"),
+        // A host name is resolved: localhost is loopback.
+        (
+            "http://localhost:9/hook",
+            "localhost resolves to",
+            "127.0.0.0/8",
+        ),
+    ];
+    for (url, addr, cidr) in cases {
+        let err = Sender::new(&webhook(url), &guard(&[]))
+            .await
+            .err()
+            .with_context(|| format!("{url} is refused"))?;
+        for part in ["\"hook\"", addr, "activator.allow_private_networks"] {
+            assert!(err.contains(part), "{url}: {part:?} in {err}");
+        }
+        let allow: &[&str] = if url.contains("localhost") {
+            &[cidr, "::1/128"]
+        } else {
+            &[cidr]
+        };
+        Sender::new(&webhook(url), &guard(allow))
+            .await
+            .map_err(|e| anyhow::anyhow!("{url} allowed by {allow:?}: {e}"))?;
+    }
+    // Public addresses need no allowance.
+    Sender::new(&webhook("http://93.184.216.34/hook"), &guard(&[]))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_activator_refuses_to_start_with_a_refused_webhook() -> Result<()> {
+    let common = herald_testkit::common_config("nats://127.0.0.1:1", 1, "token-of-the-test");
+    let cfg = ActivatorConfig {
+        grpc_addr: "127.0.0.1:0".into(),
+        admin_addr: "127.0.0.1:0".into(),
+        destinations: vec![webhook("http://169.254.169.254/latest/meta-data")],
+        ..Default::default()
+    };
+    let metrics = herald_common::telemetry::metrics();
+    let err = herald_activator::start(
+        &common,
+        &cfg,
+        metrics,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .err()
+    .context("the activator does not start")?
+    .to_string();
+    for part in [
+        "\"hook\"",
+        "169.254.169.254",
+        "activator.allow_private_networks",
+    ] {
+        assert!(err.contains(part), "{part:?} in {err}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_allowed_host_name_is_delivered_to() -> Result<()> {
+    let hook = WebhookServer::start().await?;
+    let url = hook.url().replace("127.0.0.1", "localhost");
+    let sender = Sender::new(&webhook(&url), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    sender.send("ev-1", b"{}").await?;
+    hook.wait_for(1, TIMEOUT).await?;
+    Ok(())
+}
+
+/// A server on loopback that answers every request with a redirect to `location`.
+async fn redirecting_server(location: &'static str) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                // The request (headers and the small body) arrives in one read here.
+                let _ = conn.read(&mut buf).await;
+                let res = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: {location}\r\n\
+                     content-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = conn.write_all(res.as_bytes()).await;
+            });
+        }
+    });
+    Ok(format!("http://{addr}/hook"))
+}
+
+#[tokio::test]
+async fn a_redirect_to_an_internal_address_is_refused_at_send_time() -> Result<()> {
+    let url = redirecting_server("http://169.254.169.254/latest/meta-data").await?;
+    let sender = Sender::new(&webhook(&url), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let err = failure(&sender).await;
+    assert_eq!(
+        (err.kind(), err.class()),
+        ("refused_address", FailureClass::Permanent),
+        "{err}"
+    );
+    assert!(err.to_string().contains("169.254.169.254"), "{err}");
+    Ok(())
+}
