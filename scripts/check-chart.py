@@ -508,7 +508,11 @@ def main() -> int:
         for name, path in sets:
             c.context = f"chart, {name}"
             values = yaml.safe_load(path.read_text()) if path else {}
-            report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+            try:
+                report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE,
+                                   kube_version=f"v{KUBE_VERSION}")
+            except helm.HelmError as e:
+                report = {"errors": [str(e)]}
             for err in report.get("errors", []):
                 c.check(False, f"helm lint: {err}")
             for msg in report.get("messages", []):
@@ -543,7 +547,10 @@ def main() -> int:
         c.check(res.returncode == 0, f"kubernetes-validate --strict exited {res.returncode}")
         c.context = ""
     c.context = "chart"
-    check_checksum_rolls(c)
+    try:
+        check_checksum_rolls(c)
+    except helm.HelmError as e:
+        c.check(False, f"render failed: {e}")
     c.context = ""
     check_compose(c, commands or {r: ["herald", r] for r in ROLES})
     check_dockerfile(c)
