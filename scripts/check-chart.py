@@ -12,7 +12,9 @@ For the default values and every override set in helm/herald/ci/<name>-values.ya
     which kubernetes-validate only warns about;
   - checks the three Deployments: one image, each role's command, the ports (DESIGN's defaults),
     probes, grace period above shutdown_timeout_seconds, hardening, the TOML config they read,
-    and that every Secret, ConfigMap and Service port they name exists or was asked for.
+    and that every Secret, ConfigMap and Service port they name exists or was asked for;
+  - checks that every value in values.yaml has a comment, and that the config checksum changes
+    with the config (pods roll).
 Then it checks deploy/compose.yaml (ports, commands, Prometheus targets, Grafana provisioning)
 and deploy/Dockerfile against the same defaults.
 
@@ -373,6 +375,27 @@ def _dig(d, keys, default=None):
     return d
 
 
+def check_values_documented(c: Checker) -> None:
+    """Every value in values.yaml has a comment: a leaf key needs a comment line right above it,
+    unless an ancestor key with a comment holds it as one documented block (e.g. resources)."""
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the open parent keys
+    prev = ""
+    for n, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
+        m = re.match(r"^(\s*)([A-Za-z0-9_.-]+):(.*)$", line)
+        if m:
+            indent, key, rest = len(m.group(1)), m.group(2), m.group(3).split(" #")[0].strip()
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            documented = prev.lstrip().startswith("#")
+            covered = any(doc for _, doc in stack)
+            if rest and not documented and not covered:
+                c.check(False, f"helm/herald/values.yaml:{n}: {key} has no comment")
+            if not rest:
+                stack.append((indent, documented))
+        if line.strip():
+            prev = line
+
+
 def check_checksum_rolls(c: Checker) -> None:
     """Changing the config changes the pods' checksum/config annotation (a rollout)."""
     import helm_python as helm
@@ -547,6 +570,7 @@ def main() -> int:
         c.check(res.returncode == 0, f"kubernetes-validate --strict exited {res.returncode}")
         c.context = ""
     c.context = "chart"
+    check_values_documented(c)
     try:
         check_checksum_rolls(c)
     except helm.HelmError as e:
