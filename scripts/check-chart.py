@@ -29,6 +29,7 @@ import importlib
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -316,6 +317,15 @@ def check_custom_resources(c, values, docs, services, deployments, metrics) -> N
                     c.check(used in metrics, f"{where}: {rule.get('alert')} uses {used}, which Herald does not export")
         for required in ("HeraldIngest5xxRate", "HeraldReplicaDown"):
             c.check(required in alerts, f"{where}: no alert {required}")
+        # promtool parses the expressions when it is installed (Debian package prometheus).
+        if promtool := shutil.which("promtool"):
+            import yaml
+
+            with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+                yaml.safe_dump({"groups": get(pr, "spec", "groups", default=[])}, f)
+                f.flush()
+                res = subprocess.run([promtool, "check", "rules", f.name], capture_output=True, text=True)
+            c.check(res.returncode == 0, f"{where}: promtool check rules: {res.stdout}{res.stderr}")
     # ScaledObject: keda.sh/v1alpha1, targets a rendered Deployment, a prometheus trigger.
     sos = by_kind(docs, "ScaledObject")
     for role in ("processor", "activator"):
