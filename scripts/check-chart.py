@@ -13,8 +13,10 @@ For the default values and every override set in helm/herald/ci/<name>-values.ya
   - checks the three Deployments: one image, each role's command, the ports (DESIGN's defaults),
     probes, grace period above shutdown_timeout_seconds, hardening, the TOML config they read,
     and that every Secret, ConfigMap and Service port they name exists or was asked for;
-  - checks that every value in values.yaml has a comment, and that the config checksum changes
-    with the config (pods roll).
+  - checks that every value in values.yaml has a comment, that the config checksum changes
+    with the config (pods roll), that impossible values are refused with a message, and that
+    the chart has no dependencies;
+  - checks deploy/nats/values.yaml (3 servers, JetStream file storage, sync_interval always).
 Then it checks deploy/compose.yaml (ports, commands, Prometheus targets, Grafana provisioning)
 and deploy/Dockerfile against the same defaults.
 
@@ -406,6 +408,42 @@ def check_values_documented(c: Checker) -> None:
             prev = line
 
 
+def check_refusals(c: Checker) -> None:
+    """Values that cannot work are refused at render time with a message saying what to set."""
+    import helm_python as helm
+
+    cases = [
+        ({"processor": {"hpa": {"enabled": True}, "keda": {"enabled": True}}}, "not both"),
+        ({"nats": {"auth": {"method": "userPassword", "user": "herald"}}}, "nats.auth.password is required"),
+        ({"nats": {"tls": {"enabled": True}}}, "nats.tls.ca is required"),
+        ({"nats": {"auth": {"method": "kerberos"}}}, "method"),
+    ]
+    for values, expected in cases:
+        try:
+            with helm.Chart.load(str(CHART)) as chart:
+                chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            c.check(False, f"values {values} render, but should be refused ({expected!r})")
+        except helm.HelmError as e:
+            c.check(expected in str(e), f"values {values} are refused with {e!s:.200}, expected {expected!r}")
+
+
+def check_chart_metadata(c: Checker) -> None:
+    import yaml
+
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    c.check(not meta.get("dependencies"), "Chart.yaml has dependencies: NATS is its own release, nothing is fetched")
+    c.check(not (CHART / "charts").exists(), "helm/herald/charts/ exists: the chart has no subcharts")
+    nats = yaml.safe_load((DEPLOY / "nats" / "values.yaml").read_text())
+    cfg = nats.get("config", {})
+    c.check(_dig(cfg, ("cluster", "enabled")) is True and _dig(cfg, ("cluster", "replicas")) == 3,
+            "deploy/nats/values.yaml: not a 3-server cluster")
+    c.check(_dig(cfg, ("jetstream", "enabled")) is True and _dig(cfg, ("jetstream", "fileStore", "enabled")) is True,
+            "deploy/nats/values.yaml: JetStream file storage is not enabled")
+    c.check(_dig(cfg, ("merge", "jetstream", "sync_interval")) == "always",
+            "deploy/nats/values.yaml: jetstream sync_interval is not 'always'")
+    c.check(isinstance(_dig(cfg, ("merge", "max_payload")), int), "deploy/nats/values.yaml: no max_payload")
+
+
 def check_checksum_rolls(c: Checker) -> None:
     """Changing the config changes the pods' checksum/config annotation (a rollout)."""
     import helm_python as helm
@@ -581,8 +619,10 @@ def main() -> int:
         c.context = ""
     c.context = "chart"
     check_values_documented(c)
+    check_chart_metadata(c)
     try:
         check_checksum_rolls(c)
+        check_refusals(c)
     except helm.HelmError as e:
         c.check(False, f"render failed: {e}")
     c.context = ""
