@@ -2,8 +2,8 @@
 # Herald's one test command (the README's, and CI's through .ci/run):
 #   scripts/test.sh [extra arguments for cargo nextest run]
 # Installs or finds nats-server, makes sure the cargo tools are present, then checks formatting,
-# runs clippy with warnings denied, runs every test with nextest and checks that the fuzz targets
-# build. Each step is announced on stderr; a failure says which step failed.
+# checks the Helm chart, compose file and Dockerfile offline (scripts/check-chart.py), runs clippy
+# with warnings denied, runs every test with nextest and checks that the fuzz targets build. Each step is announced on stderr; a failure says which step failed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -62,6 +62,10 @@ for component in rustfmt clippy; do
 done
 
 step "format check (cargo fmt --all -- --check)" cargo fmt --all -- --check
+# No helm binary or cluster: renders, lints and validates helm/herald with every override set in
+# helm/herald/ci/, and checks deploy/compose.yaml and deploy/Dockerfile against the chart
+# (installs helm-python-sdk and kubernetes-validate into .tools/python when missing).
+step "chart, compose and Dockerfile checks (scripts/check-chart.py)" python3 scripts/check-chart.py
 # The shipped binary carries no load generator: herald-bench (tests/bench) has it.
 announce "the herald binary links no benchmark code (cargo tree -p herald -e normal)"
 if cargo tree -p herald -e normal --locked --prefix none | grep -q '^hdrhistogram '; then
