@@ -152,14 +152,35 @@ pub fn integrations_allow(payload: &Value, destination_id: &str) -> bool {
         .unwrap_or(true)
 }
 
-/// What to do with a person who has no recorded choice on a required purpose.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What to do with a person who has no recorded choice on a required purpose (`allow` or
+/// `deny` in config and records).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UnknownConsent {
     /// Refuse: required purposes are opt-in (the default).
     #[default]
     Deny,
     /// Allow: only an explicit refusal blocks.
     Allow,
+}
+
+impl UnknownConsent {
+    /// `allow` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Allow => "allow",
+        }
+    }
+
+    /// Parses `allow` or `deny` (empty: the default, `deny`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "deny" => Ok(Self::Deny),
+            "allow" => Ok(Self::Allow),
+            other => Err(format!("unknown_consent {other:?}: expected allow or deny")),
+        }
+    }
 }
 
 /// Which consent state refused a send.
