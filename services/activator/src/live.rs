@@ -218,7 +218,7 @@ pub(crate) async fn run(
     cancel: CancellationToken,
 ) {
     let Some(kv) = retry_until("opening the config bucket", &cancel, || {
-        store::open_bucket(&shared.js, &shared.topology)
+        herald_common::nats::open_config_bucket(&shared.js, &shared.topology)
     })
     .await
     else {

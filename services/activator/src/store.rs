@@ -5,10 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use chrono::Utc;
 use futures_util::StreamExt as _;
-use herald_common::Topology;
 
 use crate::config::DestinationConfig;
 use crate::destinations::{NetworkGuard, Sender};
@@ -50,36 +49,6 @@ fn unavailable(e: impl std::fmt::Display) -> DestinationError {
 
 pub(crate) fn kv_key(id: &str) -> String {
     format!("{KEY_PREFIX}{id}")
-}
-
-/// Opens the config bucket, creating it (history 1, `topology.replicas` replicas) when missing:
-/// the same bucket and settings as ingest's sources.
-pub async fn open_bucket(
-    js: &jetstream::Context,
-    topology: &Topology,
-) -> Result<kv::Store, String> {
-    let name = topology.bucket("config");
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: name.clone(),
-            description: "Herald: configuration (sources, ...), watched by every replica".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: topology.config().replicas,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        // Another replica (or ingest) may have created it meanwhile.
-        Err(e) => js
-            .get_key_value(&name)
-            .await
-            .map_err(|_| format!("cannot create bucket {name}: {e}")),
-    }
 }
 
 /// The destinations in the config bucket. Until the activator has opened the bucket, every
