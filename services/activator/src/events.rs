@@ -18,7 +18,7 @@ pub fn describe() {
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
-        "Events not sent to a destination, by destination and reason (historical, undecodable)."
+        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate)."
     );
     describe_counter!(
         "herald_activator_destination_changes_total",
@@ -86,7 +86,7 @@ impl SendFailed<'_> {
 pub struct Skipped<'a> {
     /// The destination's id.
     pub destination: &'a str,
-    /// `historical` or `undecodable`.
+    /// `historical`, `undecodable`, `filtered` or `filter_error`.
     pub reason: &'static str,
 }
 

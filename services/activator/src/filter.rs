@@ -2,11 +2,10 @@
 //! and a CEL condition), the Segment `integrations` object, and the consent gate.
 //!
 //! Pure logic over the payload a destination receives ([`crate::payload::render`]) and the
-//! consent it carries: no NATS, no I/O. Nothing in the send path calls it yet; the order meant
-//! for it is: [`integrations_allow`] and [`Filter::matches`] once per event and destination (a
-//! filter's evaluation error counts as no match, and is counted), then
-//! [`ConsentPolicy::decide`] before every send attempt, retries included, with the user's
-//! current consent.
+//! consent it carries: no NATS, no I/O. The delivery loop calls [`integrations_allow`] and
+//! [`Filter::matches`] once per event and destination (a filter's evaluation error counts as no
+//! match, and is counted); [`ConsentPolicy::decide`] is meant to run before every send attempt,
+//! retries included, with the user's current consent, and is not called yet.
 
 use herald_common::consent::purpose_name;
 use herald_common::expr::{Expr, ExprError, Input};

@@ -108,8 +108,14 @@ impl Loops {
     }
 
     async fn start(&mut self, record: DestinationRecord, view: DestinationRecord, action: &str) {
-        let sender = match Sender::new(&record, &self.shared.guard).await {
-            Ok(s) => Arc::new(s),
+        let built = match record.check() {
+            Ok(checked) => Sender::new(&record, &self.shared.guard)
+                .await
+                .map(|s| (checked.filter, Arc::new(s))),
+            Err(e) => Err(e),
+        };
+        let (filter, sender) = match built {
+            Ok(built) => built,
             Err(e) => {
                 self.shared
                     .ready
@@ -136,6 +142,7 @@ impl Loops {
             self.shared.topology.clone(),
             self.shared.cfg.clone(),
             record.clone(),
+            filter,
             sender,
             stats,
             self.shared.ready.clone(),

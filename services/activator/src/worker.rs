@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ActivatorConfig;
 use crate::destinations::{SendError, Sender};
+use crate::filter::{Filter, integrations_allow};
 use crate::record::DestinationRecord;
 use crate::{events, payload};
 
@@ -52,6 +53,7 @@ pub(crate) async fn run(
     topology: Topology,
     cfg: ActivatorConfig,
     dest: DestinationRecord,
+    filter: Filter,
     sender: Arc<Sender>,
     stats: Arc<DestinationStats>,
     ready: Readiness,
@@ -93,7 +95,7 @@ pub(crate) async fn run(
     let max_backoff = Duration::from_millis(cfg.retry_max_backoff_ms);
     while let Some(batch) = reader.next_batch(&cancel).await {
         let keep_alive = KeepAlive::start(batch.clone(), keep_alive_every);
-        let groups = group_by_key(&dest.id, batch).await;
+        let groups = group_by_key(&dest.id, &filter, batch).await;
         futures_util::stream::iter(groups)
             .for_each_concurrent(cfg.max_concurrent_keys.max(1), |items| {
                 deliver_in_order(&dest.id, &sender, &stats, items, max_backoff, &cancel)
@@ -154,8 +156,9 @@ async fn create_consumer(
 }
 
 /// Splits a batch into per-profile queues, keeping each profile's order. Undecodable and
-/// historical events are settled here.
-async fn group_by_key(destination: &str, batch: Vec<Message>) -> Vec<Vec<Item>> {
+/// historical events, and those the destination's filter or the event's `integrations` object
+/// exclude, are settled (acked and counted) here.
+async fn group_by_key(destination: &str, filter: &Filter, batch: Vec<Message>) -> Vec<Vec<Item>> {
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut groups: Vec<Vec<Item>> = Vec::new();
     for msg in batch {
@@ -182,7 +185,26 @@ async fn group_by_key(destination: &str, batch: Vec<Message>) -> Vec<Vec<Item>> 
             continue;
         }
         let event_id = event.map(|e| e.id.clone()).unwrap_or_default();
-        let body = serde_json::to_vec(&payload::render(&processed)).expect("JSON values serialise");
+        let rendered = payload::render(&processed);
+        let wanted = if integrations_allow(&rendered, destination) {
+            filter.matches(&rendered).map_err(|e| e.to_string())
+        } else {
+            Ok(false)
+        };
+        if !matches!(wanted, Ok(true)) {
+            events::Skipped {
+                destination,
+                reason: if wanted.is_ok() {
+                    "filtered"
+                } else {
+                    "filter_error"
+                },
+            }
+            .emit();
+            let _ = msg.ack().await;
+            continue;
+        }
+        let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
         let slot = *index
             .entry(processed.profile_id.clone())
             .or_insert_with(|| {

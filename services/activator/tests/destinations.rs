@@ -18,9 +18,9 @@ use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology};
 use herald_proto::v1::destination_service_client::DestinationServiceClient;
 use herald_proto::v1::{
-    CreateDestinationRequest, DeleteDestinationRequest, DestinationSpec, GetDestinationRequest,
-    ListDestinationsRequest, PauseDestinationRequest, ProcessedEvent, ResumeDestinationRequest,
-    UpdateDestinationRequest,
+    CreateDestinationRequest, DeleteDestinationRequest, DestinationSpec, Event,
+    GetDestinationRequest, ListDestinationsRequest, PauseDestinationRequest, ProcessedEvent,
+    ResumeDestinationRequest, UpdateDestinationRequest,
 };
 use herald_testkit::{
     NatsServer, WebhookServer, common_config, control_channel, protobuf_track, wait_ready,
@@ -94,8 +94,14 @@ impl Rig {
 
     /// Publishes one processed event for `user`; returns its event id.
     async fn publish(&mut self, user: &str) -> Result<String> {
+        self.publish_with(user, |_| {}).await
+    }
+
+    /// Publishes one processed track event for `user`, changed by `edit`; returns its id.
+    async fn publish_with(&mut self, user: &str, edit: impl FnOnce(&mut Event)) -> Result<String> {
         self.seq += 1;
-        let event = protobuf_track("src", user, self.seq, 1);
+        let mut event = protobuf_track("src", user, self.seq, 1);
+        edit(&mut event);
         let id = event.id.clone();
         let processed = ProcessedEvent {
             event: Some(event),
@@ -531,5 +537,64 @@ async fn an_existing_consumer_carries_on_from_its_position_whatever_start_says()
         3,
         "nothing acknowledged is sent again"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_and_the_integrations_object_decide_what_is_sent() -> Result<()> {
+    let mut rig = Rig::new().await?;
+    let mut c = rig.start(Vec::new()).await?;
+    let hook = WebhookServer::start().await?;
+    let mut spec = webhook_spec("orders", &hook.url());
+    spec.event_types = vec!["track".into()];
+    spec.event_names = vec!["Order Completed".into()];
+    spec.filter = "event.properties.total > 100.0".into();
+    c.create_destination(CreateDestinationRequest { spec: Some(spec) })
+        .await?;
+    rig.wait_change("orders", "started", 1).await?;
+
+    let order = |total: u32, integrations: &'static str| {
+        move |e: &mut Event| {
+            e.name = "Order Completed".into();
+            e.properties = format!(r#"{{"total":{total}}}"#).into_bytes();
+            e.integrations = integrations.as_bytes().to_vec();
+        }
+    };
+    let big = rig.publish_with("u1", order(150, "")).await?;
+    rig.publish_with("u1", order(50, "")).await?; // the condition fails
+    rig.publish("u1").await?; // another name
+    rig.publish_with("u2", order(200, r#"{"All":false}"#))
+        .await?;
+    rig.publish_with("u2", order(250, r#"{"orders":false}"#))
+        .await?;
+    let named = rig
+        .publish_with("u2", order(300, r#"{"All":false,"orders":true}"#))
+        .await?;
+
+    let got = hook.wait_for(2, DEADLINE).await?;
+    let mut got_ids = ids(&got);
+    got_ids.sort();
+    let mut want = vec![big, named];
+    want.sort();
+    assert_eq!(got_ids, want);
+    // The other four were acked and counted, not left behind.
+    let stream = rig.js.get_stream(rig.topology.processed_stream()).await?;
+    wait_until("every event is settled", DEADLINE, || async {
+        stream
+            .consumer_info(consumer_name("orders"))
+            .await
+            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    })
+    .await?;
+    let skipped: f64 = rig
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("herald_activator_events_skipped_total"))
+        .filter(|l| l.contains(r#"destination="orders""#) && l.contains(r#"reason="filtered""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(skipped, 4.0);
+    assert_eq!(hook.received().len(), 2);
     Ok(())
 }
