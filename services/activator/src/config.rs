@@ -221,3 +221,67 @@ impl DestinationConfig {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Case = (
+        DestinationConfig,
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    );
+
+    #[test]
+    fn deprecated_keys_are_mapped_into_settings_and_named() {
+        let cases: [Case; 3] = [
+            (
+                DestinationConfig {
+                    id: "a".into(),
+                    url: Some("https://x/h".into()),
+                    timeout_ms: Some(2500),
+                    headers: [("Authorization".to_string(), Secret("Bearer t".into()))].into(),
+                    secret: Some(Secret("s".into())),
+                    ..Default::default()
+                },
+                &["url", "timeout_ms", "headers", "secret"],
+                &[
+                    ("url", "https://x/h"),
+                    ("timeout_ms", "2500"),
+                    ("header.Authorization", "Bearer t"),
+                    ("secret", "s"),
+                ],
+            ),
+            (
+                // A key in settings wins over the deprecated one.
+                DestinationConfig {
+                    id: "b".into(),
+                    kind: DestinationKind::Log,
+                    settings: Settings([("log_file".to_string(), "/new".to_string())].into()),
+                    log_file: Some("/old".into()),
+                    ..Default::default()
+                },
+                &["log_file"],
+                &[("log_file", "/new")],
+            ),
+            (
+                DestinationConfig {
+                    id: "c".into(),
+                    settings: Settings([("url".to_string(), "https://y/".to_string())].into()),
+                    ..Default::default()
+                },
+                &[],
+                &[("url", "https://y/")],
+            ),
+        ];
+        for (cfg, keys, settings) in cases {
+            assert_eq!(cfg.deprecated_keys(), keys, "{}", cfg.id);
+            let want: BTreeMap<String, String> = settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(cfg.merged_settings().0, want, "{}", cfg.id);
+            assert_eq!(cfg.to_record(Utc::now()).settings.0, want, "{}", cfg.id);
+        }
+    }
+}
