@@ -106,6 +106,9 @@ pub(crate) async fn run(
             break;
         }
     }
+    // Messages the reader holds and has not handed out go back at once (nak), so a resumed or
+    // updated destination, or another replica, gets them without waiting for the ack wait.
+    reader.release().await;
     // A stopped destination (paused, deleted, updated, or the service stopping) holds nothing
     // up; an updated one sets its check again as it binds.
     ready.set(&check, true);
