@@ -3,9 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use chrono::{DateTime, Utc};
 use herald_common::config::Secret;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::filter::UnknownConsent;
+use crate::record::{DestinationRecord, Settings, Start};
 
 /// Settings of the activator service.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,7 +32,8 @@ pub struct ActivatorConfig {
     /// Longest a shutdown (SIGTERM) waits for in-flight work to finish and the NATS connection
     /// to drain before the service stops anyway; the chart sets the pod's grace period above it.
     pub shutdown_timeout_seconds: u64,
-    /// The destinations.
+    /// Destinations seeded into the config bucket at start (created when absent; rewritten
+    /// when their entry here changes), then managed live like any other.
     pub destinations: Vec<DestinationConfig>,
     /// CIDRs webhooks may reach although they are loopback, private or link-local (e.g.
     /// `["10.20.0.0/16"]`); every other such address is refused (see
@@ -55,10 +60,11 @@ impl Default for ActivatorConfig {
 }
 
 /// The kind of a destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DestinationKind {
     /// HTTP POST of each event as Segment-spec JSON.
+    #[default]
     Webhook,
     /// One JSON line per event to stdout or a file.
     Log,
@@ -72,73 +78,210 @@ impl DestinationKind {
             Self::Log => "log",
         }
     }
+
+    /// The kind named `name`, or an error that lists the kinds.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "webhook" => Ok(Self::Webhook),
+            "log" => Ok(Self::Log),
+            other => Err(format!(
+                "unknown destination kind {other:?}: expected webhook or log"
+            )),
+        }
+    }
 }
 
-/// One destination.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One `[[activator.destinations]]` entry of the config file: the fields of
+/// `herald destinations create`, seeded into the config bucket at start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// Stable id: letters, digits, `-` and `_`; names the durable consumer.
     pub id: String,
     /// What kind of destination it is.
     pub kind: DestinationKind,
-    /// Webhook URL (webhook only).
+    /// The kind's settings (`url`, `header.<Name>`, `secret`, `timeout_ms`, `batch_max`,
+    /// `log_file`); see [`crate::record::Settings`].
+    #[serde(default)]
+    pub settings: Settings,
+    /// Event types it receives; empty: all.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+    /// Event names it receives; empty: all.
+    #[serde(default)]
+    pub event_names: Vec<String>,
+    /// A CEL condition over `event`.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Consent purposes it requires.
+    #[serde(default)]
+    pub require_purposes: Vec<String>,
+    /// A person with no recorded choice on a required purpose: `allow` or `deny` (default).
+    #[serde(default)]
+    pub unknown_consent: UnknownConsent,
+    /// `now` (default), `all` or an RFC 3339 time.
+    #[serde(default)]
+    pub start: Start,
+    /// Per-user order (default true).
+    #[serde(default)]
+    pub ordered: Option<bool>,
+    /// Most events per second.
+    #[serde(default)]
+    pub rate_limit: Option<u32>,
+    /// Most send attempts of one event (default 10).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Longest an event is retried, from its first attempt (default 86400).
+    #[serde(default)]
+    pub max_age_seconds: Option<u64>,
+    /// Deprecated: `settings.url`.
     #[serde(default)]
     pub url: Option<String>,
-    /// Timeout of one webhook request.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// File to append lines to (log only); stdout when absent.
+    /// Deprecated: `settings.timeout_ms`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Deprecated: `settings.log_file`.
     #[serde(default)]
     pub log_file: Option<PathBuf>,
-    /// Extra request headers (webhook only), e.g. `{ Authorization = "Bearer ..." }`; their
-    /// values are secrets (redacted in `Debug`). `Content-Type`, `Idempotency-Key` and
-    /// `Herald-Signature` are Herald's and cannot be set here.
+    /// Deprecated: `settings."header.<Name>"`.
     #[serde(default)]
     pub headers: BTreeMap<String, Secret>,
-    /// Signing secret (webhook only): with it every request carries `Herald-Signature`
-    /// (see [`crate::destinations::WebhookSender`]).
+    /// Deprecated: `settings.secret`.
     #[serde(default)]
     pub secret: Option<Secret>,
 }
 
-fn default_timeout_ms() -> u64 {
-    10_000
+impl DestinationConfig {
+    /// The deprecated top-level keys this entry uses (`url`, `timeout_ms`, `log_file`,
+    /// `headers`, `secret`), to warn about once.
+    pub fn deprecated_keys(&self) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.url.is_some() {
+            keys.push("url");
+        }
+        if self.timeout_ms.is_some() {
+            keys.push("timeout_ms");
+        }
+        if self.log_file.is_some() {
+            keys.push("log_file");
+        }
+        if !self.headers.is_empty() {
+            keys.push("headers");
+        }
+        if self.secret.is_some() {
+            keys.push("secret");
+        }
+        keys
+    }
+
+    /// The settings with the deprecated top-level keys mapped in (a key in `settings` wins).
+    pub fn merged_settings(&self) -> Settings {
+        let mut s = self.settings.clone();
+        let mut put = |k: String, v: String| {
+            s.0.entry(k).or_insert(v);
+        };
+        if let Some(u) = &self.url {
+            put("url".into(), u.clone());
+        }
+        if let Some(t) = self.timeout_ms {
+            put("timeout_ms".into(), t.to_string());
+        }
+        if let Some(f) = &self.log_file {
+            put("log_file".into(), f.display().to_string());
+        }
+        for (name, value) in &self.headers {
+            put(format!("header.{name}"), value.expose().to_string());
+        }
+        if let Some(secret) = &self.secret {
+            put("secret".into(), secret.expose().to_string());
+        }
+        s
+    }
+
+    /// The record this entry describes, created at `now` (not yet validated).
+    pub fn to_record(&self, now: DateTime<Utc>) -> DestinationRecord {
+        let mut r = DestinationRecord::new(self.id.clone(), self.kind, now);
+        r.settings = self.merged_settings();
+        r.event_types = self.event_types.clone();
+        r.event_names = self.event_names.clone();
+        r.filter = self.filter.clone().filter(|f| !f.trim().is_empty());
+        r.require_purposes = self.require_purposes.clone();
+        r.unknown_consent = self.unknown_consent;
+        r.start = self.start;
+        if let Some(o) = self.ordered {
+            r.ordered = o;
+        }
+        r.rate_limit = self.rate_limit.filter(|n| *n > 0);
+        if let Some(n) = self.max_attempts {
+            r.max_attempts = n;
+        }
+        if let Some(n) = self.max_age_seconds {
+            r.max_age_seconds = n;
+        }
+        r
+    }
 }
 
-impl DestinationConfig {
-    /// Checks what the destination needs.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.id.is_empty()
-            || !self
-                .id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(format!(
-                "destination id {:?} must be letters, digits, '-' or '_'",
-                self.id
-            ));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Case = (
+        DestinationConfig,
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+    );
+
+    #[test]
+    fn deprecated_keys_are_mapped_into_settings_and_named() {
+        let cases: [Case; 3] = [
+            (
+                DestinationConfig {
+                    id: "a".into(),
+                    url: Some("https://x/h".into()),
+                    timeout_ms: Some(2500),
+                    headers: [("Authorization".to_string(), Secret("Bearer t".into()))].into(),
+                    secret: Some(Secret("s".into())),
+                    ..Default::default()
+                },
+                &["url", "timeout_ms", "headers", "secret"],
+                &[
+                    ("url", "https://x/h"),
+                    ("timeout_ms", "2500"),
+                    ("header.Authorization", "Bearer t"),
+                    ("secret", "s"),
+                ],
+            ),
+            (
+                // A key in settings wins over the deprecated one.
+                DestinationConfig {
+                    id: "b".into(),
+                    kind: DestinationKind::Log,
+                    settings: Settings([("log_file".to_string(), "/new".to_string())].into()),
+                    log_file: Some("/old".into()),
+                    ..Default::default()
+                },
+                &["log_file"],
+                &[("log_file", "/new")],
+            ),
+            (
+                DestinationConfig {
+                    id: "c".into(),
+                    settings: Settings([("url".to_string(), "https://y/".to_string())].into()),
+                    ..Default::default()
+                },
+                &[],
+                &[("url", "https://y/")],
+            ),
+        ];
+        for (cfg, keys, settings) in cases {
+            assert_eq!(cfg.deprecated_keys(), keys, "{}", cfg.id);
+            let want: BTreeMap<String, String> = settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(cfg.merged_settings().0, want, "{}", cfg.id);
+            assert_eq!(cfg.to_record(Utc::now()).settings.0, want, "{}", cfg.id);
         }
-        if self.kind != DestinationKind::Webhook
-            && (!self.headers.is_empty() || self.secret.is_some())
-        {
-            return Err(format!(
-                "destination {:?}: headers and secret apply to webhook destinations only",
-                self.id
-            ));
-        }
-        if self.kind == DestinationKind::Webhook {
-            match &self.url {
-                Some(u) if u.starts_with("http://") || u.starts_with("https://") => {}
-                _ => {
-                    return Err(format!(
-                        "webhook destination {:?} needs url = \"http(s)://...\"",
-                        self.id
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
 }

@@ -18,7 +18,11 @@ pub fn describe() {
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
-        "Events not sent to a destination, by destination and reason (historical, undecodable)."
+        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate)."
+    );
+    describe_counter!(
+        "herald_activator_destination_changes_total",
+        "Destination delivery loops started, updated, paused, deleted or refused on this replica, by destination and action."
     );
     describe_histogram!(
         "herald_activator_send_duration_seconds",
@@ -82,7 +86,7 @@ impl SendFailed<'_> {
 pub struct Skipped<'a> {
     /// The destination's id.
     pub destination: &'a str,
-    /// `historical` or `undecodable`.
+    /// `historical`, `undecodable`, `filtered` or `filter_error`.
     pub reason: &'static str,
 }
 
@@ -119,6 +123,97 @@ impl AckRetried<'_> {
             error = %self.error,
             attempt = self.attempt,
             "ack not confirmed; retrying"
+        );
+    }
+}
+
+/// A destination's delivery loop started, was restarted with a new definition (`updated`),
+/// stopped (`paused`), or stopped with its consumer deleted (`deleted`) on this replica.
+pub struct DestinationChanged<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// `started`, `updated`, `paused` or `deleted`.
+    pub action: &'a str,
+}
+
+impl DestinationChanged<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            action = self.action,
+            "destination {}",
+            self.action
+        );
+        let action = match self.action {
+            "started" => "started",
+            "updated" => "updated",
+            "paused" => "paused",
+            _ => "deleted",
+        };
+        counter!("herald_activator_destination_changes_total", "destination" => self.destination.to_string(), "action" => action)
+            .increment(1);
+    }
+}
+
+/// A stored destination cannot run on this replica (its sender cannot be built, e.g. its
+/// webhook URL now resolves to a refused address): nothing is delivered to it until it changes.
+pub struct DestinationRefused<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Why.
+    pub error: &'a str,
+}
+
+impl DestinationRefused<'_> {
+    /// Logs it (an operator must act) and counts it.
+    pub fn emit(self) {
+        tracing::error!(
+            destination = self.destination,
+            error = self.error,
+            "destination not started: fix it with `herald destinations update`"
+        );
+        counter!("herald_activator_destination_changes_total", "destination" => self.destination.to_string(), "action" => "refused")
+            .increment(1);
+    }
+}
+
+/// A deleted destination's consumer could not be deleted (it keeps its backlog until deleted
+/// by hand: `nats consumer rm`).
+pub struct ConsumerNotDeleted<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The consumer's name.
+    pub consumer: &'a str,
+    /// Why.
+    pub error: &'a str,
+}
+
+impl ConsumerNotDeleted<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            consumer = self.consumer,
+            error = self.error,
+            "cannot delete the consumer of a deleted destination"
+        );
+    }
+}
+
+/// Config-file destinations use deprecated top-level keys (`url`, `timeout_ms`, `log_file`,
+/// `headers`, `secret`); they are mapped into `settings`.
+pub struct DeprecatedDestinationKeys<'a> {
+    /// `<id>: <key>, <key>` per destination, `; `-separated.
+    pub uses: &'a str,
+}
+
+impl DeprecatedDestinationKeys<'_> {
+    /// Logs it once.
+    pub fn emit(self) {
+        tracing::warn!(
+            uses = self.uses,
+            "[[activator.destinations]] keys url, timeout_ms, log_file, headers and secret are deprecated: move them into settings = {{ ... }} (e.g. settings = {{ url = \"https://...\" }}, settings = {{ \"header.Authorization\" = \"...\" }})"
         );
     }
 }

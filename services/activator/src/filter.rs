@@ -2,11 +2,10 @@
 //! and a CEL condition), the Segment `integrations` object, and the consent gate.
 //!
 //! Pure logic over the payload a destination receives ([`crate::payload::render`]) and the
-//! consent it carries: no NATS, no I/O. Nothing in the send path calls it yet; the order meant
-//! for it is: [`integrations_allow`] and [`Filter::matches`] once per event and destination (a
-//! filter's evaluation error counts as no match, and is counted), then
-//! [`ConsentPolicy::decide`] before every send attempt, retries included, with the user's
-//! current consent.
+//! consent it carries: no NATS, no I/O. The delivery loop calls [`integrations_allow`] and
+//! [`Filter::matches`] once per event and destination (a filter's evaluation error counts as no
+//! match, and is counted); [`ConsentPolicy::decide`] is meant to run before every send attempt,
+//! retries included, with the user's current consent, and is not called yet.
 
 use herald_common::consent::purpose_name;
 use herald_common::expr::{Expr, ExprError, Input};
@@ -152,14 +151,35 @@ pub fn integrations_allow(payload: &Value, destination_id: &str) -> bool {
         .unwrap_or(true)
 }
 
-/// What to do with a person who has no recorded choice on a required purpose.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What to do with a person who has no recorded choice on a required purpose (`allow` or
+/// `deny` in config and records).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UnknownConsent {
     /// Refuse: required purposes are opt-in (the default).
     #[default]
     Deny,
     /// Allow: only an explicit refusal blocks.
     Allow,
+}
+
+impl UnknownConsent {
+    /// `allow` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Allow => "allow",
+        }
+    }
+
+    /// Parses `allow` or `deny` (empty: the default, `deny`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "deny" => Ok(Self::Deny),
+            "allow" => Ok(Self::Allow),
+            other => Err(format!("unknown_consent {other:?}: expected allow or deny")),
+        }
+    }
 }
 
 /// Which consent state refused a send.

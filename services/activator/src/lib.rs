@@ -1,13 +1,21 @@
-//! Herald activator: delivers processed events to each configured destination from that
-//! destination's own durable consumer, so one slow destination never holds up another. Each
-//! user's events arrive in order; failed sends are retried in process with backoff.
+//! Herald activator: delivers processed events to each destination from that destination's own
+//! durable consumer, so one slow destination never holds up another. Each user's events arrive
+//! in order; failed sends are retried in process with backoff.
+//!
+//! Destinations are live config: records in the config bucket (`destinations.<id>`, see
+//! [`record`]), changed through `herald.v1.DestinationService` ([`DestinationStore`]) and
+//! followed by every replica through a KV watch, which starts, restarts, pauses and deletes
+//! delivery loops without a restart. Config-file destinations are seeded into the bucket.
 
 mod config;
 pub mod destinations;
 mod events;
 pub mod filter;
 mod grpc;
+mod live;
 pub mod payload;
+pub mod record;
+mod store;
 mod worker;
 
 use std::sync::Arc;
@@ -21,6 +29,10 @@ use herald_common::{CommonConfig, Topology, nats};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ActivatorConfig, DestinationConfig, DestinationKind};
+pub use grpc::{SERVICE_NAME, from_proto, to_proto};
+pub use live::DESTINATIONS_LOADED_CHECK;
+pub use record::{DestinationRecord, Settings, Start};
+pub use store::{DestinationError, DestinationStore, KEY_PREFIX};
 pub use worker::consumer_name;
 
 /// Errors that stop the activator from starting.
@@ -37,7 +49,7 @@ pub enum ActivatorError {
     Config(String),
 }
 
-/// Starts the activator: one delivery loop per destination, plus the gRPC and admin servers,
+/// Starts the activator: one delivery loop per live destination, plus the gRPC and admin servers,
 /// until `shutdown` fires. The handle's task ends once every delivery loop has settled its
 /// batch, the servers have stopped and NATS has drained, or after
 /// `activator.shutdown_timeout_seconds` (see [`herald_common::supervisor`]); a failing server or
@@ -55,16 +67,22 @@ pub async fn start(
     let auth = herald_common::auth::ControlAuth::from_config(&common.control)
         .map_err(|e| ActivatorError::Config(e.to_string()))?;
     let guard = Arc::new(destinations::NetworkGuard::new(&cfg.allow_private_networks));
-    let mut senders = Vec::with_capacity(cfg.destinations.len());
+    // Config-file destinations are checked here, so a broken entry stops the start.
+    let mut deprecated = Vec::new();
     for d in &cfg.destinations {
-        let sender = destinations::Sender::new(d, &guard)
+        let keys = d.deprecated_keys();
+        if !keys.is_empty() {
+            deprecated.push(format!("{}: {}", d.id, keys.join(", ")));
+        }
+        destinations::Sender::new(&d.to_record(chrono::Utc::now()), &guard)
             .await
             .map_err(ActivatorError::Config)?;
-        senders.push((
-            d.clone(),
-            Arc::new(sender),
-            Arc::new(worker::DestinationStats::default()),
-        ));
+    }
+    if !deprecated.is_empty() {
+        events::DeprecatedDestinationKeys {
+            uses: &deprecated.join("; "),
+        }
+        .emit();
     }
     let grpc_listener = server::bind(&cfg.grpc_addr).await?;
     let admin_listener = server::bind(&cfg.admin_addr).await?;
@@ -75,11 +93,13 @@ pub async fn start(
     let client = nats::connect(&common.nats, "herald-activator").await?;
     let js = nats::jetstream(client.clone(), &common.nats);
     let topology = Topology::new(common.topology.clone());
-    let checks: Vec<String> = cfg
+    // Ready once the destinations are loaded and the config file's are bound.
+    let mut checks: Vec<String> = cfg
         .destinations
         .iter()
         .map(|d| worker::readiness_check(&d.id))
         .collect();
+    checks.push(live::DESTINATIONS_LOADED_CHECK.to_string());
     let check_refs: Vec<&str> = checks.iter().map(String::as_str).collect();
     let ready = Readiness::new(client.clone(), &check_refs);
 
@@ -89,37 +109,39 @@ pub async fn start(
         Duration::from_secs(cfg.shutdown_timeout_seconds),
     );
     let stop = supervisor.token();
-    // Each destination's worker finishes the batch in hand (or leaves it unacked) before it ends.
-    for (dest, sender, stats) in &senders {
-        supervisor.spawn_task(
-            format!("destination {}", dest.id),
-            worker::run(
-                js.clone(),
-                topology.clone(),
-                cfg.clone(),
-                dest.clone(),
-                sender.clone(),
-                stats.clone(),
-                ready.clone(),
-                stop.clone(),
-            ),
-        );
-    }
-    let control = grpc::Control {
-        destinations: senders
-            .iter()
-            .map(|(d, _, s)| (d.clone(), s.clone()))
-            .collect(),
-    };
-    let routes = tonic::service::Routes::new(
-        herald_proto::v1::activator_service_server::ActivatorServiceServer::new(control),
+    // Each destination's loop finishes the batch in hand (or leaves it unacked) before the
+    // live task ends.
+    let store = DestinationStore::new(guard.clone());
+    let stats = live::StatsMap::default();
+    supervisor.spawn_task(
+        "destinations",
+        live::run(
+            store.clone(),
+            live::Shared {
+                js: js.clone(),
+                topology: topology.clone(),
+                cfg: cfg.clone(),
+                guard,
+                ready: ready.clone(),
+                stats: stats.clone(),
+            },
+            cfg.destinations.clone(),
+            stop.clone(),
+        ),
     );
+    let control = grpc::DestinationGrpc {
+        store,
+        stats,
+        js,
+        topology,
+    };
+    let routes = tonic::service::Routes::new(control.into_server());
     supervisor.spawn(
         "grpc",
         server::serve_grpc(
             grpc_listener,
             routes,
-            "herald.v1.ActivatorService",
+            grpc::SERVICE_NAME,
             auth,
             stop.clone(),
         ),

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::Consumer;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures_util::StreamExt;
@@ -20,16 +19,17 @@ use herald_proto::v1::ProcessedEvent;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ActivatorConfig, DestinationConfig};
+use crate::config::ActivatorConfig;
 use crate::destinations::{SendError, Sender};
+use crate::filter::{Filter, integrations_allow};
+use crate::record::DestinationRecord;
 use crate::{events, payload};
 
-/// Delivery counters of one destination.
+/// Delivery counters of one destination on this replica.
 #[derive(Default)]
 pub(crate) struct DestinationStats {
     pub delivered: AtomicU64,
     pub failed_attempts: AtomicU64,
-    pub consumer: std::sync::Mutex<Option<Consumer<PullConfig>>>,
 }
 
 /// The durable consumer name of a destination.
@@ -52,7 +52,8 @@ pub(crate) async fn run(
     js: jetstream::Context,
     topology: Topology,
     cfg: ActivatorConfig,
-    dest: DestinationConfig,
+    dest: DestinationRecord,
+    filter: Filter,
     sender: Arc<Sender>,
     stats: Arc<DestinationStats>,
     ready: Readiness,
@@ -73,15 +74,20 @@ pub(crate) async fn run(
         batch: cfg.batch_size,
         description: format!("Herald activator: destination {}", dest.id),
     };
-    let Some(mut reader) = retry_until("binding a destination consumer", &cancel, || {
+    let check = readiness_check(&dest.id);
+    ready.set(&check, false);
+    let Some(mut reader) = retry_until("binding a destination consumer", &cancel, || async {
+        create_consumer(&js, &reader_cfg, &dest).await?;
         OrderedReader::bind(&js, reader_cfg.clone())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await
     else {
+        // Stopped before it was bound: nothing to wait for.
+        ready.set(&check, true);
         return;
     };
-    *stats.consumer.lock().expect("stats lock") = Some(reader.consumer().clone());
-    let check = readiness_check(&dest.id);
     ready.set(&check, true);
     tracing::info!(destination = %dest.id, kind = dest.kind.as_str(), "delivering");
 
@@ -89,7 +95,7 @@ pub(crate) async fn run(
     let max_backoff = Duration::from_millis(cfg.retry_max_backoff_ms);
     while let Some(batch) = reader.next_batch(&cancel).await {
         let keep_alive = KeepAlive::start(batch.clone(), keep_alive_every);
-        let groups = group_by_key(&dest.id, batch).await;
+        let groups = group_by_key(&dest.id, &filter, batch).await;
         futures_util::stream::iter(groups)
             .for_each_concurrent(cfg.max_concurrent_keys.max(1), |items| {
                 deliver_in_order(&dest.id, &sender, &stats, items, max_backoff, &cancel)
@@ -100,12 +106,62 @@ pub(crate) async fn run(
             break;
         }
     }
-    ready.set(&check, false);
+    // Messages the reader holds and has not handed out go back at once (nak), so a resumed or
+    // updated destination, or another replica, gets them without waiting for the ack wait.
+    reader.release().await;
+    // A stopped destination (paused, deleted, updated, or the service stopping) holds nothing
+    // up; an updated one sets its check again as it binds.
+    ready.set(&check, true);
+}
+
+/// Creates a destination's consumer when it does not exist yet, starting where the record's
+/// `start` says. An existing consumer (an upgrade from the config-file activator, an update, a
+/// restart) is left where it is: nothing it acknowledged is skipped or sent again.
+async fn create_consumer(
+    js: &jetstream::Context,
+    reader_cfg: &ReaderConfig,
+    dest: &DestinationRecord,
+) -> Result<(), String> {
+    let stream = js
+        .get_stream(&reader_cfg.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    if stream
+        .get_consumer::<PullConfig>(&reader_cfg.durable)
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let config = PullConfig {
+        durable_name: Some(reader_cfg.durable.clone()),
+        description: Some(reader_cfg.description.clone()),
+        deliver_policy: dest.deliver_policy(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: reader_cfg.ack_wait,
+        max_ack_pending: reader_cfg.max_ack_pending,
+        filter_subject: reader_cfg.filter_subject.clone(),
+        ..Default::default()
+    };
+    match stream.create_consumer(config).await {
+        Ok(_) => Ok(()),
+        // Another replica created it meanwhile.
+        Err(_)
+            if stream
+                .get_consumer::<PullConfig>(&reader_cfg.durable)
+                .await
+                .is_ok() =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Splits a batch into per-profile queues, keeping each profile's order. Undecodable and
-/// historical events are settled here.
-async fn group_by_key(destination: &str, batch: Vec<Message>) -> Vec<Vec<Item>> {
+/// historical events, and those the destination's filter or the event's `integrations` object
+/// exclude, are settled (acked and counted) here.
+async fn group_by_key(destination: &str, filter: &Filter, batch: Vec<Message>) -> Vec<Vec<Item>> {
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut groups: Vec<Vec<Item>> = Vec::new();
     for msg in batch {
@@ -132,7 +188,26 @@ async fn group_by_key(destination: &str, batch: Vec<Message>) -> Vec<Vec<Item>> 
             continue;
         }
         let event_id = event.map(|e| e.id.clone()).unwrap_or_default();
-        let body = serde_json::to_vec(&payload::render(&processed)).expect("JSON values serialise");
+        let rendered = payload::render(&processed);
+        let wanted = if integrations_allow(&rendered, destination) {
+            filter.matches(&rendered).map_err(|e| e.to_string())
+        } else {
+            Ok(false)
+        };
+        if !matches!(wanted, Ok(true)) {
+            events::Skipped {
+                destination,
+                reason: if wanted.is_ok() {
+                    "filtered"
+                } else {
+                    "filter_error"
+                },
+            }
+            .emit();
+            let _ = msg.ack().await;
+            continue;
+        }
+        let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
         let slot = *index
             .entry(processed.profile_id.clone())
             .or_insert_with(|| {

@@ -36,10 +36,8 @@ async fn failures_are_counted_by_class_and_retry_after_sets_the_pause() -> Resul
             id: "hook".into(),
             kind: DestinationKind::Webhook,
             url: Some(hook.url()),
-            timeout_ms: 5_000,
-            log_file: None,
-            headers: Default::default(),
-            secret: None,
+            timeout_ms: Some(5_000),
+            ..Default::default()
         }],
         allow_private_networks: vec!["127.0.0.0/8".parse()?],
         ..Default::default()

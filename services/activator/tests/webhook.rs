@@ -23,11 +23,14 @@ fn webhook(url: &str) -> DestinationConfig {
         id: "hook".into(),
         kind: DestinationKind::Webhook,
         url: Some(url.into()),
-        timeout_ms: 5_000,
-        log_file: None,
-        headers: BTreeMap::new(),
-        secret: None,
+        timeout_ms: Some(5_000),
+        ..Default::default()
     }
+}
+
+/// The sender of a config entry (its deprecated top-level keys mapped into settings).
+async fn sender_of(cfg: &DestinationConfig, guard: &Arc<NetworkGuard>) -> Result<Sender, String> {
+    Sender::new(&cfg.to_record(chrono::Utc::now()), guard).await
 }
 
 fn guard(cidrs: &[&str]) -> Arc<NetworkGuard> {
@@ -60,7 +63,7 @@ async fn requests_carry_the_headers_and_a_signature_that_verifies() -> Result<()
     for secret in ["t0ken", "acme", "s3cret"] {
         assert!(!debug.contains(secret), "{debug}");
     }
-    let sender = Sender::new(&cfg, &loopback())
+    let sender = sender_of(&cfg, &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
     let body = br#"{"type":"track","event":"Signed Up","messageId":"m-1"}"#;
@@ -111,7 +114,7 @@ async fn requests_carry_the_headers_and_a_signature_that_verifies() -> Result<()
 #[tokio::test]
 async fn without_a_secret_there_is_no_signature() -> Result<()> {
     let hook = WebhookServer::start().await?;
-    let sender = Sender::new(&webhook(&hook.url()), &loopback())
+    let sender = sender_of(&webhook(&hook.url()), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
     sender.send("ev-1", b"{}").await?;
@@ -131,7 +134,7 @@ async fn herald_headers_cannot_be_configured() -> Result<()> {
     ] {
         let mut cfg = webhook("http://127.0.0.1:9/hook");
         cfg.headers = BTreeMap::from([(name.to_string(), Secret("x".into()))]);
-        let err = Sender::new(&cfg, &loopback())
+        let err = sender_of(&cfg, &loopback())
             .await
             .err()
             .with_context(|| format!("{name} is refused"))?;
@@ -143,7 +146,7 @@ async fn herald_headers_cannot_be_configured() -> Result<()> {
 #[tokio::test]
 async fn statuses_are_classified_transient_or_permanent() -> Result<()> {
     let hook = WebhookServer::start().await?;
-    let sender = Sender::new(&webhook(&hook.url()), &loopback())
+    let sender = sender_of(&webhook(&hook.url()), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
     let cases = [
@@ -170,7 +173,7 @@ async fn statuses_are_classified_transient_or_permanent() -> Result<()> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?
     };
-    let down = Sender::new(&webhook(&format!("http://{closed}/hook")), &loopback())
+    let down = sender_of(&webhook(&format!("http://{closed}/hook")), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
     let err = failure(&down).await;
@@ -185,7 +188,7 @@ async fn statuses_are_classified_transient_or_permanent() -> Result<()> {
 #[tokio::test]
 async fn retry_after_is_read_as_seconds_and_as_an_http_date() -> Result<()> {
     let hook = WebhookServer::start().await?;
-    let sender = Sender::new(&webhook(&hook.url()), &loopback())
+    let sender = sender_of(&webhook(&hook.url()), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
     hook.set_failing(429);
@@ -228,7 +231,7 @@ async fn internal_addresses_are_refused_at_start_unless_allowed() -> Result<()> 
         ),
     ];
     for (url, addr, cidr) in cases {
-        let err = Sender::new(&webhook(url), &guard(&[]))
+        let err = sender_of(&webhook(url), &guard(&[]))
             .await
             .err()
             .with_context(|| format!("{url} is refused"))?;
@@ -240,12 +243,12 @@ async fn internal_addresses_are_refused_at_start_unless_allowed() -> Result<()> 
         } else {
             &[cidr]
         };
-        Sender::new(&webhook(url), &guard(allow))
+        sender_of(&webhook(url), &guard(allow))
             .await
             .map_err(|e| anyhow::anyhow!("{url} allowed by {allow:?}: {e}"))?;
     }
     // Public addresses need no allowance.
-    Sender::new(&webhook("http://93.184.216.34/hook"), &guard(&[]))
+    sender_of(&webhook("http://93.184.216.34/hook"), &guard(&[]))
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(())
@@ -285,7 +288,7 @@ async fn the_activator_refuses_to_start_with_a_refused_webhook() -> Result<()> {
 async fn an_allowed_host_name_is_delivered_to() -> Result<()> {
     let hook = WebhookServer::start().await?;
     let url = hook.url().replace("127.0.0.1", "localhost");
-    let sender = Sender::new(&webhook(&url), &loopback())
+    let sender = sender_of(&webhook(&url), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
     sender.send("ev-1", b"{}").await?;
@@ -317,7 +320,7 @@ async fn redirecting_server(location: &'static str) -> Result<String> {
 #[tokio::test]
 async fn a_redirect_to_an_internal_address_is_refused_at_send_time() -> Result<()> {
     let url = redirecting_server("http://169.254.169.254/latest/meta-data").await?;
-    let sender = Sender::new(&webhook(&url), &loopback())
+    let sender = sender_of(&webhook(&url), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
     let err = failure(&sender).await;

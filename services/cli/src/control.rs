@@ -4,9 +4,8 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow};
 use herald_common::auth::BearerToken;
-use herald_proto::v1::activator_service_client::ActivatorServiceClient;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
-use herald_proto::v1::{GetStatusRequest, ListDestinationsRequest, PartitionStatus};
+use herald_proto::v1::{GetStatusRequest, PartitionStatus};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -270,37 +269,6 @@ fn span(names: &[&str]) -> String {
         [first, .., last] if names.len() > 3 => format!("{first} … {last} ({})", names.len()),
         _ => names.join(", "),
     }
-}
-
-/// `herald destinations list`.
-pub async fn destinations_list(control: &Control) -> Result<()> {
-    let mut c = ActivatorServiceClient::new(control.channel().await?);
-    let res = c
-        .list_destinations(ListDestinationsRequest {})
-        .await
-        .map_err(|e| rpc_error("activator", e))?
-        .into_inner();
-    outln!(
-        "{:<24} {:<8} {:>10} {:>12} {:>10} {:>8}",
-        "ID",
-        "KIND",
-        "PENDING",
-        "ACK_PENDING",
-        "DELIVERED",
-        "FAILED"
-    );
-    for d in res.destinations {
-        outln!(
-            "{:<24} {:<8} {:>10} {:>12} {:>10} {:>8}",
-            d.id,
-            d.kind,
-            d.pending,
-            d.ack_pending,
-            d.delivered,
-            d.failed_attempts
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

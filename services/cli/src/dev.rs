@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow};
 use figment::Figment;
 use figment::providers::Serialized;
 use herald_activator::destinations::ssrf::DEV_ALLOWED_NETWORKS;
-use herald_activator::{DestinationConfig, DestinationKind};
+use herald_activator::{DestinationConfig, DestinationKind, Settings};
 use herald_common::natsbin::{self, Launch, NatsProcess};
 use herald_common::server::ServiceHandle;
 use herald_common::{ControlConfig, Secret, server, telemetry};
@@ -117,14 +117,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
         enabled: true,
         ..Default::default()
     });
+    let mut log_settings = Settings::default();
+    if let Some(path) = &args.log_file {
+        log_settings
+            .0
+            .insert("log_file".into(), path.display().to_string());
+    }
     cfg.activator.destinations.push(DestinationConfig {
         id: "log".into(),
         kind: DestinationKind::Log,
-        url: None,
-        timeout_ms: 10_000,
-        log_file: args.log_file.clone(),
-        headers: Default::default(),
-        secret: None,
+        settings: log_settings,
+        ..Default::default()
     });
     let private_note = allow_private_networks(&mut cfg.activator);
 

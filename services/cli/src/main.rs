@@ -3,6 +3,7 @@
 
 mod config;
 mod control;
+mod destinations_cmd;
 mod dev;
 mod output;
 mod profile_cmd;
@@ -108,14 +109,8 @@ enum Command {
         #[command(flatten)]
         api: ActivatorApi,
         #[command(subcommand)]
-        cmd: DestinationsCommand,
+        cmd: destinations_cmd::DestinationsCommand,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum DestinationsCommand {
-    /// List destinations with their backlog and delivery counters.
-    List,
 }
 
 /// Parses the arguments and runs the command. An error is printed as its chain and a hint,
@@ -162,10 +157,7 @@ async fn run(command: Command) -> Result<()> {
             profile_cmd::unsuppress(&identity, &api.control()).await?
         }
         Command::Erasure { api, cmd } => profile_cmd::erasure(cmd, &api.control()).await?,
-        Command::Destinations {
-            api,
-            cmd: DestinationsCommand::List,
-        } => control::destinations_list(&api.control()).await?,
+        Command::Destinations { api, cmd } => destinations_cmd::run(cmd, &api.control()).await?,
     }
     Ok(())
 }

@@ -278,6 +278,40 @@ pub async fn ensure_stream(
         })
 }
 
+/// Opens the config bucket (`<prefix>-config`: sources, destinations, ...), creating it
+/// (history 1, file storage, `topology.replicas` replicas) when missing. Ingest and the
+/// activator both open it; whichever starts first creates it.
+pub async fn open_config_bucket(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    use async_nats::jetstream::kv;
+    let name = topology.bucket("config");
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: name.clone(),
+            description:
+                "Herald: configuration (sources, destinations, ...), watched by every replica"
+                    .into(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: topology.config().replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another replica or service may have created it meanwhile.
+        Err(e) => js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| format!("cannot create bucket {name}: {e}")),
+    }
+}
+
 /// The longest pause of the provisioning retries ([`wait_for_stream`], [`retry_until`]).
 pub const PROVISIONING_MAX_BACKOFF: Duration = Duration::from_millis(500);
 

@@ -190,7 +190,8 @@ pub struct OrderedReader {
     status: ReaderStatusHandle,
 }
 
-/// Creates the durable consumer, or updates it to `cfg` (keeping it as it is when the server
+/// Creates the durable consumer, or updates it to `cfg` but for its deliver policy, which an
+/// existing consumer keeps (keeping it as it is when the server
 /// refuses the update), and returns it with its stream.
 pub async fn ensure_consumer(
     js: &jetstream::Context,
@@ -222,13 +223,18 @@ pub async fn ensure_consumer(
         config.priority_timeout = p.timeout;
     }
     let consumer = match stream.get_consumer::<PullConfig>(&cfg.durable).await {
-        Ok(existing) => match js.update_consumer_on_stream(config, &cfg.stream).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(consumer = %cfg.durable, error = %e, "cannot update the consumer; using it as it is");
-                existing
+        Ok(existing) => {
+            // Where a consumer starts cannot change once it exists: keep its own (an activator
+            // destination's consumer may start at a time).
+            config.deliver_policy = existing.cached_info().config.deliver_policy;
+            match js.update_consumer_on_stream(config, &cfg.stream).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(consumer = %cfg.durable, error = %e, "cannot update the consumer; using it as it is");
+                    existing
+                }
             }
-        },
+        }
         Err(_) => stream
             .create_consumer(config)
             .await

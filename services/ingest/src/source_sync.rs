@@ -28,33 +28,13 @@ use crate::source_store::{
 /// The readiness check flipped once the sources have been loaded from the bucket.
 pub const SOURCES_LOADED_CHECK: &str = "sources loaded";
 
-/// Opens the config bucket, creating it (history 1, `topology.replicas` replicas) when missing.
+/// Opens the config bucket, creating it when missing
+/// ([`herald_common::nats::open_config_bucket`]).
 pub async fn open_bucket(
     js: &jetstream::Context,
     topology: &Topology,
 ) -> Result<kv::Store, String> {
-    let name = topology.bucket("config");
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: name.clone(),
-            description: "Herald: configuration (sources, ...), watched by every replica".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: topology.config().replicas,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        // Another replica may have created it meanwhile.
-        Err(e) => js
-            .get_key_value(&name)
-            .await
-            .map_err(|_| format!("cannot create bucket {name}: {e}")),
-    }
+    herald_common::nats::open_config_bucket(js, topology).await
 }
 
 /// Writes the configured sources into the bucket: creates missing ones, rewrites those whose

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind};
+use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind, Settings};
 use herald_common::server::ServiceHandle;
 use herald_common::{CommonConfig, ControlConfig, NatsConfig, Secret, TopologyConfig, telemetry};
 use herald_ingest::{IngestConfig, SourceConfig};
@@ -113,11 +113,13 @@ impl Pipeline {
                 .map(|url| DestinationConfig {
                     id: "hook".into(),
                     kind: DestinationKind::Webhook,
-                    url: Some(url.clone()),
-                    timeout_ms: 5_000,
-                    log_file: None,
-                    headers: Default::default(),
-                    secret: None,
+                    settings: Settings(
+                        [("url", url.clone()), ("timeout_ms", "5000".into())]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                    ),
+                    ..Default::default()
                 })
                 .collect(),
             // The test webhooks listen on loopback, which the SSRF guard refuses by default.

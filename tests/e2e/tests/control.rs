@@ -7,7 +7,7 @@ use herald_common::auth::BearerToken;
 use herald_common::server::ServiceHandle;
 use herald_common::{CommonConfig, ControlConfig, NatsConfig, telemetry};
 use herald_e2e::{CONTROL_TOKEN, Pipeline, PipelineOptions, SOURCE_ID, processor_config};
-use herald_proto::v1::activator_service_client::ActivatorServiceClient;
+use herald_proto::v1::destination_service_client::DestinationServiceClient;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
 use herald_proto::v1::source_service_client::SourceServiceClient;
 use herald_proto::v1::{GetStatusRequest, ListDestinationsRequest, ListSourcesRequest};
@@ -49,12 +49,15 @@ async fn control_rpcs_report_sources_status_and_destinations() -> Result<()> {
     assert_eq!(status.pending, 0);
 
     let mut activator =
-        ActivatorServiceClient::new(authed(p.activator.grpc_addr, CONTROL_TOKEN).await?);
-    let dests = activator
+        DestinationServiceClient::new(authed(p.activator.grpc_addr, CONTROL_TOKEN).await?);
+    let dests: Vec<_> = activator
         .list_destinations(ListDestinationsRequest {})
         .await?
         .into_inner()
-        .destinations;
+        .items
+        .into_iter()
+        .filter_map(|d| d.status)
+        .collect();
     assert_eq!(dests.len(), 1);
     assert_eq!(
         (dests[0].id.as_str(), dests[0].kind.as_str()),
@@ -65,7 +68,7 @@ async fn control_rpcs_report_sources_status_and_destinations() -> Result<()> {
     for (addr, service) in [
         (p.ingest.grpc_addr, "herald.v1.SourceService"),
         (p.processor.grpc_addr, "herald.v1.ProcessorService"),
-        (p.activator.grpc_addr, "herald.v1.ActivatorService"),
+        (p.activator.grpc_addr, "herald.v1.DestinationService"),
     ] {
         let channel = tonic::transport::Channel::from_shared(url(addr))?
             .connect()
@@ -184,7 +187,7 @@ async fn control_apis_require_the_token_and_health_does_not() -> Result<()> {
         .get_status(GetStatusRequest {})
         .await
         .map(|_| ());
-        let activator = ActivatorServiceClient::with_interceptor(
+        let activator = DestinationServiceClient::with_interceptor(
             connect(p.activator.grpc_addr).await?,
             intercept,
         )

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::sync::Mutex;
 
 use super::SendError;
-use crate::config::DestinationConfig;
+use crate::record::LogSettings;
 
 /// Writes events as JSON lines.
 pub struct LogSender {
@@ -13,7 +13,7 @@ pub struct LogSender {
 
 impl LogSender {
     /// A sender writing to the destination's `log_file`, or stdout.
-    pub fn new(cfg: &DestinationConfig) -> Result<Self, String> {
+    pub fn new(cfg: &LogSettings) -> Result<Self, String> {
         let out: Box<dyn Write + Send> = match &cfg.log_file {
             Some(path) => Box::new(
                 std::fs::OpenOptions::new()

@@ -16,7 +16,7 @@ pub use log::LogSender;
 pub use ssrf::NetworkGuard;
 pub use webhook::{WebhookSender, parse_retry_after, signature};
 
-use crate::config::{DestinationConfig, DestinationKind};
+use crate::record::{DestinationRecord, KindSettings};
 
 /// Whether sending the same event again can succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,12 +132,17 @@ pub enum Sender {
 }
 
 impl Sender {
-    /// Builds the sender for a destination, refusing a webhook URL the guard refuses.
-    pub async fn new(cfg: &DestinationConfig, guard: &Arc<NetworkGuard>) -> Result<Self, String> {
-        cfg.validate()?;
-        Ok(match cfg.kind {
-            DestinationKind::Webhook => Self::Webhook(WebhookSender::new(cfg, guard).await?),
-            DestinationKind::Log => Self::Log(LogSender::new(cfg)?),
+    /// Builds the sender for a destination, after [`DestinationRecord::check`], refusing a
+    /// webhook URL the guard refuses.
+    pub async fn new(
+        record: &DestinationRecord,
+        guard: &Arc<NetworkGuard>,
+    ) -> Result<Self, String> {
+        Ok(match record.check()?.kind {
+            KindSettings::Webhook(w) => {
+                Self::Webhook(WebhookSender::new(&record.id, &w, guard).await?)
+            }
+            KindSettings::Log(l) => Self::Log(LogSender::new(&l)?),
         })
     }
 

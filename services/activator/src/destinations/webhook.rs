@@ -16,7 +16,7 @@ use sha2::Sha256;
 
 use super::SendError;
 use super::ssrf::{GuardedResolver, NetworkGuard, Refused};
-use crate::config::DestinationConfig;
+use crate::record::WebhookSettings;
 
 /// Headers Herald sets itself, which a destination's `headers` may not replace.
 const RESERVED_HEADERS: [&str; 5] = [
@@ -42,21 +42,21 @@ impl WebhookSender {
     /// A sender for the destination's URL, headers and secret. Refuses a URL whose address the
     /// guard refuses (an IP literal, or a host name as it resolves now); the client's resolver
     /// checks again at every connect.
-    pub async fn new(cfg: &DestinationConfig, guard: &Arc<NetworkGuard>) -> Result<Self, String> {
-        let url = cfg
-            .url
-            .clone()
-            .ok_or_else(|| format!("webhook destination {:?} needs a url", cfg.id))?;
+    pub async fn new(
+        id: &str,
+        cfg: &WebhookSettings,
+        guard: &Arc<NetworkGuard>,
+    ) -> Result<Self, String> {
+        let url = cfg.url.clone();
         let parsed = reqwest::Url::parse(&url)
-            .map_err(|e| format!("webhook destination {:?}: invalid url {url:?}: {e}", cfg.id))?;
+            .map_err(|e| format!("webhook destination {id:?}: invalid url {url:?}: {e}"))?;
         guard
             .check_url(&parsed)
             .await
-            .map_err(|e| format!("webhook destination {:?}: url {url}: {e}", cfg.id))?;
+            .map_err(|e| format!("webhook destination {id:?}: url {url}: {e}"))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
-            let bad =
-                |what: &str| format!("webhook destination {:?}: header {name:?}: {what}", cfg.id);
+            let bad = |what: &str| format!("webhook destination {id:?}: header {name:?}: {what}");
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| bad("not a valid header name"))?;
             if RESERVED_HEADERS.contains(&header.as_str()) {

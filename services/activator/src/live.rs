@@ -1,0 +1,344 @@
+//! Destinations as live config: opens the config bucket, seeds the config file's destinations,
+//! loads every `destinations.<id>` record and follows the bucket's watch until shutdown,
+//! starting, restarting (on update), stopping (on pause) and deleting (stop, then delete the
+//! consumer `activator-<id>`) each destination's delivery loop as its record changes. Every
+//! replica runs this, so a change made through any replica's control API reaches all of them
+//! within milliseconds.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt as _;
+use herald_common::Topology;
+use herald_common::admin::Readiness;
+use herald_common::nats::retry_until;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ActivatorConfig, DestinationConfig};
+use crate::destinations::{NetworkGuard, Sender};
+use crate::record::DestinationRecord;
+use crate::store::{self, DestinationStore, KEY_PREFIX};
+use crate::worker::{self, DestinationStats};
+use crate::{consumer_name, events};
+
+/// The readiness check flipped once the destinations have been loaded from the bucket.
+pub const DESTINATIONS_LOADED_CHECK: &str = "destinations loaded";
+
+/// Each destination's delivery counters on this replica, by id.
+pub(crate) type StatsMap = Arc<Mutex<HashMap<String, Arc<DestinationStats>>>>;
+
+/// What the delivery loops share.
+pub(crate) struct Shared {
+    pub js: jetstream::Context,
+    pub topology: Topology,
+    pub cfg: ActivatorConfig,
+    pub guard: Arc<NetworkGuard>,
+    pub ready: Readiness,
+    pub stats: StatsMap,
+}
+
+struct Running {
+    /// The record as delivery sees it ([`delivery_view`]).
+    view: DestinationRecord,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The running delivery loops of this replica.
+struct Loops {
+    shared: Shared,
+    running: HashMap<String, Running>,
+    /// The last revision applied per id, so the load and the watch order by revision.
+    applied: HashMap<String, u64>,
+    cancel: CancellationToken,
+}
+
+/// What of a record matters to its delivery loop: a change elsewhere (the pause flag, the
+/// revision, the update time, the seeding digest) restarts nothing.
+fn delivery_view(r: &DestinationRecord) -> DestinationRecord {
+    DestinationRecord {
+        revision: 0,
+        updated_at: r.created_at,
+        paused: false,
+        config_sha256: None,
+        ..r.clone()
+    }
+}
+
+impl Loops {
+    async fn apply(&mut self, id: &str, revision: u64, record: Option<DestinationRecord>) {
+        if self.applied.get(id).is_some_and(|seen| *seen >= revision) {
+            return;
+        }
+        self.applied.insert(id.to_string(), revision);
+        match record {
+            None => {
+                let was_running = self.stop(id).await;
+                self.delete_consumer(id, was_running).await;
+                self.shared.stats.lock().expect("stats lock").remove(id);
+            }
+            Some(r) if r.paused => {
+                // A paused destination holds up no readiness.
+                self.shared.ready.set(&worker::readiness_check(id), true);
+                if self.stop(id).await {
+                    events::DestinationChanged {
+                        destination: id,
+                        action: "paused",
+                    }
+                    .emit();
+                }
+            }
+            Some(r) => {
+                let view = delivery_view(&r);
+                if self.running.get(id).is_some_and(|run| run.view == view) {
+                    return;
+                }
+                let action = if self.stop(id).await {
+                    "updated"
+                } else {
+                    "started"
+                };
+                self.start(r, view, action).await;
+            }
+        }
+    }
+
+    async fn start(&mut self, record: DestinationRecord, view: DestinationRecord, action: &str) {
+        let built = match record.check() {
+            Ok(checked) => Sender::new(&record, &self.shared.guard)
+                .await
+                .map(|s| (checked.filter, Arc::new(s))),
+            Err(e) => Err(e),
+        };
+        let (filter, sender) = match built {
+            Ok(built) => built,
+            Err(e) => {
+                self.shared
+                    .ready
+                    .set(&worker::readiness_check(&record.id), true);
+                events::DestinationRefused {
+                    destination: &record.id,
+                    error: &e,
+                }
+                .emit();
+                return;
+            }
+        };
+        let stats = self
+            .shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .entry(record.id.clone())
+            .or_default()
+            .clone();
+        let stop = self.cancel.child_token();
+        let task = tokio::spawn(worker::run(
+            self.shared.js.clone(),
+            self.shared.topology.clone(),
+            self.shared.cfg.clone(),
+            record.clone(),
+            filter,
+            sender,
+            stats,
+            self.shared.ready.clone(),
+            stop.clone(),
+        ));
+        events::DestinationChanged {
+            destination: &record.id,
+            action,
+        }
+        .emit();
+        self.running
+            .insert(record.id.clone(), Running { view, stop, task });
+    }
+
+    /// Stops a destination's loop (it settles the batch in hand) and waits for it; whether one
+    /// was running.
+    async fn stop(&mut self, id: &str) -> bool {
+        let Some(run) = self.running.remove(id) else {
+            return false;
+        };
+        run.stop.cancel();
+        let _ = run.task.await;
+        true
+    }
+
+    async fn delete_consumer(&self, id: &str, was_running: bool) {
+        let name = consumer_name(id);
+        let stream = self.shared.topology.processed_stream();
+        let result = match self.shared.js.get_stream(&stream).await {
+            Ok(s) => s.delete_consumer(&name).await.map(drop).map_err(|e| {
+                // Another replica may have deleted it first.
+                if matches!(
+                    e.kind(),
+                    jetstream::stream::ConsumerErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                ) {
+                    None
+                } else {
+                    Some(e.to_string())
+                }
+            }),
+            Err(e) => Err(Some(e.to_string())),
+        };
+        match result {
+            Ok(()) | Err(None) => {
+                if was_running {
+                    events::DestinationChanged {
+                        destination: id,
+                        action: "deleted",
+                    }
+                    .emit();
+                }
+            }
+            Err(Some(e)) => events::ConsumerNotDeleted {
+                destination: id,
+                consumer: &name,
+                error: &e,
+            }
+            .emit(),
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let ids: Vec<String> = self.running.keys().cloned().collect();
+        for id in ids {
+            self.stop(&id).await;
+        }
+    }
+}
+
+/// Keeps this replica's delivery loops in step with the bucket until `cancel`: opens (or
+/// creates) the bucket, seeds the configured destinations, loads everything (then flips the
+/// [`DESTINATIONS_LOADED_CHECK`] readiness check), and applies every change the watch reports.
+/// A broken watch is restarted with a full reload; NATS being down only delays all this. At
+/// shutdown every loop settles its batch before this returns.
+pub(crate) async fn run(
+    store: DestinationStore,
+    shared: Shared,
+    seeds: Vec<DestinationConfig>,
+    cancel: CancellationToken,
+) {
+    let Some(kv) = retry_until("opening the config bucket", &cancel, || {
+        herald_common::nats::open_config_bucket(&shared.js, &shared.topology)
+    })
+    .await
+    else {
+        return;
+    };
+    store.open(kv.clone());
+    if retry_until("seeding destinations from the config file", &cancel, || {
+        store::seed(&kv, &seeds)
+    })
+    .await
+    .is_none()
+    {
+        return;
+    }
+    let stats = shared.js.client().statistics();
+    let mut loops = Loops {
+        shared,
+        running: HashMap::new(),
+        applied: HashMap::new(),
+        cancel: cancel.clone(),
+    };
+    loop {
+        match watch_and_apply(&kv, &mut loops, &stats, &cancel).await {
+            Ok(Watched::Cancelled) => break,
+            Ok(Watched::Reconnected) => {
+                tracing::debug!("NATS reconnected: watching the destinations anew");
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "the destinations watch failed; reloading"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    loops.stop_all().await;
+}
+
+/// How often the watch checks whether the client reconnected.
+const RECONNECT_CHECK: Duration = Duration::from_millis(100);
+
+/// How a watch ended without an error.
+enum Watched {
+    /// Shutdown.
+    Cancelled,
+    /// The client reconnected: watch anew at once.
+    Reconnected,
+}
+
+async fn watch_and_apply(
+    kv: &kv::Store,
+    loops: &mut Loops,
+    stats: &async_nats::Statistics,
+    cancel: &CancellationToken,
+) -> Result<Watched, String> {
+    // A reconnect may mean a restarted server that lost the watch's ephemeral consumer: then
+    // watch anew and reload, which also picks up whatever changed meanwhile.
+    let connects = stats.connects.load(Ordering::Relaxed);
+    let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
+    // Watch first, then load: a change in between is in both, and revisions order them.
+    let mut watch = kv
+        .watch(format!("{KEY_PREFIX}>"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let loaded = store::load_all(kv).await?;
+    // A destination deleted while the watch was down is stopped too.
+    let gone: Vec<String> = loops
+        .running
+        .keys()
+        .filter(|id| !loaded.contains_key(*id))
+        .cloned()
+        .collect();
+    for id in gone {
+        loops.stop(&id).await;
+    }
+    let count = loaded.values().filter(|r| r.is_some()).count();
+    for (id, record) in loaded {
+        let revision = record.as_ref().map_or(0, |r| r.revision);
+        if record.is_none() {
+            // Unreadable or deleted: stop it (the consumer stays until a delete is seen).
+            loops.stop(&id).await;
+            continue;
+        }
+        loops.apply(&id, revision, record).await;
+    }
+    loops.shared.ready.set(DESTINATIONS_LOADED_CHECK, true);
+    tracing::info!(
+        destinations = count,
+        "destinations loaded from the config bucket"
+    );
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(Watched::Cancelled),
+            _ = reconnect_check.tick() => {
+                if stats.connects.load(Ordering::Relaxed) != connects {
+                    return Ok(Watched::Reconnected);
+                }
+            }
+            next = watch.next() => match next {
+                Some(Ok(entry)) => {
+                    if let Some((id, record)) = store::from_entry(&entry) {
+                        tracing::debug!(destination = %id, revision = entry.revision, "destination changed");
+                        if record.is_none() && entry.operation == kv::Operation::Put {
+                            // Unreadable: stop it, keep its consumer.
+                            loops.stop(&id).await;
+                        } else {
+                            loops.apply(&id, entry.revision, record).await;
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the watch ended".into()),
+            },
+        }
+    }
+}
