@@ -6,14 +6,12 @@
 //! within milliseconds.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use futures_util::StreamExt as _;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
+use herald_common::kvwatch::{Follower, follow};
 use herald_common::nats::retry_until;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -240,105 +238,65 @@ pub(crate) async fn run(
     {
         return;
     }
-    let stats = shared.js.client().statistics();
+    let client = shared.js.client();
     let mut loops = Loops {
         shared,
         running: HashMap::new(),
         applied: HashMap::new(),
         cancel: cancel.clone(),
     };
-    loop {
-        match watch_and_apply(&kv, &mut loops, &stats, &cancel).await {
-            Ok(Watched::Cancelled) => break,
-            Ok(Watched::Reconnected) => {
-                tracing::debug!("NATS reconnected: watching the destinations anew");
-                continue;
-            }
-            Err(e) => tracing::warn!(error = %e, "the destinations watch failed; reloading"),
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-    }
+    follow(
+        &kv,
+        &client,
+        &format!("{KEY_PREFIX}>"),
+        "destinations",
+        &mut loops,
+        &cancel,
+    )
+    .await;
     loops.stop_all().await;
 }
 
-/// How often the watch checks whether the client reconnected.
-const RECONNECT_CHECK: Duration = Duration::from_millis(100);
-
-/// How a watch ended without an error.
-enum Watched {
-    /// Shutdown.
-    Cancelled,
-    /// The client reconnected: watch anew at once.
-    Reconnected,
-}
-
-async fn watch_and_apply(
-    kv: &kv::Store,
-    loops: &mut Loops,
-    stats: &async_nats::Statistics,
-    cancel: &CancellationToken,
-) -> Result<Watched, String> {
-    // A reconnect may mean a restarted server that lost the watch's ephemeral consumer: then
-    // watch anew and reload, which also picks up whatever changed meanwhile.
-    let connects = stats.connects.load(Ordering::Relaxed);
-    let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
-    // Watch first, then load: a change in between is in both, and revisions order them.
-    let mut watch = kv
-        .watch(format!("{KEY_PREFIX}>"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let loaded = store::load_all(kv).await?;
-    // A destination deleted while the watch was down is stopped too.
-    let gone: Vec<String> = loops
-        .running
-        .keys()
-        .filter(|id| !loaded.contains_key(*id))
-        .cloned()
-        .collect();
-    for id in gone {
-        loops.stop(&id).await;
-    }
-    let count = loaded.values().filter(|r| r.is_some()).count();
-    for (id, record) in loaded {
-        let revision = record.as_ref().map_or(0, |r| r.revision);
-        if record.is_none() {
-            // Unreadable or deleted: stop it (the consumer stays until a delete is seen).
-            loops.stop(&id).await;
-            continue;
+impl Follower for Loops {
+    async fn reload(&mut self, kv: &kv::Store) -> Result<(), String> {
+        let loaded = store::load_all(kv).await?;
+        // A destination deleted while the watch was down is stopped too.
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|id| !loaded.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.stop(&id).await;
         }
-        loops.apply(&id, revision, record).await;
-    }
-    loops.shared.ready.set(DESTINATIONS_LOADED_CHECK, true);
-    tracing::info!(
-        destinations = count,
-        "destinations loaded from the config bucket"
-    );
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(Watched::Cancelled),
-            _ = reconnect_check.tick() => {
-                if stats.connects.load(Ordering::Relaxed) != connects {
-                    return Ok(Watched::Reconnected);
-                }
+        let count = loaded.values().filter(|r| r.is_some()).count();
+        for (id, record) in loaded {
+            let revision = record.as_ref().map_or(0, |r| r.revision);
+            if record.is_none() {
+                // Unreadable or deleted: stop it (the consumer stays until a delete is seen).
+                self.stop(&id).await;
+                continue;
             }
-            next = watch.next() => match next {
-                Some(Ok(entry)) => {
-                    if let Some((id, record)) = store::from_entry(&entry) {
-                        tracing::debug!(destination = %id, revision = entry.revision, "destination changed");
-                        if record.is_none() && entry.operation == kv::Operation::Put {
-                            // Unreadable: stop it, keep its consumer.
-                            loops.stop(&id).await;
-                        } else {
-                            loops.apply(&id, entry.revision, record).await;
-                        }
-                    }
-                }
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("the watch ended".into()),
-            },
+            self.apply(&id, revision, record).await;
+        }
+        self.shared.ready.set(DESTINATIONS_LOADED_CHECK, true);
+        tracing::info!(
+            destinations = count,
+            "destinations loaded from the config bucket"
+        );
+        Ok(())
+    }
+
+    async fn changed(&mut self, entry: kv::Entry) {
+        if let Some((id, record)) = store::from_entry(&entry) {
+            tracing::debug!(destination = %id, revision = entry.revision, "destination changed");
+            if record.is_none() && entry.operation == kv::Operation::Put {
+                // Unreadable: stop it, keep its consumer.
+                self.stop(&id).await;
+            } else {
+                self.apply(&id, entry.revision, record).await;
+            }
         }
     }
 }

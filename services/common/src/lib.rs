@@ -10,6 +10,7 @@ pub mod config;
 pub mod consent;
 mod events;
 pub mod expr;
+pub mod kvwatch;
 pub mod nats;
 pub mod natsbin;
 pub mod ordered;

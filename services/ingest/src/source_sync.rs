@@ -8,14 +8,11 @@
 //! therefore survive restarts until the config entry itself changes. A source deleted through
 //! the API but still in the config file comes back at the next start.
 
-use std::sync::atomic::Ordering;
-use std::time::Duration;
-
 use async_nats::jetstream::{self, kv};
 use chrono::Utc;
-use futures_util::StreamExt as _;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
+use herald_common::kvwatch::{Follower, follow};
 use herald_common::nats::retry_until;
 use tokio_util::sync::CancellationToken;
 
@@ -121,75 +118,41 @@ pub async fn sync(
     {
         return;
     }
-    let registry = store.registry().clone();
-    let stats = js.client().statistics();
-    loop {
-        match watch_and_apply(&kv, &registry, &readiness, &stats, &cancel).await {
-            Ok(Watched::Cancelled) => return,
-            Ok(Watched::Reconnected) => {
-                tracing::debug!("NATS reconnected: watching the sources anew");
-                continue;
-            }
-            Err(e) => tracing::warn!(error = %e, "the sources watch failed; reloading"),
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
+    let mut follower = Follow {
+        registry: store.registry().clone(),
+        readiness,
+    };
+    follow(
+        &kv,
+        &js.client(),
+        &format!("{KEY_PREFIX}*"),
+        "sources",
+        &mut follower,
+        &cancel,
+    )
+    .await;
+}
+
+/// The registry's side of the watch.
+struct Follow {
+    registry: SourceRegistry,
+    readiness: Readiness,
+}
+
+impl Follower for Follow {
+    async fn reload(&mut self, kv: &kv::Store) -> Result<(), String> {
+        let loaded = load_all(kv).await?;
+        let count = loaded.values().filter(|k| k.record.is_some()).count();
+        self.registry.replace_all(loaded);
+        self.readiness.set(SOURCES_LOADED_CHECK, true);
+        tracing::info!(sources = count, "sources loaded from the config bucket");
+        Ok(())
     }
-}
 
-/// How often the watch checks whether the client reconnected.
-const RECONNECT_CHECK: Duration = Duration::from_millis(100);
-
-/// How a watch ended without an error.
-enum Watched {
-    /// Shutdown.
-    Cancelled,
-    /// The client reconnected: watch anew at once.
-    Reconnected,
-}
-
-async fn watch_and_apply(
-    kv: &kv::Store,
-    registry: &SourceRegistry,
-    readiness: &Readiness,
-    stats: &async_nats::Statistics,
-    cancel: &CancellationToken,
-) -> Result<Watched, String> {
-    // A reconnect may mean a restarted server that lost the watch's ephemeral consumer (the
-    // client would notice only after missed heartbeats, seconds later): then watch anew and
-    // reload, which also picks up whatever changed meanwhile.
-    let connects = stats.connects.load(Ordering::Relaxed);
-    let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
-    // Watch first, then load: a change in between is in both, and revisions order them.
-    let mut watch = kv
-        .watch(format!("{KEY_PREFIX}*"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let loaded = load_all(kv).await?;
-    let count = loaded.values().filter(|k| k.record.is_some()).count();
-    registry.replace_all(loaded);
-    readiness.set(SOURCES_LOADED_CHECK, true);
-    tracing::info!(sources = count, "sources loaded from the config bucket");
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(Watched::Cancelled),
-            _ = reconnect_check.tick() => {
-                if stats.connects.load(Ordering::Relaxed) != connects {
-                    return Ok(Watched::Reconnected);
-                }
-            }
-            next = watch.next() => match next {
-                Some(Ok(entry)) => {
-                    if let Some((id, known)) = known_from_entry(&entry) {
-                        tracing::debug!(source = %id, revision = known.revision, "source changed");
-                        registry.apply(&id, known.revision, known.record);
-                    }
-                }
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("the watch ended".into()),
-            },
+    async fn changed(&mut self, entry: kv::Entry) {
+        if let Some((id, known)) = known_from_entry(&entry) {
+            tracing::debug!(source = %id, revision = known.revision, "source changed");
+            self.registry.apply(&id, known.revision, known.record);
         }
     }
 }
