@@ -305,53 +305,26 @@ fn config_digest(d: &DestinationConfig) -> String {
 /// paused flag), leaves the rest alone.
 pub async fn seed(kv: &kv::Store, destinations: &[DestinationConfig]) -> Result<(), String> {
     for d in destinations {
-        let key = kv_key(&d.id);
         let digest = config_digest(d);
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
+        let written = herald_common::kvwatch::seed(kv, &kv_key(&d.id), CAS_ATTEMPTS, |stored| {
             let mut wanted = d.to_record(Utc::now());
             wanted.config_sha256 = Some(digest.clone());
-            let current = kv.entry(key.as_str()).await.map_err(|e| e.to_string())?;
-            let result = match current.filter(|e| e.operation == kv::Operation::Put) {
-                None => kv
-                    .create(key.as_str(), wanted.to_json())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        (
-                            e.kind() == kv::CreateErrorKind::AlreadyExists,
-                            e.to_string(),
-                        )
-                    }),
-                Some(entry) => {
-                    let existing = DestinationRecord::from_json(&entry.value).ok();
-                    if existing.as_ref().and_then(|r| r.config_sha256.as_ref()) == Some(&digest) {
-                        break;
-                    }
-                    if let Some(e) = existing {
-                        wanted.created_at = e.created_at;
-                        wanted.paused = e.paused;
-                    }
-                    kv.update(key.as_str(), wanted.to_json(), entry.revision)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| {
-                            (
-                                e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                                e.to_string(),
-                            )
-                        })
+            if let Some(stored) = stored {
+                let existing = DestinationRecord::from_json(stored).ok();
+                if existing.as_ref().and_then(|r| r.config_sha256.as_ref()) == Some(&digest) {
+                    return None;
                 }
-            };
-            match result {
-                Ok(()) => {
-                    tracing::info!(destination = %d.id, "destination seeded from the config file");
-                    break;
+                if let Some(e) = existing {
+                    wanted.created_at = e.created_at;
+                    wanted.paused = e.paused;
                 }
-                Err((true, _)) if attempts < CAS_ATTEMPTS => continue,
-                Err((_, e)) => return Err(format!("seeding destination {:?}: {e}", d.id)),
             }
+            Some(wanted.to_json())
+        })
+        .await
+        .map_err(|e| format!("seeding destination {:?}: {e}", d.id))?;
+        if written {
+            tracing::info!(destination = %d.id, "destination seeded from the config file");
         }
     }
     Ok(())

@@ -1,5 +1,6 @@
-//! Following part of a KV bucket: the one loop behind every replica's live config (ingest's
-//! sources, the activator's destinations).
+//! Live config in a KV bucket (ingest's sources, the activator's destinations): [`seed`] writes
+//! a config-file entry into the bucket, and [`follow`] is the one loop that keeps a replica in
+//! step with it.
 //!
 //! [`follow`] starts a watch on a key filter, then has the [`Follower`] load everything under it
 //! (a change made in between is in both, and revisions order them), then hands it every change
@@ -29,6 +30,55 @@ pub trait Follower: Send {
 
     /// Applies one change the watch reported (a put, a delete or a purge).
     fn changed(&mut self, entry: kv::Entry) -> impl Future<Output = ()> + Send;
+}
+
+/// Seeds one key from the config file: when it is absent, `record(None)` is created; when it is
+/// there, `record(Some(stored))` is written over it by compare-and-set, or nothing when that
+/// gives `None` (the stored one is current). A concurrent change is read again, up to
+/// `attempts` times. Returns whether it wrote.
+pub async fn seed(
+    kv: &kv::Store,
+    key: &str,
+    attempts: usize,
+    mut record: impl FnMut(Option<&[u8]>) -> Option<bytes::Bytes>,
+) -> Result<bool, String> {
+    for attempt in 1.. {
+        let current = kv.entry(key).await.map_err(|e| e.to_string())?;
+        // (whether the error is a lost race, what it says)
+        let result = match current.filter(|e| e.operation == kv::Operation::Put) {
+            None => {
+                let Some(value) = record(None) else {
+                    return Ok(false);
+                };
+                kv.create(key, value).await.map(|_| ()).map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                })
+            }
+            Some(entry) => {
+                let Some(value) = record(Some(&entry.value)) else {
+                    return Ok(false);
+                };
+                kv.update(key, value, entry.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    })
+            }
+        };
+        match result {
+            Ok(()) => return Ok(true),
+            Err((true, _)) if attempt < attempts => continue,
+            Err((_, e)) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// How a watch ended without an error.

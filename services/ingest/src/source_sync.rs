@@ -12,7 +12,7 @@ use async_nats::jetstream::{self, kv};
 use chrono::Utc;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
-use herald_common::kvwatch::{Follower, follow};
+use herald_common::kvwatch::{self, Follower, follow};
 use herald_common::nats::retry_until;
 use tokio_util::sync::CancellationToken;
 
@@ -38,53 +38,27 @@ pub async fn open_bucket(
 /// config entry changed since they were last seeded, leaves the rest (and API changes) alone.
 pub async fn seed(kv: &kv::Store, sources: &[SourceConfig]) -> Result<(), String> {
     for s in sources {
-        let key = kv_key(&s.id);
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
+        let written = kvwatch::seed(kv, &kv_key(&s.id), CAS_ATTEMPTS, |stored| {
             let wanted = SourceRecord::from_config(s, Utc::now());
-            let current = kv.entry(key.as_str()).await.map_err(|e| e.to_string())?;
-            let result = match current.filter(|e| e.operation == kv::Operation::Put) {
-                None => kv
-                    .create(key.as_str(), wanted.to_json())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| {
-                        (
-                            e.kind() == kv::CreateErrorKind::AlreadyExists,
-                            e.to_string(),
-                        )
-                    }),
-                Some(entry) => {
-                    let existing = SourceRecord::from_json(&entry.value).ok();
-                    if existing.as_ref().and_then(|r| r.config_sha256.as_ref())
-                        == wanted.config_sha256.as_ref()
-                    {
-                        break;
-                    }
-                    let record = SourceRecord {
-                        created_at: existing.map_or(wanted.created_at, |r| r.created_at),
-                        ..wanted
-                    };
-                    kv.update(key.as_str(), record.to_json(), entry.revision)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| {
-                            (
-                                e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                                e.to_string(),
-                            )
-                        })
-                }
+            let Some(stored) = stored else {
+                return Some(wanted.to_json());
             };
-            match result {
-                Ok(()) => {
-                    tracing::info!(source = %s.id, "source seeded from the config file");
-                    break;
-                }
-                Err((true, _)) if attempts < CAS_ATTEMPTS => continue,
-                Err((_, e)) => return Err(format!("seeding source {:?}: {e}", s.id)),
+            let existing = SourceRecord::from_json(stored).ok();
+            if existing.as_ref().and_then(|r| r.config_sha256.as_ref())
+                == wanted.config_sha256.as_ref()
+            {
+                return None;
             }
+            let record = SourceRecord {
+                created_at: existing.map_or(wanted.created_at, |r| r.created_at),
+                ..wanted
+            };
+            Some(record.to_json())
+        })
+        .await
+        .map_err(|e| format!("seeding source {:?}: {e}", s.id))?;
+        if written {
+            tracing::info!(source = %s.id, "source seeded from the config file");
         }
     }
     Ok(())
