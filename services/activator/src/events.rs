@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_histogram, histogram};
 
+use crate::filter::{ConsentSide, Denial};
+
 /// Registers HELP text for every activator metric.
 pub fn describe() {
     describe_counter!(
@@ -18,7 +20,7 @@ pub fn describe() {
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
-        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate)."
+        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, consent: the person's consent, in the event's snapshot or current, does not allow it)."
     );
     describe_counter!(
         "herald_activator_destination_changes_total",
@@ -86,7 +88,8 @@ impl SendFailed<'_> {
 pub struct Skipped<'a> {
     /// The destination's id.
     pub destination: &'a str,
-    /// `historical`, `undecodable`, `filtered` or `filter_error`.
+    /// `historical`, `undecodable`, `filtered` or `filter_error` (`consent` is
+    /// [`ConsentDropped`]'s).
     pub reason: &'static str,
 }
 
@@ -101,6 +104,74 @@ impl Skipped<'_> {
         }
         counter!("herald_activator_events_skipped_total", "destination" => self.destination.to_string(), "reason" => self.reason)
             .increment(1);
+    }
+}
+
+/// The consent gate refused a send attempt (the event's snapshot or the person's current
+/// consent does not allow it): the event is not sent, and is acked.
+pub struct ConsentDropped<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The event's id.
+    pub event_id: &'a str,
+    /// Why.
+    pub denial: &'a Denial,
+}
+
+impl ConsentDropped<'_> {
+    /// Logs it at debug and counts it as skipped with `reason="consent"`.
+    pub fn emit(self) {
+        let (purpose, side) = match self.denial {
+            Denial::OptedOut { side } => ("", *side),
+            Denial::Refused { purpose, side } | Denial::Unknown { purpose, side } => {
+                (purpose.as_str(), *side)
+            }
+        };
+        tracing::debug!(
+            destination = self.destination,
+            event_id = self.event_id,
+            denial = self.denial.kind(),
+            purpose,
+            state = match side {
+                ConsentSide::Event => "event",
+                ConsentSide::Current => "current",
+            },
+            "not sent: consent does not allow it"
+        );
+        counter!("herald_activator_events_skipped_total", "destination" => self.destination.to_string(), "reason" => "consent")
+            .increment(1);
+    }
+}
+
+/// The consent bucket (created by the processor) cannot be opened yet; the activator retries,
+/// and delivers nothing meanwhile.
+pub struct WaitingForConsentBucket<'a> {
+    /// The bucket's name.
+    pub bucket: &'a str,
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl WaitingForConsentBucket<'_> {
+    /// Logs the first attempt at info (normal on a first start: the processor creates it in a
+    /// moment), then a warning about once a minute.
+    pub fn emit(self) {
+        if self.attempt == 1 {
+            tracing::info!(
+                bucket = self.bucket,
+                error = %self.error,
+                "waiting for the consent bucket (created by the processor); nothing is delivered until it is loaded"
+            );
+        } else if self.attempt.is_multiple_of(120) {
+            tracing::warn!(
+                bucket = self.bucket,
+                error = %self.error,
+                attempts = self.attempt,
+                "the consent bucket is still missing: is the processor running? Nothing is delivered until it is loaded"
+            );
+        }
     }
 }
 

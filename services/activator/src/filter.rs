@@ -4,8 +4,8 @@
 //! Pure logic over the payload a destination receives ([`crate::payload::render`]) and the
 //! consent it carries: no NATS, no I/O. The delivery loop calls [`integrations_allow`] and
 //! [`Filter::matches`] once per event and destination (a filter's evaluation error counts as no
-//! match, and is counted); [`ConsentPolicy::decide`] is meant to run before every send attempt,
-//! retries included, with the user's current consent, and is not called yet.
+//! match, and is counted); [`ConsentPolicy::decide`] runs before every send attempt, retries
+//! included, with the user's current consent from the activator's consent cache.
 
 use herald_common::consent::purpose_name;
 use herald_common::expr::{Expr, ExprError, Input};

@@ -6,8 +6,13 @@
 //! [`record`]), changed through `herald.v1.DestinationService` ([`DestinationStore`]) and
 //! followed by every replica through a KV watch, which starts, restarts, pauses and deletes
 //! delivery loops without a restart. Config-file destinations are seeded into the bucket.
+//!
+//! Consent is enforced at send time: every replica follows the processor's consent bucket, and
+//! every send attempt, retries included, checks the event's consent snapshot and the person's
+//! current consent with the destination's [`filter::ConsentPolicy`].
 
 mod config;
+mod consent;
 pub mod destinations;
 mod events;
 pub mod filter;
@@ -29,6 +34,7 @@ use herald_common::{CommonConfig, Topology, nats};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ActivatorConfig, DestinationConfig, DestinationKind};
+pub use consent::CONSENT_LOADED_CHECK;
 pub use grpc::{SERVICE_NAME, from_proto, to_proto};
 pub use live::DESTINATIONS_LOADED_CHECK;
 pub use record::{DestinationRecord, Settings, Start};
@@ -93,13 +99,14 @@ pub async fn start(
     let client = nats::connect(&common.nats, "herald-activator").await?;
     let js = nats::jetstream(client.clone(), &common.nats);
     let topology = Topology::new(common.topology.clone());
-    // Ready once the destinations are loaded and the config file's are bound.
+    // Ready once the destinations and the consent are loaded and the config file's are bound.
     let mut checks: Vec<String> = cfg
         .destinations
         .iter()
         .map(|d| worker::readiness_check(&d.id))
         .collect();
     checks.push(live::DESTINATIONS_LOADED_CHECK.to_string());
+    checks.push(consent::CONSENT_LOADED_CHECK.to_string());
     let check_refs: Vec<&str> = checks.iter().map(String::as_str).collect();
     let ready = Readiness::new(client.clone(), &check_refs);
 
@@ -113,6 +120,17 @@ pub async fn start(
     // live task ends.
     let store = DestinationStore::new(guard.clone());
     let stats = live::StatsMap::default();
+    let consent = consent::ConsentCache::default();
+    supervisor.spawn_task(
+        "consent",
+        consent::run(
+            consent.clone(),
+            js.clone(),
+            topology.clone(),
+            ready.clone(),
+            stop.clone(),
+        ),
+    );
     supervisor.spawn_task(
         "destinations",
         live::run(
@@ -124,6 +142,7 @@ pub async fn start(
                 guard,
                 ready: ready.clone(),
                 stats: stats.clone(),
+                consent,
             },
             cfg.destinations.clone(),
             stop.clone(),

@@ -17,10 +17,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ActivatorConfig, DestinationConfig};
+use crate::consent::ConsentCache;
 use crate::destinations::{NetworkGuard, Sender};
 use crate::record::DestinationRecord;
 use crate::store::{self, DestinationStore, KEY_PREFIX};
-use crate::worker::{self, DestinationStats};
+use crate::worker::{self, ConsentGate, DestinationStats};
 use crate::{consumer_name, events};
 
 /// The readiness check flipped once the destinations have been loaded from the bucket.
@@ -37,6 +38,8 @@ pub(crate) struct Shared {
     pub guard: Arc<NetworkGuard>,
     pub ready: Readiness,
     pub stats: StatsMap,
+    /// The current consent per profile, checked before every send attempt.
+    pub consent: ConsentCache,
 }
 
 struct Running {
@@ -109,10 +112,10 @@ impl Loops {
         let built = match record.check() {
             Ok(checked) => Sender::new(&record, &self.shared.guard)
                 .await
-                .map(|s| (checked.filter, Arc::new(s))),
+                .map(|s| (checked.filter, checked.consent, Arc::new(s))),
             Err(e) => Err(e),
         };
-        let (filter, sender) = match built {
+        let (filter, policy, sender) = match built {
             Ok(built) => built,
             Err(e) => {
                 self.shared
@@ -141,6 +144,10 @@ impl Loops {
             self.shared.cfg.clone(),
             record.clone(),
             filter,
+            ConsentGate {
+                policy,
+                cache: self.shared.consent.clone(),
+            },
             sender,
             stats,
             self.shared.ready.clone(),

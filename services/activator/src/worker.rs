@@ -1,6 +1,8 @@
 //! One delivery loop per destination: ordered batches from the destination's own consumer,
 //! each user's events sent one after another (users in parallel), failed sends retried in
 //! process while in-progress acks keep the batch from being redelivered behind later events.
+//! Before every attempt, retries included, the consent gate checks the event's consent snapshot
+//! and the person's current consent; an event it refuses is not sent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,13 +17,14 @@ use herald_common::admin::Readiness;
 use herald_common::nats::{retry_until, wait_for_stream};
 use herald_common::ordered::{OrderedReader, ReaderConfig};
 use herald_common::retry::{Failure, KeepAlive, Retry};
-use herald_proto::v1::ProcessedEvent;
+use herald_proto::v1::{Consent, ProcessedEvent};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ActivatorConfig;
+use crate::consent::ConsentCache;
 use crate::destinations::{SendError, Sender};
-use crate::filter::{Filter, integrations_allow};
+use crate::filter::{ConsentPolicy, Decision, Denial, Filter, integrations_allow};
 use crate::record::DestinationRecord;
 use crate::{events, payload};
 
@@ -45,6 +48,35 @@ struct Item {
     msg: Message,
     event_id: String,
     body: Vec<u8>,
+    /// The person's profile, whose current consent is checked before each attempt.
+    profile_id: String,
+    /// The consent the event carried (the default, empty one when none).
+    snapshot: Consent,
+}
+
+/// A destination's consent gate: its policy, and the cache of each person's current consent.
+pub(crate) struct ConsentGate {
+    /// The destination's policy (its required purposes and what unknown means).
+    pub policy: ConsentPolicy,
+    /// The current consent per profile.
+    pub cache: ConsentCache,
+}
+
+impl ConsentGate {
+    fn decide(&self, item: &Item) -> Decision {
+        self.policy.decide(
+            &item.snapshot,
+            self.cache.current(&item.profile_id).as_ref(),
+        )
+    }
+}
+
+/// How the retried send of one event ended.
+enum Outcome {
+    /// Sent, in this time.
+    Delivered(Duration),
+    /// Not sent: the consent gate refused it (before the first attempt or a retry).
+    Dropped(Denial),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -54,6 +86,7 @@ pub(crate) async fn run(
     cfg: ActivatorConfig,
     dest: DestinationRecord,
     filter: Filter,
+    gate: ConsentGate,
     sender: Arc<Sender>,
     stats: Arc<DestinationStats>,
     ready: Readiness,
@@ -63,6 +96,10 @@ pub(crate) async fn run(
         .await
         .is_none()
     {
+        return;
+    }
+    // Nothing is sent before the person's current consent can be checked.
+    if !gate.cache.wait_loaded(&cancel).await {
         return;
     }
     let reader_cfg = ReaderConfig {
@@ -98,7 +135,15 @@ pub(crate) async fn run(
         let groups = group_by_key(&dest.id, &filter, batch).await;
         futures_util::stream::iter(groups)
             .for_each_concurrent(cfg.max_concurrent_keys.max(1), |items| {
-                deliver_in_order(&dest.id, &sender, &stats, items, max_backoff, &cancel)
+                deliver_in_order(
+                    &dest.id,
+                    &sender,
+                    &gate,
+                    &stats,
+                    items,
+                    max_backoff,
+                    &cancel,
+                )
             })
             .await;
         drop(keep_alive);
@@ -218,16 +263,21 @@ async fn group_by_key(destination: &str, filter: &Filter, batch: Vec<Message>) -
             msg,
             event_id,
             body,
+            profile_id: processed.profile_id.clone(),
+            snapshot: processed.consent.clone().unwrap_or_default(),
         });
     }
     groups
 }
 
 /// Sends one profile's events one after another, retrying each until it succeeds or the
-/// service stops (then the rest stay unacked and come back in order after a restart).
+/// service stops (then the rest stay unacked and come back in order after a restart). Every
+/// attempt, retries included, first asks the consent gate: an event it refuses is not sent
+/// (its retry ends), and is acked and counted as consent-dropped.
 async fn deliver_in_order(
     destination: &str,
     sender: &Sender,
+    gate: &ConsentGate,
     stats: &DestinationStats,
     items: Vec<Item>,
     max_backoff: Duration,
@@ -239,9 +289,12 @@ async fn deliver_in_order(
             .run(
                 cancel,
                 || async {
+                    if let Decision::Deny(denial) = gate.decide(&item) {
+                        return Ok(Outcome::Dropped(denial));
+                    }
                     let started = Instant::now();
                     sender.send(&item.event_id, &item.body).await?;
-                    Ok(started.elapsed())
+                    Ok(Outcome::Delivered(started.elapsed()))
                 },
                 |f: &mut Failure<'_, SendError>| {
                     stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
@@ -263,17 +316,26 @@ async fn deliver_in_order(
                 },
             )
             .await;
-        let Some(took) = sent else {
-            return;
-        };
-        events::Delivered {
-            destination,
-            seconds: took.as_secs_f64(),
+        match sent {
+            None => return,
+            Some(Outcome::Delivered(took)) => {
+                events::Delivered {
+                    destination,
+                    seconds: took.as_secs_f64(),
+                }
+                .emit();
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Outcome::Dropped(denial)) => events::ConsentDropped {
+                destination,
+                event_id: &item.event_id,
+                denial: &denial,
+            }
+            .emit(),
         }
-        .emit();
-        stats.delivered.fetch_add(1, Ordering::Relaxed);
         // The next event of this user is sent only once the server has confirmed this ack:
-        // after a crash, at most the last sent event is sent again.
+        // after a crash, at most the last sent event is sent again (a dropped one is checked
+        // again).
         if !confirm_ack(destination, &item.msg, max_backoff, cancel).await {
             return;
         }

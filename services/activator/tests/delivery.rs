@@ -24,6 +24,12 @@ async fn failures_are_counted_by_class_and_retry_after_sets_the_pause() -> Resul
     let common = common_config(&nats.url(), 1, "token-of-the-test");
     let topology = Topology::new(common.topology.clone());
     ensure_stream(&js, topology.processed_stream_config()).await?;
+    // The processor's consent bucket: the activator waits for it before delivering.
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: topology.bucket("consent"),
+        ..Default::default()
+    })
+    .await?;
 
     let hook = WebhookServer::start().await?;
     hook.set_failing(400);

@@ -55,6 +55,12 @@ impl Rig {
         let common = common_config(&nats.url(), 1, TOKEN);
         let topology = Topology::new(common.topology.clone());
         ensure_stream(&js, topology.processed_stream_config()).await?;
+        // The processor's consent bucket: the activator waits for it before delivering.
+        js.create_key_value(async_nats::jetstream::kv::Config {
+            bucket: topology.bucket("consent"),
+            ..Default::default()
+        })
+        .await?;
         Ok(Self {
             _nats: nats,
             js,

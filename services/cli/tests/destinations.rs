@@ -212,11 +212,15 @@ start = "all"
     )?;
     let log = dir.path().join("activator.log");
     let _activator = spawn_role(herald, "activator", &config, &log)?;
-    // Ready once the destinations are loaded (it waits for the processed stream to bind them).
-    herald_common::nats::ensure_stream(
-        &nats.jetstream().await,
-        herald_common::Topology::new(Default::default()).processed_stream_config(),
-    )
+    // Ready once the destinations and the consent are loaded (it waits for the processed stream
+    // to bind them, and for the processor's consent bucket).
+    let js = nats.jetstream().await;
+    let topology = herald_common::Topology::new(Default::default());
+    herald_common::nats::ensure_stream(&js, topology.processed_stream_config()).await?;
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: topology.bucket("consent"),
+        ..Default::default()
+    })
     .await?;
     wait_ready(
         "the activator is ready",
