@@ -164,6 +164,9 @@ struct CacheFollower {
     ready: Readiness,
 }
 
+/// Consent records read at once while loading the bucket.
+const LOAD_CONCURRENCY: usize = 64;
+
 impl Follower for CacheFollower {
     async fn reload(&mut self, kv: &kv::Store) -> Result<(), String> {
         let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
@@ -171,9 +174,17 @@ impl Follower for CacheFollower {
         while let Some(key) = keys.next().await {
             names.push(key.map_err(|e| e.to_string())?);
         }
-        let mut loaded = HashMap::with_capacity(names.len());
-        for key in names {
-            if let Some(entry) = kv.entry(key.as_str()).await.map_err(|e| e.to_string())? {
+        // Many reads in flight at once: a bucket holds a record per person who ever stated
+        // consent, and one round trip each would hold delivery back for minutes.
+        let mut reads = futures_util::stream::iter(names)
+            .map(|key| async move {
+                let entry = kv.entry(key.as_str()).await;
+                (key, entry)
+            })
+            .buffer_unordered(LOAD_CONCURRENCY);
+        let mut loaded = HashMap::new();
+        while let Some((key, entry)) = reads.next().await {
+            if let Some(entry) = entry.map_err(|e| e.to_string())? {
                 loaded.insert(key, (entry.revision, known_of(&entry)));
             }
         }
