@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::filter::UnknownConsent;
+pub use crate::record::DestinationKind;
 use crate::record::{DestinationRecord, Settings, Start};
 
 /// Settings of the activator service.
@@ -55,38 +56,6 @@ impl Default for ActivatorConfig {
             shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             destinations: Vec::new(),
             allow_private_networks: Vec::new(),
-        }
-    }
-}
-
-/// The kind of a destination.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DestinationKind {
-    /// HTTP POST of each event as Segment-spec JSON.
-    #[default]
-    Webhook,
-    /// One JSON line per event to stdout or a file.
-    Log,
-}
-
-impl DestinationKind {
-    /// The kind's name, as in config and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Webhook => "webhook",
-            Self::Log => "log",
-        }
-    }
-
-    /// The kind named `name`, or an error that lists the kinds.
-    pub fn parse(name: &str) -> Result<Self, String> {
-        match name {
-            "webhook" => Ok(Self::Webhook),
-            "log" => Ok(Self::Log),
-            other => Err(format!(
-                "unknown destination kind {other:?}: expected webhook or log"
-            )),
         }
     }
 }

@@ -15,7 +15,6 @@ use chrono::{DateTime, Utc};
 use herald_common::config::Secret;
 use serde::{Deserialize, Serialize};
 
-use crate::config::DestinationKind;
 use crate::filter::{ConsentPolicy, Filter, UnknownConsent};
 
 /// The schema version of [`DestinationRecord`] this code writes; records of a newer version
@@ -114,6 +113,38 @@ fn default_max_attempts() -> u32 {
 }
 fn default_max_age() -> u64 {
     DEFAULT_MAX_AGE_SECONDS
+}
+
+/// The kind of a destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestinationKind {
+    /// HTTP POST of each event as Segment-spec JSON.
+    #[default]
+    Webhook,
+    /// One JSON line per event to stdout or a file.
+    Log,
+}
+
+impl DestinationKind {
+    /// The kind's name, as in config and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::Log => "log",
+        }
+    }
+
+    /// The kind named `name`, or an error that lists the kinds.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "webhook" => Ok(Self::Webhook),
+            "log" => Ok(Self::Log),
+            other => Err(format!(
+                "unknown destination kind {other:?}: expected webhook or log"
+            )),
+        }
+    }
 }
 
 /// One destination as stored. Unknown fields are ignored, so a newer minor version can add
