@@ -2,13 +2,15 @@
 //! checks the event's consent snapshot and the person's current consent, which the activator
 //! follows in the processor's consent bucket (written here as the processor writes it).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, kv};
 use herald_activator::filter::UnknownConsent;
-use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind, Start};
+use herald_activator::{DestinationConfig, DestinationKind, Start};
 use herald_common::nats::ensure_stream;
 use herald_common::server::ServiceHandle;
 use herald_common::telemetry::PrometheusHandle;
@@ -92,15 +94,7 @@ impl Rig {
 
     /// Starts the activator with these destinations, without waiting for it to be ready.
     async fn start_unready(&mut self, destinations: Vec<DestinationConfig>) -> Result<()> {
-        let cfg = ActivatorConfig {
-            grpc_addr: "127.0.0.1:0".into(),
-            admin_addr: "127.0.0.1:0".into(),
-            ack_wait_seconds: 5,
-            retry_max_backoff_ms: 200,
-            destinations,
-            allow_private_networks: vec!["127.0.0.0/8".parse()?],
-            ..Default::default()
-        };
+        let cfg = common::loopback_config(destinations, 200)?;
         let activator = herald_activator::start(
             &self.common,
             &cfg,

@@ -2,10 +2,12 @@
 //! send is counted with its class (`permanent` for a 400, `transient` for a 503), is retried
 //! until the webhook accepts it, and a `Retry-After` sets the pause before the next attempt.
 
+mod common;
+
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind};
+use herald_activator::{DestinationConfig, DestinationKind};
 use herald_common::Topology;
 use herald_common::nats::ensure_stream;
 use herald_proto::v1::ProcessedEvent;
@@ -33,21 +35,14 @@ async fn failures_are_counted_by_class_and_retry_after_sets_the_pause() -> Resul
 
     let hook = WebhookServer::start().await?;
     hook.set_failing(400);
-    let cfg = ActivatorConfig {
-        grpc_addr: "127.0.0.1:0".into(),
-        admin_addr: "127.0.0.1:0".into(),
-        ack_wait_seconds: 5,
-        retry_max_backoff_ms: 500,
-        destinations: vec![DestinationConfig {
-            id: "hook".into(),
-            kind: DestinationKind::Webhook,
-            url: Some(hook.url()),
-            timeout_ms: Some(5_000),
-            ..Default::default()
-        }],
-        allow_private_networks: vec!["127.0.0.0/8".parse()?],
+    let destinations = vec![DestinationConfig {
+        id: "hook".into(),
+        kind: DestinationKind::Webhook,
+        url: Some(hook.url()),
+        timeout_ms: Some(5_000),
         ..Default::default()
-    };
+    }];
+    let cfg = common::loopback_config(destinations, 500)?;
     let metrics = herald_common::telemetry::metrics();
     let shutdown = CancellationToken::new();
     let activator =

@@ -4,12 +4,14 @@
 //! effect on the running activator; `start = now | all`; config-file seeding with the deprecated
 //! keys; and the upgrade from the config-file activator's consumer.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use async_nats::jetstream;
-use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind, consumer_name};
+use herald_activator::{DestinationConfig, DestinationKind, consumer_name};
 use herald_common::auth::BearerToken;
 use herald_common::nats::ensure_stream;
 use herald_common::ordered::{ReaderConfig, ensure_consumer};
@@ -75,15 +77,7 @@ impl Rig {
 
     /// Starts the activator with these config-file destinations; returns its control client.
     async fn start(&mut self, destinations: Vec<DestinationConfig>) -> Result<Client> {
-        let cfg = ActivatorConfig {
-            grpc_addr: "127.0.0.1:0".into(),
-            admin_addr: "127.0.0.1:0".into(),
-            ack_wait_seconds: 5,
-            retry_max_backoff_ms: 200,
-            destinations,
-            allow_private_networks: vec!["127.0.0.0/8".parse()?],
-            ..Default::default()
-        };
+        let cfg = common::loopback_config(destinations, 200)?;
         let activator = herald_activator::start(
             &self.common,
             &cfg,
