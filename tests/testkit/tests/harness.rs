@@ -22,10 +22,40 @@ fn stream_config(name: &str, replicas: usize) -> stream::Config {
     }
 }
 
-/// Publishes `count` messages to `subject`, all in flight at once, and awaits every ack.
+/// Publishes one message and awaits its ack, publishing again while the node the client talks
+/// to does not know the stream yet: right after a replicated stream is created a publish can
+/// meet "no responders" or "no stream found for given subject", and neither stored anything.
+async fn publish_when_known(
+    js: &jetstream::Context,
+    subject: &str,
+    message: impl Fn() -> PublishMessage,
+) -> anyhow::Result<jetstream::publish::PublishAck> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let result = match js.send_publish(subject.to_owned(), message()).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && ["no responders", "noresponders", "no stream found"]
+                        .iter()
+                        .any(|m| format!("{e} {e:?}").to_lowercase().contains(m)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+/// Publishes `count` messages to `subject` (the first once the stream is known, then the rest
+/// all in flight at once) and awaits every ack.
 async fn publish_all(js: &jetstream::Context, subject: &str, count: usize) -> anyhow::Result<()> {
+    publish_when_known(js, subject, || PublishMessage::build().payload("m0".into())).await?;
     let mut acks = Vec::with_capacity(count);
-    for i in 0..count {
+    for i in 1..count {
         acks.push(
             js.publish(subject.to_owned(), format!("m{i}").into())
                 .await?,
@@ -171,15 +201,12 @@ async fn cluster_elects_a_new_meta_leader_after_the_leader_dies() -> anyhow::Res
     // JetStream works with one node down, through a client that knows every node.
     let js = jetstream::new(cluster.client().await);
     let mut two = js.create_stream(stream_config("TWO", 2)).await?;
-    let ack = js
-        .send_publish(
-            "TWO.a",
-            PublishMessage::build()
-                .payload("x".into())
-                .message_id("one"),
-        )
-        .await?
-        .await?;
+    let ack = publish_when_known(&js, "TWO.a", || {
+        PublishMessage::build()
+            .payload("x".into())
+            .message_id("one")
+    })
+    .await?;
     assert_eq!(ack.sequence, 1);
     assert_eq!(two.info().await?.state.messages, 1);
     Ok(())
