@@ -13,6 +13,7 @@
 
 mod config;
 mod consent;
+mod deliver;
 pub mod destinations;
 mod events;
 pub mod filter;

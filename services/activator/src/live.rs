@@ -18,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ActivatorConfig, DestinationConfig};
 use crate::consent::ConsentCache;
+use crate::deliver::{ConsentGate, Delivery, DestinationStats};
 use crate::destinations::{NetworkGuard, Sender};
 use crate::record::DestinationRecord;
 use crate::store::{self, DestinationStore, KEY_PREFIX};
-use crate::worker::{self, ConsentGate, DestinationStats};
+use crate::worker;
 use crate::{consumer_name, events};
 
 /// The readiness check flipped once the destinations have been loaded from the bucket.
@@ -138,18 +139,24 @@ impl Loops {
             .or_default()
             .clone();
         let stop = self.cancel.child_token();
-        let task = tokio::spawn(worker::run(
-            self.shared.js.clone(),
-            self.shared.topology.clone(),
-            self.shared.cfg.clone(),
-            record.clone(),
+        let delivery = Delivery {
+            destination: record.id.clone(),
             filter,
-            ConsentGate {
+            gate: ConsentGate {
                 policy,
                 cache: self.shared.consent.clone(),
             },
             sender,
             stats,
+            max_concurrent_keys: self.shared.cfg.max_concurrent_keys,
+            max_backoff: std::time::Duration::from_millis(self.shared.cfg.retry_max_backoff_ms),
+        };
+        let task = tokio::spawn(worker::run(
+            self.shared.js.clone(),
+            self.shared.topology.clone(),
+            self.shared.cfg.clone(),
+            record.clone(),
+            delivery,
             self.shared.ready.clone(),
             stop.clone(),
         ));
