@@ -2,7 +2,7 @@
 //! durable consumers, so one slow destination never holds up another. An ordered destination has
 //! one consumer per partition, delivered by the replica that owns the partition in the
 //! `activator` member list, so each user's events arrive in order and 1 or 3 replicas is a
-//! deployment choice; an unordered one has one consumer every replica pulls (see [`worker`]).
+//! deployment choice; an unordered one has one consumer every replica pulls (see the `worker` module).
 //! Failed sends are retried in process with backoff.
 //!
 //! Destinations are live config: records in the config bucket (`destinations.<id>`, see
