@@ -178,6 +178,13 @@ async fn a_killed_replica_s_partitions_are_taken_over_without_loss_or_reordering
     // Kill -9 one replica mid-delivery.
     replicas[0].kill().await?;
     let at_kill = rounds.load(Ordering::SeqCst);
+    // Its membership key expires; the two others take its partitions.
+    wait_until(
+        "the killed replica leaves the member list",
+        WAIT,
+        || async { activator_members(&js, &topology).await == 2 },
+    )
+    .await?;
     wait_until("the load goes on after the kill", WAIT, || async {
         rounds.load(Ordering::SeqCst) >= at_kill + 40
     })
