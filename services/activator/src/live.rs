@@ -62,6 +62,7 @@ struct Loops {
     shared: Shared,
     /// This replica's partitions in the `activator` member list.
     view: watch::Receiver<Assignment>,
+    store: DestinationStore,
     running: HashMap<String, Running>,
     /// The last revision applied per id, so the load and the watch order by revision.
     applied: HashMap<String, u64>,
@@ -166,6 +167,7 @@ impl Loops {
             self.shared.cfg.clone(),
             record.clone(),
             delivery,
+            self.store.clone(),
             self.shared.ready.clone(),
             self.view.clone(),
             stop.clone(),
@@ -283,6 +285,7 @@ pub(crate) async fn run(
     let client = shared.js.client();
     let mut loops = Loops {
         view: ownership.subscribe(),
+        store: store.clone(),
         shared,
         running: HashMap::new(),
         applied: HashMap::new(),

@@ -20,7 +20,8 @@
 //! switched between ordered and unordered) gets its new consumers at the old ones' lowest ack
 //! floor + 1, whatever its start says, and the old ones are deleted then: nothing acknowledged
 //! before is lost (a few events acknowledged above the floor may be sent again, with the same
-//! `Idempotency-Key`).
+//! `Idempotency-Key`). The stored record is read again first: a replica whose watch is behind
+//! (the record's `ordered` changed, or it was deleted) creates and retires nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ use crate::config::ActivatorConfig;
 use crate::deliver::Delivery;
 use crate::events;
 use crate::record::DestinationRecord;
+use crate::store::DestinationStore;
 
 /// How often a destination's backlog gauge is refreshed when no batch comes.
 const BACKLOG_EVERY: Duration = Duration::from_secs(3);
@@ -87,6 +89,8 @@ struct Work {
     cfg: ActivatorConfig,
     dest: DestinationRecord,
     delivery: Arc<Delivery>,
+    /// The stored records, read again before consumers are created or retired.
+    store: DestinationStore,
     pinned: PinnedGroup,
     /// Woken after each batch, so the backlog gauge follows delivery.
     delivered: Notify,
@@ -151,6 +155,7 @@ pub(crate) async fn run(
     cfg: ActivatorConfig,
     dest: DestinationRecord,
     delivery: Arc<Delivery>,
+    store: DestinationStore,
     ready: Readiness,
     view: watch::Receiver<Assignment>,
     cancel: CancellationToken,
@@ -173,6 +178,7 @@ pub(crate) async fn run(
         cfg,
         dest,
         delivery,
+        store,
         delivered: Notify::new(),
     });
     let check = readiness_check(&work.dest.id);
@@ -380,6 +386,13 @@ async fn report_backlog(
 /// Creates the destination's consumers for its mode (those that exist are left as they are)
 /// and retires the other mode's (see the module docs).
 async fn provision(work: &Work) -> Result<(), String> {
+    // A replica that is behind (its watch has not shown it an update or delete that another
+    // replica applied already) creates and retires nothing: it would undo the other's switch.
+    match work.store.get(&work.dest.id).await {
+        Ok(current) if current.ordered == work.dest.ordered => {}
+        Ok(_) => return Err("the destination's ordered setting changed meanwhile".into()),
+        Err(e) => return Err(e.to_string()),
+    }
     let wanted: Vec<ReaderConfig> = if work.dest.ordered {
         (0..work.topology.partitions())
             .map(|p| work.partition_reader(p))
