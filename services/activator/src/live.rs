@@ -90,7 +90,7 @@ impl Loops {
         match record {
             None => {
                 let was_running = self.stop(id).await;
-                self.delete_consumer(id, was_running).await;
+                self.delete_consumers(id, was_running).await;
                 self.shared.stats.lock().expect("stats lock").remove(id);
             }
             Some(r) if r.paused => {
@@ -193,7 +193,7 @@ impl Loops {
     }
 
     /// Deletes every consumer of a deleted destination (the shared one and the partitions').
-    async fn delete_consumer(&self, id: &str, was_running: bool) {
+    async fn delete_consumers(&self, id: &str, was_running: bool) {
         let stream_name = self.shared.topology.processed_stream();
         let stream = match self.shared.js.get_stream(&stream_name).await {
             Ok(s) => s,
