@@ -20,11 +20,13 @@ pub struct ActivatorConfig {
     pub grpc_addr: String,
     /// Admin address (`/healthz`, `/readyz`, `/metrics`).
     pub admin_addr: String,
-    /// Ack wait of each destination's consumer: how soon a crashed replica's messages come back.
+    /// Ack wait of each destination consumer: how soon a crashed replica's messages come back.
     pub ack_wait_seconds: u64,
-    /// Most events handled in one batch per destination.
+    /// Most events handled in one batch per destination consumer.
     pub batch_size: usize,
-    /// Most events delivered to the activator and not yet acked, per destination.
+    /// Most events delivered to the activator and not yet acked, per destination consumer (one
+    /// per partition of an ordered destination, one shared by an unordered one): with the batch
+    /// size, it bounds what a slow or failing destination holds.
     pub max_ack_pending: i64,
     /// Most users whose events are sent at the same time, per destination.
     pub max_concurrent_keys: usize,
@@ -41,6 +43,10 @@ pub struct ActivatorConfig {
     /// [`crate::destinations::ssrf`]). Empty by default; `herald dev` allows loopback and
     /// private ranges.
     pub allow_private_networks: Vec<IpNet>,
+    /// Partition ownership among activator replicas (the `activator` member list): heartbeat,
+    /// member TTL, and the pin timeout of ordered destinations' partition consumers
+    /// (`[activator.ownership]`, the processor's defaults).
+    pub ownership: herald_common::ownership::OwnershipConfig,
 }
 
 impl Default for ActivatorConfig {
@@ -56,6 +62,7 @@ impl Default for ActivatorConfig {
             shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             destinations: Vec::new(),
             allow_private_networks: Vec::new(),
+            ownership: Default::default(),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_histogram, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 use crate::filter::{ConsentSide, Denial};
 
@@ -31,6 +31,7 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time of one successful send to a destination."
     );
+    describe_scale();
 }
 
 /// An event reached its destination.
@@ -286,5 +287,100 @@ impl DeprecatedDestinationKeys<'_> {
             uses = self.uses,
             "[[activator.destinations]] keys url, timeout_ms, log_file, headers and secret are deprecated: move them into settings = {{ ... }} (e.g. settings = {{ url = \"https://...\" }}, settings = {{ \"header.Authorization\" = \"...\" }})"
         );
+    }
+}
+
+// ---- consumers, ownership and scale-out ----
+
+/// Registers HELP text for the metrics of this section.
+fn describe_scale() {
+    describe_gauge!(
+        "herald_activator_backlog_events",
+        "Events waiting for a destination (pending plus delivered and not yet acknowledged) in the consumers this replica reports: the partitions it owns of an ordered destination, the shared consumer of an unordered one on the owner of partition 0. Sum by destination over replicas."
+    );
+    describe_counter!(
+        "herald_activator_partition_changes_total",
+        "Partitions of ordered destinations this replica started (acquired) or stopped (released) delivering, by change."
+    );
+}
+
+/// A destination's backlog on this replica, refreshed every few seconds and after batches;
+/// zero once the destination stops here.
+pub struct Backlog<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Pending plus acknowledgement-pending events of the consumers this replica reports.
+    pub events: u64,
+}
+
+impl Backlog<'_> {
+    /// Sets the gauge.
+    pub fn emit(self) {
+        gauge!("herald_activator_backlog_events", "destination" => self.destination.to_string())
+            .set(self.events as f64);
+    }
+}
+
+/// The partitions of an ordered destination this replica delivers changed (it joined, a
+/// replica joined or left, or the destination started).
+pub struct PartitionsChanged<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Partitions started here.
+    pub acquired: &'a [u32],
+    /// Partitions stopped here.
+    pub released: &'a [u32],
+    /// Partitions delivered here now.
+    pub owned: usize,
+}
+
+impl PartitionsChanged<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            acquired = ?self.acquired,
+            released = ?self.released,
+            owned = self.owned,
+            "destination partitions changed"
+        );
+        counter!("herald_activator_partition_changes_total", "change" => "acquired")
+            .increment(self.acquired.len() as u64);
+        counter!("herald_activator_partition_changes_total", "change" => "released")
+            .increment(self.released.len() as u64);
+    }
+}
+
+/// A destination's consumers of the other mode (the single consumer of an earlier version, or
+/// those of before an update switched between ordered and unordered) were deleted, or could not
+/// be, after its new consumers were created at their lowest ack floor + 1.
+pub struct OldConsumerRetired<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The old consumer's durable name.
+    pub consumer: &'a str,
+    /// Its ack floor (stream sequence) when it was read.
+    pub resumed_after: u64,
+    /// `None` when deleted, else why it could not be.
+    pub error: Option<&'a dyn std::fmt::Display>,
+}
+
+impl OldConsumerRetired<'_> {
+    /// Logs it; a failure needs an operator (delete the consumer by hand).
+    pub fn emit(self) {
+        match self.error {
+            None => tracing::info!(
+                destination = self.destination,
+                consumer = self.consumer,
+                ack_floor = self.resumed_after,
+                "deleted the destination's old consumer; its new consumers continue after its ack floor"
+            ),
+            Some(error) => tracing::warn!(
+                destination = self.destination,
+                consumer = self.consumer,
+                error = %error,
+                "cannot delete the destination's old consumer; it keeps its backlog in the stream until deleted (nats consumer rm)"
+            ),
+        }
     }
 }

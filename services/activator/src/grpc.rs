@@ -14,7 +14,7 @@ use crate::filter::UnknownConsent;
 use crate::live::StatsMap;
 use crate::record::{DestinationRecord, Settings, Start};
 use crate::store::{DestinationError, DestinationStore};
-use crate::worker::consumer_name;
+use crate::worker::consumer_names;
 
 /// The fully qualified gRPC service name, as reported by grpc.health.v1.
 pub const SERVICE_NAME: &str = "herald.v1.DestinationService";
@@ -59,10 +59,13 @@ impl DestinationGrpc {
             .get_stream(self.topology.processed_stream())
             .await
             .map_err(|e| Status::unavailable(format!("cannot read the processed stream: {e}")))?;
-        if let Ok(info) = stream.consumer_info(consumer_name(&r.id)).await {
-            status.pending = info.num_pending;
-            status.ack_pending = info.num_ack_pending as u64;
-            status.consumer_exists = true;
+        // Summed over every consumer the destination has (the partitions' or the shared one).
+        for name in consumer_names(&r.id, self.topology.partitions()) {
+            if let Ok(info) = stream.consumer_info(name).await {
+                status.pending += info.num_pending;
+                status.ack_pending += info.num_ack_pending as u64;
+                status.consumer_exists = true;
+            }
         }
         Ok(status)
     }

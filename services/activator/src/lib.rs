@@ -1,6 +1,9 @@
 //! Herald activator: delivers processed events to each destination from that destination's own
-//! durable consumer, so one slow destination never holds up another. Each user's events arrive
-//! in order; failed sends are retried in process with backoff.
+//! durable consumers, so one slow destination never holds up another. An ordered destination has
+//! one consumer per partition, delivered by the replica that owns the partition in the
+//! `activator` member list, so each user's events arrive in order and 1 or 3 replicas is a
+//! deployment choice; an unordered one has one consumer every replica pulls (see the `worker` module).
+//! Failed sends are retried in process with backoff.
 //!
 //! Destinations are live config: records in the config bucket (`destinations.<id>`, see
 //! [`record`]), changed through `herald.v1.DestinationService` ([`DestinationStore`]) and
@@ -40,7 +43,7 @@ pub use grpc::{SERVICE_NAME, from_proto, to_proto};
 pub use live::DESTINATIONS_LOADED_CHECK;
 pub use record::{DestinationRecord, Settings, Start};
 pub use store::{DestinationError, DestinationStore, KEY_PREFIX};
-pub use worker::consumer_name;
+pub use worker::{consumer_name, partition_consumer_name};
 
 /// Errors that stop the activator from starting.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +59,9 @@ pub enum ActivatorError {
     Config(String),
 }
 
-/// Starts the activator: one delivery loop per live destination, plus the gRPC and admin servers,
-/// until `shutdown` fires. The handle's task ends once every delivery loop has settled its
+/// Starts the activator: joins the `activator` member list and runs the delivery loops of every
+/// live destination (one per owned partition when ordered, one when unordered), plus the gRPC
+/// and admin servers, until `shutdown` fires. The handle's task ends once every delivery loop has settled its
 /// batch, the servers have stopped and NATS has drained, or after
 /// `activator.shutdown_timeout_seconds` (see [`herald_common::supervisor`]); a failing server or
 /// task stops the whole service.
@@ -69,6 +73,9 @@ pub async fn start(
 ) -> Result<ServiceHandle, ActivatorError> {
     common
         .topology
+        .validate()
+        .map_err(|e| ActivatorError::Config(e.to_string()))?;
+    cfg.ownership
         .validate()
         .map_err(|e| ActivatorError::Config(e.to_string()))?;
     let auth = herald_common::auth::ControlAuth::from_config(&common.control)

@@ -1,9 +1,11 @@
 //! Destinations as live config: opens the config bucket, seeds the config file's destinations,
 //! loads every `destinations.<id>` record and follows the bucket's watch until shutdown,
-//! starting, restarting (on update), stopping (on pause) and deleting (stop, then delete the
-//! consumer `activator-<id>`) each destination's delivery loop as its record changes. Every
-//! replica runs this, so a change made through any replica's control API reaches all of them
-//! within milliseconds.
+//! starting, restarting (on update), stopping (on pause) and deleting (stop, then delete every
+//! consumer of the destination: `activator-<id>` and `activator-<id>-p<N>`) each destination's
+//! delivery loops as its record changes. Every replica runs this, so a change made through any
+//! replica's control API reaches all of them within milliseconds. Before loading, the replica
+//! joins the `activator` member list once; every ordered destination's loops follow the
+//! partitions it owns there.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,8 @@ use herald_common::Topology;
 use herald_common::admin::Readiness;
 use herald_common::kvwatch::{Follower, follow};
 use herald_common::nats::retry_until;
+use herald_common::ownership::{Assignment, Ownership};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -20,10 +24,13 @@ use crate::config::{ActivatorConfig, DestinationConfig};
 use crate::consent::ConsentCache;
 use crate::deliver::{ConsentGate, Delivery, DestinationStats};
 use crate::destinations::{NetworkGuard, Sender};
+use crate::events;
 use crate::record::DestinationRecord;
 use crate::store::{self, DestinationStore, KEY_PREFIX};
 use crate::worker;
-use crate::{consumer_name, events};
+
+/// The role activator replicas join in the members bucket.
+const ROLE: &str = "activator";
 
 /// The readiness check flipped once the destinations have been loaded from the bucket.
 pub const DESTINATIONS_LOADED_CHECK: &str = "destinations loaded";
@@ -53,6 +60,9 @@ struct Running {
 /// The running delivery loops of this replica.
 struct Loops {
     shared: Shared,
+    /// This replica's partitions in the `activator` member list.
+    view: watch::Receiver<Assignment>,
+    store: DestinationStore,
     running: HashMap<String, Running>,
     /// The last revision applied per id, so the load and the watch order by revision.
     applied: HashMap<String, u64>,
@@ -80,7 +90,7 @@ impl Loops {
         match record {
             None => {
                 let was_running = self.stop(id).await;
-                self.delete_consumer(id, was_running).await;
+                self.delete_consumers(id, was_running).await;
                 self.shared.stats.lock().expect("stats lock").remove(id);
             }
             Some(r) if r.paused => {
@@ -139,7 +149,7 @@ impl Loops {
             .or_default()
             .clone();
         let stop = self.cancel.child_token();
-        let delivery = Delivery {
+        let delivery = Arc::new(Delivery {
             destination: record.id.clone(),
             filter,
             gate: ConsentGate {
@@ -150,14 +160,16 @@ impl Loops {
             stats,
             max_concurrent_keys: self.shared.cfg.max_concurrent_keys,
             max_backoff: std::time::Duration::from_millis(self.shared.cfg.retry_max_backoff_ms),
-        };
+        });
         let task = tokio::spawn(worker::run(
             self.shared.js.clone(),
             self.shared.topology.clone(),
             self.shared.cfg.clone(),
             record.clone(),
             delivery,
+            self.store.clone(),
             self.shared.ready.clone(),
+            self.view.clone(),
             stop.clone(),
         ));
         events::DestinationChanged {
@@ -180,40 +192,44 @@ impl Loops {
         true
     }
 
-    async fn delete_consumer(&self, id: &str, was_running: bool) {
-        let name = consumer_name(id);
-        let stream = self.shared.topology.processed_stream();
-        let result = match self.shared.js.get_stream(&stream).await {
-            Ok(s) => s.delete_consumer(&name).await.map(drop).map_err(|e| {
-                // Another replica may have deleted it first.
-                if matches!(
-                    e.kind(),
-                    jetstream::stream::ConsumerErrorKind::JetStream(ref j)
-                        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
-                ) {
-                    None
-                } else {
-                    Some(e.to_string())
+    /// Deletes every consumer of a deleted destination (the shared one and the partitions').
+    async fn delete_consumers(&self, id: &str, was_running: bool) {
+        let stream_name = self.shared.topology.processed_stream();
+        let stream = match self.shared.js.get_stream(&stream_name).await {
+            Ok(s) => s,
+            Err(e) => {
+                events::ConsumerNotDeleted {
+                    destination: id,
+                    consumer: &worker::consumer_name(id),
+                    error: &e.to_string(),
                 }
-            }),
-            Err(e) => Err(Some(e.to_string())),
+                .emit();
+                return;
+            }
         };
-        match result {
-            Ok(()) | Err(None) => {
-                if was_running {
-                    events::DestinationChanged {
+        let mut all_gone = true;
+        for name in worker::consumer_names(id, self.shared.topology.partitions()) {
+            match stream.delete_consumer(&name).await {
+                // Another replica may have deleted it first; most never existed (the other
+                // mode's).
+                Err(e) if !worker::is_consumer_not_found(&e) => {
+                    all_gone = false;
+                    events::ConsumerNotDeleted {
                         destination: id,
-                        action: "deleted",
+                        consumer: &name,
+                        error: &e.to_string(),
                     }
                     .emit();
                 }
+                _ => {}
             }
-            Err(Some(e)) => events::ConsumerNotDeleted {
+        }
+        if all_gone && was_running {
+            events::DestinationChanged {
                 destination: id,
-                consumer: &name,
-                error: &e,
+                action: "deleted",
             }
-            .emit(),
+            .emit();
         }
     }
 
@@ -252,8 +268,24 @@ pub(crate) async fn run(
     {
         return;
     }
+    let Some(ownership) = retry_until("joining the activator replicas", &cancel, || {
+        Ownership::join(
+            &shared.js,
+            &shared.topology,
+            ROLE,
+            shared.topology.partitions(),
+            &shared.cfg.ownership,
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    tracing::info!(member = %ownership.member_id(), "activator joined the member list");
     let client = shared.js.client();
     let mut loops = Loops {
+        view: ownership.subscribe(),
+        store: store.clone(),
         shared,
         running: HashMap::new(),
         applied: HashMap::new(),
@@ -268,6 +300,9 @@ pub(crate) async fn run(
         &cancel,
     )
     .await;
+    // Leave first, so the other replicas start pulling at once; then each loop finishes its
+    // batch and releases its partition.
+    ownership.leave().await;
     loops.stop_all().await;
 }
 

@@ -2,7 +2,7 @@
 //! `DestinationService` on a port-0 server and real webhooks on loopback: CRUD with secrets
 //! masked and invalid definitions refused; create, pause, resume, update and delete taking
 //! effect on the running activator; `start = now | all`; config-file seeding with the deprecated
-//! keys; and the upgrade from the config-file activator's consumer.
+//! keys; and the upgrade from the config-file activator's single consumer to the partitions'.
 
 mod common;
 
@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use async_nats::jetstream;
-use herald_activator::{DestinationConfig, DestinationKind, consumer_name};
+use herald_activator::{
+    DestinationConfig, DestinationKind, consumer_name, partition_consumer_name,
+};
 use herald_common::auth::BearerToken;
 use herald_common::nats::ensure_stream;
 use herald_common::ordered::{ReaderConfig, ensure_consumer};
@@ -140,12 +142,18 @@ impl Rig {
         .await
     }
 
+    /// Whether any consumer of the destination exists (the shared one or the partition's).
     async fn consumer_exists(&self, destination: &str) -> Result<bool> {
         let stream = self.js.get_stream(self.topology.processed_stream()).await?;
-        Ok(stream
-            .consumer_info(consumer_name(destination))
-            .await
-            .is_ok())
+        for name in [
+            consumer_name(destination),
+            partition_consumer_name(destination, 0),
+        ] {
+            if stream.consumer_info(name).await.is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -322,7 +330,7 @@ async fn changes_take_effect_on_the_running_activator() -> Result<()> {
             return false;
         };
         stream
-            .consumer_info(consumer_name("live"))
+            .consumer_info(partition_consumer_name("live", 0))
             .await
             .is_ok_and(|i| i.num_pending + i.num_ack_pending as u64 == 1)
     })
@@ -400,7 +408,7 @@ async fn start_now_skips_older_events_and_start_all_gets_them() -> Result<()> {
     let stream = rig.js.get_stream(rig.topology.processed_stream()).await?;
     wait_until("the now consumer is drained", DEADLINE, || async {
         stream
-            .consumer_info(consumer_name("from-now"))
+            .consumer_info(partition_consumer_name("from-now", 0))
             .await
             .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
     })
@@ -537,6 +545,13 @@ async fn an_existing_consumer_carries_on_from_its_position_whatever_start_says()
         3,
         "nothing acknowledged is sent again"
     );
+    // The old consumer is gone; the partition's carries on.
+    let stream = rig.js.get_stream(rig.topology.processed_stream()).await?;
+    wait_until("the old consumer is deleted", DEADLINE, || async {
+        stream.consumer_info(consumer_name("hook")).await.is_err()
+    })
+    .await?;
+    assert!(rig.consumer_exists("hook").await?);
     Ok(())
 }
 
@@ -581,7 +596,7 @@ async fn filters_and_the_integrations_object_decide_what_is_sent() -> Result<()>
     let stream = rig.js.get_stream(rig.topology.processed_stream()).await?;
     wait_until("every event is settled", DEADLINE, || async {
         stream
-            .consumer_info(consumer_name("orders"))
+            .consumer_info(partition_consumer_name("orders", 0))
             .await
             .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
     })

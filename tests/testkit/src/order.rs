@@ -1,5 +1,6 @@
-//! Reading a stream from its start, and checking what reached the processed stream: every
-//! user's events, each once, in order.
+//! Reading a stream from its start, and checking what reached the processed stream (every
+//! user's events, each once, in order) or a webhook destination (every event, per-user order,
+//! repeats only of what arrived before).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -90,4 +91,76 @@ pub async fn check_processed_in_order(
         );
     }
     Ok(())
+}
+
+/// Checks what a webhook destination received against what was published: `published` lists
+/// event ids (`<source>:<user>-<seq>`, as [`crate::protobuf_track`] makes them) in publish
+/// order, `arrivals` the `Idempotency-Key` of each delivery in arrival order. Every published
+/// event arrived; per user, first arrivals follow publish order, and a delivery of an event
+/// after a later one of the same user is only a repeat of an event that had arrived before.
+/// Returns how many deliveries were repeats.
+///
+/// # Errors
+///
+/// When an event is missing, an unknown one arrived, or a user's order broke.
+pub fn check_arrivals_in_order(published: &[String], arrivals: &[String]) -> anyhow::Result<usize> {
+    let user_of = |id: &str| -> anyhow::Result<String> {
+        let (user, _) = id
+            .rsplit_once('-')
+            .with_context(|| format!("event id {id:?} is <source>:<user>-<seq>"))?;
+        Ok(user.to_string())
+    };
+    // Each event's rank among its user's events, in publish order.
+    let mut rank: HashMap<&str, (String, usize)> = HashMap::new();
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for id in published {
+        let user = user_of(id)?;
+        let n = per_user.entry(user.clone()).or_default();
+        rank.insert(id.as_str(), (user, *n));
+        *n += 1;
+    }
+    let mut next: HashMap<&str, usize> = HashMap::new();
+    let mut repeats = 0;
+    for id in arrivals {
+        let (user, r) = rank
+            .get(id.as_str())
+            .with_context(|| format!("{id} arrived but was not published"))?;
+        let expected = next.entry(user.as_str()).or_default();
+        if *r == *expected {
+            *expected += 1;
+        } else if *r < *expected {
+            repeats += 1;
+        } else {
+            anyhow::bail!(
+                "{id} (number {r} of {user}) arrived before number {expected} of that user"
+            );
+        }
+    }
+    for (user, n) in &per_user {
+        let got = next.get(user.as_str()).copied().unwrap_or_default();
+        ensure!(got == *n, "{user}: {got} of {n} events arrived");
+    }
+    Ok(repeats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn arrivals_are_checked_per_user_with_repeats_allowed() {
+        let published = ids(&["s:a-0", "s:b-0", "s:a-1", "s:b-1"]);
+        let fine = ids(&["s:b-0", "s:a-0", "s:a-1", "s:a-0", "s:a-1", "s:b-1"]);
+        assert_eq!(check_arrivals_in_order(&published, &fine).unwrap(), 2);
+        let reordered = ids(&["s:a-1", "s:a-0", "s:b-0", "s:b-1"]);
+        assert!(check_arrivals_in_order(&published, &reordered).is_err());
+        let missing = ids(&["s:a-0", "s:a-1", "s:b-0"]);
+        assert!(check_arrivals_in_order(&published, &missing).is_err());
+        let unknown = ids(&["s:a-0", "s:a-1", "s:b-0", "s:b-1", "s:c-0"]);
+        assert!(check_arrivals_in_order(&published, &unknown).is_err());
+    }
 }
