@@ -4,12 +4,15 @@
 
 use std::time::Duration;
 
+use herald_common::telemetry;
 use metrics::{counter, describe_counter, describe_histogram, histogram};
 
 use crate::filter::{ConsentSide, Denial};
 
-/// Registers HELP text for every activator metric.
-pub fn describe() {
+/// Registers HELP text for every activator metric, and publishes at 0 the series of the
+/// configured `destinations` (destinations added later through the control API show from their
+/// first event; the `reason`/`class`/`action`-labelled ones as HELP and TYPE lines until then).
+pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
     describe_counter!(
         "herald_activator_events_delivered_total",
         "Events delivered to a destination (acknowledged by it)."
@@ -31,6 +34,27 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time of one successful send to a destination."
     );
+    for destination in destinations {
+        let labels = [("destination", destination.to_string())];
+        telemetry::zero_counters("herald_activator_events_delivered_total", [labels.clone()]);
+        telemetry::zero_histograms("herald_activator_send_duration_seconds", [labels]);
+        telemetry::zero_counters(
+            "herald_activator_events_skipped_total",
+            [
+                "historical",
+                "undecodable",
+                "filtered",
+                "filter_error",
+                "consent",
+            ]
+            .map(|reason| {
+                [
+                    ("destination", destination.to_string()),
+                    ("reason", reason.to_string()),
+                ]
+            }),
+        );
+    }
 }
 
 /// An event reached its destination.
