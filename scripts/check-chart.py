@@ -316,7 +316,7 @@ def check_custom_resources(c, values, docs, services, deployments, metrics) -> N
                         f"{where}: {rule.get('alert')}: no severity label")
                 c.check(expr_balanced(str(rule.get("expr", ""))), f"{where}: {rule.get('alert')}: unbalanced expr")
         # The metric names the rules use are checked against freshly started services' /metrics
-        # by services/cli/tests/metrics.rs.
+        # by tests/e2e/tests/metrics.rs.
         for required in ("HeraldIngest5xxRate", "HeraldReplicaDown", "HeraldPartitionUnowned"):
             c.check(required in alerts, f"{where}: no alert {required}")
         # One source: the chart embeds helm/herald/files/rules.yml, which

@@ -65,7 +65,7 @@ done
 step "format check (cargo fmt --all -- --check)" cargo fmt --all -- --check
 # Alerts: deploy/prometheus/rules.yml parses and its unit tests pass. promtool comes from
 # Debian's `prometheus` package, installed when missing (the metrics lint test,
-# services/cli/tests/metrics.rs, runs it too).
+# tests/e2e/tests/metrics.rs, runs it too).
 announce "promtool: find or install (Debian package prometheus)"
 if ! command -v promtool >/dev/null 2>&1; then
     apt=(apt-get)

@@ -1,18 +1,29 @@
-//! Every metric from start-up: each service, started as its own `herald <role>` process, shows
-//! its metric families on `/metrics` as soon as it is ready; `promtool check metrics` accepts
-//! each exposition; and every metric name a panel of the Grafana dashboard or an alert of the
-//! Prometheus rules queries is on some freshly started service's `/metrics`.
+//! Every metric from start-up: each service shows its metric families on `/metrics` as soon as
+//! it is ready; `promtool check metrics` accepts each exposition; and every metric name a panel
+//! of the Grafana dashboard or an alert of the Prometheus rules queries is on a freshly started
+//! service's `/metrics`.
+//!
+//! The services start in this test's own process (nextest runs each test in its own), through
+//! the library functions the binary calls, one after the other; each is scraped right after it
+//! is ready, before the next starts. They share the process's one recorder, so a scrape shows
+//! the families of the services started so far.
 //!
 //! promtool comes from Debian's `prometheus` package (scripts/test.sh installs it when missing).
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use herald_testkit::{NatsServer, WebhookServer, free_port, spawn_role, wait_ready, write_config};
+use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind, Settings};
+use herald_common::{CommonConfig, ControlConfig, NatsConfig, Secret, telemetry};
+use herald_e2e::processor_config;
+use herald_ingest::{IngestConfig, SourceConfig};
+use herald_testkit::{NatsServer, WebhookServer, wait_ready};
+use tokio_util::sync::CancellationToken;
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -29,44 +40,6 @@ const PROVIDED_BY_THE_ACTIVATOR_DELIVERY_WORK: &[&str] = &[
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn config(dir: &Path, nats: &str, hook: &str, admin: &[u16; 3]) -> Result<PathBuf> {
-    write_config(
-        dir,
-        "herald",
-        nats,
-        "metrics-test-control-token",
-        &format!(
-            r#"
-[ingest]
-http_addr = "127.0.0.1:0"
-grpc_addr = "127.0.0.1:0"
-admin_addr = "127.0.0.1:{}"
-
-[[ingest.sources]]
-id = "web"
-name = "Web"
-write_key = "metrics-key"
-
-[processor]
-grpc_addr = "127.0.0.1:0"
-http_addr = "127.0.0.1:0"
-admin_addr = "127.0.0.1:{}"
-
-[activator]
-grpc_addr = "127.0.0.1:0"
-admin_addr = "127.0.0.1:{}"
-allow_private_networks = ["127.0.0.0/8"]
-
-[[activator.destinations]]
-id = "hook"
-kind = "webhook"
-settings = {{ url = "{hook}" }}
-"#,
-            admin[0], admin[1], admin[2]
-        ),
-    )
 }
 
 /// `promtool` on PATH, or a failure saying how to get it.
@@ -261,34 +234,108 @@ fn dashboard_and_alert_queries() -> Result<Vec<(String, String)>> {
     Ok(queries)
 }
 
+/// The families and one zero-valued series each service shows right after it is ready.
+fn expected_at_start(role: &str) -> (&'static [&'static str], &'static str) {
+    match role {
+        "ingest" => (
+            &[
+                "herald_ingest_requests_total",
+                "herald_ingest_events_accepted_total",
+                "herald_ingest_events_rejected_total",
+                "herald_ingest_quarantined_total",
+            ],
+            r#"herald_ingest_events_accepted_total{source="web"} 0"#,
+        ),
+        "processor" => (
+            &[
+                "herald_processor_events_total",
+                "herald_processor_partition_lag_events",
+                "herald_processor_owned_partitions",
+                "herald_processor_cas_conflicts_total",
+            ],
+            r#"herald_processor_partition_lag_events{partition="0"} 0"#,
+        ),
+        _ => (
+            &[
+                "herald_activator_events_delivered_total",
+                "herald_activator_send_failures_total",
+            ],
+            r#"herald_activator_events_delivered_total{destination="hook"} 0"#,
+        ),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_shows_from_start_up_and_passes_promtool() -> Result<()> {
     let queries = dashboard_and_alert_queries()?;
     let nats = NatsServer::start().await?;
     let hook = WebhookServer::start().await?;
-    let dir = tempfile::tempdir()?;
-    let admin = [free_port(), free_port(), free_port()];
-    let config = config(dir.path(), &nats.url(), &hook.url(), &admin)?;
+    let common = CommonConfig {
+        nats: NatsConfig {
+            servers: nats.url(),
+            request_timeout_ms: 2_000,
+            ..Default::default()
+        },
+        control: ControlConfig::with_token("metrics-test-control-token"),
+        ..Default::default()
+    };
+    let ingest_cfg = IngestConfig {
+        http_addr: "127.0.0.1:0".into(),
+        grpc_addr: "127.0.0.1:0".into(),
+        admin_addr: "127.0.0.1:0".into(),
+        sources: vec![SourceConfig {
+            id: "web".into(),
+            name: "Web".into(),
+            write_key: Secret("metrics-key".into()),
+            write_secret: None,
+            enabled: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let activator_cfg = ActivatorConfig {
+        grpc_addr: "127.0.0.1:0".into(),
+        admin_addr: "127.0.0.1:0".into(),
+        destinations: vec![DestinationConfig {
+            id: "hook".into(),
+            kind: DestinationKind::Webhook,
+            settings: Settings([("url".to_string(), hook.url())].into_iter().collect()),
+            ..Default::default()
+        }],
+        allow_private_networks: vec!["127.0.0.0/8".parse()?],
+        ..Default::default()
+    };
+    let metrics = telemetry::metrics();
+    let shutdown = CancellationToken::new();
     let http = reqwest::Client::new();
     let mut exposed = BTreeSet::new();
-    let mut children = Vec::new();
+    let mut services = Vec::new();
     // In pipeline order: the processor needs the events stream, the activator the consent
     // bucket the processor creates.
-    for (role, port) in ["ingest", "processor", "activator"].into_iter().zip(admin) {
-        children.push(spawn_role(
-            Path::new(env!("CARGO_BIN_EXE_herald")),
-            role,
-            &config,
-            &dir.path().join(format!("{role}.log")),
-        )?);
-        wait_ready(
-            &format!("{role} is ready"),
-            format!("127.0.0.1:{port}"),
-            READY,
-        )
-        .await?;
+    for role in ["ingest", "processor", "activator"] {
+        let service = match role {
+            "ingest" => {
+                herald_ingest::start(&common, &ingest_cfg, metrics.clone(), shutdown.clone())
+                    .await?
+            }
+            "processor" => {
+                herald_processor::start(
+                    &common,
+                    &processor_config(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .await?
+            }
+            _ => {
+                herald_activator::start(&common, &activator_cfg, metrics.clone(), shutdown.clone())
+                    .await?
+            }
+        };
+        let admin: SocketAddr = service.admin_addr;
+        wait_ready(&format!("{role} is ready"), admin, READY).await?;
         let exposition = http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .get(format!("http://{admin}/metrics"))
             .send()
             .await?
             .error_for_status()?
@@ -296,42 +343,19 @@ async fn every_metric_shows_from_start_up_and_passes_promtool() -> Result<()> {
             .await?;
         promtool_check_metrics(role, &exposition)?;
         let names = exposed_names(&exposition);
-        // Each service shows its own families, and every series of the configured source,
-        // destination and partitions from the start.
-        let expected: &[&str] = match role {
-            "ingest" => &[
-                "herald_ingest_requests_total",
-                "herald_ingest_events_accepted_total",
-                "herald_ingest_events_rejected_total",
-                "herald_ingest_quarantined_total",
-            ],
-            "processor" => &[
-                "herald_processor_events_total",
-                "herald_processor_partition_lag_events",
-                "herald_processor_owned_partitions",
-                "herald_processor_cas_conflicts_total",
-            ],
-            _ => &[
-                "herald_activator_events_delivered_total",
-                "herald_activator_send_failures_total",
-            ],
-        };
-        for name in expected {
+        let (families, zero_series) = expected_at_start(role);
+        for name in families {
             ensure!(
                 names.contains(*name),
                 "{role}'s /metrics right after start has no {name}:\n{exposition}"
             );
         }
-        let zero_series = match role {
-            "ingest" => r#"herald_ingest_events_accepted_total{source="web"} 0"#,
-            "processor" => r#"herald_processor_partition_lag_events{partition="0"} 0"#,
-            _ => r#"herald_activator_events_delivered_total{destination="hook"} 0"#,
-        };
         ensure!(
             exposition.lines().any(|l| l == zero_series),
             "{role}'s /metrics right after start has no `{zero_series}`:\n{exposition}"
         );
         exposed.extend(names);
+        services.push(service);
     }
 
     let missing = missing_names(&queries, &exposed, PROVIDED_BY_THE_ACTIVATOR_DELIVERY_WORK);
@@ -349,7 +373,10 @@ async fn every_metric_shows_from_start_up_and_passes_promtool() -> Result<()> {
         now_exported.is_empty(),
         "{now_exported:?} are exported now: remove them from PROVIDED_BY_THE_ACTIVATOR_DELIVERY_WORK"
     );
-    drop(children);
+    shutdown.cancel();
+    for s in services {
+        let _ = s.task.await;
+    }
     Ok(())
 }
 
