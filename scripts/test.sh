@@ -2,8 +2,9 @@
 # Herald's one test command (the README's, and CI's through .ci/run):
 #   scripts/test.sh [extra arguments for cargo nextest run]
 # Installs or finds nats-server, makes sure the cargo tools are present, then checks formatting,
-# checks the Helm chart, compose file and Dockerfile offline (scripts/check-chart.py), runs clippy
-# with warnings denied, runs every test with nextest and checks that the fuzz targets build. Each step is announced on stderr; a failure says which step failed.
+# checks and unit-tests the alert rules with promtool (installing Debian's prometheus package when
+# missing), checks the Helm chart, compose file and Dockerfile offline (scripts/check-chart.py),
+# runs clippy with warnings denied, runs every test with nextest and checks that the fuzz targets build. Each step is announced on stderr; a failure says which step failed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -62,6 +63,32 @@ for component in rustfmt clippy; do
 done
 
 step "format check (cargo fmt --all -- --check)" cargo fmt --all -- --check
+# Alerts: deploy/prometheus/rules.yml parses and its unit tests pass. promtool comes from
+# Debian's `prometheus` package, installed when missing (the metrics lint test,
+# tests/e2e/tests/metrics.rs, runs it too).
+announce "promtool: find or install (Debian package prometheus)"
+if ! command -v promtool >/dev/null 2>&1; then
+    apt=(apt-get)
+    if (( EUID != 0 )); then
+        if command -v sudo >/dev/null 2>&1; then
+            apt=(sudo apt-get)
+        else
+            fail "promtool: install (promtool is missing and installing the prometheus package needs root or sudo: run 'apt-get install prometheus' as root)"
+        fi
+    fi
+    if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends prometheus >&2; then
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >&2 || true
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends prometheus >&2 \
+            || fail "promtool: install (apt-get install prometheus failed; install the package by hand)"
+    fi
+    command -v promtool >/dev/null 2>&1 \
+        || fail "promtool: install (the prometheus package is installed but promtool is not on PATH)"
+fi
+printf 'promtool: %s\n' "$(command -v promtool)" >&2
+step "alert rules parse (promtool check rules deploy/prometheus/rules.yml)" \
+    promtool check rules deploy/prometheus/rules.yml
+step "alert rule unit tests (promtool test rules deploy/prometheus/rules.test.yml)" \
+    promtool test rules deploy/prometheus/rules.test.yml
 # No helm binary or cluster: renders, lints and validates helm/herald with every override set in
 # helm/herald/ci/, and checks deploy/compose.yaml and deploy/Dockerfile against the chart
 # (installs helm-python-sdk and kubernetes-validate into .tools/python when missing).

@@ -4,12 +4,15 @@
 
 use std::time::Duration;
 
+use herald_common::telemetry;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 use crate::filter::{ConsentSide, Denial};
 
-/// Registers HELP text for every activator metric.
-pub fn describe() {
+/// Registers HELP text for every activator metric, and publishes at 0 the series of the
+/// configured `destinations` (destinations added later through the control API show from their
+/// first event; the `reason`/`class`/`action`-labelled ones as HELP and TYPE lines until then).
+pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
     describe_counter!(
         "herald_activator_events_delivered_total",
         "Events delivered to a destination (acknowledged by it)."
@@ -32,6 +35,29 @@ pub fn describe() {
         "Time of one successful send to a destination."
     );
     describe_scale();
+    for destination in destinations {
+        let labels = [("destination", destination.to_string())];
+        telemetry::zero_counters("herald_activator_events_delivered_total", [labels.clone()]);
+        telemetry::zero_histograms("herald_activator_send_duration_seconds", [labels.clone()]);
+        telemetry::zero_gauges("herald_activator_backlog_events", [labels.clone()]);
+        telemetry::zero_gauges("herald_activator_owned_partitions", [labels]);
+        telemetry::zero_counters(
+            "herald_activator_events_skipped_total",
+            [
+                "historical",
+                "undecodable",
+                "filtered",
+                "filter_error",
+                "consent",
+            ]
+            .map(|reason| {
+                [
+                    ("destination", destination.to_string()),
+                    ("reason", reason.to_string()),
+                ]
+            }),
+        );
+    }
 }
 
 /// An event reached its destination.
@@ -302,6 +328,14 @@ fn describe_scale() {
         "herald_activator_partition_changes_total",
         "Partitions of ordered destinations this replica started (acquired) or stopped (released) delivering, by change."
     );
+    describe_gauge!(
+        "herald_activator_owned_partitions",
+        "Partitions of an ordered destination this replica delivers now, by destination."
+    );
+    telemetry::zero_counters(
+        "herald_activator_partition_changes_total",
+        ["acquired", "released"].map(|change| [("change", change.to_string())]),
+    );
 }
 
 /// A destination's backlog on this replica, refreshed every few seconds and after batches;
@@ -348,6 +382,8 @@ impl PartitionsChanged<'_> {
             .increment(self.acquired.len() as u64);
         counter!("herald_activator_partition_changes_total", "change" => "released")
             .increment(self.released.len() as u64);
+        gauge!("herald_activator_owned_partitions", "destination" => self.destination.to_string())
+            .set(self.owned as f64);
     }
 }
 

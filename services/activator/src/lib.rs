@@ -103,7 +103,7 @@ pub async fn start(
     let grpc_addr = server::local_addr(&grpc_listener);
     let admin_addr = server::local_addr(&admin_listener);
 
-    events::describe();
+    events::describe(cfg.destinations.iter().map(|d| d.id.as_str()));
     let client = nats::connect(&common.nats, "herald-activator").await?;
     let js = nats::jetstream(client.clone(), &common.nats);
     let topology = Topology::new(common.topology.clone());

@@ -85,5 +85,5 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> String {
-    s.metrics.render()
+    crate::telemetry::render(&s.metrics)
 }

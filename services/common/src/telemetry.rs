@@ -1,10 +1,20 @@
 //! Logs (tracing) and metrics (one Prometheus recorder per process).
+//!
+//! Every metric family shows on `/metrics` from start-up: each service describes all its
+//! metrics and publishes zero-valued series where it knows the label values
+//! ([`zero_counters`], [`zero_gauges`], [`zero_histograms`]); [`render`] adds HELP and TYPE
+//! lines for the described metrics that have no series yet.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::IsTerminal as _;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
+use metrics::{
+    Counter, Gauge, Histogram, IntoLabels, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+};
 pub use metrics_exporter_prometheus::PrometheusHandle;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, formatting};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogConfig;
@@ -26,17 +36,126 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), SIZE_BUCKETS)
                 })
                 .expect("bucket lists are not empty")
-                .install_recorder()
-                .expect("the metrics recorder is installed once per process")
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(Describing(recorder))
+                .expect("the metrics recorder is installed once per process");
+            handle
         })
         .clone()
 }
+
+/// The described metrics (name to type and HELP text), for [`render`].
+static DESCRIBED: Mutex<BTreeMap<String, (&'static str, String)>> = Mutex::new(BTreeMap::new());
+
+/// The Prometheus recorder, remembering what is described so that [`render`] can show the
+/// metrics that have no series yet.
+struct Describing<R>(R);
+
+impl<R> Describing<R> {
+    fn remember(key: &KeyName, kind: &'static str, description: &SharedString) {
+        DESCRIBED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.as_str().to_string(), (kind, description.to_string()));
+    }
+}
+
+impl<R: Recorder> Recorder for Describing<R> {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        Self::remember(&key, "counter", &description);
+        self.0.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        Self::remember(&key, "gauge", &description);
+        self.0.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        Self::remember(&key, "histogram", &description);
+        self.0.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.0.register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.0.register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.0.register_histogram(key, metadata)
+    }
+}
+
+/// The Prometheus exposition of `handle`, plus HELP and TYPE lines for every described metric
+/// that has no series yet (its label values are not known before its first event): every
+/// family Herald describes shows from start-up. The admin server's `/metrics`.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut out = handle.render();
+    let present: std::collections::HashSet<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut missing = String::new();
+    for (name, (kind, help)) in DESCRIBED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
+        if !present.contains(name.as_str()) {
+            formatting::write_help_line(&mut missing, name, None, None, help);
+            formatting::write_type_line(&mut missing, name, None, None, kind);
+            let _ = writeln!(missing);
+        }
+    }
+    out.push_str(&missing);
+    out
+}
+
+/// Publishes counter `name` at 0 with each of `series`' label sets (a value it has is kept), so
+/// dashboards and alerts see the series before its first event.
+pub fn zero_counters<L>(name: &'static str, series: impl IntoIterator<Item = L>)
+where
+    for<'a> &'a L: IntoLabels,
+{
+    for labels in series {
+        metrics::counter!(name, &labels).increment(0);
+    }
+}
+
+/// Publishes gauge `name` with each of `series`' label sets (at 0 unless it has a value).
+pub fn zero_gauges<L>(name: &'static str, series: impl IntoIterator<Item = L>)
+where
+    for<'a> &'a L: IntoLabels,
+{
+    for labels in series {
+        metrics::gauge!(name, &labels).increment(0.0);
+    }
+}
+
+/// Publishes histogram `name` with each of `series`' label sets (empty buckets until its first
+/// observation).
+pub fn zero_histograms<L>(name: &'static str, series: impl IntoIterator<Item = L>)
+where
+    for<'a> &'a L: IntoLabels,
+{
+    for labels in series {
+        let _ = metrics::histogram!(name, &labels);
+    }
+}
+
+/// No labels: `zero_counters(NAME, [NO_LABELS])` publishes one unlabelled series.
+pub const NO_LABELS: [(&str, &str); 0] = [];
 
 /// Starts logging to stderr, with colours only when stderr is a terminal. Safe to call more
 /// than once (later calls do nothing).

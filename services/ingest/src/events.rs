@@ -8,7 +8,10 @@
 use std::sync::Once;
 use std::time::Duration;
 
+use herald_common::telemetry::{self, NO_LABELS};
 use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+
+use crate::normalise::Reason;
 
 /// `herald_ingest_requests_total{route,status}`.
 pub const REQUESTS_TOTAL: &str = "herald_ingest_requests_total";
@@ -73,10 +76,6 @@ pub(crate) fn describe_metrics() {
              jetstream (a duplicate ack within the stream's duplicate window) or seen_set (found \
              in the ingest.dedupe_window_hours seen-set, not published)."
         );
-        // Both layers show from the start, so a rate of 0 is not an absent series.
-        for layer in ["jetstream", "seen_set"] {
-            counter!(DEDUPE_HITS_TOTAL, "layer" => layer).increment(0);
-        }
         describe_counter!(
             SEEN_SET_FAILURES_TOTAL,
             "Times the dedupe seen-set could not be read or written (op: read, write); events are \
@@ -101,7 +100,58 @@ pub(crate) fn describe_metrics() {
             DUPLICATE_REQUESTS_TOTAL,
             "mParticle batches not published again because their source_request_id was already stored, by source."
         );
+        publish_closed_series();
     });
+}
+
+/// Publishes at 0 every series whose labels come from closed sets, so that dashboards and
+/// alerts have series from start-up. Route-labelled metrics (`route` by status or reason) show
+/// as HELP and TYPE lines until the first request (see `herald_common::telemetry::render`).
+fn publish_closed_series() {
+    let reasons = || Reason::ALL.into_iter().map(Reason::label);
+    telemetry::zero_counters(RECEIVED_BYTES_TOTAL, [NO_LABELS]);
+    telemetry::zero_histograms(PUBLISH_DURATION_SECONDS, [NO_LABELS]);
+    telemetry::zero_counters(
+        EVENTS_REJECTED_TOTAL,
+        reasons()
+            .chain(["rate_limited", "unavailable", "stream_full"])
+            .map(|r| [("reason", r)]),
+    );
+    telemetry::zero_counters(
+        DEDUPE_HITS_TOTAL,
+        ["jetstream", "seen_set"].map(|l| [("layer", l)]),
+    );
+    telemetry::zero_counters(
+        SEEN_SET_FAILURES_TOTAL,
+        ["read", "write"].map(|o| [("op", o)]),
+    );
+    telemetry::zero_counters(
+        ATOMIC_BATCHES_TOTAL,
+        [
+            "committed",
+            "duplicate_id",
+            "too_large",
+            "too_many_in_flight",
+            "incomplete",
+            "disabled",
+            "refused",
+        ]
+        .map(|o| [("outcome", o)]),
+    );
+    telemetry::zero_counters(
+        DECODED_BYTES_TOTAL,
+        ["identity", "gzip", "deflate"].map(|e| [("encoding", e)]),
+    );
+}
+
+/// Publishes at 0 the series of the configured sources (`source`-labelled counters); sources
+/// added later through the control API show from their first event.
+pub(crate) fn publish_source_series<'a>(sources: impl IntoIterator<Item = &'a str>) {
+    for source in sources {
+        let labels = [("source", source.to_string())];
+        telemetry::zero_counters(EVENTS_ACCEPTED_TOTAL, [labels.clone()]);
+        telemetry::zero_counters(DUPLICATE_REQUESTS_TOTAL, [labels]);
+    }
 }
 
 /// A request was answered.
@@ -479,6 +529,27 @@ pub(crate) fn describe_intake_metrics() {
             QUARANTINE_REDRIVES_TOTAL,
             "Quarantine records redriven, by outcome (redriven, quarantined_again, not_found, \
              failed)."
+        );
+        telemetry::zero_counters(
+            INTAKE_MESSAGES_TOTAL,
+            ["accepted", "partial", "quarantined"].map(|o| [("outcome", o)]),
+        );
+        telemetry::zero_counters(INTAKE_RETRIES_TOTAL, [NO_LABELS]);
+        telemetry::zero_counters(
+            QUARANTINED_TOTAL,
+            ["http", "nats", "redrive"].into_iter().flat_map(|via| {
+                Reason::ALL
+                    .into_iter()
+                    .map(move |r| [("via", via), ("reason", r.label())])
+            }),
+        );
+        telemetry::zero_counters(
+            QUARANTINE_WRITE_FAILURES_TOTAL,
+            ["unavailable", "full"].map(|k| [("kind", k)]),
+        );
+        telemetry::zero_counters(
+            QUARANTINE_REDRIVES_TOTAL,
+            ["redriven", "quarantined_again", "not_found", "failed"].map(|o| [("outcome", o)]),
         );
     });
 }

@@ -79,6 +79,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<ServiceHandle, IngestError> {
     events::describe_metrics();
+    events::publish_source_series(cfg.sources.iter().map(|s| s.id.as_str()));
     common.topology.validate()?;
     let auth = herald_common::auth::ControlAuth::from_config(&common.control)?;
     let http_listener = bind(&cfg.http_addr).await?;

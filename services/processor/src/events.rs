@@ -2,9 +2,12 @@
 //! line and updates the metrics together. Metric labels come from closed sets (outcomes, kinds,
 //! buckets, reasons) or the partition number (bounded by the partition count).
 
+use herald_common::telemetry::{self, NO_LABELS};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
-/// Registers HELP text for every processor metric.
+/// Registers HELP text for every processor metric, and publishes at 0 every series whose labels
+/// come from closed sets (outcomes, buckets, kinds), so dashboards and alerts have series from
+/// start-up.
 pub fn describe() {
     describe_counter!(
         "herald_processor_events_total",
@@ -19,6 +22,19 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time to process one batch, from fetch to input acks."
     );
+    telemetry::zero_counters(
+        "herald_processor_events_total",
+        [
+            "processed",
+            "suppressed",
+            "unresolved",
+            "profile_error",
+            "undecodable",
+        ]
+        .map(|o| [("outcome", o)]),
+    );
+    telemetry::zero_counters("herald_processor_publish_retries_total", [NO_LABELS]);
+    telemetry::zero_histograms("herald_processor_batch_duration_seconds", [NO_LABELS]);
     describe_profiles();
 }
 
@@ -173,6 +189,44 @@ fn describe_profiles() {
     describe_counter!(
         "herald_processor_privacy_requests_total",
         "Erasure and suppression requests, by request (erase, suppress, unsuppress) and result (completed, failed)."
+    );
+    for name in [
+        "herald_processor_identities_blocked_total",
+        "herald_processor_identities_linked_total",
+        "herald_processor_profiles_created_total",
+        "herald_processor_profiles_undone_total",
+        "herald_processor_profile_merges_total",
+        "herald_processor_cas_retries_total",
+        "herald_processor_profile_cache_hits_total",
+        "herald_processor_profile_cache_misses_total",
+        "herald_processor_consent_changes_total",
+    ] {
+        telemetry::zero_counters(name, [NO_LABELS]);
+    }
+    telemetry::zero_gauges("herald_processor_profile_cache_bytes", [NO_LABELS]);
+    telemetry::zero_counters(
+        "herald_processor_identities_skipped_total",
+        ["limit", "merge_limit"].map(|r| [("reason", r)]),
+    );
+    telemetry::zero_counters(
+        "herald_processor_speculative_creates_total",
+        ["right", "wrong"].map(|r| [("result", r)]),
+    );
+    telemetry::zero_counters(
+        "herald_processor_cas_conflicts_total",
+        ["profiles", "identities", "consent"].map(|b| [("bucket", b)]),
+    );
+    telemetry::zero_counters(
+        "herald_processor_profile_errors_total",
+        ["kv", "contended", "not_ready", "corrupt"].map(|k| [("kind", k)]),
+    );
+    telemetry::zero_counters(
+        "herald_processor_privacy_requests_total",
+        ["erase", "suppress", "unsuppress"]
+            .into_iter()
+            .flat_map(|request| {
+                ["completed", "failed"].map(|result| [("request", request), ("result", result)])
+            }),
     );
 }
 
@@ -464,8 +518,10 @@ impl SuppressionWatchFailed<'_> {
 
 // ---- partition ownership ----
 
-/// Registers HELP text for the ownership metrics.
-pub fn describe_ownership() {
+/// Registers HELP text for the ownership metrics, and publishes them at 0: no partition owned
+/// yet, a lag of 0 for each of the `partitions` partitions (what a replica reports for the ones
+/// it does not own), no changes.
+pub fn describe_ownership(partitions: u32) {
     describe_gauge!(
         "herald_processor_owned_partitions",
         "Partitions of the events stream this replica owns now."
@@ -477,6 +533,15 @@ pub fn describe_ownership() {
     describe_counter!(
         "herald_processor_ownership_changes_total",
         "Partitions this replica started owning (change=acquired) or gave up (change=released)."
+    );
+    telemetry::zero_gauges("herald_processor_owned_partitions", [NO_LABELS]);
+    telemetry::zero_gauges(
+        "herald_processor_partition_lag_events",
+        (0..partitions).map(|p| [("partition", p.to_string())]),
+    );
+    telemetry::zero_counters(
+        "herald_processor_ownership_changes_total",
+        ["acquired", "released"].map(|c| [("change", c)]),
     );
 }
 

@@ -87,7 +87,7 @@ pub async fn start(
     let admin_addr = server::local_addr(&admin_listener);
 
     events::describe();
-    events::describe_ownership();
+    events::describe_ownership(common.topology.partitions);
     let client = nats::connect(&common.nats, "herald-processor").await?;
     let js = nats::jetstream(client.clone(), &common.nats);
     let topology = Topology::new(common.topology.clone());
