@@ -260,6 +260,16 @@ pub fn check_id(id: &str) -> Result<(), String> {
             "destination id {id:?} must be 1 to 64 letters, digits, '-' or '_'"
         ));
     }
+    // Partition consumers are `activator-<id>-p<N>`: an id of that shape would name another
+    // destination's partition consumer.
+    if let Some((_, n)) = id.rsplit_once("-p")
+        && !n.is_empty()
+        && n.chars().all(|c| c.is_ascii_digit())
+    {
+        return Err(format!(
+            "destination id {id:?} must not end in -p<number> (the names of partition consumers); choose another id"
+        ));
+    }
     Ok(())
 }
 
@@ -451,6 +461,14 @@ impl DestinationRecord {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_id_shaped_like_a_partition_consumer_is_refused() {
+        assert!(super::check_id("orders-p3").is_err());
+        assert!(super::check_id("orders-p").is_ok());
+        assert!(super::check_id("orders-prod").is_ok());
+        assert!(super::check_id("orders").is_ok());
+    }
+
     use super::*;
 
     fn record(kind: DestinationKind, settings: &[(&str, &str)]) -> DestinationRecord {
