@@ -111,7 +111,7 @@ impl Loops {
 
     async fn start(&mut self, record: DestinationRecord, view: DestinationRecord, action: &str) {
         let built = match record.check() {
-            Ok(checked) => Sender::new(&record, &self.shared.guard)
+            Ok(checked) => Sender::connect(&record, &self.shared.guard, &self.shared.js)
                 .await
                 .map(|s| (checked.filter, checked.consent, Arc::new(s))),
             Err(e) => Err(e),
