@@ -20,7 +20,7 @@ pub fn describe() {
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
-        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, consent: the person's consent, in the event's snapshot or current, does not allow it)."
+        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, consent: the person's consent, in the event's snapshot or current, does not allow it, suppressed: one of its identities is suppressed or erased, erasure_duplicate: the erasure was already sent to the destination from another partition)."
     );
     describe_counter!(
         "herald_activator_destination_changes_total",
@@ -285,6 +285,73 @@ impl DeprecatedDestinationKeys<'_> {
         tracing::warn!(
             uses = self.uses,
             "[[activator.destinations]] keys url, timeout_ms, log_file, headers and secret are deprecated: move them into settings = {{ ... }} (e.g. settings = {{ url = \"https://...\" }}, settings = {{ \"header.Authorization\" = \"...\" }})"
+        );
+    }
+}
+
+// ---- privacy: suppressions, erasures once per person, replay ----
+
+/// An event of a suppressed (or erased) identity was not sent: it is acked.
+pub struct SuppressedDropped<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The event's id.
+    pub event_id: &'a str,
+}
+
+impl SuppressedDropped<'_> {
+    /// Logs it at debug and counts it as skipped with `reason="suppressed"`.
+    pub fn emit(self) {
+        tracing::debug!(
+            destination = self.destination,
+            event_id = self.event_id,
+            "not sent: an identity of the event is suppressed"
+        );
+        counter!("herald_activator_events_skipped_total", "destination" => self.destination.to_string(), "reason" => "suppressed")
+            .increment(1);
+    }
+}
+
+/// An erasure was already sent (or is being sent) to the destination from another partition's
+/// copy: this copy is acked without sending.
+pub struct ErasureDuplicate<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The erasure request's id.
+    pub request_id: &'a str,
+}
+
+impl ErasureDuplicate<'_> {
+    /// Logs it at debug and counts it as skipped with `reason="erasure_duplicate"`.
+    pub fn emit(self) {
+        tracing::debug!(
+            destination = self.destination,
+            request_id = self.request_id,
+            "erasure already sent to this destination"
+        );
+        counter!("herald_activator_events_skipped_total", "destination" => self.destination.to_string(), "reason" => "erasure_duplicate")
+            .increment(1);
+    }
+}
+
+/// Reading or writing the erasure ledger failed; it is retried (the erasure waits).
+pub struct ErasureLedgerRetried<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl ErasureLedgerRetried<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            attempt = self.attempt,
+            error = %self.error,
+            "the erasure ledger failed; retrying"
         );
     }
 }

@@ -17,9 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ActivatorConfig, DestinationConfig};
-use crate::consent::ConsentCache;
-use crate::deliver::{ConsentGate, Delivery, DestinationStats};
-use crate::destinations::{NetworkGuard, Sender};
+use crate::deliver::{Delivery, DeliveryDeps, DestinationStats};
 use crate::record::DestinationRecord;
 use crate::store::{self, DestinationStore, KEY_PREFIX};
 use crate::worker;
@@ -36,11 +34,10 @@ pub(crate) struct Shared {
     pub js: jetstream::Context,
     pub topology: Topology,
     pub cfg: ActivatorConfig,
-    pub guard: Arc<NetworkGuard>,
     pub ready: Readiness,
     pub stats: StatsMap,
-    /// The current consent per profile, checked before every send attempt.
-    pub consent: ConsentCache,
+    /// What each destination's delivery is built from (guard, consent, suppressions, ...).
+    pub deps: DeliveryDeps,
 }
 
 struct Running {
@@ -110,13 +107,15 @@ impl Loops {
     }
 
     async fn start(&mut self, record: DestinationRecord, view: DestinationRecord, action: &str) {
-        let built = match record.check() {
-            Ok(checked) => Sender::connect(&record, &self.shared.guard, &self.shared.js)
-                .await
-                .map(|s| (checked.filter, checked.consent, Arc::new(s))),
-            Err(e) => Err(e),
-        };
-        let (filter, policy, sender) = match built {
+        let stats = self
+            .shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .entry(record.id.clone())
+            .or_default()
+            .clone();
+        let delivery = match Delivery::build(&record, &self.shared.deps, stats).await {
             Ok(built) => built,
             Err(e) => {
                 self.shared
@@ -130,27 +129,7 @@ impl Loops {
                 return;
             }
         };
-        let stats = self
-            .shared
-            .stats
-            .lock()
-            .expect("stats lock")
-            .entry(record.id.clone())
-            .or_default()
-            .clone();
         let stop = self.cancel.child_token();
-        let delivery = Delivery {
-            destination: record.id.clone(),
-            filter,
-            gate: ConsentGate {
-                policy,
-                cache: self.shared.consent.clone(),
-            },
-            sender,
-            stats,
-            max_concurrent_keys: self.shared.cfg.max_concurrent_keys,
-            max_backoff: std::time::Duration::from_millis(self.shared.cfg.retry_max_backoff_ms),
-        };
         let task = tokio::spawn(worker::run(
             self.shared.js.clone(),
             self.shared.topology.clone(),

@@ -42,8 +42,8 @@ pub(crate) async fn run(
     {
         return;
     }
-    // Nothing is sent before the person's current consent can be checked.
-    if !delivery.gate.cache.wait_loaded(&cancel).await {
+    // Nothing is sent before the person's current consent and the suppressions can be checked.
+    if !delivery.gate.wait_loaded(&cancel).await {
         return;
     }
     let reader_cfg = ReaderConfig {

@@ -1,0 +1,301 @@
+//! Privacy in delivery, over a real nats-server and webhooks on loopback: events of suppressed
+//! or erased identities (the processor's suppression list, written here as the processor
+//! writes it) are never delivered, not even to a destination that starts from the oldest
+//! event, and an erasure published on several partitions reaches each destination once.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, kv};
+use herald_activator::{DestinationConfig, DestinationKind, Start};
+use herald_common::identity::kv_key;
+use herald_common::nats::ensure_stream;
+use herald_common::server::ServiceHandle;
+use herald_common::telemetry::PrometheusHandle;
+use herald_common::{CommonConfig, Topology};
+use herald_proto::v1::{Event, EventType, Identity, ProcessedEvent};
+use herald_testkit::{
+    NatsServer, WebhookServer, common_config, protobuf_track, wait_ready, wait_until,
+};
+use prost::Message as _;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const PARTITIONS: u32 = 3;
+
+/// A nats-server with the processed stream, the consent and suppressions buckets, and an
+/// activator over it once started.
+pub struct Rig {
+    _nats: NatsServer,
+    pub js: jetstream::Context,
+    pub topology: Topology,
+    pub common: CommonConfig,
+    pub suppressions: kv::Store,
+    pub metrics: PrometheusHandle,
+    pub shutdown: CancellationToken,
+    pub activator: Option<ServiceHandle>,
+}
+
+impl Rig {
+    pub async fn new() -> Result<Self> {
+        let nats = NatsServer::start().await?;
+        let js = nats.jetstream().await;
+        let common = common_config(&nats.url(), PARTITIONS, "token-of-the-test");
+        let topology = Topology::new(common.topology.clone());
+        ensure_stream(&js, topology.processed_stream_config()).await?;
+        js.create_key_value(kv::Config {
+            bucket: topology.bucket("consent"),
+            ..Default::default()
+        })
+        .await?;
+        let suppressions = js
+            .create_key_value(herald_common::suppressions::bucket_config(&topology))
+            .await?;
+        Ok(Self {
+            _nats: nats,
+            js,
+            topology,
+            common,
+            suppressions,
+            metrics: herald_common::telemetry::metrics(),
+            shutdown: CancellationToken::new(),
+            activator: None,
+        })
+    }
+
+    pub async fn start(&mut self, destinations: Vec<DestinationConfig>) -> Result<()> {
+        let cfg = common::loopback_config(destinations, 200)?;
+        let activator = herald_activator::start(
+            &self.common,
+            &cfg,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        )
+        .await?;
+        wait_ready("the activator is ready", activator.admin_addr, DEADLINE).await?;
+        self.activator = Some(activator);
+        Ok(())
+    }
+
+    /// Suppresses an identity as the processor does (its `Suppression` record under the
+    /// identity's bucket key).
+    pub async fn suppress(&self, kind: &str, value: &str) -> Result<()> {
+        let record = json!({
+            "schema_version": 1,
+            "identity": {"type": kind, "value": value},
+            "reason": "erasure",
+            "request_id": "req-test",
+            "created_at": "2026-12-01T10:00:00Z",
+        });
+        self.suppressions
+            .put(kv_key(kind, value), serde_json::to_vec(&record)?.into())
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes `processed` to its event's partition.
+    pub async fn publish(&self, processed: &ProcessedEvent) -> Result<()> {
+        let partition = processed.event.as_ref().map_or(0, |e| e.partition);
+        self.js
+            .publish(
+                self.topology.processed_subject(partition),
+                processed.encode_to_vec().into(),
+            )
+            .await?
+            .await
+            .context("stored")?;
+        Ok(())
+    }
+
+    /// Publishes track `seq` of `user` (profile `p-<user>`, identities `user_id:<user>` and
+    /// any `extra`).
+    pub async fn track(&self, user: &str, seq: u64, extra: &[(&str, &str)]) -> Result<()> {
+        let mut identities = vec![identity("user_id", user)];
+        identities.extend(extra.iter().map(|(k, v)| identity(k, v)));
+        self.publish(&ProcessedEvent {
+            event: Some(protobuf_track("src", user, seq, PARTITIONS)),
+            profile_id: format!("p-{user}"),
+            identities,
+            consent: None,
+        })
+        .await
+    }
+
+    /// Events of `destination` skipped for `reason`.
+    pub fn skipped(&self, destination: &str, reason: &str) -> u64 {
+        self.metrics
+            .render()
+            .lines()
+            .find(|l| {
+                l.starts_with("herald_activator_events_skipped_total{")
+                    && l.contains(&format!(r#"destination="{destination}""#))
+                    && l.contains(&format!(r#"reason="{reason}""#))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        if let Some(activator) = self.activator {
+            let _ = activator.task.await;
+        }
+    }
+}
+
+pub fn identity(kind: &str, value: &str) -> Identity {
+    Identity {
+        r#type: kind.into(),
+        value: value.into(),
+    }
+}
+
+pub fn webhook(id: &str, hook: &WebhookServer) -> DestinationConfig {
+    DestinationConfig {
+        id: id.into(),
+        kind: DestinationKind::Webhook,
+        url: Some(hook.url()),
+        timeout_ms: Some(5_000),
+        start: Start::All,
+        ..Default::default()
+    }
+}
+
+/// The `herald.eventId`s a webhook received.
+fn event_ids(hook: &WebhookServer) -> BTreeSet<String> {
+    hook.received()
+        .iter()
+        .filter_map(|r| r.body["herald"]["eventId"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppressed_and_erased_people_are_never_delivered() -> Result<()> {
+    let mut rig = Rig::new().await?;
+    // History: three events each of four people; user-2 is erased (suppressed by user id),
+    // user-4 is suppressed through an identity only its profile carries (an e-mail).
+    for seq in 1..=3 {
+        rig.track("user-1", seq, &[]).await?;
+        rig.track("user-2", seq, &[]).await?;
+        rig.track("user-3", seq, &[]).await?;
+        rig.track("user-4", seq, &[("email", "four@example.com")])
+            .await?;
+    }
+    rig.suppress("user_id", "user-2").await?;
+    rig.suppress("email", "four@example.com").await?;
+
+    // A destination that starts from the oldest event gets everyone's but theirs.
+    let hook = WebhookServer::start().await?;
+    rig.start(vec![webhook("all", &hook)]).await?;
+    hook.wait_for(6, DEADLINE).await?;
+    wait_until("six events counted as suppressed", DEADLINE, || async {
+        rig.skipped("all", "suppressed") == 6
+    })
+    .await?;
+    let want: BTreeSet<String> = ["user-1", "user-3"]
+        .iter()
+        .flat_map(|u| (1..=3).map(move |s| format!("src:{u}-{s}")))
+        .collect();
+    assert_eq!(event_ids(&hook), want);
+
+    // Live: a suppression made now stops that person's later events; others still flow.
+    rig.suppress("anonymous_id", "anon-of-user-1").await?;
+    let mut later = protobuf_track("src", "user-1", 4, PARTITIONS);
+    later.anonymous_id = "anon-of-user-1".into();
+    rig.publish(&ProcessedEvent {
+        event: Some(later),
+        profile_id: "p-user-1".into(),
+        ..Default::default()
+    })
+    .await?;
+    rig.track("user-3", 4, &[]).await?;
+    hook.wait_for(7, DEADLINE).await?;
+    wait_until("the suppressed live event is counted", DEADLINE, || async {
+        rig.skipped("all", "suppressed") == 7
+    })
+    .await?;
+    let got = event_ids(&hook);
+    assert!(got.contains("src:user-3-4"), "{got:?}");
+    assert!(!got.contains("src:user-1-4"), "{got:?}");
+    assert_eq!(got.len(), 7);
+    rig.stop().await;
+    Ok(())
+}
+
+/// An erasure event as the processor publishes it on `partition`.
+pub fn erasure(request: &str, partition: u32) -> ProcessedEvent {
+    let now = herald_proto::time::to_proto(chrono::Utc::now());
+    ProcessedEvent {
+        event: Some(Event {
+            id: format!("erasure:{request}:{partition}"),
+            message_id: request.into(),
+            source_id: "herald".into(),
+            r#type: EventType::Erasure as i32,
+            user_id: "user-9".into(),
+            anonymous_id: "anon-9".into(),
+            timestamp: Some(now),
+            received_at: Some(now),
+            partition,
+            ..Default::default()
+        }),
+        profile_id: "p-user-9".into(),
+        identities: vec![
+            identity("anonymous_id", "anon-9"),
+            identity("user_id", "user-9"),
+        ],
+        consent: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_reaches_each_destination_once() -> Result<()> {
+    let mut rig = Rig::new().await?;
+    // The processor suppresses before it publishes the erasure: the erasure still goes out.
+    rig.suppress("user_id", "user-9").await?;
+    rig.suppress("anonymous_id", "anon-9").await?;
+    let request = "req-0123456789abcdef01234567";
+    for p in 0..PARTITIONS {
+        rig.publish(&erasure(request, p)).await?;
+    }
+    let plain = WebhookServer::start().await?;
+    let tracks_only = WebhookServer::start().await?;
+    rig.start(vec![
+        webhook("plain", &plain),
+        // A filter does not hold back an erasure.
+        DestinationConfig {
+            event_types: vec!["track".into()],
+            ..webhook("tracks", &tracks_only)
+        },
+    ])
+    .await?;
+    for (id, hook) in [("plain", &plain), ("tracks", &tracks_only)] {
+        hook.wait_for(1, DEADLINE).await?;
+        wait_until(
+            "the other copies are counted as duplicates",
+            DEADLINE,
+            || async { rig.skipped(id, "erasure_duplicate") == u64::from(PARTITIONS - 1) },
+        )
+        .await?;
+        let got = hook.received();
+        assert_eq!(got.len(), 1, "{id}: {got:?}");
+        let body = &got[0].body;
+        assert_eq!(body["type"], "erasure", "{id}");
+        assert_eq!(body["requestId"], request, "{id}");
+        assert_eq!(body["profileId"], "p-user-9", "{id}");
+        assert_eq!(
+            body["identities"],
+            json!([
+                {"type": "anonymous_id", "value": "anon-9"},
+                {"type": "user_id", "value": "user-9"},
+            ]),
+            "{id}"
+        );
+        assert_eq!(got[0].header("idempotency-key"), Some(request), "{id}");
+    }
+    rig.stop().await;
+    Ok(())
+}
