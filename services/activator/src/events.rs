@@ -26,6 +26,10 @@ pub fn describe() {
         "herald_activator_destination_changes_total",
         "Destination delivery loops started, updated, paused, deleted or refused on this replica, by destination and action."
     );
+    describe_counter!(
+        "herald_activator_replays_total",
+        "Replays (herald replay) that ended, by destination and result (completed, failed, cancelled)."
+    );
     describe_histogram!(
         "herald_activator_send_duration_seconds",
         metrics::Unit::Seconds,
@@ -353,5 +357,60 @@ impl ErasureLedgerRetried<'_> {
             error = %self.error,
             "the erasure ledger failed; retrying"
         );
+    }
+}
+
+/// A replay started.
+pub struct ReplayStarted<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The window's start.
+    pub from: chrono::DateTime<chrono::Utc>,
+    /// The window's end (exclusive).
+    pub to: chrono::DateTime<chrono::Utc>,
+    /// The last stream sequence it reads.
+    pub end_sequence: u64,
+}
+
+impl ReplayStarted<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            from = %self.from,
+            to = %self.to,
+            end_sequence = self.end_sequence,
+            "replay started"
+        );
+    }
+}
+
+/// A replay ended.
+pub struct ReplayFinished<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// `completed`, `failed` or `cancelled`.
+    pub result: &'static str,
+    /// Events of the window read.
+    pub read: u64,
+    /// Events the destination acknowledged.
+    pub sent: u64,
+    /// Why it failed.
+    pub error: Option<&'a str>,
+}
+
+impl ReplayFinished<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            result = self.result,
+            read = self.read,
+            sent = self.sent,
+            error = self.error.unwrap_or(""),
+            "replay ended"
+        );
+        counter!("herald_activator_replays_total", "destination" => self.destination.to_string(), "result" => self.result)
+            .increment(1);
     }
 }

@@ -26,6 +26,7 @@ mod grpc;
 mod live;
 pub mod payload;
 pub mod record;
+mod replay;
 mod store;
 mod suppressions;
 mod worker;
@@ -172,19 +173,27 @@ pub async fn start(
                 cfg: cfg.clone(),
                 ready: ready.clone(),
                 stats: stats.clone(),
-                deps,
+                deps: deps.clone(),
             },
             cfg.destinations.clone(),
             stop.clone(),
         ),
     );
+    let replays = replay::ReplayGrpc {
+        store: store.clone(),
+        deps,
+        topology: topology.clone(),
+        cfg: cfg.clone(),
+        stop: stop.clone(),
+    };
     let control = grpc::DestinationGrpc {
         store,
         stats,
         js,
         topology,
     };
-    let routes = tonic::service::Routes::new(control.into_server());
+    let routes =
+        tonic::service::Routes::new(control.into_server()).add_service(replays.into_server());
     supervisor.spawn(
         "grpc",
         server::serve_grpc(

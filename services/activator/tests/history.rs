@@ -1,7 +1,8 @@
-//! Privacy in delivery, over a real nats-server and webhooks on loopback: events of suppressed
-//! or erased identities (the processor's suppression list, written here as the processor
-//! writes it) are never delivered, not even to a destination that starts from the oldest
-//! event, and an erasure published on several partitions reaches each destination once.
+//! The history, over a real nats-server and webhooks on loopback: events of suppressed or
+//! erased identities (the processor's suppression list, written here as the processor writes
+//! it) are never delivered, not even to a destination that starts from the oldest event or by a
+//! replay; an erasure published on several partitions reaches each destination once; a replay
+//! re-sends exactly a window's events to one destination.
 
 mod common;
 
@@ -16,9 +17,11 @@ use herald_common::nats::ensure_stream;
 use herald_common::server::ServiceHandle;
 use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology};
-use herald_proto::v1::{Event, EventType, Identity, ProcessedEvent};
+use herald_proto::v1::replay_service_client::ReplayServiceClient;
+use herald_proto::v1::{Event, EventType, Identity, ProcessedEvent, ReplayProgress, ReplayRequest};
 use herald_testkit::{
-    NatsServer, WebhookServer, common_config, protobuf_track, wait_ready, wait_until,
+    NatsServer, WebhookServer, common_config, control_channel, protobuf_track, wait_ready,
+    wait_until,
 };
 use prost::Message as _;
 use serde_json::json;
@@ -26,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const PARTITIONS: u32 = 3;
+const TOKEN: &str = "token-of-the-test";
 
 /// A nats-server with the processed stream, the consent and suppressions buckets, and an
 /// activator over it once started.
@@ -44,7 +48,7 @@ impl Rig {
     pub async fn new() -> Result<Self> {
         let nats = NatsServer::start().await?;
         let js = nats.jetstream().await;
-        let common = common_config(&nats.url(), PARTITIONS, "token-of-the-test");
+        let common = common_config(&nats.url(), PARTITIONS, TOKEN);
         let topology = Topology::new(common.topology.clone());
         ensure_stream(&js, topology.processed_stream_config()).await?;
         js.create_key_value(kv::Config {
@@ -97,10 +101,11 @@ impl Rig {
         Ok(())
     }
 
-    /// Publishes `processed` to its event's partition.
-    pub async fn publish(&self, processed: &ProcessedEvent) -> Result<()> {
+    /// Publishes `processed` to its event's partition; its stream sequence.
+    pub async fn publish(&self, processed: &ProcessedEvent) -> Result<u64> {
         let partition = processed.event.as_ref().map_or(0, |e| e.partition);
-        self.js
+        let ack = self
+            .js
             .publish(
                 self.topology.processed_subject(partition),
                 processed.encode_to_vec().into(),
@@ -108,12 +113,23 @@ impl Rig {
             .await?
             .await
             .context("stored")?;
-        Ok(())
+        Ok(ack.sequence)
+    }
+
+    /// When the processed stream stored sequence `seq`.
+    pub async fn stored_at(&self, seq: u64) -> Result<prost_types::Timestamp> {
+        let stream = self.js.get_stream(self.topology.processed_stream()).await?;
+        let msg = stream.get_raw_message(seq).await?;
+        let nanos = msg.time.unix_timestamp_nanos();
+        Ok(prost_types::Timestamp {
+            seconds: i64::try_from(nanos.div_euclid(1_000_000_000))?,
+            nanos: i32::try_from(nanos.rem_euclid(1_000_000_000))?,
+        })
     }
 
     /// Publishes track `seq` of `user` (profile `p-<user>`, identities `user_id:<user>` and
-    /// any `extra`).
-    pub async fn track(&self, user: &str, seq: u64, extra: &[(&str, &str)]) -> Result<()> {
+    /// any `extra`); its stream sequence.
+    pub async fn track(&self, user: &str, seq: u64, extra: &[(&str, &str)]) -> Result<u64> {
         let mut identities = vec![identity("user_id", user)];
         identities.extend(extra.iter().map(|(k, v)| identity(k, v)));
         self.publish(&ProcessedEvent {
@@ -296,6 +312,86 @@ async fn an_erasure_reaches_each_destination_once() -> Result<()> {
         );
         assert_eq!(got[0].header("idempotency-key"), Some(request), "{id}");
     }
+    rig.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sends_exactly_the_window_to_one_destination() -> Result<()> {
+    let mut rig = Rig::new().await?;
+    // Before the window, in it (with a suppressed person's events), after it.
+    for seq in 1..=2 {
+        rig.track("user-1", seq, &[]).await?;
+    }
+    let first_in = rig.track("user-1", 3, &[]).await?;
+    rig.track("user-2", 1, &[]).await?;
+    rig.track("user-1", 4, &[]).await?;
+    rig.track("user-2", 2, &[]).await?;
+    rig.track("user-3", 1, &[]).await?;
+    let first_after = rig.track("user-1", 5, &[]).await?;
+    rig.track("user-3", 2, &[]).await?;
+    rig.suppress("user_id", "user-2").await?;
+    let from = rig.stored_at(first_in).await?;
+    let to = rig.stored_at(first_after).await?;
+
+    // Both destinations start now: live delivery sends them nothing of the history.
+    let chosen = WebhookServer::start().await?;
+    let other = WebhookServer::start().await?;
+    let live = |id: &str, hook: &WebhookServer| DestinationConfig {
+        start: Start::Now,
+        ..webhook(id, hook)
+    };
+    rig.start(vec![live("chosen", &chosen), live("other", &other)])
+        .await?;
+    let addr = rig.activator.as_ref().context("started")?.grpc_addr;
+    let mut client = ReplayServiceClient::new(control_channel(addr, TOKEN).await?);
+    let mut progress = client
+        .replay(ReplayRequest {
+            destination_id: "chosen".into(),
+            from: Some(from),
+            to: Some(to),
+        })
+        .await?
+        .into_inner();
+    let mut last: Option<ReplayProgress> = None;
+    while let Some(p) = tokio::time::timeout(DEADLINE, progress.message())
+        .await
+        .context("progress in time")??
+    {
+        last = Some(p);
+    }
+    let last = last.context("at least one progress message")?;
+    assert!(last.done, "{last:?}");
+    assert_eq!((last.read, last.sent, last.skipped), (5, 3, 2), "{last:?}");
+    let want: BTreeSet<String> = ["src:user-1-3", "src:user-1-4", "src:user-3-1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(event_ids(&chosen), want);
+    assert_eq!(chosen.received().len(), 3);
+    assert_eq!(rig.skipped("chosen", "suppressed"), 2);
+    // The other destination got nothing: the replay was done when it was checked.
+    assert!(other.received().is_empty());
+
+    // Unknown destinations and empty windows are refused.
+    let unknown = client
+        .replay(ReplayRequest {
+            destination_id: "nope".into(),
+            from: Some(from),
+            to: Some(to),
+        })
+        .await
+        .expect_err("unknown destination");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    let empty = client
+        .replay(ReplayRequest {
+            destination_id: "chosen".into(),
+            from: Some(to),
+            to: Some(from),
+        })
+        .await
+        .expect_err("empty window");
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument);
     rig.stop().await;
     Ok(())
 }
