@@ -42,6 +42,8 @@ pub struct Rig {
     pub metrics: PrometheusHandle,
     pub shutdown: CancellationToken,
     pub activator: Option<ServiceHandle>,
+    /// More replicas, started by [`Rig::start_replica`].
+    pub replicas: Vec<ServiceHandle>,
 }
 
 impl Rig {
@@ -68,10 +70,24 @@ impl Rig {
             metrics: herald_common::telemetry::metrics(),
             shutdown: CancellationToken::new(),
             activator: None,
+            replicas: Vec::new(),
         })
     }
 
     pub async fn start(&mut self, destinations: Vec<DestinationConfig>) -> Result<()> {
+        let activator = self.replica(destinations).await?;
+        self.activator = Some(activator);
+        Ok(())
+    }
+
+    /// Starts one more activator replica over the same server.
+    pub async fn start_replica(&mut self, destinations: Vec<DestinationConfig>) -> Result<()> {
+        let activator = self.replica(destinations).await?;
+        self.replicas.push(activator);
+        Ok(())
+    }
+
+    async fn replica(&self, destinations: Vec<DestinationConfig>) -> Result<ServiceHandle> {
         let cfg = common::loopback_config(destinations, 200)?;
         let activator = herald_activator::start(
             &self.common,
@@ -81,8 +97,7 @@ impl Rig {
         )
         .await?;
         wait_ready("the activator is ready", activator.admin_addr, DEADLINE).await?;
-        self.activator = Some(activator);
-        Ok(())
+        Ok(activator)
     }
 
     /// Suppresses an identity as the processor does (its `Suppression` record under the
@@ -157,7 +172,7 @@ impl Rig {
 
     pub async fn stop(self) {
         self.shutdown.cancel();
-        if let Some(activator) = self.activator {
+        for activator in self.activator.into_iter().chain(self.replicas) {
             let _ = activator.task.await;
         }
     }
@@ -273,21 +288,23 @@ async fn an_erasure_reaches_each_destination_once() -> Result<()> {
     // The processor suppresses before it publishes the erasure: the erasure still goes out.
     rig.suppress("user_id", "user-9").await?;
     rig.suppress("anonymous_id", "anon-9").await?;
-    let request = "req-0123456789abcdef01234567";
-    for p in 0..PARTITIONS {
-        rig.publish(&erasure(request, p)).await?;
-    }
     let plain = WebhookServer::start().await?;
     let tracks_only = WebhookServer::start().await?;
-    rig.start(vec![
+    let destinations = vec![
         webhook("plain", &plain),
         // A filter does not hold back an erasure.
         DestinationConfig {
             event_types: vec!["track".into()],
             ..webhook("tracks", &tracks_only)
         },
-    ])
-    .await?;
+    ];
+    // Two replicas: the copies may be delivered by either.
+    rig.start(destinations.clone()).await?;
+    rig.start_replica(destinations).await?;
+    let request = "req-0123456789abcdef01234567";
+    for p in 0..PARTITIONS {
+        rig.publish(&erasure(request, p)).await?;
+    }
     for (id, hook) in [("plain", &plain), ("tracks", &tracks_only)] {
         hook.wait_for(1, DEADLINE).await?;
         wait_until(
