@@ -12,8 +12,11 @@ use futures_util::StreamExt as _;
 use herald_activator::{DestinationConfig, DestinationKind, Settings, Start};
 use herald_common::Topology;
 use herald_common::nats::ensure_stream;
-use herald_proto::v1::ProcessedEvent;
-use herald_testkit::{NatsServer, common_config, protobuf_track, wait_ready, wait_until};
+use herald_proto::v1::destination_service_client::DestinationServiceClient;
+use herald_proto::v1::{CreateDestinationRequest, DestinationSpec, ProcessedEvent};
+use herald_testkit::{
+    NatsServer, common_config, control_channel, protobuf_track, wait_ready, wait_until,
+};
 use prost::Message as _;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +130,51 @@ async fn events_are_republished_with_their_id_as_nats_msg_id() -> Result<()> {
         let body: Value = serde_json::from_slice(&msg.payload)?;
         assert_eq!(body["herald"]["eventId"], id.as_str());
     }
+
+    // Through the control API (as `herald destinations create --kind nats --set subject=...`):
+    // a wildcard is refused, a literal subject receives the history (in another stream: the
+    // first one drops the same ids as duplicates, which is what Nats-Msg-Id is for).
+    let audit = js
+        .create_stream(stream::Config {
+            name: "AUDIT".into(),
+            subjects: vec!["audit.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    let mut control = DestinationServiceClient::new(
+        control_channel(activator.grpc_addr, "token-of-the-test").await?,
+    );
+    let spec = |subject: &str| DestinationSpec {
+        id: "late-bus".into(),
+        kind: "nats".into(),
+        settings: [("subject".to_string(), subject.to_string())].into(),
+        start: "all".into(),
+        ..Default::default()
+    };
+    let refused = control
+        .create_destination(CreateDestinationRequest {
+            spec: Some(spec("crm.>")),
+        })
+        .await
+        .expect_err("a wildcard subject");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("wildcard"),
+        "{}",
+        refused.message()
+    );
+    control
+        .create_destination(CreateDestinationRequest {
+            spec: Some(spec("audit.events")),
+        })
+        .await?;
+    wait_until("the audit stream holds 3 events", DEADLINE, || {
+        let mut audit = audit.clone();
+        async move { audit.info().await.is_ok_and(|i| i.state.messages == 3) }
+    })
+    .await?;
+    // The other destinations got nothing more.
+    assert_eq!(crm.info().await?.state.messages, 3);
 
     shutdown.cancel();
     activator.task.await?;
