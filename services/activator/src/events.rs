@@ -23,11 +23,15 @@ pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
-        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, consent: the person's consent, in the event's snapshot or current, does not allow it)."
+        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, consent: the person's consent, in the event's snapshot or current, does not allow it, suppressed: one of its identities is suppressed or erased, erasure_duplicate: the erasure was already sent to the destination from another partition)."
     );
     describe_counter!(
         "herald_activator_destination_changes_total",
         "Destination delivery loops started, updated, paused, deleted or refused on this replica, by destination and action."
+    );
+    describe_counter!(
+        "herald_activator_replays_total",
+        "Replays (herald replay) that ended, by destination and result (completed, failed, cancelled)."
     );
     describe_histogram!(
         "herald_activator_send_duration_seconds",
@@ -49,6 +53,8 @@ pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
                 "filtered",
                 "filter_error",
                 "consent",
+                "suppressed",
+                "erasure_duplicate",
             ]
             .map(|reason| {
                 [
@@ -418,5 +424,127 @@ impl OldConsumerRetired<'_> {
                 "cannot delete the destination's old consumer; it keeps its backlog in the stream until deleted (nats consumer rm)"
             ),
         }
+    }
+}
+
+// ---- privacy: suppressions, erasures once per person, replay ----
+
+/// An event of a suppressed (or erased) identity was not sent: it is acked.
+pub struct SuppressedDropped<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The event's id.
+    pub event_id: &'a str,
+}
+
+impl SuppressedDropped<'_> {
+    /// Logs it at debug and counts it as skipped with `reason="suppressed"`.
+    pub fn emit(self) {
+        tracing::debug!(
+            destination = self.destination,
+            event_id = self.event_id,
+            "not sent: an identity of the event is suppressed"
+        );
+        counter!("herald_activator_events_skipped_total", "destination" => self.destination.to_string(), "reason" => "suppressed")
+            .increment(1);
+    }
+}
+
+/// An erasure was already sent (or is being sent) to the destination from another partition's
+/// copy: this copy is acked without sending.
+pub struct ErasureDuplicate<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The erasure request's id.
+    pub request_id: &'a str,
+}
+
+impl ErasureDuplicate<'_> {
+    /// Logs it at debug and counts it as skipped with `reason="erasure_duplicate"`.
+    pub fn emit(self) {
+        tracing::debug!(
+            destination = self.destination,
+            request_id = self.request_id,
+            "erasure already sent to this destination"
+        );
+        counter!("herald_activator_events_skipped_total", "destination" => self.destination.to_string(), "reason" => "erasure_duplicate")
+            .increment(1);
+    }
+}
+
+/// Reading or writing the erasure ledger failed; it is retried (the erasure waits).
+pub struct ErasureLedgerRetried<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl ErasureLedgerRetried<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            attempt = self.attempt,
+            error = %self.error,
+            "the erasure ledger failed; retrying"
+        );
+    }
+}
+
+/// A replay started.
+pub struct ReplayStarted<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The window's start.
+    pub from: chrono::DateTime<chrono::Utc>,
+    /// The window's end (exclusive).
+    pub to: chrono::DateTime<chrono::Utc>,
+    /// The last stream sequence it reads.
+    pub end_sequence: u64,
+}
+
+impl ReplayStarted<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            from = %self.from,
+            to = %self.to,
+            end_sequence = self.end_sequence,
+            "replay started"
+        );
+    }
+}
+
+/// A replay ended.
+pub struct ReplayFinished<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// `completed`, `failed` or `cancelled`.
+    pub result: &'static str,
+    /// Events of the window read.
+    pub read: u64,
+    /// Events the destination acknowledged.
+    pub sent: u64,
+    /// Why it failed.
+    pub error: Option<&'a str>,
+}
+
+impl ReplayFinished<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            result = self.result,
+            read = self.read,
+            sent = self.sent,
+            error = self.error.unwrap_or(""),
+            "replay ended"
+        );
+        counter!("herald_activator_replays_total", "destination" => self.destination.to_string(), "result" => self.result)
+            .increment(1);
     }
 }

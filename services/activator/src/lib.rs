@@ -12,19 +12,26 @@
 //!
 //! Consent is enforced at send time: every replica follows the processor's consent bucket, and
 //! every send attempt, retries included, checks the event's consent snapshot and the person's
-//! current consent with the destination's [`filter::ConsentPolicy`].
+//! current consent with the destination's [`filter::ConsentPolicy`], and refuses events of
+//! suppressed or erased identities ([`suppressions`]); an erasure reaches each destination once
+//! per person ([`erasure`]). NATS subject destinations republish events to a subject
+//! ([`destinations::nats`]). `herald.v1.ReplayService` re-sends a time window of processed events
+//! to one destination ([`replay`]).
 
 mod config;
 mod consent;
 mod deliver;
 pub mod destinations;
+mod erasure;
 mod events;
 pub mod filter;
 mod grpc;
 mod live;
 pub mod payload;
 pub mod record;
+mod replay;
 mod store;
+mod suppressions;
 mod worker;
 
 use std::sync::Arc;
@@ -43,6 +50,7 @@ pub use grpc::{SERVICE_NAME, from_proto, to_proto};
 pub use live::DESTINATIONS_LOADED_CHECK;
 pub use record::{DestinationRecord, Settings, Start};
 pub use store::{DestinationError, DestinationStore, KEY_PREFIX};
+pub use suppressions::SUPPRESSIONS_LOADED_CHECK;
 pub use worker::{consumer_name, partition_consumer_name};
 
 /// Errors that stop the activator from starting.
@@ -115,6 +123,7 @@ pub async fn start(
         .collect();
     checks.push(live::DESTINATIONS_LOADED_CHECK.to_string());
     checks.push(consent::CONSENT_LOADED_CHECK.to_string());
+    checks.push(suppressions::SUPPRESSIONS_LOADED_CHECK.to_string());
     let check_refs: Vec<&str> = checks.iter().map(String::as_str).collect();
     let ready = Readiness::new(client.clone(), &check_refs);
 
@@ -129,10 +138,32 @@ pub async fn start(
     let store = DestinationStore::new(guard.clone());
     let stats = live::StatsMap::default();
     let consent = consent::ConsentCache::default();
+    let suppressed = Arc::new(herald_common::suppressions::Suppressions::default());
+    let erasures = erasure::ErasureLedger::default();
+    supervisor.spawn_task(
+        "suppressions",
+        suppressions::run(
+            suppressed.clone(),
+            erasures.clone(),
+            js.clone(),
+            topology.clone(),
+            ready.clone(),
+            stop.clone(),
+        ),
+    );
+    let deps = deliver::DeliveryDeps {
+        js: js.clone(),
+        guard,
+        consent: consent.clone(),
+        suppressions: suppressed,
+        erasures,
+        max_concurrent_keys: cfg.max_concurrent_keys,
+        max_backoff: Duration::from_millis(cfg.retry_max_backoff_ms),
+    };
     supervisor.spawn_task(
         "consent",
         consent::run(
-            consent.clone(),
+            consent,
             js.clone(),
             topology.clone(),
             ready.clone(),
@@ -147,22 +178,29 @@ pub async fn start(
                 js: js.clone(),
                 topology: topology.clone(),
                 cfg: cfg.clone(),
-                guard,
                 ready: ready.clone(),
                 stats: stats.clone(),
-                consent,
+                deps: deps.clone(),
             },
             cfg.destinations.clone(),
             stop.clone(),
         ),
     );
+    let replays = replay::ReplayGrpc {
+        store: store.clone(),
+        deps,
+        topology: topology.clone(),
+        cfg: cfg.clone(),
+        stop: stop.clone(),
+    };
     let control = grpc::DestinationGrpc {
         store,
         stats,
         js,
         topology,
     };
-    let routes = tonic::service::Routes::new(control.into_server());
+    let routes =
+        tonic::service::Routes::new(control.into_server()).add_service(replays.into_server());
     supervisor.spawn(
         "grpc",
         server::serve_grpc(

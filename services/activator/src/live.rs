@@ -21,9 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ActivatorConfig, DestinationConfig};
-use crate::consent::ConsentCache;
-use crate::deliver::{ConsentGate, Delivery, DestinationStats};
-use crate::destinations::{NetworkGuard, Sender};
+use crate::deliver::{Delivery, DeliveryDeps, DestinationStats};
 use crate::events;
 use crate::record::DestinationRecord;
 use crate::store::{self, DestinationStore, KEY_PREFIX};
@@ -43,11 +41,10 @@ pub(crate) struct Shared {
     pub js: jetstream::Context,
     pub topology: Topology,
     pub cfg: ActivatorConfig,
-    pub guard: Arc<NetworkGuard>,
     pub ready: Readiness,
     pub stats: StatsMap,
-    /// The current consent per profile, checked before every send attempt.
-    pub consent: ConsentCache,
+    /// What each destination's delivery is built from (guard, consent, suppressions, ...).
+    pub deps: DeliveryDeps,
 }
 
 struct Running {
@@ -120,14 +117,16 @@ impl Loops {
     }
 
     async fn start(&mut self, record: DestinationRecord, view: DestinationRecord, action: &str) {
-        let built = match record.check() {
-            Ok(checked) => Sender::new(&record, &self.shared.guard)
-                .await
-                .map(|s| (checked.filter, checked.consent, Arc::new(s))),
-            Err(e) => Err(e),
-        };
-        let (filter, policy, sender) = match built {
-            Ok(built) => built,
+        let stats = self
+            .shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .entry(record.id.clone())
+            .or_default()
+            .clone();
+        let delivery = match Delivery::build(&record, &self.shared.deps, stats).await {
+            Ok(built) => Arc::new(built),
             Err(e) => {
                 self.shared
                     .ready
@@ -140,27 +139,7 @@ impl Loops {
                 return;
             }
         };
-        let stats = self
-            .shared
-            .stats
-            .lock()
-            .expect("stats lock")
-            .entry(record.id.clone())
-            .or_default()
-            .clone();
         let stop = self.cancel.child_token();
-        let delivery = Arc::new(Delivery {
-            destination: record.id.clone(),
-            filter,
-            gate: ConsentGate {
-                policy,
-                cache: self.shared.consent.clone(),
-            },
-            sender,
-            stats,
-            max_concurrent_keys: self.shared.cfg.max_concurrent_keys,
-            max_backoff: std::time::Duration::from_millis(self.shared.cfg.retry_max_backoff_ms),
-        });
         let task = tokio::spawn(worker::run(
             self.shared.js.clone(),
             self.shared.topology.clone(),

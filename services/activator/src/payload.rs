@@ -1,5 +1,6 @@
 //! The JSON every webhook and log destination receives: Segment-spec fields plus a `herald`
-//! object. This is a public contract, fixed by a golden-file test.
+//! object ([`render`]), and for an erasure the erasure payload ([`erasure`]). Both are public
+//! contracts, fixed by golden-file tests.
 
 use chrono::SecondsFormat;
 use herald_proto::v1::{Consent, EventType, ProcessedEvent};
@@ -120,6 +121,32 @@ pub fn render(p: &ProcessedEvent) -> Value {
     Value::Object(m)
 }
 
+/// The erasure payload a destination receives once per erasure request (see
+/// [`crate::erasure`]): `type` `erasure`, the request id (also as `messageId`, and the
+/// `Idempotency-Key` / `Nats-Msg-Id`), the identities to erase, the profile erased (when one
+/// was found) and the time of the erasure.
+pub fn erasure(p: &ProcessedEvent) -> Value {
+    let default = Default::default();
+    let e = p.event.as_ref().unwrap_or(&default);
+    let identities: Vec<Value> = p
+        .identities
+        .iter()
+        .map(|i| json!({"type": i.r#type, "value": i.value}))
+        .collect();
+    let mut m = Map::new();
+    m.insert("type".into(), "erasure".into());
+    m.insert("requestId".into(), e.message_id.clone().into());
+    m.insert("messageId".into(), e.message_id.clone().into());
+    m.insert("identities".into(), identities.into());
+    if !p.profile_id.is_empty() {
+        m.insert("profileId".into(), p.profile_id.clone().into());
+    }
+    if let Some(t) = rfc3339(&e.timestamp) {
+        m.insert("timestamp".into(), t);
+    }
+    Value::Object(m)
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::DateTime;
@@ -183,6 +210,51 @@ mod tests {
         assert_eq!(
             rendered, golden,
             "payload changed: this is a public contract"
+        );
+    }
+
+    /// The erasure payload is a public contract too (`tests/golden/erasure.json`).
+    #[test]
+    fn golden_erasure_payload() {
+        let p = ProcessedEvent {
+            event: Some(Event {
+                id: "erasure:req-0123456789abcdef01234567:3".into(),
+                message_id: "req-0123456789abcdef01234567".into(),
+                source_id: "herald".into(),
+                r#type: EventType::Erasure as i32,
+                user_id: "user-42".into(),
+                anonymous_id: "anon-7".into(),
+                timestamp: ts("2026-11-20T10:05:00Z"),
+                received_at: ts("2026-11-20T10:05:00Z"),
+                partition: 3,
+                ..Default::default()
+            }),
+            profile_id: "user-42".into(),
+            identities: vec![
+                Identity {
+                    r#type: "anonymous_id".into(),
+                    value: "anon-7".into(),
+                },
+                Identity {
+                    r#type: "email".into(),
+                    value: "ann@example.com".into(),
+                },
+                Identity {
+                    r#type: "user_id".into(),
+                    value: "user-42".into(),
+                },
+            ],
+            consent: None,
+        };
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/erasure.json");
+        let rendered = serde_json::to_string_pretty(&erasure(&p)).expect("renders") + "\n";
+        if std::env::var_os("HERALD_UPDATE_GOLDEN").is_some() {
+            std::fs::write(path, &rendered).expect("writes golden file");
+        }
+        let golden = std::fs::read_to_string(path).expect("golden file exists");
+        assert_eq!(
+            rendered, golden,
+            "erasure payload changed: this is a public contract"
         );
     }
 

@@ -124,6 +124,8 @@ pub enum DestinationKind {
     Webhook,
     /// One JSON line per event to stdout or a file.
     Log,
+    /// The event's JSON published to a NATS subject.
+    Nats,
 }
 
 impl DestinationKind {
@@ -132,6 +134,7 @@ impl DestinationKind {
         match self {
             Self::Webhook => "webhook",
             Self::Log => "log",
+            Self::Nats => "nats",
         }
     }
 
@@ -140,8 +143,9 @@ impl DestinationKind {
         match name {
             "webhook" => Ok(Self::Webhook),
             "log" => Ok(Self::Log),
+            "nats" => Ok(Self::Nats),
             other => Err(format!(
-                "unknown destination kind {other:?}: expected webhook or log"
+                "unknown destination kind {other:?}: expected webhook, log or nats"
             )),
         }
     }
@@ -228,6 +232,13 @@ pub struct LogSettings {
     pub log_file: Option<PathBuf>,
 }
 
+/// A NATS subject destination's settings, parsed.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// The subject events are published to (no wildcards).
+    pub subject: String,
+}
+
 /// A kind's settings, parsed.
 #[derive(Debug, Clone)]
 pub enum KindSettings {
@@ -235,6 +246,8 @@ pub enum KindSettings {
     Webhook(WebhookSettings),
     /// Log.
     Log(LogSettings),
+    /// NATS subject.
+    Nats(NatsSettings),
 }
 
 /// What [`DestinationRecord::check`] compiles: what the delivery path uses.
@@ -354,6 +367,7 @@ impl DestinationRecord {
         let kind = match self.kind {
             DestinationKind::Webhook => KindSettings::Webhook(self.webhook_settings()?),
             DestinationKind::Log => KindSettings::Log(self.log_settings()?),
+            DestinationKind::Nats => KindSettings::Nats(self.nats_settings()?),
         };
         let filter = Filter::new(&self.event_types, &self.event_names, self.filter.as_deref())
             .map_err(|e| format!("destination {id:?}: {e}"))?;
@@ -446,6 +460,25 @@ impl DestinationRecord {
         })
     }
 
+    fn nats_settings(&self) -> Result<NatsSettings, String> {
+        let id = &self.id;
+        let mut subject = None;
+        for (k, v) in &self.settings.0 {
+            match k.as_str() {
+                "subject" => subject = Some(v.trim().to_string()),
+                _ => return Err(self.unknown_setting(k, "subject")),
+            }
+        }
+        let Some(subject) = subject else {
+            return Err(format!(
+                "nats destination {id:?} needs a subject: --set subject=orders.events"
+            ));
+        };
+        crate::destinations::nats::check_subject(&subject)
+            .map_err(|e| format!("nats destination {id:?}: {e}"))?;
+        Ok(NatsSettings { subject })
+    }
+
     fn log_settings(&self) -> Result<LogSettings, String> {
         let mut out = LogSettings::default();
         for (k, v) in &self.settings.0 {
@@ -486,7 +519,7 @@ mod tests {
 
     #[test]
     fn settings_are_checked_per_kind() {
-        use DestinationKind::{Log, Webhook};
+        use DestinationKind::{Log, Nats, Webhook};
         let ok: &[(DestinationKind, &[(&str, &str)])] = &[
             (Webhook, &[("url", "https://example.com/h")]),
             (
@@ -501,6 +534,7 @@ mod tests {
             ),
             (Log, &[]),
             (Log, &[("log_file", "/tmp/x.jsonl")]),
+            (Nats, &[("subject", "crm.events")]),
         ];
         for (kind, settings) in ok {
             record(*kind, settings)
@@ -531,6 +565,13 @@ mod tests {
                 "unknown setting \"url\" for kind log",
             ),
             (Log, &[("secret", "s")], "unknown setting"),
+            (Nats, &[], "needs a subject"),
+            (Nats, &[("subject", "crm.>")], "wildcard"),
+            (
+                Nats,
+                &[("subject", "crm"), ("url", "http://x")],
+                "unknown setting \"url\" for kind nats",
+            ),
         ];
         for (kind, settings, want) in bad {
             let err = record(*kind, settings).check().expect_err("refused");

@@ -163,8 +163,8 @@ pub(crate) async fn run(
     let Some(stream) = wait_for_stream(&js, &topology.processed_stream(), &cancel).await else {
         return;
     };
-    // Nothing is sent before the person's current consent can be checked.
-    if !delivery.gate.cache.wait_loaded(&cancel).await {
+    // Nothing is sent before the person's current consent and the suppressions can be checked.
+    if !delivery.gate.wait_loaded(&cancel).await {
         return;
     }
     let work = Arc::new(Work {

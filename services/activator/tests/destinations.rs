@@ -284,7 +284,11 @@ async fn crud_round_trip_masks_secrets_and_refuses_what_cannot_work() -> Result<
     unknown_kind.kind = "carrier-pigeon".into();
     let e = refuse(unknown_kind).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("webhook or log"), "{}", e.message());
+    assert!(
+        e.message().contains("expected webhook, log or nats"),
+        "{}",
+        e.message()
+    );
     let mut unknown_setting = webhook_spec("u", &hook.url());
     unknown_setting
         .settings

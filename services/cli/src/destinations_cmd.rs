@@ -58,7 +58,7 @@ pub enum DestinationsCommand {
     Create {
         /// The id: letters, digits, '-' and '_'.
         id: String,
-        /// The kind: webhook or log.
+        /// The kind: webhook, log or nats.
         #[arg(long)]
         kind: String,
         #[command(flatten)]
@@ -69,7 +69,7 @@ pub enum DestinationsCommand {
     Update {
         /// The destination's id.
         id: String,
-        /// A new kind: webhook or log.
+        /// A new kind: webhook, log or nats.
         #[arg(long)]
         kind: Option<String>,
         /// Remove a setting (repeatable).

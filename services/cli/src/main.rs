@@ -8,6 +8,7 @@ mod dev;
 mod output;
 mod profile_cmd;
 mod quarantine_cmd;
+mod replay_cmd;
 mod sources_cmd;
 
 use std::process::ExitCode;
@@ -111,6 +112,13 @@ enum Command {
         #[command(subcommand)]
         cmd: destinations_cmd::DestinationsCommand,
     },
+    /// Re-send the processed events of a time window to one destination, with progress.
+    Replay {
+        #[command(flatten)]
+        api: ActivatorApi,
+        #[command(flatten)]
+        args: replay_cmd::ReplayArgs,
+    },
 }
 
 /// Parses the arguments and runs the command. An error is printed as its chain and a hint,
@@ -158,6 +166,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Erasure { api, cmd } => profile_cmd::erasure(cmd, &api.control()).await?,
         Command::Destinations { api, cmd } => destinations_cmd::run(cmd, &api.control()).await?,
+        Command::Replay { api, args } => replay_cmd::run(args, &api.control()).await?,
     }
     Ok(())
 }

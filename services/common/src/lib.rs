@@ -10,6 +10,7 @@ pub mod config;
 pub mod consent;
 mod events;
 pub mod expr;
+pub mod identity;
 pub mod kvwatch;
 pub mod nats;
 pub mod natsbin;
@@ -19,6 +20,7 @@ pub mod partition;
 pub mod retry;
 pub mod server;
 pub mod supervisor;
+pub mod suppressions;
 pub mod telemetry;
 
 pub use config::{

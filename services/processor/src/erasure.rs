@@ -9,7 +9,7 @@
 //!   every processed partition the profile's identities route to. Each request leaves an audit
 //!   record in `herald-erasures` whose status can be queried.
 //!
-//! Every replica keeps the suppression list in memory ([`crate::suppressions`]), fed by a KV
+//! Every replica keeps the suppression list in memory ([`herald_common::suppressions`]), fed by a KV
 //! watch (a request waits until its own replica has seen it), and drops events naming a
 //! suppressed identity before resolving them. Another replica's list can lag by the watch's delivery time, so an event it resolved
 //! just then could link an erased identity again: an erasure therefore sweeps a second time,

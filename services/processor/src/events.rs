@@ -487,35 +487,6 @@ impl PrivacyRequest<'_> {
     }
 }
 
-/// This replica's suppression list did not catch up with a request's revision in time.
-pub struct SuppressionsBehind {
-    /// The revision waited for.
-    pub revision: u64,
-}
-
-impl SuppressionsBehind {
-    /// Logs it.
-    pub fn emit(self) {
-        tracing::warn!(
-            revision = self.revision,
-            "the suppression list did not catch up in time; it will shortly"
-        );
-    }
-}
-
-/// The suppression list's watch failed; the list is read again.
-pub struct SuppressionWatchFailed<'a> {
-    /// What failed.
-    pub error: &'a dyn std::fmt::Display,
-}
-
-impl SuppressionWatchFailed<'_> {
-    /// Logs it.
-    pub fn emit(self) {
-        tracing::warn!(error = %self.error, "suppression watch failed; re-reading the list");
-    }
-}
-
 // ---- partition ownership ----
 
 /// Registers HELP text for the ownership metrics, and publishes them at 0: no partition owned

@@ -13,12 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::profiles_config::ProfilesConfig;
 
-/// The identity type of Segment `userId`.
-pub const USER_ID: &str = "user_id";
-/// The identity type of Segment `anonymousId`.
-pub const ANONYMOUS_ID: &str = "anonymous_id";
-/// The identity type of e-mail addresses.
-pub const EMAIL: &str = "email";
+pub use herald_common::identity::{ANONYMOUS_ID, EMAIL, USER_ID, normalize_kind, normalize_value};
 
 /// One identity: a type and a value, written `type:value`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -55,7 +50,7 @@ impl IdentityKey {
     /// The key of this identity in the identities and suppressions buckets: the type, a dot,
     /// and the value in unpadded URL-safe base64 (KV keys allow only `[-/_=.a-zA-Z0-9]`).
     pub fn kv_key(&self) -> String {
-        format!("{}.{}", self.kind, URL_SAFE_NO_PAD.encode(&self.value))
+        herald_common::identity::kv_key(&self.kind, &self.value)
     }
 
     /// The identity a bucket key names (the inverse of [`IdentityKey::kv_key`]).
@@ -66,32 +61,6 @@ impl IdentityKey {
             kind: kind.to_string(),
             value,
         })
-    }
-}
-
-/// Identity types are lower case; characters other than letters, digits and `_` become `_`
-/// (so `Customer ID` is `customer_id`).
-pub fn normalize_kind(kind: &str) -> String {
-    kind.trim()
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// Values are trimmed; e-mail addresses are also lower-cased.
-pub fn normalize_value(kind: &str, value: &str) -> String {
-    let v = value.trim();
-    if kind == EMAIL {
-        v.to_lowercase()
-    } else {
-        v.to_string()
     }
 }
 

@@ -23,7 +23,6 @@ mod profile_grpc;
 mod profiles_config;
 mod resolver;
 mod store;
-mod suppressions;
 mod timestamp;
 mod worker;
 

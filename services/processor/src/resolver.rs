@@ -33,8 +33,8 @@ use crate::identity::{self, ANONYMOUS_ID, Guard, IdentityKey, PlanProfile, USER_
 use crate::profile::Profile;
 use crate::profiles_config::ProfilesConfig;
 use crate::store::{Cas, IdentityLink, ProfileError, Store};
-use crate::suppressions::Suppressions;
 use crate::timestamp::event_time;
+use herald_common::suppressions::Suppressions;
 
 /// Longest redirect chain followed before giving up (chains are short: every follow shortens
 /// the identity mappings it passes).
@@ -114,7 +114,7 @@ impl Profiles {
         let _ = self.store.set(store.clone());
         let watcher = Suppressions::watch(
             self.suppressions.clone(),
-            store.suppressions.clone(),
+            store.suppressions.kv().clone(),
             cancel.clone(),
         );
         let loaded = async {
@@ -139,7 +139,7 @@ impl Profiles {
         let _ = this.store.set(store.clone());
         tokio::spawn(Suppressions::watch(
             this.suppressions.clone(),
-            store.suppressions,
+            store.suppressions.kv().clone(),
             cancel.clone(),
         ));
         if !this.suppressions.wait_loaded(&cancel).await {

@@ -390,9 +390,9 @@ impl Store {
             )
             .await?,
             suppressions: make(
-                "suppressions",
+                herald_common::suppressions::BUCKET,
                 1,
-                "Herald: suppressed identities; their events are dropped",
+                herald_common::suppressions::DESCRIPTION,
             )
             .await?,
             erasures: make(

@@ -3,9 +3,11 @@
 //! A failed send is a [`SendError`]: its [`SendError::kind`] is a bounded label, and its
 //! [`SendError::class`] says whether sending the same event again can succeed
 //! ([`FailureClass::Transient`]: 408, 429, 5xx, network errors) or not
-//! ([`FailureClass::Permanent`]: any other 4xx, a refused address).
+//! ([`FailureClass::Permanent`]: any other 4xx, a refused address). A NATS publish that fails
+//! (no PubAck, a full stream, no connection) is transient.
 
 mod log;
+pub mod nats;
 pub mod ssrf;
 mod webhook;
 
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use log::LogSender;
+pub use nats::NatsSender;
 pub use ssrf::NetworkGuard;
 pub use webhook::{WebhookSender, parse_retry_after, signature};
 
@@ -79,11 +82,20 @@ pub enum SendError {
     /// Writing a log line failed.
     #[error("cannot write event line: {0}")]
     Io(#[from] std::io::Error),
+    /// Publishing to a NATS subject failed (no PubAck, a full stream, the connection).
+    #[error("publish to {subject} failed: {message}")]
+    Nats {
+        /// The subject published to.
+        subject: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 impl SendError {
     /// Bounded label for metrics and logs: `http_4xx`, `http_408`, `http_429`, `http_5xx`,
-    /// `http_other` (1xx or 3xx), `timeout`, `connect`, `http`, `refused_address` or `io`.
+    /// `http_other` (1xx or 3xx), `timeout`, `connect`, `http`, `refused_address`, `io` or
+    /// `nats`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Status { status, .. } => match status {
@@ -98,10 +110,11 @@ impl SendError {
             Self::Network { .. } => "http",
             Self::Refused { .. } => "refused_address",
             Self::Io(_) => "io",
+            Self::Nats { .. } => "nats",
         }
     }
 
-    /// Whether sending again can succeed: 408, 429, 5xx, network and I/O errors are transient;
+    /// Whether sending again can succeed: 408, 429, 5xx, network, I/O and NATS errors are transient;
     /// other statuses (4xx, and 3xx left after redirects) and refused addresses are permanent.
     pub fn class(&self) -> FailureClass {
         match self {
@@ -109,7 +122,9 @@ impl SendError {
                 408 | 429 | 500..=599 => FailureClass::Transient,
                 _ => FailureClass::Permanent,
             },
-            Self::Timeout { .. } | Self::Network { .. } | Self::Io(_) => FailureClass::Transient,
+            Self::Timeout { .. } | Self::Network { .. } | Self::Io(_) | Self::Nats { .. } => {
+                FailureClass::Transient
+            }
             Self::Refused { .. } => FailureClass::Permanent,
         }
     }
@@ -129,20 +144,42 @@ pub enum Sender {
     Webhook(WebhookSender),
     /// JSON lines to stdout or a file.
     Log(LogSender),
+    /// Publishes to a NATS subject.
+    Nats(NatsSender),
 }
 
 impl Sender {
     /// Builds the sender for a destination, after [`DestinationRecord::check`], refusing a
-    /// webhook URL the guard refuses.
+    /// webhook URL the guard refuses: to validate a destination (a NATS sender built here has
+    /// no connection; delivery uses [`Sender::connect`]).
     pub async fn new(
         record: &DestinationRecord,
         guard: &Arc<NetworkGuard>,
+    ) -> Result<Self, String> {
+        Self::build(record, guard, None).await
+    }
+
+    /// Builds the sender delivery uses: as [`Sender::new`], with the NATS connection a NATS
+    /// destination publishes over.
+    pub async fn connect(
+        record: &DestinationRecord,
+        guard: &Arc<NetworkGuard>,
+        js: &async_nats::jetstream::Context,
+    ) -> Result<Self, String> {
+        Self::build(record, guard, Some(js.clone())).await
+    }
+
+    async fn build(
+        record: &DestinationRecord,
+        guard: &Arc<NetworkGuard>,
+        js: Option<async_nats::jetstream::Context>,
     ) -> Result<Self, String> {
         Ok(match record.check()?.kind {
             KindSettings::Webhook(w) => {
                 Self::Webhook(WebhookSender::new(&record.id, &w, guard).await?)
             }
             KindSettings::Log(l) => Self::Log(LogSender::new(&l)?),
+            KindSettings::Nats(n) => Self::Nats(NatsSender::new(&n, js)),
         })
     }
 
@@ -151,6 +188,7 @@ impl Sender {
         match self {
             Self::Webhook(w) => w.send(event_id, body).await,
             Self::Log(l) => l.send(body),
+            Self::Nats(n) => n.send(event_id, body).await,
         }
     }
 }
@@ -208,6 +246,14 @@ mod tests {
         assert_eq!(
             (refused.kind(), refused.class()),
             ("refused_address", FailureClass::Permanent)
+        );
+        let nats = SendError::Nats {
+            subject: "s".into(),
+            message: "m".into(),
+        };
+        assert_eq!(
+            (nats.kind(), nats.class()),
+            ("nats", FailureClass::Transient)
         );
     }
 }

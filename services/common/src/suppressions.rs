@@ -1,22 +1,61 @@
-//! The suppression list of one replica (see [`crate::erasure`] for what suppression means):
-//! identity bucket keys, kept current by a KV watch. The resolver drops events naming a
-//! suppressed identity; erasure and suppression requests wait until the list has caught up with
-//! their own writes.
+//! The suppression list (`<prefix>-suppressions`): identity bucket keys
+//! ([`crate::identity::kv_key`]) whose events are never processed or delivered. The processor
+//! writes it (a suppression request, or an erasure, which suppresses before it deletes); the
+//! processor drops events naming a suppressed identity, and the activator refuses to deliver
+//! them. Every replica of both keeps the list in memory, current through a KV watch.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::kv::Operation;
+use async_nats::jetstream::{self, kv, stream::StorageType};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::Topology;
 use crate::events;
-use crate::store::Bucket;
+
+/// The bucket's name under the topology's prefix (`herald-suppressions`).
+pub const BUCKET: &str = "suppressions";
+
+/// The bucket's description.
+pub const DESCRIPTION: &str = "Herald: suppressed identities; their events are dropped";
 
 /// How long a request waits for this replica's suppression list to catch up.
 const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// The suppressions bucket's config: file storage, history 1, the topology's replicas (the
+/// processor creates it with the same).
+pub fn bucket_config(topology: &Topology) -> kv::Config {
+    kv::Config {
+        bucket: topology.bucket(BUCKET),
+        description: DESCRIPTION.to_string(),
+        history: 1,
+        storage: StorageType::File,
+        num_replicas: topology.config().replicas,
+        ..Default::default()
+    }
+}
+
+/// Opens the suppressions bucket, creating it (with [`bucket_config`]) when it is not there yet.
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    topology: &Topology,
+) -> Result<kv::Store, String> {
+    let name = topology.bucket(BUCKET);
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    match js.create_key_value(bucket_config(topology)).await {
+        Ok(store) => Ok(store),
+        // Another replica or service may have created it meanwhile.
+        Err(e) => js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| format!("cannot create bucket {name}: {e}")),
+    }
+}
 
 /// The suppression list of one replica: identity bucket keys, kept current by a KV watch.
 #[derive(Debug)]
@@ -41,6 +80,12 @@ impl Suppressions {
         self.set.read().expect("suppressions lock").contains(kv_key)
     }
 
+    /// Whether any of these identity bucket keys is suppressed.
+    pub fn any(&self, kv_keys: &[String]) -> bool {
+        let set = self.set.read().expect("suppressions lock");
+        kv_keys.iter().any(|k| set.contains(k))
+    }
+
     /// Whether the list has been read once.
     pub fn is_loaded(&self) -> bool {
         self.state.borrow().1
@@ -56,7 +101,7 @@ impl Suppressions {
     }
 
     /// Waits (up to a few seconds) until the list has applied bucket revision `rev`.
-    pub(crate) async fn wait_revision(&self, rev: u64) {
+    pub async fn wait_revision(&self, rev: u64) {
         let mut rx = self.state.subscribe();
         if tokio::time::timeout(CATCH_UP, rx.wait_for(|s| s.1 && s.0 >= rev))
             .await
@@ -67,9 +112,9 @@ impl Suppressions {
     }
 
     /// Keeps the list current until `cancel`, re-reading the bucket after any watch failure.
-    pub async fn watch(this: Arc<Self>, bucket: Bucket, cancel: CancellationToken) {
+    pub async fn watch(this: Arc<Self>, kv: kv::Store, cancel: CancellationToken) {
         loop {
-            if let Err(e) = this.watch_once(&bucket, &cancel).await {
+            if let Err(e) = this.watch_once(&kv, &cancel).await {
                 events::SuppressionWatchFailed { error: &e }.emit();
             }
             tokio::select! {
@@ -79,17 +124,15 @@ impl Suppressions {
         }
     }
 
-    async fn watch_once(&self, bucket: &Bucket, cancel: &CancellationToken) -> Result<(), String> {
-        let last = bucket
-            .kv()
+    async fn watch_once(&self, kv: &kv::Store, cancel: &CancellationToken) -> Result<(), String> {
+        let last = kv
             .stream
             .get_info()
             .await
             .map_err(|e| e.to_string())?
             .state
             .last_sequence;
-        let mut w = bucket
-            .kv()
+        let mut w = kv
             .watch_with_history(">")
             .await
             .map_err(|e| e.to_string())?;
@@ -108,10 +151,10 @@ impl Suppressions {
                 Some(Ok(e)) => e,
             };
             let apply = |set: &mut HashSet<String>| match entry.operation {
-                Operation::Put => {
+                kv::Operation::Put => {
                     set.insert(entry.key.clone());
                 }
-                Operation::Delete | Operation::Purge => {
+                kv::Operation::Delete | kv::Operation::Purge => {
                     set.remove(&entry.key);
                 }
             };
