@@ -531,6 +531,8 @@ struct PhaseRun {
     requests_ok: u64,
     accepted: u64,
     delivered: u64,
+    /// Events arrived by the end of the offer.
+    delivered_in_offer: u64,
     duplicates: u64,
     backlog_at_end: u64,
     stopped_early: bool,
@@ -544,8 +546,9 @@ struct PhaseRun {
 }
 
 impl PhaseRun {
+    /// Events arrived while the load was offered, per second.
     fn delivered_per_s(&self) -> f64 {
-        per_second(self.delivered, self.elapsed)
+        per_second(self.delivered_in_offer, self.elapsed)
     }
 
     fn probe_json(&self) -> Value {
@@ -690,6 +693,7 @@ where
         started.elapsed().max(duration)
     };
     let backlog_at_end = tracker.backlog();
+    let delivered_in_offer = tracker.arrived.load(Ordering::Relaxed);
     stop.cancel();
     if let Some(w) = watch {
         let _ = w.await;
@@ -720,6 +724,7 @@ where
         requests_ok,
         accepted: tracker.accepted.load(Ordering::Relaxed),
         delivered: tracker.arrived.load(Ordering::Relaxed),
+        delivered_in_offer,
         duplicates: tracker.duplicates.load(Ordering::Relaxed),
         backlog_at_end,
         stopped_early: stopped,
@@ -1101,6 +1106,8 @@ impl StageSampler {
                 description: Some("herald-bench: stage split sample".into()),
                 deliver_policy: consumer::DeliverPolicy::New,
                 ack_policy: consumer::AckPolicy::Explicit,
+                // Read only after the phase, all at once.
+                max_ack_pending: -1,
                 filter_subject: topology.events_subject(SAMPLE_PARTITION),
                 ..Default::default()
             })
@@ -1138,6 +1145,7 @@ impl StageSampler {
             let mut got = 0;
             while let Some(Ok(m)) = batch.next().await {
                 got += 1;
+                let _ = m.ack().await;
                 let Ok(info) = m.info() else { continue };
                 let at = (info.published.unix_timestamp_nanos() / 1000) as i64;
                 if let Ok(e) = Event::decode(m.payload.as_ref())
