@@ -10,7 +10,8 @@
 #    5,000 and 20,000 events/s, the stage split).
 # 3. Inserts a dated table (machine, nats-server version, figures, ratios to the baselines) at
 #    the top of the "scripts/bench.sh runs" section of docs/benchmarks.md (unless --no-docs),
-#    and keeps each bench's full output in $CARGO_TARGET_DIR/bench/<date>/ (default target/).
+#    and keeps each bench's full output in $BENCH_OUT_DIR/<date>/ (default
+#    $CARGO_TARGET_DIR/bench, else target/bench).
 #
 # About 6 to 8 minutes on a 2-core machine, not counting the build. Numbers move with whatever
 # else the machine is doing: each bench prints the load average before and after it.
@@ -58,7 +59,7 @@ for bin in "$bench" "$HERALD_BIN"; do
 done
 
 stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
-out="$target/bench/$stamp"
+out="${BENCH_OUT_DIR:-$target/bench}/$stamp"
 mkdir -p "$out"
 started=$(date +%s)
 
