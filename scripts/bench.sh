@@ -105,8 +105,12 @@ rows.append(f"### {date}, commit {commit}\n")
 rows.append(
     f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.1f} GiB; nats-server "
     f"{ing['nats_server']}; release build; {elapsed} s for the three benches. 1-minute load "
-    f"before each: ingest {ing['load_average_before'][0]:.2f}, processor "
-    f"{proc['load_average_before'][0]:.2f}, pipeline {pipe['load_average_before'][0]:.2f}.\n"
+    f"before / after each: "
+    + ", ".join(
+        f"{name} {b['load_average_before'][0]:.2f} / {b['load_average_after'][0]:.2f}"
+        for name, b in (("ingest", ing), ("processor", proc), ("pipeline", pipe))
+    )
+    + ".\n"
 )
 rows.append("| bench | baseline | Herald | ratio |")
 rows.append("| --- | --- | --- | --- |")
