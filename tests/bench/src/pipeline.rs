@@ -65,6 +65,13 @@ const RAW_HOP_MAX_ACK_PENDING: i64 = 20_000;
 const RAW_TEMPLATES: u64 = 256;
 /// The partition whose events the stage split samples.
 const SAMPLE_PARTITION: u32 = 0;
+/// Targets of issue 13 (read here, never in a test): Herald's highest sustained rate at least
+/// this share of the raw chain's; at [`TARGET_RATE`], freshness p50 and p99 within these many
+/// milliseconds of the raw chain's.
+const TARGET_RATIO: f64 = 0.5;
+const TARGET_RATE: u64 = 5_000;
+const TARGET_P50_DELTA_MS: f64 = 3.0;
+const TARGET_P99_DELTA_MS: f64 = 10.0;
 /// The healthy destination's id, and the failing neighbour's.
 const SINK_ID: &str = "bench-sink";
 const FAILING_ID: &str = "bench-failing";
@@ -297,6 +304,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     drop(client);
 
     let ratio_highest = ratio(herald_search.highest, raw_search.highest);
+    let targets = targets(&args.rates, ratio_highest, &raw_fixed, &herald_fixed);
     print_report(
         &args,
         &raw_search,
@@ -308,6 +316,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         ratio_highest,
         &peak_rss,
         &cpu_total,
+        &targets,
     );
     let fields = json!({
         "rates": args.rates,
@@ -334,6 +343,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
             "failing_sink_requests": failing.requests(),
         })),
         "throughput_ratio": ratio_highest,
+        "targets": targets,
         "processes": {
             "cpu_s": cpu_total,
             "peak_rss_mb": peak_rss,
@@ -1471,6 +1481,7 @@ fn print_report(
     ratio_highest: f64,
     peak_rss: &Value,
     cpu_total: &Value,
+    targets: &Value,
 ) {
     println!();
     println!(
@@ -1500,7 +1511,14 @@ fn print_report(
             probes.join(", ")
         );
     }
-    println!("  throughput ratio Herald / raw chain: {ratio_highest:.2}");
+    println!(
+        "  throughput ratio Herald / raw chain: {ratio_highest:.2} (target >= {TARGET_RATIO:.2}: {})",
+        if ratio_highest >= TARGET_RATIO {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
     println!(
         "  freshness (ms)                          {:>8} {:>8} {:>8} {:>8}   delivered",
         "p50", "p90", "p99", "max"
@@ -1550,6 +1568,24 @@ fn print_report(
     if neighbour.is_some() {
         println!("  failing neighbour's sink answered 500 to {failing_requests} requests");
     }
+    if let Some(t) = targets.get("at_target_rate").filter(|t| !t.is_null()) {
+        println!(
+            "  target at {} ev/s: p50 within {TARGET_P50_DELTA_MS} ms of raw's: {} (+{:.2} ms); p99 within {TARGET_P99_DELTA_MS} ms: {} (+{:.2} ms)",
+            thousands(TARGET_RATE),
+            if t["p50_met"] == true {
+                "met"
+            } else {
+                "NOT met"
+            },
+            t["p50_delta_ms"].as_f64().unwrap_or(0.0),
+            if t["p99_met"] == true {
+                "met"
+            } else {
+                "NOT met"
+            },
+            t["p99_delta_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
     let procs: Vec<String> = cpu_total
         .as_object()
         .map(|m| {
@@ -1570,9 +1606,77 @@ fn print_report(
     );
 }
 
+/// Issue 13's targets: the throughput ratio, and freshness at [`TARGET_RATE`] next to the raw
+/// chain's (`at_target_rate` is null when that rate is not among `--rates`).
+fn targets(rates: &[u64], ratio_highest: f64, raw: &[PhaseRun], herald: &[PhaseRun]) -> Value {
+    let at = rates
+        .iter()
+        .position(|r| *r == TARGET_RATE)
+        .and_then(|i| Some((raw.get(i)?, herald.get(i)?)))
+        .map(|(r, h)| {
+            let p50 = round3(h.freshness.ms(0.5) - r.freshness.ms(0.5));
+            let p99 = round3(h.freshness.ms(0.99) - r.freshness.ms(0.99));
+            json!({
+                "events_per_s": TARGET_RATE,
+                "p50_delta_ms": p50,
+                "p50_met": p50 <= TARGET_P50_DELTA_MS,
+                "p99_delta_ms": p99,
+                "p99_met": p99 <= TARGET_P99_DELTA_MS,
+            })
+        });
+    json!({
+        "ratio_min": TARGET_RATIO,
+        "ratio_met": ratio_highest >= TARGET_RATIO,
+        "p50_delta_ms_max": TARGET_P50_DELTA_MS,
+        "p99_delta_ms_max": TARGET_P99_DELTA_MS,
+        "at_target_rate": at,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_with_freshness(ms: u64) -> PhaseRun {
+        let mut freshness = Latency::default();
+        freshness.record(Duration::from_millis(ms));
+        PhaseRun {
+            label: String::new(),
+            offered: 5_000.0,
+            elapsed: Duration::from_secs(1),
+            requests_expected: 1,
+            requests_ok: 1,
+            accepted: 1,
+            delivered: 1,
+            delivered_in_offer: 1,
+            duplicates: 0,
+            backlog_at_end: 0,
+            stopped_early: false,
+            drained: true,
+            sustained: true,
+            freshness,
+            errors: Errors::default(),
+            cpu_s: Value::Null,
+            stages: None,
+        }
+    }
+
+    #[test]
+    fn targets_compare_freshness_at_5000_with_the_raw_chain() {
+        let raw = [run_with_freshness(1), run_with_freshness(1)];
+        let herald = [run_with_freshness(2), run_with_freshness(20)];
+        let t = targets(&[20_000, 5_000], 0.6, &raw, &herald);
+        assert_eq!(t["ratio_met"], true);
+        let at = &t["at_target_rate"];
+        let delta = at["p50_delta_ms"].as_f64().expect("a number");
+        assert!((delta - 19.0).abs() < 0.1, "{t}");
+        assert_eq!(at["p50_met"], false, "{t}");
+        assert_eq!(at["p99_met"], false, "{t}");
+        let t = targets(&[5_000], 0.4, &raw[..1], &herald[..1]);
+        assert_eq!(t["ratio_met"], false);
+        assert_eq!(t["at_target_rate"]["p50_met"], true, "{t}");
+        assert!(targets(&[300], 0.4, &raw[..1], &herald[..1])["at_target_rate"].is_null());
+    }
 
     #[test]
     fn webhook_bodies_give_their_message_ids() {
