@@ -97,6 +97,18 @@ impl SegmentBatches {
     /// `templates` bodies of `batch` events of about `event_bytes` bytes, for run `run`; the
     /// users differ across templates.
     pub fn new(run: &str, batch: usize, event_bytes: usize, templates: usize) -> Self {
+        Self::with_users(run, batch, event_bytes, templates, u64::MAX)
+    }
+
+    /// Like [`SegmentBatches::new`], with the events' users taken round-robin from `users`
+    /// distinct ones (user `k % users` for the k-th event of the templates).
+    pub fn with_users(
+        run: &str,
+        batch: usize,
+        event_bytes: usize,
+        templates: usize,
+        users: u64,
+    ) -> Self {
         let now = Utc::now();
         let at = rfc3339(now - chrono::Duration::milliseconds(250));
         let sent_at = rfc3339(now);
@@ -108,7 +120,10 @@ impl SegmentBatches {
         let templates = (0..templates.max(1))
             .map(|t| {
                 let items: Vec<Value> = (0..batch)
-                    .map(|i| segment_track((t * batch + i) as u64, &placeholder, &at, event_bytes))
+                    .map(|i| {
+                        let user = (t * batch + i) as u64 % users.max(1);
+                        segment_track(user, &placeholder, &at, event_bytes)
+                    })
                     .collect();
                 actual_bytes = serde_json::to_vec(&items[0]).map(|v| v.len()).unwrap_or(0);
                 let body = serde_json::to_vec(&json!({"batch": items, "sentAt": sent_at}))

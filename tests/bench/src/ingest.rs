@@ -546,7 +546,7 @@ impl RawGroups {
 /// Slots due at a fixed interval from a start until a deadline, shared by the workers of a
 /// fixed-rate phase: each takes the next slot and waits for its time.
 #[derive(Clone)]
-struct Schedule {
+pub(crate) struct Schedule {
     started: Instant,
     interval: Duration,
     deadline: Instant,
@@ -555,7 +555,7 @@ struct Schedule {
 
 impl Schedule {
     /// `per_second` slots a second for `duration`, starting now.
-    fn start(per_second: f64, duration: Duration) -> Self {
+    pub(crate) fn start(per_second: f64, duration: Duration) -> Self {
         let started = Instant::now();
         Self {
             started,
@@ -566,7 +566,7 @@ impl Schedule {
     }
 
     /// Waits for the next free slot and returns when it was due; `None` past the deadline.
-    async fn next(&self) -> Option<Instant> {
+    pub(crate) async fn next(&self) -> Option<Instant> {
         let k = self.slot.fetch_add(1, Ordering::Relaxed);
         let due = self.started + self.interval.mul_f64(k as f64);
         if due >= self.deadline {
@@ -710,10 +710,10 @@ async fn settle(
 
 /// The load generator's runtime; dropped without blocking (it may be dropped on an async
 /// task, where blocking is not allowed).
-struct ClientRuntime(Option<tokio::runtime::Runtime>);
+pub(crate) struct ClientRuntime(pub(crate) Option<tokio::runtime::Runtime>);
 
 impl ClientRuntime {
-    fn handle(&self) -> tokio::runtime::Handle {
+    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
         self.0
             .as_ref()
             .expect("present until dropped")
@@ -731,7 +731,7 @@ impl Drop for ClientRuntime {
 }
 
 /// The HTTP side: one client, one body generator, one request counter for the whole run.
-struct Http {
+pub(crate) struct Http {
     client: reqwest::Client,
     url: String,
     write_key: String,
@@ -742,11 +742,11 @@ struct Http {
     /// Where to write per-request traces (`--trace-dir`).
     trace_dir: Option<std::path::PathBuf>,
     /// The load generator's own runtime (threads named [`CLIENT_THREADS`]).
-    rt: tokio::runtime::Handle,
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 impl Http {
-    fn new(
+    pub(crate) fn new(
         url: String,
         write_key: String,
         connections: usize,
@@ -773,12 +773,17 @@ impl Http {
         })
     }
 
-    fn next_seq(&self) -> u64 {
+    /// The number the next request will get.
+    pub(crate) fn peek_seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Posts request `seq`; the status, or `Err` for a transport failure.
-    async fn post(&self, seq: u64) -> Result<u16, String> {
+    pub(crate) async fn post(&self, seq: u64) -> Result<u16, String> {
         let body = self.batches.body(seq);
         let res = self
             .client

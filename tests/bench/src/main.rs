@@ -8,9 +8,11 @@
 //!
 //! Progress goes to stderr once a second; results go to stdout, ending with one JSON line.
 
+mod child;
 mod events;
 mod ingest;
 mod nats;
+mod pipeline;
 mod processor;
 mod report;
 
@@ -54,6 +56,9 @@ enum BenchCommand {
     Ingest(ingest::IngestArgs),
     /// The processor against raw JetStream consume-and-publish, with and without KV work.
     Processor(processor::ProcessorArgs),
+    /// The whole pipeline (ingest, processor, activator as processes, a webhook sink) against
+    /// a raw three-hop JetStream chain: highest sustained rates, freshness, stage split.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 /// A failed run prints its error chain on one line, without a backtrace (even with
@@ -79,6 +84,7 @@ async fn run(cmd: BenchCommand) -> Result<()> {
         match cmd {
             BenchCommand::Ingest(args) => ingest::run(args).await,
             BenchCommand::Processor(args) => processor::run(args).await,
+            BenchCommand::Pipeline(args) => pipeline::run(args).await,
         }
     };
     tokio::select! {

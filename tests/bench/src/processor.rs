@@ -9,13 +9,13 @@
 //!    a batch's users are handled concurrently, each user's events in order.
 //!
 //! Then the processor itself consumes until the processed stream holds every event. It runs
-//! as a process of its own (`herald processor`, the `herald` binary found by [`herald_binary`]),
+//! as a process of its own (`herald processor`, the `herald` binary found by
+//! [`super::child::herald_binary`]),
 //! as it is deployed, so the resident memory reported is the processor's alone (its sampled `VmRSS` and the kernel's
 //! high-water mark `VmHWM`). A durable consumer that never reads keeps every preloaded event in
 //! the (interest-retention) events stream for all three readers.
 
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -28,12 +28,13 @@ use async_nats::jetstream::{self, Message};
 use bytes::Bytes;
 use futures_util::{FutureExt as _, StreamExt as _};
 use herald_common::nats::ensure_stream;
-use herald_common::{CommonConfig, Topology, TopologyConfig};
+use herald_common::{Topology, TopologyConfig};
 use herald_processor::ProcessorConfig;
 use herald_proto::v1::Event;
 use prost::Message as _;
 use serde_json::{Value, json};
 
+use super::child::{ServiceChild, ServiceSpec, herald_binary};
 use super::events::EventFactory;
 use super::nats::BenchNats;
 use super::report::{
@@ -84,51 +85,6 @@ pub struct ProcessorArgs {
     /// binary, else the first on PATH).
     #[arg(long, env = "HERALD_BIN", value_name = "PATH")]
     pub herald_bin: Option<PathBuf>,
-}
-
-/// What to do when no `herald` binary is found.
-const HERALD_HINT: &str = "build it with `cargo build --release -p herald` (herald-bench then \
-                           finds it beside itself), or pass --herald-bin <path> (or set HERALD_BIN)";
-
-/// The `herald` binary whose `herald processor` is measured: `--herald-bin` (or `HERALD_BIN`),
-/// else a `herald` beside this binary (as `cargo build` lays them out), else the first on PATH.
-pub fn herald_binary(explicit: Option<&Path>) -> Result<PathBuf> {
-    let exe = std::env::current_exe().ok();
-    let path = std::env::var_os("PATH");
-    find_herald(explicit, exe.as_deref(), path.as_deref()).map_err(anyhow::Error::msg)
-}
-
-fn find_herald(
-    explicit: Option<&Path>,
-    exe: Option<&Path>,
-    path: Option<&OsStr>,
-) -> Result<PathBuf, String> {
-    if let Some(bin) = explicit {
-        return if bin.is_file() {
-            Ok(bin.to_path_buf())
-        } else {
-            Err(format!(
-                "--herald-bin {}: no such file; {HERALD_HINT}",
-                bin.display()
-            ))
-        };
-    }
-    let beside = exe.map(|e| e.with_file_name("herald"));
-    if let Some(bin) = beside.as_ref().filter(|b| b.is_file()) {
-        return Ok(bin.clone());
-    }
-    if let Some(bin) = path
-        .into_iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("herald"))
-        .find(|b| b.is_file())
-    {
-        return Ok(bin);
-    }
-    Err(format!(
-        "no herald binary found ({}not on PATH) to run the processor; {HERALD_HINT}",
-        beside.map_or(String::new(), |b| format!("not at {}, ", b.display()))
-    ))
 }
 
 /// Runs the benchmark and prints its report.
@@ -201,12 +157,21 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
     };
 
     let started = Instant::now();
-    let mut child = ProcessorChild::start(
-        &herald,
+    let mut child = ServiceChild::start(
+        &ServiceSpec {
+            herald: &herald,
+            role: "processor",
+            config: None,
+            listeners: &["admin_addr"],
+            extra_listeners: &["grpc_addr", "http_addr"],
+            env: vec![(
+                "HERALD__PROCESSOR__PROFILES__CACHE_MAX_BYTES".into(),
+                (args.cache_mb * 1024 * 1024).to_string(),
+            )],
+            dir: nats.dir(),
+            first_admin: args.processor_admin,
+        },
         &common,
-        args.cache_mb * 1024 * 1024,
-        nats.dir(),
-        args.processor_admin,
     )
     .await?;
     let cpu = CpuMeter::with_service(nats.pid(), child.pid());
@@ -625,7 +590,7 @@ async fn baseline(
 
 /// Publishes every message of the batch to the output stream (same partition, same message
 /// id), pipelined, and waits for all PubAcks.
-async fn publish_batch(
+pub(crate) async fn publish_batch(
     js: &jetstream::Context,
     prefix: &str,
     batch: &[Message],
@@ -729,184 +694,6 @@ async fn update_profile(kv: &kv::Store, key: &str, event: &Event) -> Result<(), 
     Err("kv_conflicts".into())
 }
 
-/// The processor under test: `herald processor` as a child process, configured
-/// through `HERALD__*` variables (neither the caller's nor its config file are passed on), on
-/// loopback ports, logging to `processor.log` in the bench's directory.
-struct ProcessorChild {
-    child: std::process::Child,
-    admin: std::net::SocketAddr,
-    log: std::path::PathBuf,
-}
-
-/// Attempts at starting the processor child when its admin port was taken in between.
-const START_ATTEMPTS: usize = 3;
-
-impl ProcessorChild {
-    /// Spawns the child and waits until its admin server answers. The admin port is picked by
-    /// binding port 0 and releasing it, so another process can take it in between: the child
-    /// then exits with "Address already in use" and is started again on a new port.
-    /// `first_admin` is the admin address of the first attempt (default: a free port).
-    async fn start(
-        herald: &Path,
-        common: &CommonConfig,
-        cache_bytes: u64,
-        dir: &std::path::Path,
-        first_admin: Option<std::net::SocketAddr>,
-    ) -> Result<Self> {
-        let mut last = String::new();
-        for attempt in 0..START_ATTEMPTS {
-            let admin = match first_admin.filter(|_| attempt == 0) {
-                Some(addr) => addr,
-                None => std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .context("no free loopback port for the processor's admin server")?,
-            };
-            let mut child = Self::spawn(herald, common, cache_bytes, dir, admin)?;
-            match child.admin_up().await {
-                Ok(()) => return Ok(child),
-                Err(tail) if child.log().contains("Address already in use") => {
-                    eprintln!(
-                        "the processor's admin port {admin} was taken; starting it again on \
-                         another port"
-                    );
-                    last = tail;
-                }
-                Err(tail) => bail!("the processor process exited at start\n{tail}"),
-            }
-        }
-        bail!(
-            "the processor's admin port was taken {START_ATTEMPTS} times in a row; free some \
-             loopback ports and run the bench again\n{last}"
-        )
-    }
-
-    /// Waits until its admin server answers `/healthz`; the log tail when it exits first or
-    /// does not answer within 60 s.
-    async fn admin_up(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let url = format!("http://{}/healthz", self.admin);
-        // Short timeouts: whoever took the port may accept connections and never answer.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .build()
-            .map_err(|e| e.to_string())?;
-        loop {
-            if self.exited().is_some() {
-                return Err(self.log_tail());
-            }
-            if http
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "its admin server did not answer within 60 s\n{}",
-                    self.log_tail()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn spawn(
-        herald: &Path,
-        common: &CommonConfig,
-        cache_bytes: u64,
-        dir: &std::path::Path,
-        admin: std::net::SocketAddr,
-    ) -> Result<Self> {
-        let log = dir.join("processor.log");
-        let out = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut cmd = std::process::Command::new(herald);
-        cmd.arg("processor");
-        // The defaults, as the baselines use them: no config file, no `HERALD__*` overrides.
-        cmd.env_remove("HERALD_CONFIG");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("HERALD__") {
-                cmd.env_remove(key);
-            }
-        }
-        let child = cmd
-            .env("HERALD__NATS__SERVERS", &common.nats.servers)
-            .env(
-                "HERALD__CONTROL__TOKEN",
-                common.control.resolve_token()?.expose(),
-            )
-            .env("HERALD__LOG__FILTER", "warn")
-            // An error at start is reported in a line or two, not with a backtrace.
-            .env("RUST_LIB_BACKTRACE", "0")
-            .env("HERALD__PROCESSOR__GRPC_ADDR", "127.0.0.1:0")
-            .env("HERALD__PROCESSOR__HTTP_ADDR", "127.0.0.1:0")
-            .env("HERALD__PROCESSOR__ADMIN_ADDR", admin.to_string())
-            .env(
-                "HERALD__PROCESSOR__PROFILES__CACHE_MAX_BYTES",
-                cache_bytes.to_string(),
-            )
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {} processor", herald.display()))?;
-        Ok(Self { child, admin, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its exit status, once it has exited.
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// Its Prometheus exposition.
-    async fn metrics(&self) -> Result<String> {
-        let url = format!("http://{}/metrics", self.admin);
-        Ok(reqwest::get(&url).await?.error_for_status()?.text().await?)
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within 15 s.
-    async fn stop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.exited().is_none() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Its whole log so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The end of its log, to show with a failure.
-    fn log_tail(&self) -> String {
-        let text = self.log();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "last lines of {}:\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        )
-    }
-}
-
-impl Drop for ProcessorChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What the processor reached.
 struct ProcessorRun {
     processed: u64,
@@ -932,7 +719,7 @@ async fn watch_processor(
     total: u64,
     timeout: Duration,
     started: Instant,
-    child: &mut ProcessorChild,
+    child: &mut ServiceChild,
 ) -> ProcessorRun {
     let pid = child.pid();
     let progress = Progress::start("processor", move || {
@@ -986,62 +773,6 @@ mod tests {
             }
         }
         assert!(setting(&cfg, "no_such_setting").is_none());
-    }
-
-    #[test]
-    fn the_herald_binary_is_the_given_one_else_beside_this_one_else_on_path() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let touch = |sub: &str| {
-            let d = dir.path().join(sub);
-            std::fs::create_dir_all(&d).expect("mkdir");
-            std::fs::write(d.join("herald"), "").expect("write");
-            d.join("herald")
-        };
-        let given = touch("given");
-        let beside = touch("target");
-        let on_path = touch("bin");
-        let exe = dir.path().join("target/herald-bench");
-        let lonely_exe = dir.path().join("elsewhere/herald-bench");
-        let path = std::env::join_paths([dir.path().join("empty"), dir.path().join("bin")])
-            .expect("a PATH");
-        let cases = [
-            (
-                Some(given.as_path()),
-                Some(exe.as_path()),
-                Some(path.as_os_str()),
-                Ok(&given),
-            ),
-            (
-                None,
-                Some(exe.as_path()),
-                Some(path.as_os_str()),
-                Ok(&beside),
-            ),
-            (
-                None,
-                Some(lonely_exe.as_path()),
-                Some(path.as_os_str()),
-                Ok(&on_path),
-            ),
-            (None, None, Some(path.as_os_str()), Ok(&on_path)),
-        ];
-        for (i, (explicit, exe, path, expected)) in cases.into_iter().enumerate() {
-            assert_eq!(
-                find_herald(explicit, exe, path).as_ref(),
-                expected,
-                "case {i}"
-            );
-        }
-        let none = find_herald(None, Some(&lonely_exe), Some(OsStr::new("")))
-            .expect_err("nothing to find");
-        assert!(none.contains("cargo build --release -p herald"), "{none}");
-        assert!(none.contains("elsewhere/herald"), "{none}");
-        let missing = find_herald(Some(Path::new("/nowhere/herald")), Some(&exe), None)
-            .expect_err("the given one is missing");
-        assert!(
-            missing.starts_with("--herald-bin /nowhere/herald: no such file"),
-            "{missing}"
-        );
     }
 
     #[test]

@@ -51,6 +51,22 @@ impl Latency {
         })
     }
 
+    /// `{"p50_ms", "p90_ms", "p99_ms", "max_ms"}`: the freshness quantiles of the pipeline
+    /// bench.
+    pub fn json_p90(&self) -> Value {
+        json!({
+            "p50_ms": round3(self.ms(0.5)),
+            "p90_ms": round3(self.ms(0.9)),
+            "p99_ms": round3(self.ms(0.99)),
+            "max_ms": round3(self.ms(1.0)),
+        })
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
     /// `p50 1.23 ms, p99 4.56 ms, p999 7.89 ms`.
     pub fn summary(&self) -> String {
         format!(
@@ -333,6 +349,49 @@ impl CpuMeter {
             v["service_process"] = json!(round3((cpu_seconds(Some(pid)) - start) / secs));
         }
         v
+    }
+}
+
+/// CPU seconds of named processes over a span (each service, nats-server, the bench itself),
+/// and their peak resident memory (the kernel's `VmHWM`).
+pub struct ProcessCpu {
+    start: Vec<(String, u32, f64)>,
+}
+
+impl ProcessCpu {
+    /// Starts measuring the processes `(name, pid)`.
+    pub fn start(processes: &[(String, u32)]) -> Self {
+        Self {
+            start: processes
+                .iter()
+                .map(|(name, pid)| (name.clone(), *pid, cpu_seconds(Some(*pid))))
+                .collect(),
+        }
+    }
+
+    /// CPU seconds each process used since the start: `{"<name>": seconds, ...}`.
+    pub fn stop(&self) -> Value {
+        let map: serde_json::Map<String, Value> = self
+            .start
+            .iter()
+            .map(|(name, pid, at)| {
+                (
+                    name.clone(),
+                    json!(round3((cpu_seconds(Some(*pid)) - at).max(0.0))),
+                )
+            })
+            .collect();
+        Value::Object(map)
+    }
+
+    /// Each process's peak resident memory so far, in MiB: `{"<name>": mib, ...}`.
+    pub fn peak_rss_mib(&self) -> Value {
+        let map: serde_json::Map<String, Value> = self
+            .start
+            .iter()
+            .map(|(name, pid, _)| (name.clone(), json!(pid_status_mib(*pid, "VmHWM"))))
+            .collect();
+        Value::Object(map)
     }
 }
 

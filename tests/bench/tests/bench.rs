@@ -62,7 +62,7 @@ async fn bench(args: &[&str]) -> Result<(String, Value)> {
 /// [`bench`], also returning its stderr (progress lines and notices).
 async fn bench_with_stderr(args: &[&str]) -> Result<(String, String, Value)> {
     let nats = herald_testkit::nats_server_binary()?;
-    if args.first() == Some(&"processor") {
+    if matches!(args.first(), Some(&"processor" | &"pipeline")) {
         herald_beside_bench().await?;
     }
     let child = Command::new(HERALD_BENCH)
@@ -381,6 +381,119 @@ async fn processor_bench_says_what_to_do_when_the_herald_binary_is_not_there() -
             "{stderr}"
         );
         assert!(!stderr.contains("backtrace"), "{stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sides() -> Result<()> {
+    let (stdout, s) = bench(&[
+        "pipeline",
+        "--rates",
+        "300",
+        "--duration",
+        "2",
+        "--probe-duration",
+        "1",
+        "--search-from",
+        "300",
+        "--search-max",
+        "600",
+        "--search-steps",
+        "1",
+        "--users",
+        "50",
+        "--batch",
+        "10",
+        "--connections",
+        "2",
+        "--partitions",
+        "4",
+        "--failing-neighbour",
+    ])
+    .await?;
+    assert_eq!(s["bench"], "pipeline");
+    assert_eq!(s["partitions"], 4, "{s}");
+    positive(&s, "/machine/cores");
+    for side in ["/raw", "/herald"] {
+        positive(&s, &format!("{side}/highest_sustained_events_per_s"));
+        let probes = s
+            .pointer(&format!("{side}/probes"))
+            .and_then(Value::as_array)
+            .with_context(|| format!("{side}/probes in {s}"))?;
+        assert!(!probes.is_empty(), "{s}");
+        for p in probes {
+            positive(p, "/offered_events_per_s");
+            assert!(p["sustained"].is_boolean(), "{p}");
+        }
+    }
+    positive(&s, "/throughput_ratio");
+    assert!(s["targets"]["ratio_met"].is_boolean(), "{s}");
+    // Freshness targets are read at 5,000 ev/s only, not among this run's rates.
+    assert!(s["targets"]["at_target_rate"].is_null(), "{s}");
+    let fixed = |path: &str| -> Result<Value> {
+        let runs = s
+            .pointer(path)
+            .and_then(Value::as_array)
+            .with_context(|| format!("{path} in {s}"))?;
+        assert_eq!(runs.len(), 1, "one fixed rate: {s}");
+        Ok(runs[0].clone())
+    };
+    for path in [
+        "/raw/fixed",
+        "/herald/fixed",
+        "/herald_failing_neighbour/fixed",
+    ] {
+        let run = fixed(path)?;
+        assert_eq!(run["offered_events_per_s"], 300.0, "{path}: {run}");
+        positive(&run, "/delivered_events_per_s");
+        // Every accepted event reached the sink, once.
+        assert_eq!(
+            run["events_delivered"], run["events_accepted"],
+            "{path}: {run}"
+        );
+        assert_eq!(run["events_missing"], 0, "{path}: {run}");
+        for q in ["p50_ms", "p90_ms", "p99_ms", "max_ms"] {
+            positive(&run, &format!("/freshness/{q}"));
+        }
+        positive(&run, "/cpu_s/nats-server");
+        assert!(run["cpu_s"]["herald-bench"].is_number(), "{path}: {run}");
+    }
+    // The stage split, on Herald's side only, from JetStream's stored times.
+    for path in ["/herald/fixed", "/herald_failing_neighbour/fixed"] {
+        let run = fixed(path)?;
+        positive(&run, "/stages/events_sampled");
+        for stage in ["ingest", "processor", "activator"] {
+            positive(&run, &format!("/stages/{stage}/p50_ms"));
+            positive(&run, &format!("/stages/{stage}/p99_ms"));
+        }
+        for service in ["ingest", "processor", "activator"] {
+            positive(&run, &format!("/cpu_s/{service}"));
+        }
+    }
+    assert!(fixed("/raw/fixed")?["stages"].is_null(), "{s}");
+    // The failing neighbour's sink was tried (and answered 500).
+    positive(&s, "/herald_failing_neighbour/failing_sink_requests");
+    for process in [
+        "ingest",
+        "processor",
+        "activator",
+        "nats-server",
+        "herald-bench",
+    ] {
+        positive(&s, &format!("/processes/cpu_s/{process}"));
+        positive(&s, &format!("/processes/peak_rss_mb/{process}"));
+    }
+    for text in [
+        "highest sustained rate, raw chain",
+        "throughput ratio",
+        "raw chain at 300 ev/s",
+        "Herald at 300 ev/s",
+        "failing neighbour",
+        "stage split",
+        "peak resident memory",
+    ] {
+        assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
     }
     Ok(())
 }
