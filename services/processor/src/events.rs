@@ -237,6 +237,23 @@ impl ProfileUnreadable<'_> {
     }
 }
 
+/// The consent record of a profile whose consent changed could not be written: the stored
+/// record cannot be read. The profile holds the change; the activator does not see it.
+pub struct ConsentUnwritable<'a> {
+    /// The profile.
+    pub profile_id: &'a str,
+    /// Why.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl ConsentUnwritable<'_> {
+    /// Logs (an operator must look at the stored record) and counts it.
+    pub fn emit(self) {
+        tracing::error!(profile_id = self.profile_id, error = %self.error, "cannot write the consent record of a profile whose consent changed; the stored record is unreadable");
+        counter!("herald_processor_profile_errors_total", "kind" => "corrupt").increment(1);
+    }
+}
+
 /// Resolving an event failed in a way that is retried.
 pub struct ProfileRetried<'a> {
     /// Failed attempts so far.
