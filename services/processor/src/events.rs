@@ -138,6 +138,10 @@ fn describe_profiles() {
         "Events of identities unknown to the cache given a new profile without looking them up first, by result (right: they were new; wrong: one was known, the profile was undone)."
     );
     describe_counter!(
+        "herald_processor_profile_writes_total",
+        "Profile writes that were stored (creations and compare-and-set updates; a batch's events of one person that change only their profile are one write)."
+    );
+    describe_counter!(
         "herald_processor_profile_merges_total",
         "Profiles merged into an older one (the merged profile becomes a redirect)."
     );
@@ -319,6 +323,16 @@ impl ProfileCreated {
     /// Counts it.
     pub fn emit(self) {
         counter!("herald_processor_profiles_created_total").increment(1);
+    }
+}
+
+/// A profile write (a creation or a compare-and-set update) was stored.
+pub struct ProfileWritten;
+
+impl ProfileWritten {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_profile_writes_total").increment(1);
     }
 }
 

@@ -482,6 +482,7 @@ impl Profiles {
         let changed = apply_event(&mut p, event, at, &before);
         let revision = match store.profiles.create(&id, &p).await? {
             (Cas::Written(rev), bytes) => {
+                events::ProfileWritten.emit();
                 self.cache.put_profile(&id, rev, &bytes);
                 rev
             }
@@ -813,6 +814,7 @@ impl Profiles {
     ) -> Result<Option<Loaded>, ProfileError> {
         match store.profiles.update(&p.id, &p, revision).await? {
             (Cas::Written(rev), bytes) => {
+                events::ProfileWritten.emit();
                 self.cache.put_profile(&p.id, rev, &bytes);
                 let p = Arc::new(p);
                 Ok(Some(Loaded {
