@@ -318,18 +318,18 @@ async fn processor_bench_with_repeat_visitors_counts_fewer_profile_writes_than_e
         "processor",
         "--processor-only",
         "--users",
-        "200",
+        "2000",
         "--events-per-user",
         "10",
         "--active-users",
-        "20",
+        "200",
         "--cache-mb",
         "8",
     ])
     .await?;
-    assert_eq!(s["events"], 2000, "{s}");
-    assert_eq!(s["active_users"], 20, "{s}");
-    assert_eq!(s["processor"]["processed"], 2000, "{s}");
+    assert_eq!(s["events"], 20000, "{s}");
+    assert_eq!(s["active_users"], 200, "{s}");
+    assert_eq!(s["processor"]["processed"], 20000, "{s}");
     let writes = s["processor"]["counters"]["profile_writes_total"]
         .as_u64()
         .unwrap_or(u64::MAX);
