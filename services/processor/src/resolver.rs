@@ -164,7 +164,9 @@ impl Profiles {
 
     /// Resolves `event` to its profile, updates the profile, and returns what to publish: a
     /// batch of one event (see [`Profiles::process_group`]). On error the event comes back with
-    /// it, to retry when [`ProfileError::retryable`].
+    /// it, to retry when [`ProfileError::retryable`] (when only the consent record could not be
+    /// written, the profile holds the event already and a retry applies it again: the worker
+    /// retries its [`KeyEvents`] instead, which remember that).
     pub async fn process(&self, event: Event) -> Result<Outcome, (ProfileError, Event)> {
         let mut group = KeyEvents::new(vec![event]);
         match self.process_group(&mut group).await {
