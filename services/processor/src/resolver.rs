@@ -3,7 +3,9 @@
 //! For each event: read which profile each of its identities belongs to (following merge
 //! redirects), plan with [`identity::plan`], then carry the plan out: create a profile, merge
 //! profiles (the older survives; the other becomes a redirect), link identities, and apply the
-//! event to the profile. Every write is a compare-and-set against the KV revision; a conflict
+//! event to the profile. An event that changes nothing in the identity graph comes back
+//! applied in memory, unwritten: `group` writes a run of such events of one key with one
+//! compare-and-set. Every write is a compare-and-set against the KV revision; a conflict
 //! re-reads and starts the event's resolution again. Nothing relies on which replica or
 //! partition touches a profile, so two partitions can merge the same profiles concurrently.
 //!
