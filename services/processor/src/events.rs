@@ -154,6 +154,10 @@ fn describe_profiles() {
         "Events of identities unknown to the cache given a new profile without looking them up first, by result (right: they were new; wrong: one was known, the profile was undone)."
     );
     describe_counter!(
+        "herald_processor_profile_writes_total",
+        "Profile writes that were stored (creations and compare-and-set updates; a batch's events of one person that change only their profile are one write)."
+    );
+    describe_counter!(
         "herald_processor_profile_merges_total",
         "Profiles merged into an older one (the merged profile becomes a redirect)."
     );
@@ -291,6 +295,23 @@ impl ProfileUnreadable<'_> {
     }
 }
 
+/// The consent record of a profile whose consent changed could not be written: the stored
+/// record cannot be read. The profile holds the change; the activator does not see it.
+pub struct ConsentUnwritable<'a> {
+    /// The profile.
+    pub profile_id: &'a str,
+    /// Why.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl ConsentUnwritable<'_> {
+    /// Logs (an operator must look at the stored record) and counts it.
+    pub fn emit(self) {
+        tracing::error!(profile_id = self.profile_id, error = %self.error, "cannot write the consent record of a profile whose consent changed; the stored record is unreadable");
+        counter!("herald_processor_profile_errors_total", "kind" => "corrupt").increment(1);
+    }
+}
+
 /// Resolving an event failed in a way that is retried.
 pub struct ProfileRetried<'a> {
     /// Failed attempts so far.
@@ -356,6 +377,16 @@ impl ProfileCreated {
     /// Counts it.
     pub fn emit(self) {
         counter!("herald_processor_profiles_created_total").increment(1);
+    }
+}
+
+/// A profile write (a creation or a compare-and-set update) was stored.
+pub struct ProfileWritten;
+
+impl ProfileWritten {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_processor_profile_writes_total").increment(1);
     }
 }
 

@@ -14,6 +14,7 @@ mod config;
 mod consent;
 mod erasure;
 mod events;
+mod group;
 mod grpc;
 mod http;
 mod identity;
@@ -38,6 +39,7 @@ use herald_common::{CommonConfig, Topology, nats};
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProcessorConfig;
+pub use group::KeyEvents;
 pub use identity::IdentityKey;
 pub use profile::Profile;
 pub use profiles_config::ProfilesConfig;

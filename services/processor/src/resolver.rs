@@ -3,7 +3,9 @@
 //! For each event: read which profile each of its identities belongs to (following merge
 //! redirects), plan with [`identity::plan`], then carry the plan out: create a profile, merge
 //! profiles (the older survives; the other becomes a redirect), link identities, and apply the
-//! event to the profile. Every write is a compare-and-set against the KV revision; a conflict
+//! event to the profile. An event that changes nothing in the identity graph comes back
+//! applied in memory, unwritten: `group` writes a run of such events of one key with one
+//! compare-and-set. Every write is a compare-and-set against the KV revision; a conflict
 //! re-reads and starts the event's resolution again. Nothing relies on which replica or
 //! partition touches a profile, so two partitions can merge the same profiles concurrently.
 //!
@@ -27,8 +29,9 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::HotCache;
-use crate::consent::{self, ConsentRecord};
+use crate::consent::ConsentRecord;
 use crate::events;
+use crate::group::KeyEvents;
 use crate::identity::{self, ANONYMOUS_ID, Guard, IdentityKey, PlanProfile, USER_ID};
 use crate::profile::Profile;
 use crate::profiles_config::ProfilesConfig;
@@ -161,60 +164,35 @@ impl Profiles {
         self.cache.clear();
     }
 
-    /// Resolves `event` to its profile, updates the profile, and returns what to publish.
-    /// On error the event comes back with it, to retry when [`ProfileError::retryable`].
+    /// Resolves `event` to its profile, updates the profile, and returns what to publish: a
+    /// batch of one event (see [`Profiles::process_group`]). On error the event comes back with
+    /// it, to retry when [`ProfileError::retryable`] (when only the consent record could not be
+    /// written, the profile holds the event already and a retry applies it again: the worker
+    /// retries its [`KeyEvents`] instead, which remember that).
     pub async fn process(&self, event: Event) -> Result<Outcome, (ProfileError, Event)> {
-        let resolution = match self.resolve(&event).await {
-            Ok(r) => r,
-            Err(e) => return Err((e, event)),
-        };
-        Ok(match resolution {
-            Resolution::Suppressed => {
-                events::Suppressed {
-                    event_id: &event.id,
-                }
-                .emit();
-                Outcome::Suppressed
-            }
-            Resolution::Unresolved => {
-                events::EventsHandled {
-                    outcome: "unresolved",
-                    count: 1,
-                }
-                .emit();
-                let consent = event.consent.clone();
-                Outcome::Publish(vec![ProcessedEvent {
-                    event: Some(event),
-                    profile_id: String::new(),
-                    identities: Vec::new(),
-                    consent,
-                }])
-            }
-            Resolution::Resolved(done) => {
-                let profile = &done.loaded.profile;
-                events::EventsHandled {
-                    outcome: "processed",
-                    count: 1,
-                }
-                .emit();
-                let processed = ProcessedEvent {
-                    profile_id: profile.id.clone(),
-                    identities: profile.proto_identities(),
-                    consent: profile.consent.snapshot(),
-                    event: Some(event),
-                };
-                if done.consent_changed {
-                    let changed = consent::changed_event(&processed);
-                    Outcome::Publish(vec![processed, changed])
-                } else {
-                    Outcome::Publish(vec![processed])
-                }
-            }
-        })
+        let mut group = KeyEvents::new(vec![event]);
+        match self.process_group(&mut group).await {
+            Ok(()) => Ok(group
+                .into_outcomes()
+                .pop()
+                .expect("a finished group has an outcome per event")),
+            Err(e) => Err((
+                e,
+                group
+                    .into_events()
+                    .pop()
+                    .expect("a group gives its events back"),
+            )),
+        }
     }
 
-    async fn resolve(&self, event: &Event) -> Result<Resolution, ProfileError> {
-        let store = self.store()?;
+    /// What `event` names before its profile is looked for: whether it is dropped (a
+    /// suppressed identity), has no usable identity, or its identities in priority order.
+    pub(crate) async fn prepare(
+        &self,
+        store: &Store,
+        event: &Event,
+    ) -> Result<Prepared, ProfileError> {
         let extracted = identity::extract(event, &self.guard);
         events::IdentitiesBlocked {
             count: extracted.blocked,
@@ -230,7 +208,7 @@ impl Profiles {
                 .iter()
                 .any(|k| self.suppressions.contains(&k.kv_key()))
             {
-                return Ok(Resolution::Suppressed);
+                return Ok(Prepared::Suppressed);
             }
             // A previous id is whichever identity is known: a user id, else an anonymous id.
             let mut chosen = candidates[1].clone();
@@ -244,29 +222,38 @@ impl Profiles {
             self.guard.sort(&mut ids);
         }
         if ids.iter().any(|k| self.suppressions.contains(&k.kv_key())) {
-            return Ok(Resolution::Suppressed);
+            return Ok(Prepared::Suppressed);
         }
         if ids.is_empty() {
-            return Ok(Resolution::Unresolved);
+            return Ok(Prepared::Unresolved);
         }
-        let explicit = extracted.alias_previous.is_some();
-        let at = event_time(event);
-        let Some(done) = self
-            .resolve_and_apply(store, event, &ids, explicit, at)
-            .await?
-        else {
-            return Ok(Resolution::Suppressed);
-        };
-        if done.consent_changed {
-            events::ConsentChanged.emit();
-            let p = &done.loaded.profile;
-            self.write_consent(
-                store,
-                ConsentRecord::of(&p.id, &p.consent, done.loaded.revision),
-            )
-            .await?;
+        Ok(Prepared::Identified {
+            ids,
+            explicit: extracted.alias_previous.is_some(),
+            at: event_time(event),
+        })
+    }
+
+    /// Before attempt `attempt` (from 1) of work that lost a compare-and-set race: gives up
+    /// past `cas_max_attempts` (`Contended`, naming `what`), counts a retry, and from the
+    /// fourth attempt waits a few random milliseconds to spread concurrent writers of one
+    /// profile apart.
+    pub(crate) async fn before_attempt(
+        &self,
+        attempt: u32,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), ProfileError> {
+        if attempt > self.cfg.cas_max_attempts.max(1) {
+            return Err(ProfileError::Contended(what()));
         }
-        Ok(Resolution::Resolved(done))
+        if attempt > 1 {
+            events::CasRetried.emit();
+            if attempt > 3 {
+                let ms = rand::random_range(1..=(attempt as u64).min(20));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Looks a profile up by identity, reading KV (never the cache): the canonical profile and
@@ -285,7 +272,11 @@ impl Profiles {
             .map(|l| (l.revision, (*l.profile).clone())))
     }
 
-    async fn resolve_and_apply(
+    /// Resolves the event's profile and applies the event to it. The graph changes (a new
+    /// profile, merges, links) are written at once; an event that changes nothing but the
+    /// profile itself comes back unwritten (`Applied::written` false) for the caller to write
+    /// with the events that follow it. `None`: the event is to be dropped.
+    pub(crate) async fn resolve_and_apply(
         &self,
         store: &Store,
         event: &Event,
@@ -328,19 +319,10 @@ impl Profiles {
         let mut attempt = 0u32;
         'attempt: loop {
             attempt += 1;
-            if attempt > self.cfg.cas_max_attempts.max(1) {
-                return Err(ProfileError::Contended(
-                    ids.first().map(ToString::to_string).unwrap_or_default(),
-                ));
-            }
-            if attempt > 1 {
-                events::CasRetried.emit();
-                if attempt > 3 {
-                    // Spread concurrent writers of one profile apart.
-                    let ms = rand::random_range(1..=(attempt as u64).min(20));
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-            }
+            self.before_attempt(attempt, || {
+                ids.first().map(ToString::to_string).unwrap_or_default()
+            })
+            .await?;
             let mut loaded: BTreeMap<String, Loaded> = BTreeMap::new();
             let mut lookups = Vec::with_capacity(ids.len());
             let mut used_cache = false;
@@ -410,6 +392,7 @@ impl Profiles {
             let before: Effective = survivor.profile.consent.effective();
 
             // Merge the younger profiles into the survivor.
+            let merges = !group.is_empty();
             for loser in group {
                 match self.merge(store, loser, &survivor.profile.id).await? {
                     Some(s) => survivor = s,
@@ -447,17 +430,19 @@ impl Profiles {
             let listed_more = p.identities.len() != survivor.profile.identities.len();
             let consent_changed = match done_before {
                 Some(changed) => changed,
-                None => {
-                    let redelivered_change =
-                        p.consent.changed_by.as_deref() == Some(event.id.as_str());
-                    p.apply_event(event, at);
-                    let changed = before != p.consent.effective();
-                    if changed {
-                        p.consent.changed_by = Some(event.id.clone());
-                    }
-                    changed || redelivered_change
-                }
+                None => apply_event(&mut p, event, at, &before),
             };
+            if done_before.is_none() && !merges && !listed_more && to_map.is_empty() {
+                // Nothing in the graph changes: the caller writes the profile.
+                return Ok(Some(Applied {
+                    loaded: Loaded {
+                        profile: Arc::new(p),
+                        ..survivor
+                    },
+                    consent_changed,
+                    written: false,
+                }));
+            }
             if done_before.is_none() || listed_more {
                 p.updated_at = Utc::now();
                 match self.write_profile(store, p, survivor.revision).await? {
@@ -477,6 +462,7 @@ impl Profiles {
             return Ok(Some(Applied {
                 loaded: survivor,
                 consent_changed,
+                written: true,
             }));
         }
     }
@@ -497,13 +483,10 @@ impl Profiles {
         let mut p = Profile::new(id.clone(), at);
         let before: Effective = p.consent.effective();
         p.identities = links.to_vec();
-        p.apply_event(event, at);
-        let changed = before != p.consent.effective();
-        if changed {
-            p.consent.changed_by = Some(event.id.clone());
-        }
+        let changed = apply_event(&mut p, event, at, &before);
         let revision = match store.profiles.create(&id, &p).await? {
             (Cas::Written(rev), bytes) => {
+                events::ProfileWritten.emit();
                 self.cache.put_profile(&id, rev, &bytes);
                 rev
             }
@@ -556,6 +539,7 @@ impl Profiles {
                 from_cache: false,
             },
             consent_changed: changed,
+            written: true,
         }))
     }
 
@@ -834,6 +818,7 @@ impl Profiles {
     ) -> Result<Option<Loaded>, ProfileError> {
         match store.profiles.update(&p.id, &p, revision).await? {
             (Cas::Written(rev), bytes) => {
+                events::ProfileWritten.emit();
                 self.cache.put_profile(&p.id, rev, &bytes);
                 let p = Arc::new(p);
                 Ok(Some(Loaded {
@@ -897,11 +882,18 @@ impl Profiles {
 }
 
 /// A profile's effective consent (purposes, opted out), without timestamps.
-type Effective = (BTreeMap<String, bool>, bool);
+pub(crate) type Effective = (BTreeMap<String, bool>, bool);
 
-struct Applied {
-    loaded: Loaded,
-    consent_changed: bool,
+/// An event applied to its profile.
+pub(crate) struct Applied {
+    /// The profile with the event applied: as written, at its new revision; or, when not
+    /// `written`, in memory, with the revision a write must compare against.
+    pub loaded: Loaded,
+    /// Whether the event changed the profile's effective consent (or changed it before a
+    /// redelivery).
+    pub consent_changed: bool,
+    /// Whether the profile was written with the event applied.
+    pub written: bool,
 }
 
 /// What [`Profiles::create_profile`] did.
@@ -915,10 +907,38 @@ enum Created {
     Partial(String, bool),
 }
 
-enum Resolution {
+/// What [`Profiles::prepare`] found.
+pub(crate) enum Prepared {
+    /// The event names a suppressed identity.
     Suppressed,
+    /// The event names no usable identity.
     Unresolved,
-    Resolved(Applied),
+    /// The event's identities in priority order; `explicit` for an alias call; `at` its
+    /// event time.
+    Identified {
+        ids: Vec<IdentityKey>,
+        explicit: bool,
+        at: DateTime<Utc>,
+    },
+}
+
+/// Applies `event` (at `at`) to `p`, whose effective consent was `before` the event touched
+/// it; returns whether the effective consent changed, or had changed by this same event before
+/// (a redelivery after a crash: its consent-changed event is published again). The profile
+/// remembers the event that last changed its consent.
+pub(crate) fn apply_event(
+    p: &mut Profile,
+    event: &Event,
+    at: DateTime<Utc>,
+    before: &Effective,
+) -> bool {
+    let redelivered_change = p.consent.changed_by.as_deref() == Some(event.id.as_str());
+    p.apply_event(event, at);
+    let changed = *before != p.consent.effective();
+    if changed {
+        p.consent.changed_by = Some(event.id.clone());
+    }
+    changed || redelivered_change
 }
 
 /// The profile of an event whose every identity maps to it and is listed on it: the common

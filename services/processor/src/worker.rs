@@ -15,49 +15,36 @@ use herald_common::nats::{ensure_stream, retry_until, wait_for_stream};
 use herald_common::ordered::{OrderedReader, PinnedGroup, ReaderConfig, ensure_consumer};
 use herald_common::ownership::{Ownership, PRIORITY_GROUP, PartitionTasks, partition_consumer};
 use herald_common::retry::{KeepAlive, Retry};
-use herald_proto::v1::{Event, ProcessedEvent};
+use herald_proto::v1::Event;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::group::KeyEvents;
 use crate::partitions::{OwnedPartition, Partitions};
 use crate::resolver::{Outcome, Profiles};
 use crate::{ProcessorConfig, Stats, events};
 
-/// Processes one event through the profile store: identity resolution, profile update,
-/// consent. Retryable store errors are retried with backoff until `cancel` fires (`None`); a
-/// profile that cannot be read (a stored value this processor does not understand) lets the
-/// event through without profile data, so one bad value never blocks a partition.
-pub(crate) async fn process_event(
+/// Processes the events of one partition key of a batch through the profile store (see
+/// [`Profiles::process_group`]): identity resolution, profile update, consent. Store errors
+/// are retried with backoff until `cancel` fires (`None`); what a failed attempt wrote is not
+/// done again.
+pub(crate) async fn process_key(
     profiles: &Profiles,
-    event: Event,
+    events: Vec<Event>,
     max_backoff: Duration,
     cancel: &CancellationToken,
-) -> Option<Outcome> {
-    // The event goes into each attempt and comes back with a retryable error.
-    let slot = &Mutex::new(Some(event));
+) -> Option<Vec<Outcome>> {
+    // The group goes into each attempt and comes back with an error.
+    let slot = &Mutex::new(Some(KeyEvents::new(events)));
     Retry::new(max_backoff)
         .run(
             cancel,
             move || async move {
-                let event = take(slot).expect("every failed attempt gives the event back");
-                match profiles.process(event).await {
-                    Ok(outcome) => Ok(outcome),
-                    Err((e, back)) if !e.retryable() => {
-                        events::ProfileUnreadable {
-                            event_id: &back.id,
-                            error: &e,
-                        }
-                        .emit();
-                        let consent = back.consent.clone();
-                        Ok(Outcome::Publish(vec![ProcessedEvent {
-                            event: Some(back),
-                            profile_id: String::new(),
-                            identities: Vec::new(),
-                            consent,
-                        }]))
-                    }
-                    Err((e, back)) => {
-                        *lock(slot) = Some(back);
+                let mut group = take(slot).expect("every failed attempt gives the group back");
+                match profiles.process_group(&mut group).await {
+                    Ok(()) => Ok(group.into_outcomes()),
+                    Err(e) => {
+                        *lock(slot) = Some(group);
                         Err(e)
                     }
                 }
@@ -281,8 +268,9 @@ async fn retire_single_consumer(js: &jetstream::Context, topology: &Topology, du
 }
 
 /// Processes one batch. Events of different partition keys are resolved concurrently (at most
-/// `concurrency` keys at once, see [`per_key`]), each key's events one after another, in order;
-/// outputs are published in input order and the inputs acked after every PubAck. Returns false
+/// `concurrency` keys at once, see [`per_key`]), each key's events together, in order (see
+/// [`process_key`]); outputs are published in input order, after every profile write of the
+/// batch, and the inputs acked after every PubAck. Returns false
 /// when cancelled before its outputs were stored (the inputs then stay unacked and are
 /// redelivered).
 async fn handle_batch(
@@ -329,8 +317,20 @@ async fn handle_batch(
             }
         }
     }
-    let resolved = per_key(groups, inputs.len(), concurrency, |event| {
-        process_event(profiles, event, max_backoff, cancel)
+    // Each key's events go to the store together: one profile write for those that change
+    // nothing but the profile.
+    let keys = groups.len();
+    let groups = groups
+        .into_iter()
+        .enumerate()
+        .map(|(k, group)| vec![(k, group)])
+        .collect();
+    let resolved = per_key(groups, keys, concurrency, |group: Vec<(usize, Event)>| {
+        let (indexes, events): (Vec<usize>, Vec<Event>) = group.into_iter().unzip();
+        async move {
+            let outcomes = process_key(profiles, events, max_backoff, cancel).await?;
+            Some(indexes.into_iter().zip(outcomes).collect::<Vec<_>>())
+        }
     });
     tokio::pin!(resolved);
     // Resolution normally takes milliseconds; if it waits on KV, keep the inputs alive.
@@ -342,9 +342,13 @@ async fn handle_batch(
             resolved.await
         }
     };
-    let Some(outcomes) = resolved else {
+    let Some(resolved) = resolved else {
         return false;
     };
+    let mut outcomes: Vec<Option<Outcome>> = (0..inputs.len()).map(|_| None).collect();
+    for (i, outcome) in resolved.into_iter().flatten().flatten() {
+        outcomes[i] = Some(outcome);
+    }
     let mut outputs: Vec<(String, String, Bytes)> = Vec::with_capacity(inputs.len());
     for outcome in outcomes.into_iter().flatten() {
         if let Outcome::Publish(list) = outcome {
@@ -394,7 +398,8 @@ async fn handle_batch(
 
 /// Runs `f` over the items of every key (`groups`: one list of `(input index, item)` per key),
 /// each key's items one after another, in order, and at most `concurrency` keys at once (0 is
-/// taken as 1): every item waiting on KV holds its future's state, a few KiB for an event.
+/// taken as 1): every item waiting on KV holds its future's state, a few KiB for an event. (The
+/// worker gives each key one item: all of the key's events.)
 /// Returns the results by input index (`len` slots; `None` where no item had that index), or
 /// `None` when `f` gave up on an item (it was cancelled); the other keys still run to their end,
 /// as they would have without the cancelled one.

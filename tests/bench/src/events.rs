@@ -248,6 +248,13 @@ impl EventFactory {
         }
     }
 
+    /// Interleaves the events of at most `users` users at a time (the chunk; default
+    /// [`CHUNK_USERS`]): fewer makes each user's events come closer together, as a visit's do.
+    pub fn with_active_users(mut self, users: u64) -> Self {
+        self.chunk = users.clamp(1, self.users);
+        self
+    }
+
     /// The user of event `n`, and whether it is that user's first event.
     pub fn user_of(&self, n: u64) -> (u64, bool) {
         let rounds = (self.total / self.users).max(1);

@@ -61,8 +61,17 @@ pub struct ProcessorArgs {
     pub users: u64,
     /// Events preloaded into the events stream (default: twice --users, so every user has an
     /// identify and a later event).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "events_per_user")]
     pub events: Option<u64>,
+    /// Events per user (repeat visitors): sets --events to --users times this.
+    #[arg(long)]
+    pub events_per_user: Option<u64>,
+    /// Users whose events are interleaved at a time (default: every user, up to 100,000):
+    /// with fewer, each user's events come closer together, so a batch holds several events
+    /// of one user, as a visit does (e.g. --users 10000 --events-per-user 20
+    /// --active-users 1000).
+    #[arg(long)]
+    pub active_users: Option<u64>,
     /// Memory cap of the processor's hot-profile cache, in MiB.
     #[arg(long, default_value_t = 256)]
     pub cache_mb: u64,
@@ -90,7 +99,10 @@ pub struct ProcessorArgs {
 /// Runs the benchmark and prints its report.
 pub async fn run(args: ProcessorArgs) -> Result<()> {
     let users = args.users.max(1);
-    let total = args.events.unwrap_or(users * 2);
+    let total = match args.events_per_user {
+        Some(each) => users * each,
+        None => args.events.unwrap_or(users * 2),
+    };
     if total == 0 {
         bail!("--events must be at least 1");
     }
@@ -122,14 +134,18 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
         thousands(users),
         args.event_bytes
     );
-    let factory = Arc::new(EventFactory::new(
+    let mut factory = EventFactory::new(
         &run_id,
         users,
         total,
         topology.partitions(),
         &topology.config().prefix,
         args.event_bytes,
-    ));
+    );
+    if let Some(active) = args.active_users {
+        factory = factory.with_active_users(active);
+    }
+    let factory = Arc::new(factory);
     let cpu = CpuMeter::start(nats.pid());
     let preload = preload(&js, factory, total).await?;
     let preload_cpu = cpu.stop();
@@ -206,9 +222,12 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
 
     println!();
     println!(
-        "herald-bench processor ({} events, {} users, {} B stored per event)",
+        "herald-bench processor ({} events, {} users{}, {} B stored per event)",
         thousands(total),
         thousands(users),
+        args.active_users
+            .map(|a| format!(" ({} at a time)", thousands(a.clamp(1, users))))
+            .unwrap_or_default(),
         stored_bytes / stored.max(1)
     );
     println!(
@@ -278,6 +297,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
     let fields = json!({
         "users": users,
         "events": total,
+        "active_users": args.active_users,
         "stored_bytes_per_event": stored_bytes / stored.max(1),
         "batch": batch,
         "preload": {"events_per_s": round3(preload.events_per_s()), "cpu_cores": preload_cpu},

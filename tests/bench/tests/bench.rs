@@ -309,6 +309,39 @@ async fn processor_only_skips_the_baselines_and_still_measures_the_processor_pro
     Ok(())
 }
 
+/// Repeat visitors: each user's events close together, so the processor's batches hold several
+/// events of one user, written as one profile write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_bench_with_repeat_visitors_counts_fewer_profile_writes_than_events() -> Result<()>
+{
+    let (stdout, s) = bench(&[
+        "processor",
+        "--processor-only",
+        "--users",
+        "2000",
+        "--events-per-user",
+        "10",
+        "--active-users",
+        "200",
+        "--cache-mb",
+        "8",
+    ])
+    .await?;
+    assert_eq!(s["events"], 20000, "{s}");
+    assert_eq!(s["active_users"], 200, "{s}");
+    assert_eq!(s["processor"]["processed"], 20000, "{s}");
+    let writes = s["processor"]["counters"]["profile_writes_total"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    // One write per event would be 20,000.
+    assert!(
+        writes < 20000,
+        "{writes} profile writes for 20000 events: {s}"
+    );
+    assert!(stdout.contains("(200 at a time)"), "{stdout}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_bench_with_atomic_stores_requests_as_atomic_batches() -> Result<()> {
     let (stdout, s) = bench(&[
