@@ -1,22 +1,44 @@
-//! Delivery of one destination's batches: each batch is split into per-user queues (users in
-//! parallel, each user's events one after another), failed sends are retried in process with
-//! backoff, and before every attempt, retries included, the consent gate checks the event's
-//! consent snapshot and the person's current consent; an event it refuses is not sent.
+//! Delivery of one destination's batches.
+//!
+//! With `batch_max` 1 (the default) each batch is split into per-user queues: users in
+//! parallel, each user's events one after another, each sent alone with no added wait. With
+//! `batch_max` above 1 the batch is sent in stream order as requests of up to `batch_max`
+//! events (`{"batch":[...]}`, Segment's batch shape), one request after another, so each
+//! user's order holds within and across requests. A request is made of what the consumer has
+//! waiting: nothing lingers for more (the 50 ms linger the design allows is not used).
+//!
+//! Every attempt first waits for the destination's circuit breaker and rate limit (see
+//! [`crate::breaker`]; such a wait is not an attempt), then asks the consent gate about each
+//! event (the event's consent snapshot and the person's current consent; an event it refuses
+//! is not sent, and is acked as consent-dropped), then sends. 2xx is delivered. A transient
+//! failure (408, 429, 5xx, network) is retried with jittered exponential backoff, or after the
+//! destination's `Retry-After`, until the destination's `max_attempts` attempts were made or
+//! `max_age_seconds` have passed since the first attempt (counted on this replica: a
+//! redelivered event starts again). A permanent failure (any other 4xx), or running out of
+//! attempts or age, writes a dead letter ([`crate::dlq`]) and acks the event: the user's next
+//! events carry on. A batch request refused for good is sent again one event at a time, so
+//! only the events the destination refuses are dead-lettered.
+//!
+//! A batch's `Idempotency-Key` is `<first event id>+<number of events>` (e.g.
+//! `web:m-1+25`); each event keeps its own id in the body (`herald.eventId`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
-use futures_util::StreamExt;
-use herald_common::retry::{Failure, Retry};
-use herald_proto::v1::{Consent, ProcessedEvent};
+use chrono::Utc;
+use futures_util::StreamExt as _;
+use herald_common::retry::{Retry, backoff, jittered};
+use herald_proto::v1::{Consent, DlqReason, ProcessedEvent};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{self, Breaker, RateLimit};
 use crate::consent::ConsentCache;
-use crate::destinations::{SendError, Sender};
+use crate::destinations::{FailureClass, Sender};
+use crate::dlq::{self, DeadLetters, LastFailure, Tried};
 use crate::filter::{ConsentPolicy, Decision, Denial, Filter, integrations_allow};
 use crate::{events, payload};
 
@@ -29,10 +51,9 @@ pub(crate) struct DestinationStats {
 
 struct Item {
     msg: Message,
+    event: ProcessedEvent,
     event_id: String,
     body: Vec<u8>,
-    /// The person's profile, whose current consent is checked before each attempt.
-    profile_id: String,
     /// The consent the event carried (the default, empty one when none).
     snapshot: Consent,
 }
@@ -46,20 +67,51 @@ pub(crate) struct ConsentGate {
 }
 
 impl ConsentGate {
+    /// Whether `event` (with its consent snapshot `snapshot`) may be sent now.
+    pub(crate) fn decide_for(&self, event: &ProcessedEvent, snapshot: &Consent) -> Decision {
+        self.policy
+            .decide(snapshot, self.cache.current(&event.profile_id).as_ref())
+    }
+
     fn decide(&self, item: &Item) -> Decision {
-        self.policy.decide(
-            &item.snapshot,
-            self.cache.current(&item.profile_id).as_ref(),
-        )
+        self.decide_for(&item.event, &item.snapshot)
     }
 }
 
-/// How the retried send of one event ended.
-enum Outcome {
-    /// Sent, in this time.
-    Delivered(Duration),
+/// How the delivery of one event ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    /// Sent and accepted.
+    Delivered,
     /// Not sent: the consent gate refused it (before the first attempt or a retry).
     Dropped(Denial),
+    /// Refused for good, or out of attempts or age: a dead letter.
+    Dead(DlqReason, Tried),
+}
+
+/// When an event stops being retried.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryPolicy {
+    /// Most attempts of one event.
+    pub max_attempts: u32,
+    /// Longest an event is retried, from its first attempt.
+    pub max_age: Duration,
+    /// The longest pause between two attempts.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The policy of destination `record`, with the service's longest backoff.
+    pub(crate) fn of(
+        record: &crate::record::DestinationRecord,
+        cfg: &crate::config::ActivatorConfig,
+    ) -> Self {
+        Self {
+            max_attempts: record.max_attempts.max(1),
+            max_age: Duration::from_secs(record.max_age_seconds),
+            max_backoff: Duration::from_millis(cfg.retry_max_backoff_ms),
+        }
+    }
 }
 
 /// Everything one destination's delivery needs, shared by its consumers' loops.
@@ -76,37 +128,321 @@ pub(crate) struct Delivery {
     pub stats: Arc<DestinationStats>,
     /// How many users' queues are sent at once.
     pub max_concurrent_keys: usize,
-    /// The longest wait between two attempts.
-    pub max_backoff: Duration,
+    /// When to stop retrying an event.
+    pub policy: RetryPolicy,
+    /// Where dead letters go.
+    pub dlq: DeadLetters,
+    /// The destination's circuit breaker (shared by all its loops on this replica).
+    pub breaker: Arc<Breaker>,
+    /// The destination's rate limit on this replica, if it has one.
+    pub rate_limit: Option<Arc<RateLimit>>,
+    /// Most events per request (1: each event alone).
+    pub batch_max: usize,
 }
 
 impl Delivery {
     /// Delivers one batch: every message is settled (acked) when this returns, unless
     /// `cancel` fired first (the rest then stay unacked and come back in order).
     pub(crate) async fn deliver_batch(&self, batch: Vec<Message>, cancel: &CancellationToken) {
-        let groups = group_by_key(&self.destination, &self.filter, batch).await;
-        futures_util::stream::iter(groups)
+        let items = admit(&self.destination, &self.filter, batch).await;
+        if self.batch_max > 1 {
+            self.deliver_in_batches(items, cancel).await;
+            return;
+        }
+        futures_util::stream::iter(group_by_key(items))
             .for_each_concurrent(self.max_concurrent_keys.max(1), |items| {
-                deliver_in_order(
-                    &self.destination,
-                    &self.sender,
-                    &self.gate,
-                    &self.stats,
-                    items,
-                    self.max_backoff,
-                    cancel,
-                )
+                self.deliver_in_order(items, cancel)
             })
             .await;
     }
+
+    /// Sends one profile's events one after another, each until it is delivered,
+    /// consent-dropped or dead-lettered, acking each before the next is sent. Returns early,
+    /// leaving the rest unacked (they come back in order), when `cancel` fires.
+    async fn deliver_in_order(&self, items: Vec<Item>, cancel: &CancellationToken) {
+        for item in items {
+            let Some(mut outcomes) = self.send(&[&item], cancel).await else {
+                return;
+            };
+            let outcome = outcomes.pop().expect("one outcome per event");
+            if !self.settle(&item, outcome, cancel).await {
+                return;
+            }
+        }
+    }
+
+    /// Sends the batch in stream order as requests of up to `batch_max` events, one after
+    /// another; a request refused for good is sent again one event at a time.
+    async fn deliver_in_batches(&self, items: Vec<Item>, cancel: &CancellationToken) {
+        for chunk in items.chunks(self.batch_max) {
+            let refs: Vec<&Item> = chunk.iter().collect();
+            let Some(mut outcomes) = self.send(&refs, cancel).await else {
+                return;
+            };
+            if refs.len() > 1 {
+                for (item, outcome) in chunk.iter().zip(outcomes.iter_mut()) {
+                    if matches!(outcome, Outcome::Dead(DlqReason::Permanent, _)) {
+                        let Some(mut alone) = self.send(&[item], cancel).await else {
+                            return;
+                        };
+                        *outcome = alone.pop().expect("one outcome per event");
+                    }
+                }
+            }
+            for (item, outcome) in chunk.iter().zip(outcomes) {
+                if !self.record_outcome(item, outcome, cancel).await {
+                    return;
+                }
+            }
+            let acks = chunk.iter().map(|item| {
+                confirm_ack(
+                    &self.destination,
+                    &item.msg,
+                    self.policy.max_backoff,
+                    cancel,
+                )
+            });
+            if !futures_util::future::join_all(acks)
+                .await
+                .into_iter()
+                .all(|acked| acked)
+            {
+                return;
+            }
+        }
+    }
+
+    /// Counts and, for a dead letter, writes the outcome of one event, then acks it with the
+    /// server's confirmation; `false` when `cancel` fired first.
+    async fn settle(&self, item: &Item, outcome: Outcome, cancel: &CancellationToken) -> bool {
+        // The next event of this user is sent only once the server has confirmed this ack:
+        // after a crash, at most the last sent event is sent again (a dropped one is checked
+        // again).
+        self.record_outcome(item, outcome, cancel).await
+            && confirm_ack(
+                &self.destination,
+                &item.msg,
+                self.policy.max_backoff,
+                cancel,
+            )
+            .await
+    }
+
+    /// Counts an outcome; a dead letter is written first (retried until it lands: the event
+    /// is acked only once its dead letter is stored). `false` when `cancel` fired first.
+    async fn record_outcome(
+        &self,
+        item: &Item,
+        outcome: Outcome,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let destination = self.destination.as_str();
+        match outcome {
+            Outcome::Delivered => {
+                events::Delivered {
+                    destination,
+                    freshness: freshness(&item.event),
+                }
+                .emit();
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Dropped(denial) => events::ConsentDropped {
+                destination,
+                event_id: &item.event_id,
+                denial: &denial,
+            }
+            .emit(),
+            Outcome::Dead(reason, tried) => {
+                let record = dlq::record(destination, &item.event, &tried, reason);
+                let written = Retry::new(self.policy.max_backoff)
+                    .run(
+                        cancel,
+                        || self.dlq.publish(&record),
+                        |f| {
+                            events::DlqWriteFailed {
+                                destination,
+                                attempt: f.attempt,
+                                error: f.error,
+                            }
+                            .emit()
+                        },
+                    )
+                    .await;
+                if written.is_none() {
+                    return false;
+                }
+                events::DeadLettered {
+                    destination,
+                    event_id: &item.event_id,
+                    reason: dlq::reason_label(reason),
+                    attempts: tried.attempts,
+                    status: tried.failure.as_ref().map_or(0, |f| f.status),
+                    error: tried.failure.as_ref().map_or("", |f| f.error.as_str()),
+                }
+                .emit();
+            }
+        }
+        true
+    }
+
+    /// Sends `items` as one request (one event alone, more as a batch) until it is accepted,
+    /// refused for good, or out of attempts or age. Before every attempt it waits for the
+    /// breaker and the rate limit, then asks the consent gate about each event still to send.
+    /// Each event's outcome, in order; `None` when `cancel` fired first.
+    async fn send(&self, items: &[&Item], cancel: &CancellationToken) -> Option<Vec<Outcome>> {
+        let destination = self.destination.as_str();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+        let mut tried = Tried::default();
+        loop {
+            let permit = self.breaker.acquire(cancel).await?;
+            if let Some(limit) = &self.rate_limit {
+                let pending = outcomes.iter().filter(|o| o.is_none()).count();
+                if !limit.acquire(pending, cancel).await {
+                    return None;
+                }
+            }
+            for (item, outcome) in items.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_none()
+                    && let Decision::Deny(denial) = self.gate.decide(item)
+                {
+                    *outcome = Some(Outcome::Dropped(denial));
+                }
+            }
+            let pending: Vec<&Item> = items
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| o.is_none())
+                .map(|(item, _)| *item)
+                .collect();
+            if pending.is_empty() {
+                // Nothing left to send: the permit goes back unused.
+                drop(permit);
+                return Some(outcomes.into_iter().flatten().collect());
+            }
+            let (key, body) = request(&pending);
+            let now = Utc::now();
+            tried.first.get_or_insert(now);
+            tried.last = Some(now);
+            tried.attempts += 1;
+            let error = match self.sender.send(&key, &body).await {
+                Ok(()) => {
+                    self.breaker_changed(self.breaker.record(permit, breaker::Result::Success));
+                    events::Attempted {
+                        destination,
+                        class: "success",
+                    }
+                    .emit();
+                    return Some(
+                        outcomes
+                            .into_iter()
+                            .map(|o| o.unwrap_or(Outcome::Delivered))
+                            .collect(),
+                    );
+                }
+                Err(e) => e,
+            };
+            let class = error.class();
+            self.breaker_changed(self.breaker.record(permit, breaker::Result::Failure(class)));
+            self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            events::Attempted {
+                destination,
+                class: class.as_str(),
+            }
+            .emit();
+            tried.failure = Some(LastFailure {
+                status: error.status().unwrap_or(0),
+                kind: error.kind(),
+                error: error.to_string(),
+                body: error.body_excerpt().to_string(),
+            });
+            let dead = if class == FailureClass::Permanent {
+                Some(DlqReason::Permanent)
+            } else if tried.attempts >= self.policy.max_attempts {
+                Some(DlqReason::Attempts)
+            } else if tried.first.is_some_and(|first| {
+                (now - first).to_std().unwrap_or_default() >= self.policy.max_age
+            }) {
+                Some(DlqReason::Age)
+            } else {
+                None
+            };
+            let mut wait = jittered(backoff(tried.attempts, self.policy.max_backoff));
+            // A destination's Retry-After replaces the backoff, within bounds.
+            if let Some(after) = error.retry_after() {
+                wait = after.min(self.policy.max_backoff * 6);
+            }
+            events::SendFailed {
+                destination,
+                reason: error.kind(),
+                class: class.as_str(),
+                attempt: tried.attempts,
+                wait: dead.is_none().then_some(wait),
+                error: &error.to_string(),
+            }
+            .emit();
+            if let Some(reason) = dead {
+                return Some(
+                    outcomes
+                        .into_iter()
+                        .map(|o| o.unwrap_or_else(|| Outcome::Dead(reason, tried.clone())))
+                        .collect(),
+                );
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn breaker_changed(&self, change: Option<breaker::Transition>) {
+        if let Some(change) = change {
+            events::BreakerChanged {
+                destination: &self.destination,
+                open: change == breaker::Transition::Opened,
+            }
+            .emit();
+        }
+    }
 }
 
-/// Splits a batch into per-profile queues, keeping each profile's order. Undecodable and
-/// historical events, and those the destination's filter or the event's `integrations` object
-/// exclude, are settled (acked and counted) here.
-async fn group_by_key(destination: &str, filter: &Filter, batch: Vec<Message>) -> Vec<Vec<Item>> {
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut groups: Vec<Vec<Item>> = Vec::new();
+/// The idempotency key and body of a request: one event is its id and its object; several
+/// are `<first id>+<count>` and `{"batch":[...]}`.
+fn request(items: &[&Item]) -> (String, Vec<u8>) {
+    if let [one] = items {
+        return (one.event_id.clone(), one.body.clone());
+    }
+    let key = format!("{}+{}", items[0].event_id, items.len());
+    let mut body = Vec::with_capacity(items.iter().map(|i| i.body.len() + 1).sum::<usize>() + 12);
+    body.extend_from_slice(br#"{"batch":["#);
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&item.body);
+    }
+    body.extend_from_slice(b"]}");
+    (key, body)
+}
+
+/// Seconds from the event's `received_at` to now (0 when it has none or it is in the future).
+fn freshness(event: &ProcessedEvent) -> f64 {
+    event
+        .event
+        .as_ref()
+        .and_then(|e| e.received_at.as_ref())
+        .and_then(herald_proto::time::from_proto)
+        .map_or(0.0, |t| {
+            (Utc::now() - t).to_std().unwrap_or_default().as_secs_f64()
+        })
+}
+
+/// Decodes and filters a batch, keeping stream order. Undecodable and historical events, and
+/// those the destination's filter or the event's `integrations` object exclude, are settled
+/// (acked and counted) here.
+async fn admit(destination: &str, filter: &Filter, batch: Vec<Message>) -> Vec<Item> {
+    let mut items = Vec::with_capacity(batch.len());
     for msg in batch {
         let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
             Ok(p) => p,
@@ -151,93 +487,31 @@ async fn group_by_key(destination: &str, filter: &Filter, batch: Vec<Message>) -
             continue;
         }
         let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
+        items.push(Item {
+            msg,
+            snapshot: processed.consent.clone().unwrap_or_default(),
+            event: processed,
+            event_id,
+            body,
+        });
+    }
+    items
+}
+
+/// Splits items into per-profile queues, keeping each profile's order.
+fn group_by_key(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut groups: Vec<Vec<Item>> = Vec::new();
+    for item in items {
         let slot = *index
-            .entry(processed.profile_id.clone())
+            .entry(item.event.profile_id.clone())
             .or_insert_with(|| {
                 groups.push(Vec::new());
                 groups.len() - 1
             });
-        groups[slot].push(Item {
-            msg,
-            event_id,
-            body,
-            profile_id: processed.profile_id.clone(),
-            snapshot: processed.consent.clone().unwrap_or_default(),
-        });
+        groups[slot].push(item);
     }
     groups
-}
-
-/// Sends one profile's events one after another, retrying each until it succeeds or the
-/// service stops (then the rest stay unacked and come back in order after a restart). Every
-/// attempt, retries included, first asks the consent gate: an event it refuses is not sent
-/// (its retry ends), and is acked and counted as consent-dropped.
-async fn deliver_in_order(
-    destination: &str,
-    sender: &Sender,
-    gate: &ConsentGate,
-    stats: &DestinationStats,
-    items: Vec<Item>,
-    max_backoff: Duration,
-    cancel: &CancellationToken,
-) {
-    for item in items {
-        let sent = Retry::new(max_backoff)
-            .jitter()
-            .run(
-                cancel,
-                || async {
-                    if let Decision::Deny(denial) = gate.decide(&item) {
-                        return Ok(Outcome::Dropped(denial));
-                    }
-                    let started = Instant::now();
-                    sender.send(&item.event_id, &item.body).await?;
-                    Ok(Outcome::Delivered(started.elapsed()))
-                },
-                |f: &mut Failure<'_, SendError>| {
-                    stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    // A destination's Retry-After replaces the backoff, within bounds.
-                    if let Some(after) = f.error.retry_after() {
-                        f.wait = after.min(max_backoff * 6);
-                    }
-                    // Permanent failures are retried too until the DLQ exists; their class
-                    // is logged and counted.
-                    events::SendFailed {
-                        destination,
-                        reason: f.error.kind(),
-                        class: f.error.class().as_str(),
-                        attempt: f.attempt,
-                        wait: f.wait,
-                        error: &f.error.to_string(),
-                    }
-                    .emit();
-                },
-            )
-            .await;
-        match sent {
-            None => return,
-            Some(Outcome::Delivered(took)) => {
-                events::Delivered {
-                    destination,
-                    seconds: took.as_secs_f64(),
-                }
-                .emit();
-                stats.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(Outcome::Dropped(denial)) => events::ConsentDropped {
-                destination,
-                event_id: &item.event_id,
-                denial: &denial,
-            }
-            .emit(),
-        }
-        // The next event of this user is sent only once the server has confirmed this ack:
-        // after a crash, at most the last sent event is sent again (a dropped one is checked
-        // again).
-        if !confirm_ack(destination, &item.msg, max_backoff, cancel).await {
-            return;
-        }
-    }
 }
 
 /// Acks with the server's confirmation, retrying until it lands or the service stops.
@@ -262,4 +536,23 @@ async fn confirm_ack(
         )
         .await
         .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freshness_counts_from_received_at() {
+        let mut e = ProcessedEvent::default();
+        assert_eq!(freshness(&e), 0.0);
+        e.event = Some(herald_proto::v1::Event {
+            received_at: Some(herald_proto::time::to_proto(
+                Utc::now() - chrono::Duration::seconds(5),
+            )),
+            ..Default::default()
+        });
+        let f = freshness(&e);
+        assert!((5.0..60.0).contains(&f), "{f}");
+    }
 }

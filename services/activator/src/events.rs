@@ -4,19 +4,36 @@
 
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_histogram, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 use crate::filter::{ConsentSide, Denial};
 
 /// Registers HELP text for every activator metric.
 pub fn describe() {
     describe_counter!(
-        "herald_activator_events_delivered_total",
-        "Events delivered to a destination (acknowledged by it)."
+        "herald_activator_deliveries_total",
+        "Events whose delivery to a destination ended, by destination and outcome (delivered: accepted by it; dlq: written to the DLQ; consent_dropped: not sent, the person's consent does not allow it)."
+    );
+    describe_counter!(
+        "herald_activator_attempts_total",
+        "Requests sent to a destination, by destination and class (success, transient: 408, 429, 5xx or network, retried; permanent: refused for good). A batch request counts once."
+    );
+    describe_gauge!(
+        "herald_activator_dlq_events",
+        "Dead letters waiting in the DLQ, by destination (from the DLQ stream, refreshed every few seconds)."
+    );
+    describe_histogram!(
+        "herald_activator_freshness_seconds",
+        metrics::Unit::Seconds,
+        "Seconds from an event's received_at (ingest) to its delivery to a destination, by destination."
     );
     describe_counter!(
         "herald_activator_send_failures_total",
-        "Failed send attempts, by destination, reason and class (transient or permanent); each is retried."
+        "Failed send attempts, by destination, reason and class (transient or permanent)."
+    );
+    describe_counter!(
+        "herald_activator_breaker_transitions_total",
+        "A destination's circuit breaker opening (state=open) or closing again (state=closed) on this replica."
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
@@ -26,32 +43,159 @@ pub fn describe() {
         "herald_activator_destination_changes_total",
         "Destination delivery loops started, updated, paused, deleted or refused on this replica, by destination and action."
     );
-    describe_histogram!(
-        "herald_activator_send_duration_seconds",
-        metrics::Unit::Seconds,
-        "Time of one successful send to a destination."
-    );
+}
+
+/// Zero-valued series of a destination's delivery metrics, so they show from start-up.
+pub struct DestinationSeries<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+}
+
+impl DestinationSeries<'_> {
+    /// Registers the series at zero.
+    pub fn emit(self) {
+        let d = self.destination.to_string();
+        for outcome in ["delivered", "dlq", "consent_dropped"] {
+            counter!("herald_activator_deliveries_total", "destination" => d.clone(), "outcome" => outcome).increment(0);
+        }
+        for class in ["success", "transient", "permanent"] {
+            counter!("herald_activator_attempts_total", "destination" => d.clone(), "class" => class).increment(0);
+        }
+    }
 }
 
 /// An event reached its destination.
 pub struct Delivered<'a> {
     /// The destination's id.
     pub destination: &'a str,
-    /// How long the successful send took.
-    pub seconds: f64,
+    /// Seconds from its `received_at` to now.
+    pub freshness: f64,
 }
 
 impl Delivered<'_> {
-    /// Counts it and records the send's duration.
+    /// Counts it and records its freshness.
     pub fn emit(self) {
-        counter!("herald_activator_events_delivered_total", "destination" => self.destination.to_string())
+        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "delivered")
             .increment(1);
-        histogram!("herald_activator_send_duration_seconds", "destination" => self.destination.to_string())
-            .record(self.seconds);
+        histogram!("herald_activator_freshness_seconds", "destination" => self.destination.to_string())
+            .record(self.freshness);
     }
 }
 
-/// A send failed and will be retried after `wait`.
+/// A request was sent to a destination.
+pub struct Attempted<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// `success`, `transient` or `permanent`.
+    pub class: &'static str,
+}
+
+impl Attempted<'_> {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_activator_attempts_total", "destination" => self.destination.to_string(), "class" => self.class)
+            .increment(1);
+    }
+}
+
+/// An event was written to the DLQ (and acked).
+pub struct DeadLettered<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The event's id.
+    pub event_id: &'a str,
+    /// `permanent`, `attempts` or `age`.
+    pub reason: &'static str,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last HTTP status (0: none).
+    pub status: u16,
+    /// The last error.
+    pub error: &'a str,
+}
+
+impl DeadLettered<'_> {
+    /// Logs it (an operator decides: redrive or purge) and counts it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            event_id = self.event_id,
+            reason = self.reason,
+            attempts = self.attempts,
+            status = self.status,
+            error = self.error,
+            "event moved to the DLQ: see `herald dlq list --destination {}`",
+            self.destination
+        );
+        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "dlq")
+            .increment(1);
+    }
+}
+
+/// A dead letter could not be written; retried (the event stays unacked meanwhile).
+pub struct DlqWriteFailed<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl DlqWriteFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            attempt = self.attempt,
+            error = %self.error,
+            "cannot write a dead letter; retrying"
+        );
+    }
+}
+
+/// A destination's circuit breaker opened or closed.
+pub struct BreakerChanged<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Whether it opened (else it closed).
+    pub open: bool,
+}
+
+impl BreakerChanged<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        let state = if self.open { "open" } else { "closed" };
+        if self.open {
+            tracing::warn!(
+                destination = self.destination,
+                "circuit breaker open: the destination keeps failing; sends wait for the cool-down"
+            );
+        } else {
+            tracing::info!(destination = self.destination, "circuit breaker closed");
+        }
+        counter!("herald_activator_breaker_transitions_total", "destination" => self.destination.to_string(), "state" => state)
+            .increment(1);
+    }
+}
+
+/// The number of dead letters of a destination, read from the DLQ stream.
+pub struct DlqSize<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Dead letters waiting.
+    pub events: u64,
+}
+
+impl DlqSize<'_> {
+    /// Sets the gauge.
+    pub fn emit(self) {
+        gauge!("herald_activator_dlq_events", "destination" => self.destination.to_string())
+            .set(self.events as f64);
+    }
+}
+
+/// A send failed; it is retried after `wait`, or (`None`) not at all (a dead letter).
 pub struct SendFailed<'a> {
     /// The destination's id.
     pub destination: &'a str,
@@ -61,8 +205,8 @@ pub struct SendFailed<'a> {
     pub class: &'static str,
     /// Failed attempts so far.
     pub attempt: u32,
-    /// The pause before the next attempt.
-    pub wait: Duration,
+    /// The pause before the next attempt; `None` when it is not retried.
+    pub wait: Option<Duration>,
     /// What failed.
     pub error: &'a str,
 }
@@ -70,15 +214,25 @@ pub struct SendFailed<'a> {
 impl SendFailed<'_> {
     /// Logs and counts it.
     pub fn emit(self) {
-        tracing::warn!(
-            destination = self.destination,
-            reason = self.reason,
-            class = self.class,
-            attempt = self.attempt,
-            wait_ms = self.wait.as_millis(),
-            error = self.error,
-            "send failed; retrying"
-        );
+        match self.wait {
+            Some(wait) => tracing::warn!(
+                destination = self.destination,
+                reason = self.reason,
+                class = self.class,
+                attempt = self.attempt,
+                wait_ms = wait.as_millis(),
+                error = self.error,
+                "send failed; retrying"
+            ),
+            None => tracing::warn!(
+                destination = self.destination,
+                reason = self.reason,
+                class = self.class,
+                attempt = self.attempt,
+                error = self.error,
+                "send failed; not retried"
+            ),
+        }
         counter!("herald_activator_send_failures_total", "destination" => self.destination.to_string(), "reason" => self.reason, "class" => self.class)
             .increment(1);
     }
@@ -119,8 +273,11 @@ pub struct ConsentDropped<'a> {
 }
 
 impl ConsentDropped<'_> {
-    /// Logs it at debug and counts it as skipped with `reason="consent"`.
+    /// Logs it at debug and counts it as skipped with `reason="consent"` and as a delivery
+    /// with `outcome="consent_dropped"`.
     pub fn emit(self) {
+        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "consent_dropped")
+            .increment(1);
         let (purpose, side) = match self.denial {
             Denial::OptedOut { side } => ("", *side),
             Denial::Refused { purpose, side } | Denial::Unknown { purpose, side } => {

@@ -11,10 +11,12 @@
 //! every send attempt, retries included, checks the event's consent snapshot and the person's
 //! current consent with the destination's [`filter::ConsentPolicy`].
 
+mod breaker;
 mod config;
 mod consent;
 mod deliver;
 pub mod destinations;
+mod dlq;
 mod events;
 pub mod filter;
 mod grpc;
@@ -108,6 +110,7 @@ pub async fn start(
         .collect();
     checks.push(live::DESTINATIONS_LOADED_CHECK.to_string());
     checks.push(consent::CONSENT_LOADED_CHECK.to_string());
+    checks.push(dlq::DLQ_STREAM_CHECK.to_string());
     let check_refs: Vec<&str> = checks.iter().map(String::as_str).collect();
     let ready = Readiness::new(client.clone(), &check_refs);
 
@@ -129,6 +132,16 @@ pub async fn start(
             js.clone(),
             topology.clone(),
             ready.clone(),
+            stop.clone(),
+        ),
+    );
+    supervisor.spawn_task(
+        "dlq",
+        dlq::run(
+            js.clone(),
+            topology.clone(),
+            ready.clone(),
+            stats.clone(),
             stop.clone(),
         ),
     );

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use herald_common::Topology;
@@ -16,11 +17,13 @@ use herald_common::nats::retry_until;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{Breaker, RateLimit};
 use crate::config::{ActivatorConfig, DestinationConfig};
 use crate::consent::ConsentCache;
-use crate::deliver::{ConsentGate, Delivery, DestinationStats};
+use crate::deliver::{ConsentGate, Delivery, DestinationStats, RetryPolicy};
 use crate::destinations::{NetworkGuard, Sender};
-use crate::record::DestinationRecord;
+use crate::dlq::DeadLetters;
+use crate::record::{DestinationRecord, KindSettings};
 use crate::store::{self, DestinationStore, KEY_PREFIX};
 use crate::worker;
 use crate::{consumer_name, events};
@@ -111,12 +114,16 @@ impl Loops {
 
     async fn start(&mut self, record: DestinationRecord, view: DestinationRecord, action: &str) {
         let built = match record.check() {
-            Ok(checked) => Sender::new(&record, &self.shared.guard)
-                .await
-                .map(|s| (checked.filter, checked.consent, Arc::new(s))),
+            Ok(checked) => Sender::new(&record, &self.shared.guard).await.map(|s| {
+                let batch_max = match &checked.kind {
+                    KindSettings::Webhook(w) => w.batch_max.max(1) as usize,
+                    _ => 1,
+                };
+                (checked.filter, checked.consent, Arc::new(s), batch_max)
+            }),
             Err(e) => Err(e),
         };
-        let (filter, policy, sender) = match built {
+        let (filter, policy, sender, batch_max) = match built {
             Ok(built) => built,
             Err(e) => {
                 self.shared
@@ -149,8 +156,19 @@ impl Loops {
             sender,
             stats,
             max_concurrent_keys: self.shared.cfg.max_concurrent_keys,
-            max_backoff: std::time::Duration::from_millis(self.shared.cfg.retry_max_backoff_ms),
+            policy: RetryPolicy::of(&record, &self.shared.cfg),
+            dlq: DeadLetters::new(self.shared.js.clone(), &self.shared.topology, &record.id),
+            breaker: Arc::new(Breaker::new(
+                self.shared.cfg.breaker_failures,
+                Duration::from_millis(self.shared.cfg.breaker_cool_down_ms),
+            )),
+            rate_limit: record.rate_limit.map(|r| Arc::new(RateLimit::new(r))),
+            batch_max,
         };
+        events::DestinationSeries {
+            destination: &record.id,
+        }
+        .emit();
         let task = tokio::spawn(worker::run(
             self.shared.js.clone(),
             self.shared.topology.clone(),

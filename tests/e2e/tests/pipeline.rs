@@ -73,7 +73,11 @@ async fn thousand_events_arrive_exactly_once_in_per_user_order() -> Result<()> {
         Duration::from_secs(20),
         || async {
             let m = p.metrics().await.unwrap_or_default();
-            metric_value(&m, "herald_activator_events_delivered_total", &[]) >= 1000.0
+            metric_value(
+                &m,
+                "herald_activator_deliveries_total",
+                &["outcome=\"delivered\""],
+            ) >= 1000.0
         },
     )
     .await?;
@@ -124,8 +128,8 @@ async fn thousand_events_arrive_exactly_once_in_per_user_order() -> Result<()> {
     assert_eq!(
         metric_value(
             &m,
-            "herald_activator_events_delivered_total",
-            &["destination=\"hook\""]
+            "herald_activator_deliveries_total",
+            &["destination=\"hook\"", "outcome=\"delivered\""]
         ),
         1000.0
     );
