@@ -427,7 +427,7 @@ fn request(items: &[&Item]) -> (String, Vec<u8>) {
 }
 
 /// Seconds from the event's `received_at` to now (0 when it has none or it is in the future).
-fn freshness(event: &ProcessedEvent) -> f64 {
+pub(crate) fn freshness(event: &ProcessedEvent) -> f64 {
     event
         .event
         .as_ref()

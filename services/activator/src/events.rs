@@ -154,6 +154,47 @@ impl DlqWriteFailed<'_> {
     }
 }
 
+/// A dead letter was sent again by a redrive.
+pub struct Redriven<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The event's id.
+    pub event_id: &'a str,
+    /// Whether the destination accepted it.
+    pub delivered: bool,
+}
+
+impl Redriven<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            event_id = self.event_id,
+            delivered = self.delivered,
+            "dead letter redriven"
+        );
+    }
+}
+
+/// A destination's dead letters were purged.
+pub struct DlqPurged<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// How many.
+    pub purged: u64,
+}
+
+impl DlqPurged<'_> {
+    /// Logs it (data is dropped on an operator's request).
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            purged = self.purged,
+            "DLQ purged"
+        );
+    }
+}
+
 /// A destination's circuit breaker opened or closed.
 pub struct BreakerChanged<'a> {
     /// The destination's id.

@@ -17,6 +17,7 @@ mod consent;
 mod deliver;
 pub mod destinations;
 mod dlq;
+mod dlq_grpc;
 mod events;
 pub mod filter;
 mod grpc;
@@ -125,6 +126,7 @@ pub async fn start(
     let store = DestinationStore::new(guard.clone());
     let stats = live::StatsMap::default();
     let consent = consent::ConsentCache::default();
+    let (dlq_guard, dlq_consent) = (guard.clone(), consent.clone());
     supervisor.spawn_task(
         "consent",
         consent::run(
@@ -162,13 +164,21 @@ pub async fn start(
             stop.clone(),
         ),
     );
+    let dlq_control = dlq_grpc::DlqGrpc {
+        js: js.clone(),
+        topology: topology.clone(),
+        store: store.clone(),
+        guard: dlq_guard,
+        consent: dlq_consent,
+    };
     let control = grpc::DestinationGrpc {
         store,
         stats,
         js,
         topology,
     };
-    let routes = tonic::service::Routes::new(control.into_server());
+    let routes =
+        tonic::service::Routes::new(control.into_server()).add_service(dlq_control.into_server());
     supervisor.spawn(
         "grpc",
         server::serve_grpc(

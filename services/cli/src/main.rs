@@ -5,6 +5,7 @@ mod config;
 mod control;
 mod destinations_cmd;
 mod dev;
+mod dlq_cmd;
 mod output;
 mod profile_cmd;
 mod quarantine_cmd;
@@ -111,6 +112,13 @@ enum Command {
         #[command(subcommand)]
         cmd: destinations_cmd::DestinationsCommand,
     },
+    /// What the activator could not deliver: list, redrive and purge (activator control API).
+    Dlq {
+        #[command(flatten)]
+        api: ActivatorApi,
+        #[command(subcommand)]
+        cmd: dlq_cmd::DlqCommand,
+    },
 }
 
 /// Parses the arguments and runs the command. An error is printed as its chain and a hint,
@@ -158,6 +166,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Erasure { api, cmd } => profile_cmd::erasure(cmd, &api.control()).await?,
         Command::Destinations { api, cmd } => destinations_cmd::run(cmd, &api.control()).await?,
+        Command::Dlq { api, cmd } => dlq_cmd::run(cmd, &api.control()).await?,
     }
     Ok(())
 }
