@@ -31,7 +31,7 @@ use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures_util::StreamExt as _;
 use herald_common::retry::{Retry, backoff, jittered};
-use herald_proto::v1::{Consent, DlqReason, ProcessedEvent};
+use herald_proto::v1::{Consent, DeliveryState, DeliveryStatusRecord, DlqReason, ProcessedEvent};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,7 @@ use crate::consent::ConsentCache;
 use crate::destinations::{FailureClass, Sender};
 use crate::dlq::{self, DeadLetters, LastFailure, Tried};
 use crate::filter::{ConsentPolicy, Decision, Denial, Filter, integrations_allow};
+use crate::status::{self, StatusStore};
 use crate::{events, payload};
 
 /// Delivery counters of one destination on this replica.
@@ -81,8 +82,8 @@ impl ConsentGate {
 /// How the delivery of one event ended.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
-    /// Sent and accepted.
-    Delivered,
+    /// Sent and accepted, after these attempts.
+    Delivered(Tried),
     /// Not sent: the consent gate refused it (before the first attempt or a retry).
     Dropped(Denial),
     /// Refused for good, or out of attempts or age: a dead letter.
@@ -138,13 +139,15 @@ pub(crate) struct Delivery {
     pub rate_limit: Option<Arc<RateLimit>>,
     /// Most events per request (1: each event alone).
     pub batch_max: usize,
+    /// Where each event's delivery status is recorded.
+    pub status: StatusStore,
 }
 
 impl Delivery {
     /// Delivers one batch: every message is settled (acked) when this returns, unless
     /// `cancel` fired first (the rest then stay unacked and come back in order).
     pub(crate) async fn deliver_batch(&self, batch: Vec<Message>, cancel: &CancellationToken) {
-        let items = admit(&self.destination, &self.filter, batch).await;
+        let items = self.admit(batch).await;
         if self.batch_max > 1 {
             self.deliver_in_batches(items, cancel).await;
             return;
@@ -189,19 +192,17 @@ impl Delivery {
                     }
                 }
             }
+            let mut records = Vec::with_capacity(chunk.len());
             for (item, outcome) in chunk.iter().zip(outcomes) {
-                if !self.record_outcome(item, outcome, cancel).await {
-                    return;
+                match self.record_outcome(item, outcome, cancel).await {
+                    Some(record) => records.push(record),
+                    None => return,
                 }
             }
-            let acks = chunk.iter().map(|item| {
-                confirm_ack(
-                    &self.destination,
-                    &item.msg,
-                    self.policy.max_backoff,
-                    cancel,
-                )
-            });
+            let acks = chunk
+                .iter()
+                .zip(records)
+                .map(|(item, record)| self.ack_and_record(item, record, cancel));
             if !futures_util::future::join_all(acks)
                 .await
                 .into_iter()
@@ -218,40 +219,72 @@ impl Delivery {
         // The next event of this user is sent only once the server has confirmed this ack:
         // after a crash, at most the last sent event is sent again (a dropped one is checked
         // again).
-        self.record_outcome(item, outcome, cancel).await
-            && confirm_ack(
-                &self.destination,
-                &item.msg,
-                self.policy.max_backoff,
-                cancel,
-            )
-            .await
+        match self.record_outcome(item, outcome, cancel).await {
+            Some(record) => self.ack_and_record(item, record, cancel).await,
+            None => false,
+        }
     }
 
-    /// Counts an outcome; a dead letter is written first (retried until it lands: the event
-    /// is acked only once its dead letter is stored). `false` when `cancel` fired first.
+    /// Acks `item` with the server's confirmation while its delivery-status record is written
+    /// (a failed write is logged: the status is not worth holding delivery up).
+    async fn ack_and_record(
+        &self,
+        item: &Item,
+        record: DeliveryStatusRecord,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let write = async {
+            if self.status.enabled()
+                && let Err(e) = self.status.write(&record).await
+            {
+                events::StatusWriteFailed {
+                    destination: &self.destination,
+                    error: &e,
+                }
+                .emit();
+            }
+        };
+        let ack = confirm_ack(
+            &self.destination,
+            &item.msg,
+            self.policy.max_backoff,
+            cancel,
+        );
+        let ((), acked) = tokio::join!(write, ack);
+        acked
+    }
+
+    /// Counts an outcome and returns its delivery-status record; a dead letter is written
+    /// first (retried until it lands: the event is acked only once its dead letter is stored).
+    /// `None` when `cancel` fired first.
     async fn record_outcome(
         &self,
         item: &Item,
         outcome: Outcome,
         cancel: &CancellationToken,
-    ) -> bool {
+    ) -> Option<DeliveryStatusRecord> {
         let destination = self.destination.as_str();
-        match outcome {
-            Outcome::Delivered => {
+        let status =
+            |state, tried: &Tried| status::record(&item.event_id, destination, state, tried);
+        Some(match outcome {
+            Outcome::Delivered(tried) => {
                 events::Delivered {
                     destination,
                     freshness: freshness(&item.event),
                 }
                 .emit();
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                status(DeliveryState::Delivered, &tried)
             }
-            Outcome::Dropped(denial) => events::ConsentDropped {
-                destination,
-                event_id: &item.event_id,
-                denial: &denial,
+            Outcome::Dropped(denial) => {
+                events::ConsentDropped {
+                    destination,
+                    event_id: &item.event_id,
+                    denial: &denial,
+                }
+                .emit();
+                status(DeliveryState::ConsentDropped, &Tried::default())
             }
-            .emit(),
             Outcome::Dead(reason, tried) => {
                 let record = dlq::record(destination, &item.event, &tried, reason);
                 let written = Retry::new(self.policy.max_backoff)
@@ -268,9 +301,7 @@ impl Delivery {
                         },
                     )
                     .await;
-                if written.is_none() {
-                    return false;
-                }
+                written?;
                 events::DeadLettered {
                     destination,
                     event_id: &item.event_id,
@@ -280,9 +311,9 @@ impl Delivery {
                     error: tried.failure.as_ref().map_or("", |f| f.error.as_str()),
                 }
                 .emit();
+                status(DeliveryState::Dlq, &tried)
             }
-        }
-        true
+        })
     }
 
     /// Sends `items` as one request (one event alone, more as a batch) until it is accepted,
@@ -335,7 +366,7 @@ impl Delivery {
                     return Some(
                         outcomes
                             .into_iter()
-                            .map(|o| o.unwrap_or(Outcome::Delivered))
+                            .map(|o| o.unwrap_or_else(|| Outcome::Delivered(tried.clone())))
                             .collect(),
                     );
                 }
@@ -380,6 +411,24 @@ impl Delivery {
                 error: &error.to_string(),
             }
             .emit();
+            if dead.is_none() && tried.attempts == 2 && self.status.enabled() {
+                // Still failing after two attempts: say so in its delivery status (once).
+                for item in &pending {
+                    let record = status::record(
+                        &item.event_id,
+                        destination,
+                        DeliveryState::Retrying,
+                        &tried,
+                    );
+                    if let Err(e) = self.status.write(&record).await {
+                        events::StatusWriteFailed {
+                            destination,
+                            error: &e,
+                        }
+                        .emit();
+                    }
+                }
+            }
             if let Some(reason) = dead {
                 return Some(
                     outcomes
@@ -438,64 +487,96 @@ pub(crate) fn freshness(event: &ProcessedEvent) -> f64 {
         })
 }
 
-/// Decodes and filters a batch, keeping stream order. Undecodable and historical events, and
-/// those the destination's filter or the event's `integrations` object exclude, are settled
-/// (acked and counted) here.
-async fn admit(destination: &str, filter: &Filter, batch: Vec<Message>) -> Vec<Item> {
-    let mut items = Vec::with_capacity(batch.len());
-    for msg in batch {
-        let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
-            Ok(p) => p,
-            Err(_) => {
+impl Delivery {
+    /// Decodes and filters a batch, keeping stream order. Undecodable and historical events,
+    /// those the destination's filter or the event's `integrations` object exclude, and
+    /// redeliveries whose delivery status says delivered are settled (acked and counted) here.
+    async fn admit(&self, batch: Vec<Message>) -> Vec<Item> {
+        let (destination, filter) = (self.destination.as_str(), &self.filter);
+        let mut items = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
+                Ok(p) => p,
+                Err(_) => {
+                    events::Skipped {
+                        destination,
+                        reason: "undecodable",
+                    }
+                    .emit();
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let event = processed.event.as_ref();
+            if event.is_some_and(|e| e.historical) {
                 events::Skipped {
                     destination,
-                    reason: "undecodable",
+                    reason: "historical",
                 }
                 .emit();
-                let _ = msg.ack_with(AckKind::Term).await;
+                let _ = msg.ack().await;
                 continue;
             }
-        };
-        let event = processed.event.as_ref();
-        if event.is_some_and(|e| e.historical) {
-            events::Skipped {
-                destination,
-                reason: "historical",
+            let event_id = event.map(|e| e.id.clone()).unwrap_or_default();
+            let rendered = payload::render(&processed);
+            let wanted = if integrations_allow(&rendered, destination) {
+                filter.matches(&rendered).map_err(|e| e.to_string())
+            } else {
+                Ok(false)
+            };
+            if !matches!(wanted, Ok(true)) {
+                events::Skipped {
+                    destination,
+                    reason: if wanted.is_ok() {
+                        "filtered"
+                    } else {
+                        "filter_error"
+                    },
+                }
+                .emit();
+                let _ = msg.ack().await;
+                continue;
             }
-            .emit();
-            let _ = msg.ack().await;
-            continue;
-        }
-        let event_id = event.map(|e| e.id.clone()).unwrap_or_default();
-        let rendered = payload::render(&processed);
-        let wanted = if integrations_allow(&rendered, destination) {
-            filter.matches(&rendered).map_err(|e| e.to_string())
-        } else {
-            Ok(false)
-        };
-        if !matches!(wanted, Ok(true)) {
-            events::Skipped {
-                destination,
-                reason: if wanted.is_ok() {
-                    "filtered"
-                } else {
-                    "filter_error"
-                },
+            if self.already_delivered(&msg, &event_id).await {
+                events::Skipped {
+                    destination,
+                    reason: "already_delivered",
+                }
+                .emit();
+                let _ = msg.ack().await;
+                continue;
             }
-            .emit();
-            let _ = msg.ack().await;
-            continue;
+            let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
+            items.push(Item {
+                msg,
+                snapshot: processed.consent.clone().unwrap_or_default(),
+                event: processed,
+                event_id,
+                body,
+            });
         }
-        let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
-        items.push(Item {
-            msg,
-            snapshot: processed.consent.clone().unwrap_or_default(),
-            event: processed,
-            event_id,
-            body,
-        });
+        items
     }
-    items
+
+    /// Whether `msg` is a redelivery (delivery count above 1) of an event whose delivery status
+    /// says delivered. Only redeliveries are looked up; a failed read counts as not delivered.
+    async fn already_delivered(&self, msg: &Message, event_id: &str) -> bool {
+        if !self.status.enabled() || msg.info().map_or(true, |i| i.delivered <= 1) {
+            return false;
+        }
+        match self.status.read(event_id, &self.destination).await {
+            Ok(Some(r)) => r.state() == DeliveryState::Delivered,
+            Ok(None) => false,
+            Err(e) => {
+                events::StatusWriteFailed {
+                    destination: &self.destination,
+                    error: &e,
+                }
+                .emit();
+                false
+            }
+        }
+    }
 }
 
 /// Splits items into per-profile queues, keeping each profile's order.
@@ -540,7 +621,18 @@ async fn confirm_ack(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures_util::StreamExt as _;
+    use herald_common::Topology;
+    use herald_common::nats::ensure_stream;
+    use herald_testkit::{NatsServer, WebhookServer, common_config, protobuf_track};
+
     use super::*;
+    use crate::destinations::NetworkGuard;
+    use crate::filter::UnknownConsent;
+    use crate::record::{DestinationKind, DestinationRecord, Settings};
 
     #[test]
     fn freshness_counts_from_received_at() {
@@ -554,5 +646,129 @@ mod tests {
         });
         let f = freshness(&e);
         assert!((5.0..60.0).contains(&f), "{f}");
+    }
+
+    /// The next message of `consumer` (waiting up to 30 s).
+    async fn next(consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>) -> Message {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no message within 30 s"
+            );
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .expect("fetch");
+            if let Some(m) = batch.next().await {
+                return m.expect("a message");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redelivered_event_recorded_as_delivered_is_acked_without_sending() {
+        let nats = NatsServer::start().await.expect("nats");
+        let js = nats.jetstream().await;
+        let common = common_config(&nats.url(), 1, "t");
+        let topology = Topology::new(common.topology.clone());
+        ensure_stream(&js, topology.processed_stream_config())
+            .await
+            .expect("stream");
+        ensure_stream(&js, topology.dlq_stream_config())
+            .await
+            .expect("dlq");
+        let status = StatusStore::new(js.clone(), &topology, Duration::from_secs(3600));
+        status.ensure_bucket(1).await.expect("bucket");
+        let consumer = js
+            .get_stream(topology.processed_stream())
+            .await
+            .expect("stream")
+            .create_consumer(pull::Config {
+                durable_name: Some("test".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(1),
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let hook = WebhookServer::start().await.expect("hook");
+        let mut record =
+            DestinationRecord::new("hook".into(), DestinationKind::Webhook, Utc::now());
+        record.settings = Settings([("url".to_string(), hook.url())].into());
+        let guard = Arc::new(NetworkGuard::new(&["127.0.0.0/8".parse().unwrap()]));
+        let delivery = Delivery {
+            destination: "hook".into(),
+            filter: Filter::new(&[], &[], None).expect("filter"),
+            gate: ConsentGate {
+                policy: ConsentPolicy::new(&[], UnknownConsent::Deny),
+                cache: ConsentCache::default(),
+            },
+            sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
+            stats: Arc::default(),
+            max_concurrent_keys: 4,
+            policy: RetryPolicy {
+                max_attempts: 3,
+                max_age: Duration::from_secs(60),
+                max_backoff: Duration::from_millis(100),
+            },
+            dlq: DeadLetters::new(js.clone(), &topology, "hook"),
+            breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
+            rate_limit: None,
+            batch_max: 1,
+            status: status.clone(),
+        };
+        for seq in [1, 2] {
+            let processed = ProcessedEvent {
+                event: Some(protobuf_track("src", "user-1", seq, 1)),
+                profile_id: "p-1".into(),
+                ..Default::default()
+            };
+            js.publish(
+                topology.processed_subject(0),
+                processed.encode_to_vec().into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        }
+        // Event 1 was delivered by a replica that crashed before its ack: its record says
+        // delivered. Event 2 was not. Both are left unacked once, and come back.
+        let record_1 = status::record(
+            "src:user-1-1",
+            "hook",
+            DeliveryState::Delivered,
+            &Tried::default(),
+        );
+        status.write(&record_1).await.expect("recorded");
+        for _ in 0..2 {
+            let first = next(&consumer).await;
+            assert_eq!(first.info().expect("info").delivered, 1);
+        }
+        let cancel = CancellationToken::new();
+        let again = vec![next(&consumer).await, next(&consumer).await];
+        assert!(again.iter().all(|m| m.info().expect("info").delivered == 2));
+        delivery.deliver_batch(again, &cancel).await;
+        // Only event 2 is sent; event 1 is acked without a request.
+        let got = hook
+            .wait_for(1, Duration::from_secs(30))
+            .await
+            .expect("sent");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].header("idempotency-key"), Some("src:user-1-2"));
+        // Both are settled: nothing comes back after the ack wait.
+        let info = consumer.clone().info().await.expect("info").clone();
+        assert_eq!(info.num_ack_pending, 0, "{info:?}");
+        // Event 2's delivery is recorded.
+        let r = status
+            .read("src:user-1-2", "hook")
+            .await
+            .expect("read")
+            .expect("a record");
+        assert_eq!((r.state(), r.attempts), (DeliveryState::Delivered, 1));
     }
 }

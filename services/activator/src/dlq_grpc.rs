@@ -15,8 +15,8 @@ use futures_util::Stream;
 use herald_common::Topology;
 use herald_proto::v1::dlq_service_server::{DlqService, DlqServiceServer};
 use herald_proto::v1::{
-    DlqEntry, DlqRecord, DlqRedriveOutcome, ListDlqRequest, ListDlqResponse, PurgeDlqRequest,
-    PurgeDlqResponse, RedriveDlqProgress, RedriveDlqRequest,
+    DeliveryState, DlqEntry, DlqRecord, DlqRedriveOutcome, ListDlqRequest, ListDlqResponse,
+    PurgeDlqRequest, PurgeDlqResponse, RedriveDlqProgress, RedriveDlqRequest,
 };
 use prost::Message as _;
 use tonic::{Request, Response, Status};
@@ -27,6 +27,7 @@ use crate::destinations::{NetworkGuard, Sender};
 use crate::dlq::{self, DeadLetters, LastFailure};
 use crate::filter::Decision;
 use crate::record::check_id;
+use crate::status::{self, StatusStore};
 use crate::store::{DestinationError, DestinationStore};
 use crate::{events, payload};
 
@@ -43,6 +44,7 @@ pub(crate) struct DlqGrpc {
     pub store: DestinationStore,
     pub guard: Arc<NetworkGuard>,
     pub consent: ConsentCache,
+    pub status: StatusStore,
 }
 
 /// A destination's sender and consent gate, built for a redrive.
@@ -51,6 +53,7 @@ struct Redriver {
     sender: Sender,
     gate: ConsentGate,
     dlq: DeadLetters,
+    status: StatusStore,
 }
 
 /// The stream of redrive progress messages.
@@ -118,6 +121,7 @@ impl DlqGrpc {
                 cache: self.consent.clone(),
             },
             dlq: DeadLetters::new(self.js.clone(), &self.topology, destination),
+            status: self.status.clone(),
         })
     }
 }
@@ -187,6 +191,21 @@ impl Redriver {
                     freshness: crate::deliver::freshness(&event),
                 }
                 .emit();
+                if self.status.enabled() {
+                    let tried = dlq::Tried {
+                        attempts: record.attempts,
+                        ..Default::default()
+                    };
+                    let done =
+                        status::record(&event_id, destination, DeliveryState::Delivered, &tried);
+                    if let Err(e) = self.status.write(&done).await {
+                        events::StatusWriteFailed {
+                            destination,
+                            error: &e,
+                        }
+                        .emit();
+                    }
+                }
                 match stream.delete_message(seq).await {
                     Ok(_) => (event_id, DlqRedriveOutcome::Delivered, String::new()),
                     Err(e) => (

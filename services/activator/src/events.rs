@@ -37,7 +37,7 @@ pub fn describe() {
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
-        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, consent: the person's consent, in the event's snapshot or current, does not allow it)."
+        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, already_delivered: a redelivery whose delivery status says delivered, consent: the person's consent, in the event's snapshot or current, does not allow it)."
     );
     describe_counter!(
         "herald_activator_destination_changes_total",
@@ -150,6 +150,25 @@ impl DlqWriteFailed<'_> {
             attempt = self.attempt,
             error = %self.error,
             "cannot write a dead letter; retrying"
+        );
+    }
+}
+
+/// A delivery-status record could not be written or read (delivery carries on).
+pub struct StatusWriteFailed<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl StatusWriteFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            error = %self.error,
+            "delivery status not recorded"
         );
     }
 }
@@ -283,8 +302,8 @@ impl SendFailed<'_> {
 pub struct Skipped<'a> {
     /// The destination's id.
     pub destination: &'a str,
-    /// `historical`, `undecodable`, `filtered` or `filter_error` (`consent` is
-    /// [`ConsentDropped`]'s).
+    /// `historical`, `undecodable`, `filtered`, `filter_error` or `already_delivered` (a
+    /// redelivery its delivery status says was delivered; `consent` is [`ConsentDropped`]'s).
     pub reason: &'static str,
 }
 

@@ -24,6 +24,7 @@ mod grpc;
 mod live;
 pub mod payload;
 pub mod record;
+mod status;
 mod store;
 mod worker;
 
@@ -44,6 +45,9 @@ pub use live::DESTINATIONS_LOADED_CHECK;
 pub use record::{DestinationRecord, Settings, Start};
 pub use store::{DestinationError, DestinationStore, KEY_PREFIX};
 pub use worker::consumer_name;
+
+/// The readiness check flipped once the delivery-status bucket exists.
+const DELIVERY_BUCKET_CHECK: &str = "delivery status bucket";
 
 /// Errors that stop the activator from starting.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +116,7 @@ pub async fn start(
     checks.push(live::DESTINATIONS_LOADED_CHECK.to_string());
     checks.push(consent::CONSENT_LOADED_CHECK.to_string());
     checks.push(dlq::DLQ_STREAM_CHECK.to_string());
+    checks.push(DELIVERY_BUCKET_CHECK.to_string());
     let check_refs: Vec<&str> = checks.iter().map(String::as_str).collect();
     let ready = Readiness::new(client.clone(), &check_refs);
 
@@ -127,6 +132,29 @@ pub async fn start(
     let stats = live::StatsMap::default();
     let consent = consent::ConsentCache::default();
     let (dlq_guard, dlq_consent) = (guard.clone(), consent.clone());
+    let status = status::StatusStore::new(
+        js.clone(),
+        &topology,
+        Duration::from_secs(cfg.delivery_status_ttl_seconds),
+    );
+    {
+        let (status, ready, stop, replicas) = (
+            status.clone(),
+            ready.clone(),
+            stop.clone(),
+            common.topology.replicas,
+        );
+        supervisor.spawn_task("delivery status bucket", async move {
+            if nats::retry_until("creating the delivery-status bucket", &stop, || {
+                status.ensure_bucket(replicas)
+            })
+            .await
+            .is_some()
+            {
+                ready.set(DELIVERY_BUCKET_CHECK, true);
+            }
+        });
+    }
     supervisor.spawn_task(
         "consent",
         consent::run(
@@ -159,6 +187,7 @@ pub async fn start(
                 ready: ready.clone(),
                 stats: stats.clone(),
                 consent,
+                status: status.clone(),
             },
             cfg.destinations.clone(),
             stop.clone(),
@@ -170,6 +199,13 @@ pub async fn start(
         store: store.clone(),
         guard: dlq_guard,
         consent: dlq_consent,
+        status: status.clone(),
+    };
+    let status_control = status::StatusGrpc {
+        status,
+        store: store.clone(),
+        js: js.clone(),
+        topology: topology.clone(),
     };
     let control = grpc::DestinationGrpc {
         store,
@@ -177,8 +213,9 @@ pub async fn start(
         js,
         topology,
     };
-    let routes =
-        tonic::service::Routes::new(control.into_server()).add_service(dlq_control.into_server());
+    let routes = tonic::service::Routes::new(control.into_server())
+        .add_service(dlq_control.into_server())
+        .add_service(status_control.into_server());
     supervisor.spawn(
         "grpc",
         server::serve_grpc(

@@ -24,6 +24,7 @@ use crate::deliver::{ConsentGate, Delivery, DestinationStats, RetryPolicy};
 use crate::destinations::{NetworkGuard, Sender};
 use crate::dlq::DeadLetters;
 use crate::record::{DestinationRecord, KindSettings};
+use crate::status::StatusStore;
 use crate::store::{self, DestinationStore, KEY_PREFIX};
 use crate::worker;
 use crate::{consumer_name, events};
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub stats: StatsMap,
     /// The current consent per profile, checked before every send attempt.
     pub consent: ConsentCache,
+    /// The delivery-status bucket.
+    pub status: StatusStore,
 }
 
 struct Running {
@@ -164,6 +167,7 @@ impl Loops {
             )),
             rate_limit: record.rate_limit.map(|r| Arc::new(RateLimit::new(r))),
             batch_max,
+            status: self.shared.status.clone(),
         };
         events::DestinationSeries {
             destination: &record.id,

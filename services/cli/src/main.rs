@@ -3,6 +3,7 @@
 
 mod config;
 mod control;
+mod delivery_cmd;
 mod destinations_cmd;
 mod dev;
 mod dlq_cmd;
@@ -112,6 +113,14 @@ enum Command {
         #[command(subcommand)]
         cmd: destinations_cmd::DestinationsCommand,
     },
+    /// How an event's delivery to each destination ended: `herald delivery <event id>`
+    /// (activator control API).
+    Delivery {
+        #[command(flatten)]
+        args: delivery_cmd::DeliveryArgs,
+        #[command(flatten)]
+        api: ActivatorApi,
+    },
     /// What the activator could not deliver: list, redrive and purge (activator control API).
     Dlq {
         #[command(flatten)]
@@ -167,6 +176,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Erasure { api, cmd } => profile_cmd::erasure(cmd, &api.control()).await?,
         Command::Destinations { api, cmd } => destinations_cmd::run(cmd, &api.control()).await?,
         Command::Dlq { api, cmd } => dlq_cmd::run(cmd, &api.control()).await?,
+        Command::Delivery { args, api } => delivery_cmd::run(args, &api.control()).await?,
     }
     Ok(())
 }

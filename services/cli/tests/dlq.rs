@@ -168,6 +168,28 @@ async fn dlq_list_redrive_and_purge_from_the_cli() -> Result<()> {
     let empty = cli.ok(&["dlq", "list", "--destination", "hook"]).await?;
     assert!(empty.contains("is empty"), "{empty}");
 
+    // Delivery status: by Herald's id, and by the messageId alone (under every source).
+    let config = js
+        .get_key_value(topology.bucket("config"))
+        .await
+        .context("the config bucket")?;
+    config.put("sources.src", "{}".into()).await?;
+    let status = cli.ok(&["delivery", "src:user-1-2"]).await?;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("hook ") && l.contains("delivered")),
+        "{status}"
+    );
+    let by_message_id = cli.ok(&["delivery", "user-1-1", "--json"]).await?;
+    let v: serde_json::Value = serde_json::from_str(by_message_id.trim())?;
+    assert_eq!(v["eventId"], "src:user-1-1", "{v}");
+    // Dead-lettered first, then delivered by the redrive (two earlier attempts, this one).
+    assert_eq!(v["destinations"][0]["state"], "delivered", "{v}");
+    assert_eq!(v["destinations"][0]["attempts"], 3, "{v}");
+    let unknown = cli.ok(&["delivery", "src:never-sent"]).await?;
+    assert!(unknown.contains("No delivery record"), "{unknown}");
+
     // Purge.
     hook.set_failing_for(400, r#""user-1-3""#);
     publish(3).await?;
@@ -178,6 +200,10 @@ async fn dlq_list_redrive_and_purge_from_the_cli() -> Result<()> {
     let out = cli.ok(&["dlq", "purge", "--destination", "hook"]).await?;
     assert!(out.contains("Purged 1 dead letters of hook"), "{out}");
     assert_eq!(dlq_size().await, 0);
+    let status = cli.ok(&["delivery", "src:user-1-3", "--json"]).await?;
+    let v: serde_json::Value = serde_json::from_str(status.trim())?;
+    assert_eq!(v["destinations"][0]["state"], "dlq", "{v}");
+    assert_eq!(v["destinations"][0]["lastStatus"], 400, "{v}");
 
     stop.cancel();
     let _ = activator.task.await;
