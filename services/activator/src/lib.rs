@@ -1,6 +1,10 @@
 //! Herald activator: delivers processed events to each destination from that destination's own
 //! durable consumer, so one slow destination never holds up another. Each user's events arrive
-//! in order; failed sends are retried in process with backoff.
+//! in order; transient failures are retried in process with backoff, behind a per-destination
+//! circuit breaker and rate limit, and what a destination refuses for good, or what runs out
+//! of attempts or age, goes to the DLQ (`<PREFIX>_DLQ`, `herald.v1.DlqService`) so the user's
+//! next events carry on. Each event's outcome per destination is kept in the delivery-status
+//! bucket (`herald.v1.DeliveryStatusService`). The `deliver` module has the details.
 //!
 //! Destinations are live config: records in the config bucket (`destinations.<id>`, see
 //! [`record`]), changed through `herald.v1.DestinationService` ([`DestinationStore`]) and
