@@ -165,6 +165,18 @@ fn events_of(r: &Received) -> Vec<(String, u64)> {
         .collect()
 }
 
+mod dlq {
+    use herald_proto::v1::DlqRecord;
+
+    /// The event id of a dead letter.
+    pub fn event_id(r: &DlqRecord) -> &str {
+        r.event
+            .as_ref()
+            .and_then(|p| p.event.as_ref())
+            .map_or("", |e| e.id.as_str())
+    }
+}
+
 /// Checks that every user's events `1..=rounds` were delivered, each once, in order.
 fn check_per_user_order(received: &[Received], users: &[String], rounds: u64) -> Result<()> {
     let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -321,6 +333,74 @@ async fn running_out_of_attempts_moves_an_event_to_the_dlq() -> Result<()> {
     h.publish("user-1", 2).await?;
     let got = hook.wait_for(1, DEADLINE).await?;
     assert_eq!(events_of(&got[0]), [("user-1".to_string(), 2)]);
+    h.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_age_moves_an_event_to_the_dlq() -> Result<()> {
+    let mut h = Harness::new().await?;
+    let hook = WebhookServer::start().await?;
+    hook.set_failing(503);
+    let mut dest = webhook(&hook, &[]);
+    dest.max_age_seconds = Some(1);
+    dest.max_attempts = Some(1_000);
+    h.start(dest, |c| c.breaker_failures = 0).await?;
+    h.publish("user-1", 1).await?;
+    wait_until("the event is dead-lettered", DEADLINE, || async {
+        h.dlq("hook").await.is_ok_and(|d| d.len() == 1)
+    })
+    .await?;
+    let r = &h.dlq("hook").await?[0];
+    assert_eq!(r.reason(), DlqReason::Age);
+    assert!(r.attempts >= 2, "{}", r.attempts);
+    let first = r.first_attempt_at.context("first")?;
+    let last = r.last_attempt_at.context("last")?;
+    assert!(
+        last.seconds * 1_000_000_000 + i64::from(last.nanos)
+            >= first.seconds * 1_000_000_000 + i64::from(first.nanos) + 1_000_000_000
+    );
+    h.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_is_sent_again_one_event_at_a_time() -> Result<()> {
+    const ROUNDS: u64 = 6;
+    let mut h = Harness::new().await?;
+    let hook = WebhookServer::start().await?;
+    let users = ["user-1".to_string(), "user-2".to_string()];
+    for seq in 1..=ROUNDS {
+        for u in &users {
+            h.publish(u, seq).await?;
+        }
+    }
+    // Any request carrying user-1's third event is refused.
+    hook.set_failing_for(400, r#""user-1-3""#);
+    let mut dest = webhook(&hook, &[("batch_max", "4")]);
+    dest.start = Start::All;
+    h.start(dest, |_| {}).await?;
+    let total = users.len() * ROUNDS as usize - 1;
+    wait_until("every other event is delivered", DEADLINE, || async {
+        hook.received()
+            .iter()
+            .map(|r| events_of(r).len())
+            .sum::<usize>()
+            >= total
+    })
+    .await?;
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in hook.received() {
+        for (user, seq) in events_of(&r) {
+            seen.entry(user).or_default().push(seq);
+        }
+    }
+    assert_eq!(seen["user-1"], [1, 2, 4, 5, 6]);
+    assert_eq!(seen["user-2"], (1..=ROUNDS).collect::<Vec<_>>());
+    let dlq = h.dlq("hook").await?;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq::event_id(&dlq[0]), "src:user-1-3");
+    assert_eq!(dlq[0].reason(), DlqReason::Permanent);
     h.stop().await;
     Ok(())
 }
