@@ -32,6 +32,15 @@ pub struct ActivatorConfig {
     pub max_concurrent_keys: usize,
     /// Longest pause between retries of a failed send.
     pub retry_max_backoff_ms: u64,
+    /// Transient failures in a row (408, 429, 5xx, network) after which a destination's
+    /// circuit breaker opens on this replica (0: never).
+    pub breaker_failures: u32,
+    /// How long an open circuit breaker sends nothing before one probe request.
+    pub breaker_cool_down_ms: u64,
+    /// How long each event's delivery-status record is kept (`herald delivery <id>`); 0 turns
+    /// recording off (and with it the check that keeps a redelivered, already delivered event
+    /// from being sent again).
+    pub delivery_status_ttl_seconds: u64,
     /// Longest a shutdown (SIGTERM) waits for in-flight work to finish and the NATS connection
     /// to drain before the service stops anyway; the chart sets the pod's grace period above it.
     pub shutdown_timeout_seconds: u64,
@@ -59,6 +68,9 @@ impl Default for ActivatorConfig {
             max_ack_pending: 10_000,
             max_concurrent_keys: 64,
             retry_max_backoff_ms: 5_000,
+            breaker_failures: 5,
+            breaker_cool_down_ms: 5_000,
+            delivery_status_ttl_seconds: 86_400,
             shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             destinations: Vec::new(),
             allow_private_networks: Vec::new(),

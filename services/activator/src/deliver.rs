@@ -1,28 +1,55 @@
-//! Delivery of one destination's batches: each batch is split into per-user queues (users in
-//! parallel, each user's events one after another), failed sends are retried in process with
-//! backoff, and before every attempt, retries included, the consent gate checks the event's
-//! consent snapshot and the person's current consent, and refuses an event of a suppressed or
-//! erased identity ([`crate::suppressions`]); an event it refuses is not sent. An erasure
-//! passes neither the filter nor the gate: it is sent once per person ([`crate::erasure`]).
+//! Delivery of one destination's batches.
+//!
+//! With `batch_max` 1 (the default) each batch is split into per-user queues: users in
+//! parallel, each user's events one after another, each sent alone with no added wait. With
+//! `batch_max` above 1 the batch is sent in stream order as requests of up to `batch_max`
+//! events (`{"batch":[...]}`, Segment's batch shape), one request after another, so each
+//! user's order holds within and across requests. A request is made of what the consumer has
+//! waiting: nothing lingers for more (the 50 ms linger the design allows is not used).
+//!
+//! Every attempt first waits for the destination's circuit breaker and rate limit (see
+//! [`crate::breaker`]; such a wait is not an attempt), then asks the consent gate about each
+//! event (the event's consent snapshot and the person's current consent; an event it refuses
+//! is not sent, and is acked as consent-dropped) and refuses an event any of whose identities
+//! is suppressed or erased ([`herald_common::suppressions`]; acked as skipped, `suppressed`),
+//! then sends. An erasure passes neither the filter nor the gate: it is sent alone, once per
+//! person and destination ([`crate::erasure`]). 2xx is delivered. A transient
+//! failure (408, 429, 5xx, network) is retried with jittered exponential backoff, or after the
+//! destination's `Retry-After`, until the destination's `max_attempts` attempts were made or
+//! `max_age_seconds` have passed since the first attempt (counted on this replica: a
+//! redelivered event starts again). A permanent failure (any other 4xx), or running out of
+//! attempts or age, writes a dead letter ([`crate::dlq`]) and acks the event: the user's next
+//! events carry on. A batch request refused for good is sent again one event at a time, so
+//! only the events the destination refuses are dead-lettered.
+//!
+//! A batch's `Idempotency-Key` is `<first event id>+<number of events>` (e.g.
+//! `web:m-1+25`); each event keeps its own id in the body (`herald.eventId`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
-use futures_util::StreamExt;
-use herald_common::retry::{Failure, Retry};
+use chrono::Utc;
+use futures_util::StreamExt as _;
+use herald_common::retry::{Retry, backoff, jittered};
 use herald_common::suppressions::Suppressions;
-use herald_proto::v1::{Consent, EventType, ProcessedEvent};
+use herald_proto::v1::{
+    Consent, DeliveryState, DeliveryStatusRecord, DlqReason, EventType, ProcessedEvent,
+};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{self, Breaker, RateLimit};
+use crate::config::ActivatorConfig;
 use crate::consent::ConsentCache;
-use crate::destinations::{NetworkGuard, SendError, Sender};
+use crate::destinations::{FailureClass, NetworkGuard, Sender};
+use crate::dlq::{self, DeadLetters, LastFailure, Tried};
 use crate::erasure::{Claimed, Erasure, ErasureLedger};
 use crate::filter::{ConsentPolicy, Decision, Denial, Filter, integrations_allow};
-use crate::record::DestinationRecord;
+use crate::record::{DestinationRecord, KindSettings};
+use crate::status::{self, StatusStore};
 use crate::{events, payload};
 
 /// Delivery counters of one destination on this replica.
@@ -34,15 +61,14 @@ pub(crate) struct DestinationStats {
 
 struct Item {
     msg: Message,
+    event: ProcessedEvent,
     event_id: String,
     body: Vec<u8>,
-    /// The person's profile, whose current consent is checked before each attempt.
-    profile_id: String,
     /// The consent the event carried (the default, empty one when none).
     snapshot: Consent,
     /// The suppressions-bucket keys of every identity the event names.
     identity_keys: Vec<String>,
-    /// Set for an erasure event: sent once per request, past the filter and the gate.
+    /// Set for an erasure event: sent alone, once per request, past the filter and the gate.
     erasure: Option<Erasure>,
 }
 
@@ -65,34 +91,71 @@ impl ConsentGate {
         self.cache.wait_loaded(cancel).await && self.suppressions.wait_loaded(cancel).await
     }
 
-    fn suppressed(&self, item: &Item) -> bool {
-        self.suppressions.any(&item.identity_keys)
+    /// Whether any identity of `event` is suppressed (or erased).
+    pub(crate) fn suppressed(&self, event: &ProcessedEvent) -> bool {
+        self.suppressions
+            .any(&crate::suppressions::identity_keys(event))
+    }
+
+    /// Whether `event` (with its consent snapshot `snapshot`) may be sent now.
+    pub(crate) fn decide_for(&self, event: &ProcessedEvent, snapshot: &Consent) -> Decision {
+        self.policy
+            .decide(snapshot, self.cache.current(&event.profile_id).as_ref())
     }
 
     fn decide(&self, item: &Item) -> Decision {
-        self.policy.decide(
-            &item.snapshot,
-            self.cache.current(&item.profile_id).as_ref(),
-        )
+        self.decide_for(&item.event, &item.snapshot)
     }
 }
 
-/// How the retried send of one event ended.
-enum Outcome {
-    /// Sent, in this time.
-    Delivered(Duration),
+/// How the delivery of one event ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    /// Sent and accepted, after these attempts.
+    Delivered(Tried),
     /// Not sent: the consent gate refused it (before the first attempt or a retry).
     Dropped(Denial),
-    /// Not sent: one of its identities is suppressed.
+    /// Not sent: one of its identities is suppressed (checked before every attempt).
     Suppressed,
+    /// Refused for good, or out of attempts or age: a dead letter.
+    Dead(DlqReason, Tried),
+}
+
+/// When an event stops being retried.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryPolicy {
+    /// Most attempts of one event.
+    pub max_attempts: u32,
+    /// Longest an event is retried, from its first attempt.
+    pub max_age: Duration,
+    /// The longest pause between two attempts.
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// The policy of destination `record`, with the service's longest backoff.
+    pub(crate) fn of(
+        record: &crate::record::DestinationRecord,
+        cfg: &crate::config::ActivatorConfig,
+    ) -> Self {
+        Self {
+            max_attempts: record.max_attempts.max(1),
+            max_age: Duration::from_secs(record.max_age_seconds),
+            max_backoff: Duration::from_millis(cfg.retry_max_backoff_ms),
+        }
+    }
 }
 
 /// What every destination's [`Delivery`] is built from ([`Delivery::build`]): shared by live
-/// delivery and replay.
+/// delivery, replay and redrive.
 #[derive(Clone)]
 pub(crate) struct DeliveryDeps {
-    /// The JetStream context (a NATS destination publishes over it).
+    /// The JetStream context (a NATS destination publishes over it; dead letters go through it).
     pub js: async_nats::jetstream::Context,
+    /// The names of streams and buckets.
+    pub topology: herald_common::Topology,
+    /// The service's settings (backoff, breaker, concurrency).
+    pub cfg: ActivatorConfig,
     /// The SSRF guard of webhooks.
     pub guard: Arc<NetworkGuard>,
     /// The current consent per profile.
@@ -101,10 +164,8 @@ pub(crate) struct DeliveryDeps {
     pub suppressions: Arc<Suppressions>,
     /// The erasure ledger.
     pub erasures: ErasureLedger,
-    /// How many users' queues are sent at once.
-    pub max_concurrent_keys: usize,
-    /// The longest wait between two attempts.
-    pub max_backoff: Duration,
+    /// The delivery-status bucket.
+    pub status: StatusStore,
 }
 
 /// Everything one destination's delivery needs, shared by its consumers' loops.
@@ -121,8 +182,18 @@ pub(crate) struct Delivery {
     pub stats: Arc<DestinationStats>,
     /// How many users' queues are sent at once.
     pub max_concurrent_keys: usize,
-    /// The longest wait between two attempts.
-    pub max_backoff: Duration,
+    /// When to stop retrying an event.
+    pub policy: RetryPolicy,
+    /// Where dead letters go.
+    pub dlq: DeadLetters,
+    /// The destination's circuit breaker (shared by all its loops on this replica).
+    pub breaker: Arc<Breaker>,
+    /// The destination's rate limit on this replica, if it has one.
+    pub rate_limit: Option<Arc<RateLimit>>,
+    /// Most events per request (1: each event alone).
+    pub batch_max: usize,
+    /// Where each event's delivery status is recorded.
+    pub status: StatusStore,
 }
 
 impl Delivery {
@@ -133,6 +204,10 @@ impl Delivery {
         stats: Arc<DestinationStats>,
     ) -> Result<Self, String> {
         let checked = record.check()?;
+        let batch_max = match &checked.kind {
+            KindSettings::Webhook(w) => w.batch_max.max(1) as usize,
+            _ => 1,
+        };
         let sender = Sender::connect(record, &deps.guard, &deps.js).await?;
         Ok(Self {
             destination: record.id.clone(),
@@ -145,145 +220,59 @@ impl Delivery {
             },
             sender: Arc::new(sender),
             stats,
-            max_concurrent_keys: deps.max_concurrent_keys,
-            max_backoff: deps.max_backoff,
+            max_concurrent_keys: deps.cfg.max_concurrent_keys,
+            policy: RetryPolicy::of(record, &deps.cfg),
+            dlq: DeadLetters::new(deps.js.clone(), &deps.topology, &record.id),
+            breaker: Arc::new(Breaker::new(
+                deps.cfg.breaker_failures,
+                Duration::from_millis(deps.cfg.breaker_cool_down_ms),
+            )),
+            rate_limit: record.rate_limit.map(|r| Arc::new(RateLimit::new(r))),
+            batch_max,
+            status: deps.status.clone(),
         })
     }
 
     /// Delivers one batch: every message is settled (acked) when this returns, unless
     /// `cancel` fired first (the rest then stay unacked and come back in order).
     pub(crate) async fn deliver_batch(&self, batch: Vec<Message>, cancel: &CancellationToken) {
-        let groups = group_by_key(&self.destination, &self.filter, batch).await;
-        futures_util::stream::iter(groups)
+        let items = self.admit(batch).await;
+        if self.batch_max > 1 {
+            self.deliver_in_batches(items, cancel).await;
+            return;
+        }
+        futures_util::stream::iter(group_by_key(items))
             .for_each_concurrent(self.max_concurrent_keys.max(1), |items| {
-                deliver_in_order(
-                    &self.destination,
-                    &self.sender,
-                    &self.gate,
-                    &self.stats,
-                    items,
-                    self.max_backoff,
-                    cancel,
-                )
+                self.deliver_in_order(items, cancel)
             })
             .await;
     }
-}
 
-/// Splits a batch into per-profile queues, keeping each profile's order. Undecodable and
-/// historical events, and those the destination's filter or the event's `integrations` object
-/// exclude, are settled (acked and counted) here.
-async fn group_by_key(destination: &str, filter: &Filter, batch: Vec<Message>) -> Vec<Vec<Item>> {
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut groups: Vec<Vec<Item>> = Vec::new();
-    for msg in batch {
-        let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
-            Ok(p) => p,
-            Err(_) => {
-                events::Skipped {
-                    destination,
-                    reason: "undecodable",
-                }
-                .emit();
-                let _ = msg.ack_with(AckKind::Term).await;
-                continue;
+    /// Sends one profile's events one after another, each until it is delivered,
+    /// consent-dropped or dead-lettered, acking each before the next is sent. Returns early,
+    /// leaving the rest unacked (they come back in order), when `cancel` fires.
+    async fn deliver_in_order(&self, items: Vec<Item>, cancel: &CancellationToken) {
+        for item in items {
+            if !self.deliver_one(&item, cancel).await {
+                return;
             }
-        };
-        let event = processed.event.as_ref();
-        if event.is_some_and(|e| e.historical) {
-            events::Skipped {
-                destination,
-                reason: "historical",
-            }
-            .emit();
-            let _ = msg.ack().await;
-            continue;
         }
-        let event_id = event.map(|e| e.id.clone()).unwrap_or_default();
-        if let Some(e) = event.filter(|e| e.r#type == EventType::Erasure as i32) {
-            // Keyed by the request (the message id), so each destination sees one id per person.
-            let body = serde_json::to_vec(&payload::erasure(&processed)).expect("JSON serialises");
-            let erasure = Erasure {
-                request_id: e.message_id.clone(),
-                partition: e.partition,
-            };
-            let slot = *index
-                .entry(processed.profile_id.clone())
-                .or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                });
-            groups[slot].push(Item {
-                msg,
-                event_id: erasure.request_id.clone(),
-                body,
-                profile_id: processed.profile_id.clone(),
-                snapshot: Consent::default(),
-                identity_keys: Vec::new(),
-                erasure: Some(erasure),
-            });
-            continue;
-        }
-        let rendered = payload::render(&processed);
-        let wanted = if integrations_allow(&rendered, destination) {
-            filter.matches(&rendered).map_err(|e| e.to_string())
-        } else {
-            Ok(false)
-        };
-        if !matches!(wanted, Ok(true)) {
-            events::Skipped {
-                destination,
-                reason: if wanted.is_ok() {
-                    "filtered"
-                } else {
-                    "filter_error"
-                },
-            }
-            .emit();
-            let _ = msg.ack().await;
-            continue;
-        }
-        let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
-        let slot = *index
-            .entry(processed.profile_id.clone())
-            .or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-        groups[slot].push(Item {
-            msg,
-            event_id,
-            body,
-            profile_id: processed.profile_id.clone(),
-            snapshot: processed.consent.clone().unwrap_or_default(),
-            identity_keys: crate::suppressions::identity_keys(&processed),
-            erasure: None,
-        });
     }
-    groups
-}
 
-/// Sends one profile's events one after another, retrying each until it succeeds or the
-/// service stops (then the rest stay unacked and come back in order after a restart). Every
-/// attempt, retries included, first asks the consent gate: an event it refuses is not sent
-/// (its retry ends), and is acked and counted as consent-dropped.
-async fn deliver_in_order(
-    destination: &str,
-    sender: &Sender,
-    gate: &ConsentGate,
-    stats: &DestinationStats,
-    items: Vec<Item>,
-    max_backoff: Duration,
-    cancel: &CancellationToken,
-) {
-    for item in items {
+    /// Sends one event alone until it is delivered, dropped or dead-lettered, and acks it; an
+    /// erasure first claims its (destination, request) so it is sent once per person. `false`
+    /// when `cancel` fired first.
+    async fn deliver_one(&self, item: &Item, cancel: &CancellationToken) -> bool {
+        let destination = self.destination.as_str();
+        let max_backoff = self.policy.max_backoff;
         if let Some(erasure) = &item.erasure {
-            match gate
+            match self
+                .gate
                 .erasures
                 .claim(destination, erasure, max_backoff, cancel)
                 .await
             {
-                None => return,
+                None => return false,
                 Some(Claimed::Send) => {}
                 Some(Claimed::Duplicate) => {
                     events::ErasureDuplicate {
@@ -291,87 +280,508 @@ async fn deliver_in_order(
                         request_id: &erasure.request_id,
                     }
                     .emit();
-                    if !confirm_ack(destination, &item.msg, max_backoff, cancel).await {
-                        return;
-                    }
-                    continue;
+                    return confirm_ack(destination, &item.msg, max_backoff, cancel).await;
                 }
             }
         }
-        let sent = Retry::new(max_backoff)
-            .jitter()
-            .run(
-                cancel,
-                || async {
-                    if item.erasure.is_none() {
-                        if gate.suppressed(&item) {
-                            return Ok(Outcome::Suppressed);
-                        }
-                        if let Decision::Deny(denial) = gate.decide(&item) {
-                            return Ok(Outcome::Dropped(denial));
-                        }
-                    }
-                    let started = Instant::now();
-                    sender.send(&item.event_id, &item.body).await?;
-                    Ok(Outcome::Delivered(started.elapsed()))
-                },
-                |f: &mut Failure<'_, SendError>| {
-                    stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    // A destination's Retry-After replaces the backoff, within bounds.
-                    if let Some(after) = f.error.retry_after() {
-                        f.wait = after.min(max_backoff * 6);
-                    }
-                    // Permanent failures are retried too until the DLQ exists; their class
-                    // is logged and counted.
-                    events::SendFailed {
-                        destination,
-                        reason: f.error.kind(),
-                        class: f.error.class().as_str(),
-                        attempt: f.attempt,
-                        wait: f.wait,
-                        error: &f.error.to_string(),
-                    }
-                    .emit();
-                },
-            )
-            .await;
-        match sent {
-            None => return,
-            Some(Outcome::Delivered(took)) => {
-                events::Delivered {
-                    destination,
-                    seconds: took.as_secs_f64(),
-                }
-                .emit();
-                stats.delivered.fetch_add(1, Ordering::Relaxed);
-                if let Some(erasure) = &item.erasure
-                    && !gate
-                        .erasures
-                        .sent(destination, erasure, max_backoff, cancel)
-                        .await
-                {
+        let Some(mut outcomes) = self.send(&[item], cancel).await else {
+            return false;
+        };
+        let outcome = outcomes.pop().expect("one outcome per event");
+        if let (Some(erasure), Outcome::Delivered(_)) = (&item.erasure, &outcome)
+            && !self
+                .gate
+                .erasures
+                .sent(destination, erasure, max_backoff, cancel)
+                .await
+        {
+            return false;
+        }
+        self.settle(item, outcome, cancel).await
+    }
+
+    /// Sends the batch in stream order as requests of up to `batch_max` events, one after
+    /// another; a request refused for good is sent again one event at a time.
+    async fn deliver_in_batches(&self, items: Vec<Item>, cancel: &CancellationToken) {
+        // An erasure goes alone, in its place in the stream order.
+        let mut runs: Vec<&[Item]> = Vec::new();
+        let mut start = 0;
+        for (i, item) in items.iter().enumerate() {
+            if item.erasure.is_some() {
+                runs.push(&items[start..i]);
+                runs.push(&items[i..=i]);
+                start = i + 1;
+            }
+        }
+        runs.push(&items[start..]);
+        for run in runs {
+            if let [one] = run
+                && one.erasure.is_some()
+            {
+                if !self.deliver_one(one, cancel).await {
                     return;
                 }
+                continue;
             }
-            Some(Outcome::Suppressed) => events::SuppressedDropped {
-                destination,
-                event_id: &item.event_id,
+            if !self.deliver_run(run, cancel).await {
+                return;
             }
-            .emit(),
-            Some(Outcome::Dropped(denial)) => events::ConsentDropped {
-                destination,
-                event_id: &item.event_id,
-                denial: &denial,
-            }
-            .emit(),
         }
+    }
+
+    /// Sends `items` (no erasure among them) as requests of up to `batch_max` events; `false`
+    /// when `cancel` fired first.
+    async fn deliver_run(&self, items: &[Item], cancel: &CancellationToken) -> bool {
+        for chunk in items.chunks(self.batch_max) {
+            let refs: Vec<&Item> = chunk.iter().collect();
+            let Some(mut outcomes) = self.send(&refs, cancel).await else {
+                return false;
+            };
+            if refs.len() > 1 {
+                for (item, outcome) in chunk.iter().zip(outcomes.iter_mut()) {
+                    if matches!(outcome, Outcome::Dead(DlqReason::Permanent, _)) {
+                        let Some(mut alone) = self.send(&[item], cancel).await else {
+                            return false;
+                        };
+                        *outcome = alone.pop().expect("one outcome per event");
+                    }
+                }
+            }
+            let mut records = Vec::with_capacity(chunk.len());
+            for (item, outcome) in chunk.iter().zip(outcomes) {
+                match self.record_outcome(item, outcome, cancel).await {
+                    Some(record) => records.push(record),
+                    None => return false,
+                }
+            }
+            let acks = chunk
+                .iter()
+                .zip(records)
+                .map(|(item, record)| self.ack_and_record(item, record, cancel));
+            if !futures_util::future::join_all(acks)
+                .await
+                .into_iter()
+                .all(|acked| acked)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Counts and, for a dead letter, writes the outcome of one event, then acks it with the
+    /// server's confirmation; `false` when `cancel` fired first.
+    async fn settle(&self, item: &Item, outcome: Outcome, cancel: &CancellationToken) -> bool {
         // The next event of this user is sent only once the server has confirmed this ack:
         // after a crash, at most the last sent event is sent again (a dropped one is checked
         // again).
-        if !confirm_ack(destination, &item.msg, max_backoff, cancel).await {
-            return;
+        match self.record_outcome(item, outcome, cancel).await {
+            Some(record) => self.ack_and_record(item, record, cancel).await,
+            None => false,
         }
     }
+
+    /// Acks `item` with the server's confirmation while its delivery-status record is written
+    /// (a failed write is logged: the status is not worth holding delivery up).
+    async fn ack_and_record(
+        &self,
+        item: &Item,
+        record: DeliveryStatusRecord,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let write = async {
+            if self.status.enabled()
+                && let Err(e) = self.status.write(&record).await
+            {
+                events::StatusWriteFailed {
+                    destination: &self.destination,
+                    error: &e,
+                }
+                .emit();
+            }
+        };
+        let ack = confirm_ack(
+            &self.destination,
+            &item.msg,
+            self.policy.max_backoff,
+            cancel,
+        );
+        let ((), acked) = tokio::join!(write, ack);
+        acked
+    }
+
+    /// Counts an outcome and returns its delivery-status record; a dead letter is written
+    /// first (retried until it lands: the event is acked only once its dead letter is stored).
+    /// `None` when `cancel` fired first.
+    async fn record_outcome(
+        &self,
+        item: &Item,
+        outcome: Outcome,
+        cancel: &CancellationToken,
+    ) -> Option<DeliveryStatusRecord> {
+        let destination = self.destination.as_str();
+        let status =
+            |state, tried: &Tried| status::record(&item.event_id, destination, state, tried);
+        Some(match outcome {
+            Outcome::Delivered(tried) => {
+                events::Delivered {
+                    destination,
+                    freshness: freshness(&item.event),
+                }
+                .emit();
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                status(DeliveryState::Delivered, &tried)
+            }
+            Outcome::Dropped(denial) => {
+                events::ConsentDropped {
+                    destination,
+                    event_id: &item.event_id,
+                    denial: &denial,
+                }
+                .emit();
+                status(DeliveryState::ConsentDropped, &Tried::default())
+            }
+            Outcome::Suppressed => {
+                events::SuppressedDropped {
+                    destination,
+                    event_id: &item.event_id,
+                }
+                .emit();
+                status(DeliveryState::ConsentDropped, &Tried::default())
+            }
+            Outcome::Dead(reason, tried) => {
+                let record = dlq::record(destination, &item.event, &tried, reason);
+                let written = Retry::new(self.policy.max_backoff)
+                    .run(
+                        cancel,
+                        || self.dlq.publish(&record),
+                        |f| {
+                            events::DlqWriteFailed {
+                                destination,
+                                attempt: f.attempt,
+                                error: f.error,
+                            }
+                            .emit()
+                        },
+                    )
+                    .await;
+                written?;
+                events::DeadLettered {
+                    destination,
+                    event_id: &item.event_id,
+                    reason: dlq::reason_label(reason),
+                    attempts: tried.attempts,
+                    status: tried.failure.as_ref().map_or(0, |f| f.status),
+                    error: tried.failure.as_ref().map_or("", |f| f.error.as_str()),
+                }
+                .emit();
+                status(DeliveryState::Dlq, &tried)
+            }
+        })
+    }
+
+    /// Sends `items` as one request (one event alone, more as a batch) until it is accepted,
+    /// refused for good, or out of attempts or age. Before every attempt it waits for the
+    /// breaker and the rate limit, then asks the consent gate about each event still to send.
+    /// Each event's outcome, in order; `None` when `cancel` fired first.
+    async fn send(&self, items: &[&Item], cancel: &CancellationToken) -> Option<Vec<Outcome>> {
+        let destination = self.destination.as_str();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+        let mut tried = Tried::default();
+        loop {
+            let permit = self.breaker.acquire(cancel).await?;
+            if let Some(limit) = &self.rate_limit {
+                let pending = outcomes.iter().filter(|o| o.is_none()).count();
+                if !limit.acquire(pending, cancel).await {
+                    return None;
+                }
+            }
+            for (item, outcome) in items.iter().zip(outcomes.iter_mut()) {
+                if outcome.is_some() || item.erasure.is_some() {
+                    continue;
+                }
+                if self.gate.suppressions.any(&item.identity_keys) {
+                    *outcome = Some(Outcome::Suppressed);
+                } else if let Decision::Deny(denial) = self.gate.decide(item) {
+                    *outcome = Some(Outcome::Dropped(denial));
+                }
+            }
+            let pending: Vec<&Item> = items
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| o.is_none())
+                .map(|(item, _)| *item)
+                .collect();
+            if pending.is_empty() {
+                // Nothing left to send: the permit goes back unused.
+                drop(permit);
+                return Some(outcomes.into_iter().flatten().collect());
+            }
+            let (key, body) = request(&pending);
+            let now = Utc::now();
+            tried.first.get_or_insert(now);
+            tried.last = Some(now);
+            tried.attempts += 1;
+            let error = match self.sender.send(&key, &body).await {
+                Ok(()) => {
+                    self.breaker_changed(self.breaker.record(permit, breaker::Result::Success));
+                    events::Attempted {
+                        destination,
+                        class: "success",
+                    }
+                    .emit();
+                    return Some(
+                        outcomes
+                            .into_iter()
+                            .map(|o| o.unwrap_or_else(|| Outcome::Delivered(tried.clone())))
+                            .collect(),
+                    );
+                }
+                Err(e) => e,
+            };
+            let class = error.class();
+            self.breaker_changed(self.breaker.record(permit, breaker::Result::Failure(class)));
+            self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            events::Attempted {
+                destination,
+                class: class.as_str(),
+            }
+            .emit();
+            tried.failure = Some(LastFailure {
+                status: error.status().unwrap_or(0),
+                kind: error.kind(),
+                error: error.to_string(),
+                body: error.body_excerpt().to_string(),
+            });
+            let dead = if class == FailureClass::Permanent {
+                Some(DlqReason::Permanent)
+            } else if tried.attempts >= self.policy.max_attempts {
+                Some(DlqReason::Attempts)
+            } else if tried.first.is_some_and(|first| {
+                (now - first).to_std().unwrap_or_default() >= self.policy.max_age
+            }) {
+                Some(DlqReason::Age)
+            } else {
+                None
+            };
+            let mut wait = jittered(backoff(tried.attempts, self.policy.max_backoff));
+            // A destination's Retry-After replaces the backoff, within bounds.
+            if let Some(after) = error.retry_after() {
+                wait = after.min(self.policy.max_backoff * 6);
+            }
+            events::SendFailed {
+                destination,
+                reason: error.kind(),
+                class: class.as_str(),
+                attempt: tried.attempts,
+                wait: dead.is_none().then_some(wait),
+                error: &error.to_string(),
+            }
+            .emit();
+            if dead.is_none() && tried.attempts == 2 && self.status.enabled() {
+                // Still failing after two attempts: say so in its delivery status (once).
+                for item in &pending {
+                    let record = status::record(
+                        &item.event_id,
+                        destination,
+                        DeliveryState::Retrying,
+                        &tried,
+                    );
+                    if let Err(e) = self.status.write(&record).await {
+                        events::StatusWriteFailed {
+                            destination,
+                            error: &e,
+                        }
+                        .emit();
+                    }
+                }
+            }
+            if let Some(reason) = dead {
+                return Some(
+                    outcomes
+                        .into_iter()
+                        .map(|o| o.unwrap_or_else(|| Outcome::Dead(reason, tried.clone())))
+                        .collect(),
+                );
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn breaker_changed(&self, change: Option<breaker::Transition>) {
+        if let Some(change) = change {
+            events::BreakerChanged {
+                destination: &self.destination,
+                open: change == breaker::Transition::Opened,
+            }
+            .emit();
+        }
+    }
+}
+
+/// The idempotency key and body of a request: one event is its id and its object; several
+/// are `<first id>+<count>` and `{"batch":[...]}`.
+fn request(items: &[&Item]) -> (String, Vec<u8>) {
+    if let [one] = items {
+        return (one.event_id.clone(), one.body.clone());
+    }
+    let key = format!("{}+{}", items[0].event_id, items.len());
+    let mut body = Vec::with_capacity(items.iter().map(|i| i.body.len() + 1).sum::<usize>() + 12);
+    body.extend_from_slice(br#"{"batch":["#);
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&item.body);
+    }
+    body.extend_from_slice(b"]}");
+    (key, body)
+}
+
+/// Seconds from the event's `received_at` to now (0 when it has none or it is in the future).
+pub(crate) fn freshness(event: &ProcessedEvent) -> f64 {
+    event
+        .event
+        .as_ref()
+        .and_then(|e| e.received_at.as_ref())
+        .and_then(herald_proto::time::from_proto)
+        .map_or(0.0, |t| {
+            (Utc::now() - t).to_std().unwrap_or_default().as_secs_f64()
+        })
+}
+
+impl Delivery {
+    /// Decodes and filters a batch, keeping stream order. Undecodable and historical events,
+    /// those the destination's filter or the event's `integrations` object exclude, and
+    /// redeliveries whose delivery status says delivered are settled (acked and counted) here.
+    async fn admit(&self, batch: Vec<Message>) -> Vec<Item> {
+        let (destination, filter) = (self.destination.as_str(), &self.filter);
+        let mut items = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
+                Ok(p) => p,
+                Err(_) => {
+                    events::Skipped {
+                        destination,
+                        reason: "undecodable",
+                    }
+                    .emit();
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let event = processed.event.as_ref();
+            if event.is_some_and(|e| e.historical) {
+                events::Skipped {
+                    destination,
+                    reason: "historical",
+                }
+                .emit();
+                let _ = msg.ack().await;
+                continue;
+            }
+            let event_id = event.map(|e| e.id.clone()).unwrap_or_default();
+            if let Some(e) = event.filter(|e| e.r#type == EventType::Erasure as i32) {
+                // Keyed by the request (the message id), so each destination sees one id per
+                // person.
+                let body =
+                    serde_json::to_vec(&payload::erasure(&processed)).expect("JSON serialises");
+                let erasure = Erasure {
+                    request_id: e.message_id.clone(),
+                    partition: e.partition,
+                };
+                items.push(Item {
+                    msg,
+                    event_id: erasure.request_id.clone(),
+                    body,
+                    snapshot: Consent::default(),
+                    identity_keys: Vec::new(),
+                    erasure: Some(erasure),
+                    event: processed,
+                });
+                continue;
+            }
+            let rendered = payload::render(&processed);
+            let wanted = if integrations_allow(&rendered, destination) {
+                filter.matches(&rendered).map_err(|e| e.to_string())
+            } else {
+                Ok(false)
+            };
+            if !matches!(wanted, Ok(true)) {
+                events::Skipped {
+                    destination,
+                    reason: if wanted.is_ok() {
+                        "filtered"
+                    } else {
+                        "filter_error"
+                    },
+                }
+                .emit();
+                let _ = msg.ack().await;
+                continue;
+            }
+            if self.already_delivered(&msg, &event_id).await {
+                events::Skipped {
+                    destination,
+                    reason: "already_delivered",
+                }
+                .emit();
+                let _ = msg.ack().await;
+                continue;
+            }
+            let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
+            items.push(Item {
+                msg,
+                snapshot: processed.consent.clone().unwrap_or_default(),
+                identity_keys: crate::suppressions::identity_keys(&processed),
+                erasure: None,
+                event: processed,
+                event_id,
+                body,
+            });
+        }
+        items
+    }
+
+    /// Whether `msg` is a redelivery (delivery count above 1) of an event whose delivery status
+    /// says delivered. Only redeliveries are looked up; a failed read counts as not delivered.
+    async fn already_delivered(&self, msg: &Message, event_id: &str) -> bool {
+        if !self.status.enabled() || msg.info().map_or(true, |i| i.delivered <= 1) {
+            return false;
+        }
+        match self.status.read(event_id, &self.destination).await {
+            Ok(Some(r)) => r.state() == DeliveryState::Delivered,
+            Ok(None) => false,
+            Err(e) => {
+                events::StatusWriteFailed {
+                    destination: &self.destination,
+                    error: &e,
+                }
+                .emit();
+                false
+            }
+        }
+    }
+}
+
+/// Splits items into per-profile queues, keeping each profile's order.
+fn group_by_key(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut groups: Vec<Vec<Item>> = Vec::new();
+    for item in items {
+        let slot = *index
+            .entry(item.event.profile_id.clone())
+            .or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+        groups[slot].push(item);
+    }
+    groups
 }
 
 /// Acks with the server's confirmation, retrying until it lands or the service stops.
@@ -396,4 +806,160 @@ async fn confirm_ack(
         )
         .await
         .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures_util::StreamExt as _;
+    use herald_common::Topology;
+    use herald_common::nats::ensure_stream;
+    use herald_testkit::{NatsServer, WebhookServer, common_config, protobuf_track};
+
+    use super::*;
+    use crate::destinations::NetworkGuard;
+    use crate::filter::UnknownConsent;
+    use crate::record::{DestinationKind, DestinationRecord, Settings};
+
+    #[test]
+    fn freshness_counts_from_received_at() {
+        let mut e = ProcessedEvent::default();
+        assert_eq!(freshness(&e), 0.0);
+        e.event = Some(herald_proto::v1::Event {
+            received_at: Some(herald_proto::time::to_proto(
+                Utc::now() - chrono::Duration::seconds(5),
+            )),
+            ..Default::default()
+        });
+        let f = freshness(&e);
+        assert!((5.0..60.0).contains(&f), "{f}");
+    }
+
+    /// The next message of `consumer` (waiting up to 30 s).
+    async fn next(consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>) -> Message {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no message within 30 s"
+            );
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .expect("fetch");
+            if let Some(m) = batch.next().await {
+                return m.expect("a message");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redelivered_event_recorded_as_delivered_is_acked_without_sending() {
+        let nats = NatsServer::start().await.expect("nats");
+        let js = nats.jetstream().await;
+        let common = common_config(&nats.url(), 1, "t");
+        let topology = Topology::new(common.topology.clone());
+        ensure_stream(&js, topology.processed_stream_config())
+            .await
+            .expect("stream");
+        ensure_stream(&js, topology.dlq_stream_config())
+            .await
+            .expect("dlq");
+        let status = StatusStore::new(js.clone(), &topology, Duration::from_secs(3600));
+        status.ensure_bucket(1).await.expect("bucket");
+        let consumer = js
+            .get_stream(topology.processed_stream())
+            .await
+            .expect("stream")
+            .create_consumer(pull::Config {
+                durable_name: Some("test".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(1),
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let hook = WebhookServer::start().await.expect("hook");
+        let mut record =
+            DestinationRecord::new("hook".into(), DestinationKind::Webhook, Utc::now());
+        record.settings = Settings([("url".to_string(), hook.url())].into());
+        let guard = Arc::new(NetworkGuard::new(&["127.0.0.0/8".parse().unwrap()]));
+        let delivery = Delivery {
+            destination: "hook".into(),
+            filter: Filter::new(&[], &[], None).expect("filter"),
+            gate: ConsentGate {
+                policy: ConsentPolicy::new(&[], UnknownConsent::Deny),
+                cache: ConsentCache::default(),
+                suppressions: Arc::default(),
+                erasures: ErasureLedger::default(),
+            },
+            sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
+            stats: Arc::default(),
+            max_concurrent_keys: 4,
+            policy: RetryPolicy {
+                max_attempts: 3,
+                max_age: Duration::from_secs(60),
+                max_backoff: Duration::from_millis(100),
+            },
+            dlq: DeadLetters::new(js.clone(), &topology, "hook"),
+            breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
+            rate_limit: None,
+            batch_max: 1,
+            status: status.clone(),
+        };
+        for seq in [1, 2] {
+            let processed = ProcessedEvent {
+                event: Some(protobuf_track("src", "user-1", seq, 1)),
+                profile_id: "p-1".into(),
+                ..Default::default()
+            };
+            js.publish(
+                topology.processed_subject(0),
+                processed.encode_to_vec().into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        }
+        // Event 1 was delivered by a replica that crashed before its ack: its record says
+        // delivered. Event 2 was not. Both are left unacked once, and come back.
+        let record_1 = status::record(
+            "src:user-1-1",
+            "hook",
+            DeliveryState::Delivered,
+            &Tried::default(),
+        );
+        status.write(&record_1).await.expect("recorded");
+        for _ in 0..2 {
+            let first = next(&consumer).await;
+            assert_eq!(first.info().expect("info").delivered, 1);
+        }
+        let cancel = CancellationToken::new();
+        let again = vec![next(&consumer).await, next(&consumer).await];
+        assert!(again.iter().all(|m| m.info().expect("info").delivered == 2));
+        delivery.deliver_batch(again, &cancel).await;
+        // Only event 2 is sent; event 1 is acked without a request.
+        let got = hook
+            .wait_for(1, Duration::from_secs(30))
+            .await
+            .expect("sent");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].header("idempotency-key"), Some("src:user-1-2"));
+        // Both are settled: nothing comes back after the ack wait.
+        let info = consumer.clone().info().await.expect("info").clone();
+        assert_eq!(info.num_ack_pending, 0, "{info:?}");
+        // Event 2's delivery is recorded.
+        let r = status
+            .read("src:user-1-2", "hook")
+            .await
+            .expect("read")
+            .expect("a record");
+        assert_eq!((r.state(), r.attempts), (DeliveryState::Delivered, 1));
+    }
 }

@@ -14,16 +14,33 @@ use crate::filter::{ConsentSide, Denial};
 /// first event; the `reason`/`class`/`action`-labelled ones as HELP and TYPE lines until then).
 pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
     describe_counter!(
-        "herald_activator_events_delivered_total",
-        "Events delivered to a destination (acknowledged by it)."
+        "herald_activator_deliveries_total",
+        "Events whose delivery to a destination ended, by destination and outcome (delivered: accepted by it; dlq: written to the DLQ; consent_dropped: not sent, the person's consent does not allow it)."
+    );
+    describe_counter!(
+        "herald_activator_attempts_total",
+        "Requests sent to a destination, by destination and class (success, transient: 408, 429, 5xx or network, retried; permanent: refused for good). A batch request counts once."
+    );
+    describe_gauge!(
+        "herald_activator_dlq_events",
+        "Dead letters waiting in the DLQ, by destination (from the DLQ stream, refreshed every few seconds)."
+    );
+    describe_histogram!(
+        "herald_activator_freshness_seconds",
+        metrics::Unit::Seconds,
+        "Seconds from an event's received_at (ingest) to its delivery to a destination, by destination."
     );
     describe_counter!(
         "herald_activator_send_failures_total",
-        "Failed send attempts, by destination, reason and class (transient or permanent); each is retried."
+        "Failed send attempts, by destination, reason and class (transient or permanent)."
+    );
+    describe_counter!(
+        "herald_activator_breaker_transitions_total",
+        "A destination's circuit breaker opening (state=open) or closing again (state=closed) on this replica."
     );
     describe_counter!(
         "herald_activator_events_skipped_total",
-        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, consent: the person's consent, in the event's snapshot or current, does not allow it, suppressed: one of its identities is suppressed or erased, erasure_duplicate: the erasure was already sent to the destination from another partition)."
+        "Events not sent to a destination, by destination and reason (historical, undecodable, filtered: excluded by its filter or the integrations object, filter_error: its CEL condition failed to evaluate, already_delivered: a redelivery whose delivery status says delivered, consent: the person's consent, in the event's snapshot or current, does not allow it, suppressed: one of its identities is suppressed or erased, erasure_duplicate: the erasure was already sent to the destination from another partition)."
     );
     describe_counter!(
         "herald_activator_destination_changes_total",
@@ -33,16 +50,32 @@ pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
         "herald_activator_replays_total",
         "Replays (herald replay) that ended, by destination and result (completed, failed, cancelled)."
     );
-    describe_histogram!(
-        "herald_activator_send_duration_seconds",
-        metrics::Unit::Seconds,
-        "Time of one successful send to a destination."
-    );
     describe_scale();
     for destination in destinations {
-        let labels = [("destination", destination.to_string())];
-        telemetry::zero_counters("herald_activator_events_delivered_total", [labels.clone()]);
-        telemetry::zero_histograms("herald_activator_send_duration_seconds", [labels.clone()]);
+        DestinationSeries { destination }.emit();
+    }
+}
+
+/// Zero-valued series of a destination's metrics, so they show from start-up (and from its
+/// creation, for one created later).
+pub struct DestinationSeries<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+}
+
+impl DestinationSeries<'_> {
+    /// Registers the series at zero.
+    pub fn emit(self) {
+        let d = self.destination.to_string();
+        for outcome in ["delivered", "dlq", "consent_dropped"] {
+            counter!("herald_activator_deliveries_total", "destination" => d.clone(), "outcome" => outcome).increment(0);
+        }
+        for class in ["success", "transient", "permanent"] {
+            counter!("herald_activator_attempts_total", "destination" => d.clone(), "class" => class).increment(0);
+        }
+        let labels = [("destination", d.clone())];
+        telemetry::zero_histograms("herald_activator_freshness_seconds", [labels.clone()]);
+        telemetry::zero_gauges("herald_activator_dlq_events", [labels.clone()]);
         telemetry::zero_gauges("herald_activator_backlog_events", [labels.clone()]);
         telemetry::zero_gauges("herald_activator_owned_partitions", [labels]);
         telemetry::zero_counters(
@@ -52,16 +85,12 @@ pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
                 "undecodable",
                 "filtered",
                 "filter_error",
+                "already_delivered",
                 "consent",
                 "suppressed",
                 "erasure_duplicate",
             ]
-            .map(|reason| {
-                [
-                    ("destination", destination.to_string()),
-                    ("reason", reason.to_string()),
-                ]
-            }),
+            .map(|reason| [("destination", d.clone()), ("reason", reason.to_string())]),
         );
     }
 }
@@ -70,21 +99,194 @@ pub fn describe<'a>(destinations: impl IntoIterator<Item = &'a str>) {
 pub struct Delivered<'a> {
     /// The destination's id.
     pub destination: &'a str,
-    /// How long the successful send took.
-    pub seconds: f64,
+    /// Seconds from its `received_at` to now.
+    pub freshness: f64,
 }
 
 impl Delivered<'_> {
-    /// Counts it and records the send's duration.
+    /// Counts it and records its freshness.
     pub fn emit(self) {
-        counter!("herald_activator_events_delivered_total", "destination" => self.destination.to_string())
+        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "delivered")
             .increment(1);
-        histogram!("herald_activator_send_duration_seconds", "destination" => self.destination.to_string())
-            .record(self.seconds);
+        histogram!("herald_activator_freshness_seconds", "destination" => self.destination.to_string())
+            .record(self.freshness);
     }
 }
 
-/// A send failed and will be retried after `wait`.
+/// A request was sent to a destination.
+pub struct Attempted<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// `success`, `transient` or `permanent`.
+    pub class: &'static str,
+}
+
+impl Attempted<'_> {
+    /// Counts it.
+    pub fn emit(self) {
+        counter!("herald_activator_attempts_total", "destination" => self.destination.to_string(), "class" => self.class)
+            .increment(1);
+    }
+}
+
+/// An event was written to the DLQ (and acked).
+pub struct DeadLettered<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The event's id.
+    pub event_id: &'a str,
+    /// `permanent`, `attempts` or `age`.
+    pub reason: &'static str,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last HTTP status (0: none).
+    pub status: u16,
+    /// The last error.
+    pub error: &'a str,
+}
+
+impl DeadLettered<'_> {
+    /// Logs it (an operator decides: redrive or purge) and counts it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            event_id = self.event_id,
+            reason = self.reason,
+            attempts = self.attempts,
+            status = self.status,
+            error = self.error,
+            "event moved to the DLQ: see `herald dlq list --destination {}`",
+            self.destination
+        );
+        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "dlq")
+            .increment(1);
+    }
+}
+
+/// A dead letter could not be written; retried (the event stays unacked meanwhile).
+pub struct DlqWriteFailed<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Failed attempts so far.
+    pub attempt: u32,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl DlqWriteFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            attempt = self.attempt,
+            error = %self.error,
+            "cannot write a dead letter; retrying"
+        );
+    }
+}
+
+/// A delivery-status record could not be written or read (delivery carries on).
+pub struct StatusWriteFailed<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl StatusWriteFailed<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            error = %self.error,
+            "delivery status not recorded"
+        );
+    }
+}
+
+/// A dead letter was sent again by a redrive.
+pub struct Redriven<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// The event's id.
+    pub event_id: &'a str,
+    /// Whether the destination accepted it.
+    pub delivered: bool,
+}
+
+impl Redriven<'_> {
+    /// Logs it.
+    pub fn emit(self) {
+        tracing::info!(
+            destination = self.destination,
+            event_id = self.event_id,
+            delivered = self.delivered,
+            "dead letter redriven"
+        );
+    }
+}
+
+/// A destination's dead letters were purged.
+pub struct DlqPurged<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// How many.
+    pub purged: u64,
+}
+
+impl DlqPurged<'_> {
+    /// Logs it (data is dropped on an operator's request).
+    pub fn emit(self) {
+        tracing::warn!(
+            destination = self.destination,
+            purged = self.purged,
+            "DLQ purged"
+        );
+    }
+}
+
+/// A destination's circuit breaker opened or closed.
+pub struct BreakerChanged<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Whether it opened (else it closed).
+    pub open: bool,
+}
+
+impl BreakerChanged<'_> {
+    /// Logs and counts it.
+    pub fn emit(self) {
+        let state = if self.open { "open" } else { "closed" };
+        if self.open {
+            tracing::warn!(
+                destination = self.destination,
+                "circuit breaker open: the destination keeps failing; sends wait for the cool-down"
+            );
+        } else {
+            tracing::info!(destination = self.destination, "circuit breaker closed");
+        }
+        counter!("herald_activator_breaker_transitions_total", "destination" => self.destination.to_string(), "state" => state)
+            .increment(1);
+    }
+}
+
+/// The number of dead letters of a destination, read from the DLQ stream.
+pub struct DlqSize<'a> {
+    /// The destination's id.
+    pub destination: &'a str,
+    /// Dead letters waiting.
+    pub events: u64,
+}
+
+impl DlqSize<'_> {
+    /// Sets the gauge.
+    pub fn emit(self) {
+        gauge!("herald_activator_dlq_events", "destination" => self.destination.to_string())
+            .set(self.events as f64);
+    }
+}
+
+/// A send failed; it is retried after `wait`, or (`None`) not at all (a dead letter).
 pub struct SendFailed<'a> {
     /// The destination's id.
     pub destination: &'a str,
@@ -94,8 +296,8 @@ pub struct SendFailed<'a> {
     pub class: &'static str,
     /// Failed attempts so far.
     pub attempt: u32,
-    /// The pause before the next attempt.
-    pub wait: Duration,
+    /// The pause before the next attempt; `None` when it is not retried.
+    pub wait: Option<Duration>,
     /// What failed.
     pub error: &'a str,
 }
@@ -103,15 +305,25 @@ pub struct SendFailed<'a> {
 impl SendFailed<'_> {
     /// Logs and counts it.
     pub fn emit(self) {
-        tracing::warn!(
-            destination = self.destination,
-            reason = self.reason,
-            class = self.class,
-            attempt = self.attempt,
-            wait_ms = self.wait.as_millis(),
-            error = self.error,
-            "send failed; retrying"
-        );
+        match self.wait {
+            Some(wait) => tracing::warn!(
+                destination = self.destination,
+                reason = self.reason,
+                class = self.class,
+                attempt = self.attempt,
+                wait_ms = wait.as_millis(),
+                error = self.error,
+                "send failed; retrying"
+            ),
+            None => tracing::warn!(
+                destination = self.destination,
+                reason = self.reason,
+                class = self.class,
+                attempt = self.attempt,
+                error = self.error,
+                "send failed; not retried"
+            ),
+        }
         counter!("herald_activator_send_failures_total", "destination" => self.destination.to_string(), "reason" => self.reason, "class" => self.class)
             .increment(1);
     }
@@ -121,8 +333,8 @@ impl SendFailed<'_> {
 pub struct Skipped<'a> {
     /// The destination's id.
     pub destination: &'a str,
-    /// `historical`, `undecodable`, `filtered` or `filter_error` (`consent` is
-    /// [`ConsentDropped`]'s).
+    /// `historical`, `undecodable`, `filtered`, `filter_error` or `already_delivered` (a
+    /// redelivery its delivery status says was delivered; `consent` is [`ConsentDropped`]'s).
     pub reason: &'static str,
 }
 
@@ -152,8 +364,11 @@ pub struct ConsentDropped<'a> {
 }
 
 impl ConsentDropped<'_> {
-    /// Logs it at debug and counts it as skipped with `reason="consent"`.
+    /// Logs it at debug and counts it as skipped with `reason="consent"` and as a delivery
+    /// with `outcome="consent_dropped"`.
     pub fn emit(self) {
+        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "consent_dropped")
+            .increment(1);
         let (purpose, side) = match self.denial {
             Denial::OptedOut { side } => ("", *side),
             Denial::Refused { purpose, side } | Denial::Unknown { purpose, side } => {

@@ -2,8 +2,12 @@
 //! durable consumers, so one slow destination never holds up another. An ordered destination has
 //! one consumer per partition, delivered by the replica that owns the partition in the
 //! `activator` member list, so each user's events arrive in order and 1 or 3 replicas is a
-//! deployment choice; an unordered one has one consumer every replica pulls (see the `worker` module).
-//! Failed sends are retried in process with backoff.
+//! deployment choice; an unordered one has one consumer every replica pulls (see the `worker`
+//! module). Transient failures are retried in process with backoff, behind a per-destination
+//! circuit breaker and rate limit, and what a destination refuses for good, or what runs out
+//! of attempts or age, goes to the DLQ (`<PREFIX>_DLQ`, `herald.v1.DlqService`) so the user's
+//! next events carry on. Each event's outcome per destination is kept in the delivery-status
+//! bucket (`herald.v1.DeliveryStatusService`). The `deliver` module has the details.
 //!
 //! Destinations are live config: records in the config bucket (`destinations.<id>`, see
 //! [`record`]), changed through `herald.v1.DestinationService` ([`DestinationStore`]) and
@@ -18,10 +22,13 @@
 //! ([`destinations::nats`]). `herald.v1.ReplayService` re-sends a time window of processed events
 //! to one destination ([`replay`]).
 
+mod breaker;
 mod config;
 mod consent;
 mod deliver;
 pub mod destinations;
+mod dlq;
+mod dlq_grpc;
 mod erasure;
 mod events;
 pub mod filter;
@@ -30,6 +37,7 @@ mod live;
 pub mod payload;
 pub mod record;
 mod replay;
+mod status;
 mod store;
 mod suppressions;
 mod worker;
@@ -52,6 +60,9 @@ pub use record::{DestinationRecord, Settings, Start};
 pub use store::{DestinationError, DestinationStore, KEY_PREFIX};
 pub use suppressions::SUPPRESSIONS_LOADED_CHECK;
 pub use worker::{consumer_name, partition_consumer_name};
+
+/// The readiness check flipped once the delivery-status bucket exists.
+const DELIVERY_BUCKET_CHECK: &str = "delivery status bucket";
 
 /// Errors that stop the activator from starting.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +135,8 @@ pub async fn start(
     checks.push(live::DESTINATIONS_LOADED_CHECK.to_string());
     checks.push(consent::CONSENT_LOADED_CHECK.to_string());
     checks.push(suppressions::SUPPRESSIONS_LOADED_CHECK.to_string());
+    checks.push(dlq::DLQ_STREAM_CHECK.to_string());
+    checks.push(DELIVERY_BUCKET_CHECK.to_string());
     let check_refs: Vec<&str> = checks.iter().map(String::as_str).collect();
     let ready = Readiness::new(client.clone(), &check_refs);
 
@@ -151,14 +164,38 @@ pub async fn start(
             stop.clone(),
         ),
     );
+    let status = status::StatusStore::new(
+        js.clone(),
+        &topology,
+        Duration::from_secs(cfg.delivery_status_ttl_seconds),
+    );
+    {
+        let (status, ready, stop, replicas) = (
+            status.clone(),
+            ready.clone(),
+            stop.clone(),
+            common.topology.replicas,
+        );
+        supervisor.spawn_task("delivery status bucket", async move {
+            if nats::retry_until("creating the delivery-status bucket", &stop, || {
+                status.ensure_bucket(replicas)
+            })
+            .await
+            .is_some()
+            {
+                ready.set(DELIVERY_BUCKET_CHECK, true);
+            }
+        });
+    }
     let deps = deliver::DeliveryDeps {
         js: js.clone(),
+        topology: topology.clone(),
+        cfg: cfg.clone(),
         guard,
         consent: consent.clone(),
         suppressions: suppressed,
         erasures,
-        max_concurrent_keys: cfg.max_concurrent_keys,
-        max_backoff: Duration::from_millis(cfg.retry_max_backoff_ms),
+        status: status.clone(),
     };
     supervisor.spawn_task(
         "consent",
@@ -167,6 +204,16 @@ pub async fn start(
             js.clone(),
             topology.clone(),
             ready.clone(),
+            stop.clone(),
+        ),
+    );
+    supervisor.spawn_task(
+        "dlq",
+        dlq::run(
+            js.clone(),
+            topology.clone(),
+            ready.clone(),
+            stats.clone(),
             stop.clone(),
         ),
     );
@@ -188,10 +235,23 @@ pub async fn start(
     );
     let replays = replay::ReplayGrpc {
         store: store.clone(),
-        deps,
+        deps: deps.clone(),
         topology: topology.clone(),
         cfg: cfg.clone(),
         stop: stop.clone(),
+    };
+    let dlq_control = dlq_grpc::DlqGrpc {
+        js: js.clone(),
+        topology: topology.clone(),
+        store: store.clone(),
+        deps,
+        status: status.clone(),
+    };
+    let status_control = status::StatusGrpc {
+        status,
+        store: store.clone(),
+        js: js.clone(),
+        topology: topology.clone(),
     };
     let control = grpc::DestinationGrpc {
         store,
@@ -199,8 +259,10 @@ pub async fn start(
         js,
         topology,
     };
-    let routes =
-        tonic::service::Routes::new(control.into_server()).add_service(replays.into_server());
+    let routes = tonic::service::Routes::new(control.into_server())
+        .add_service(replays.into_server())
+        .add_service(dlq_control.into_server())
+        .add_service(status_control.into_server());
     supervisor.spawn(
         "grpc",
         server::serve_grpc(

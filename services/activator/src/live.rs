@@ -140,6 +140,10 @@ impl Loops {
             }
         };
         let stop = self.cancel.child_token();
+        events::DestinationSeries {
+            destination: &record.id,
+        }
+        .emit();
         let task = tokio::spawn(worker::run(
             self.shared.js.clone(),
             self.shared.topology.clone(),

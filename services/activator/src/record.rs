@@ -217,7 +217,8 @@ pub struct WebhookSettings {
     pub url: String,
     /// Timeout of one request.
     pub timeout_ms: u64,
-    /// Most events per request (stored; batching is not built yet, every request carries one).
+    /// Most events per request: 1 (the default) sends each event alone; above 1, requests
+    /// carry `{"batch":[...]}` (see [`crate::deliver`]).
     pub batch_max: u32,
     /// Extra request headers (secrets).
     pub headers: BTreeMap<String, Secret>,

@@ -3,8 +3,10 @@
 
 mod config;
 mod control;
+mod delivery_cmd;
 mod destinations_cmd;
 mod dev;
+mod dlq_cmd;
 mod output;
 mod profile_cmd;
 mod quarantine_cmd;
@@ -119,6 +121,21 @@ enum Command {
         #[command(flatten)]
         args: replay_cmd::ReplayArgs,
     },
+    /// How an event's delivery to each destination ended: `herald delivery <event id>`
+    /// (activator control API).
+    Delivery {
+        #[command(flatten)]
+        args: delivery_cmd::DeliveryArgs,
+        #[command(flatten)]
+        api: ActivatorApi,
+    },
+    /// What the activator could not deliver: list, redrive and purge (activator control API).
+    Dlq {
+        #[command(flatten)]
+        api: ActivatorApi,
+        #[command(subcommand)]
+        cmd: dlq_cmd::DlqCommand,
+    },
 }
 
 /// Parses the arguments and runs the command. An error is printed as its chain and a hint,
@@ -167,6 +184,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Erasure { api, cmd } => profile_cmd::erasure(cmd, &api.control()).await?,
         Command::Destinations { api, cmd } => destinations_cmd::run(cmd, &api.control()).await?,
         Command::Replay { api, args } => replay_cmd::run(args, &api.control()).await?,
+        Command::Dlq { api, cmd } => dlq_cmd::run(cmd, &api.control()).await?,
+        Command::Delivery { args, api } => delivery_cmd::run(args, &api.control()).await?,
     }
     Ok(())
 }

@@ -139,6 +139,11 @@ pub struct TopologyConfig {
     /// Maximum bytes of the NATS intake stream (-1: unlimited). When full, producers' publishes
     /// to `<prefix>.in.<source>` fail and they must retry.
     pub intake_max_bytes: i64,
+    /// How long dead letters (the activator's DLQ) are kept before JetStream expires them.
+    pub dlq_max_age_seconds: u64,
+    /// Maximum bytes of the DLQ stream (-1: unlimited). When full, new dead letters are
+    /// refused (DiscardNew): the failing event is retried until there is room.
+    pub dlq_max_bytes: i64,
 }
 
 impl Default for TopologyConfig {
@@ -154,6 +159,8 @@ impl Default for TopologyConfig {
             quarantine_max_age_seconds: 30 * 24 * 3600,
             quarantine_max_bytes: -1,
             intake_max_bytes: -1,
+            dlq_max_age_seconds: 14 * 24 * 3600,
+            dlq_max_bytes: -1,
         }
     }
 }

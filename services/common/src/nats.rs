@@ -216,6 +216,26 @@ impl Topology {
         format!("{}.in.*", self.cfg.prefix)
     }
 
+    /// The DLQ stream: events the activator could not deliver, with the cause.
+    pub fn dlq_stream(&self) -> String {
+        format!("{}_DLQ", self.upper)
+    }
+
+    /// The DLQ subject of one destination.
+    pub fn dlq_subject(&self, destination_id: &str) -> String {
+        format!("{}.dlq.{destination_id}", self.cfg.prefix)
+    }
+
+    /// Subjects of every destination's DLQ.
+    pub fn dlq_wildcard(&self) -> String {
+        format!("{}.dlq.*", self.cfg.prefix)
+    }
+
+    /// The delivery-status bucket: how each event's delivery to each destination ended.
+    pub fn delivery_bucket(&self) -> String {
+        self.bucket("delivery")
+    }
+
     /// A key-value bucket's name, e.g. `bucket("config")` is `herald-config`.
     pub fn bucket(&self, name: &str) -> String {
         format!("{}-{name}", self.cfg.prefix)
@@ -255,6 +275,27 @@ impl Topology {
             storage: stream::StorageType::File,
             max_bytes: self.cfg.processed_max_bytes,
             max_age: Duration::from_secs(self.cfg.processed_max_age_seconds),
+            num_replicas: self.cfg.replicas,
+            duplicate_window: Duration::from_secs(self.cfg.duplicate_window_seconds),
+            ..Default::default()
+        }
+    }
+
+    /// Config of the DLQ stream (created by the activator): limits retention by age
+    /// (`dlq_max_age_seconds`) and bytes, DiscardNew (a full DLQ pushes back: the failing event
+    /// is retried), file storage, message-id deduplication.
+    pub fn dlq_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.dlq_stream(),
+            description: Some(
+                "Herald: events the activator could not deliver, with the cause (DLQ)".into(),
+            ),
+            subjects: vec![self.dlq_wildcard()],
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            storage: stream::StorageType::File,
+            max_bytes: self.cfg.dlq_max_bytes,
+            max_age: Duration::from_secs(self.cfg.dlq_max_age_seconds),
             num_replicas: self.cfg.replicas,
             duplicate_window: Duration::from_secs(self.cfg.duplicate_window_seconds),
             ..Default::default()
@@ -380,6 +421,9 @@ mod tests {
         assert_eq!(t.events_stream(), "ACME_EU_EVENTS");
         assert_eq!(t.events_subject(3), "acme-eu.events.3");
         assert_eq!(t.processed_wildcard(), "acme-eu.processed.*");
+        assert_eq!(t.dlq_stream(), "ACME_EU_DLQ");
+        assert_eq!(t.dlq_subject("hook"), "acme-eu.dlq.hook");
+        assert_eq!(t.delivery_bucket(), "acme-eu-delivery");
         assert_eq!(
             t.events_stream_config().retention,
             stream::RetentionPolicy::Interest

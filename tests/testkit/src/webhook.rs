@@ -52,6 +52,7 @@ struct Inner {
     delivered: Vec<Received>,
     requests: Vec<Received>,
     failing: Option<u16>,
+    failing_for: Option<(u16, String)>,
     fail_next: usize,
     delay: Duration,
     retry_after: Option<String>,
@@ -122,7 +123,14 @@ impl WebhookServer {
     pub fn set_healthy(&self) {
         let mut inner = self.lock();
         inner.failing = None;
+        inner.failing_for = None;
         inner.fail_next = 0;
+    }
+
+    /// From now on answer `status` to every request whose body contains `needle` (e.g.
+    /// `"\"user-1-1\""` for one event), until [`WebhookServer::set_healthy`].
+    pub fn set_failing_for(&self, status: u16, needle: &str) {
+        self.lock().failing_for = Some((status, needle.to_owned()));
     }
 
     /// Answer the next `n` requests with 500 (then behave as configured).
@@ -234,6 +242,10 @@ async fn handle(
         let status = if inner.fail_next > 0 {
             inner.fail_next -= 1;
             FAIL_NEXT_STATUS
+        } else if let Some((status, _)) = inner.failing_for.as_ref().filter(|(_, needle)| {
+            !needle.is_empty() && raw.windows(needle.len()).any(|w| w == needle.as_bytes())
+        }) {
+            *status
         } else {
             inner.failing.unwrap_or(200)
         };

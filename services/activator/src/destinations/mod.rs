@@ -21,6 +21,9 @@ pub use webhook::{WebhookSender, parse_retry_after, signature};
 
 use crate::record::{DestinationRecord, KindSettings};
 
+/// Most bytes of a failed answer's body kept (for the DLQ record and the logs).
+pub const BODY_EXCERPT_BYTES: usize = 1024;
+
 /// Whether sending the same event again can succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
@@ -52,6 +55,8 @@ pub enum SendError {
         status: u16,
         /// How long the destination asked us to wait (`Retry-After`, seconds or HTTP date).
         retry_after: Option<Duration>,
+        /// The start of the answer's body ([`BODY_EXCERPT_BYTES`] at most).
+        body: String,
     },
     /// No answer: the request timed out.
     #[error("POST {url} timed out: {message}")]
@@ -136,6 +141,22 @@ impl SendError {
             _ => None,
         }
     }
+
+    /// The HTTP status of the answer, if there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The start of the answer's body (empty when there was no answer).
+    pub fn body_excerpt(&self) -> &str {
+        match self {
+            Self::Status { body, .. } => body,
+            _ => "",
+        }
+    }
 }
 
 /// Sends rendered events to one destination.
@@ -183,12 +204,13 @@ impl Sender {
         })
     }
 
-    /// Sends one event's JSON body; `event_id` is the idempotency key.
-    pub async fn send(&self, event_id: &str, body: &[u8]) -> Result<(), SendError> {
+    /// Sends one request's JSON body (one event, or a batch `{"batch":[...]}`); `key` is the
+    /// idempotency key (the event's id; for a batch, see [`crate::deliver`]).
+    pub async fn send(&self, key: &str, body: &[u8]) -> Result<(), SendError> {
         match self {
-            Self::Webhook(w) => w.send(event_id, body).await,
+            Self::Webhook(w) => w.send(key, body).await,
             Self::Log(l) => l.send(body),
-            Self::Nats(n) => n.send(event_id, body).await,
+            Self::Nats(n) => n.send(key, body).await,
         }
     }
 }
@@ -216,6 +238,7 @@ mod tests {
                 url: "http://x/".into(),
                 status,
                 retry_after: None,
+                body: String::new(),
             };
             assert_eq!((e.kind(), e.class()), (kind, class), "{status}");
         }

@@ -1,5 +1,7 @@
-//! Webhook destination: POSTs each event as JSON with an `Idempotency-Key` header, the
-//! destination's own headers and, with a `secret`, a `Herald-Signature`.
+//! Webhook destination: POSTs each request as JSON (one event object, or with `batch_max`
+//! above 1 a Segment-shaped batch `{"batch":[...]}`, see [`crate::deliver`]) with an
+//! `Idempotency-Key` header, the destination's own headers and, with a `secret`, a
+//! `Herald-Signature`. A failed answer keeps the first 1 KiB of its body for the DLQ record.
 //!
 //! The signature is `Herald-Signature: t=<unix seconds>,v1=<hex>`, where `<hex>` is the
 //! lower-case hex HMAC-SHA256, keyed with the secret, of `"<t>.<raw body>"` ([`signature`]).
@@ -14,8 +16,8 @@ use hmac::{Hmac, Mac};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
-use super::SendError;
 use super::ssrf::{GuardedResolver, NetworkGuard, Refused};
+use super::{BODY_EXCERPT_BYTES, SendError};
 use crate::record::WebhookSettings;
 
 /// Headers Herald sets itself, which a destination's `headers` may not replace.
@@ -92,15 +94,16 @@ impl WebhookSender {
         })
     }
 
-    /// POSTs one event. 2xx is success; anything else is a [`SendError`] whose class says
-    /// whether to try again.
-    pub async fn send(&self, event_id: &str, body: &[u8]) -> Result<(), SendError> {
+    /// POSTs one request (one event, or a batch `{"batch":[...]}`) with `key` as its
+    /// `Idempotency-Key`. 2xx is success; anything else is a [`SendError`] whose class says
+    /// whether to try again, with the start of the answer's body.
+    pub async fn send(&self, key: &str, body: &[u8]) -> Result<(), SendError> {
         let mut req = self
             .client
             .post(&self.url)
             .headers(self.headers.clone())
             .header("content-type", "application/json")
-            .header("idempotency-key", event_id);
+            .header("idempotency-key", key);
         if let Some(secret) = &self.secret {
             let t = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -125,10 +128,12 @@ impl WebhookSender {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body = body_excerpt(res).await;
         Err(SendError::Status {
             url: self.url.clone(),
             status: status.as_u16(),
             retry_after,
+            body,
         })
     }
 
@@ -156,6 +161,30 @@ impl WebhookSender {
             }
         }
     }
+}
+
+/// The first [`BODY_EXCERPT_BYTES`] of an answer's body, as text cut at a character boundary
+/// (reads no more of the body than that).
+async fn body_excerpt(mut res: reqwest::Response) -> String {
+    let mut buf: Vec<u8> = Vec::new();
+    while buf.len() < BODY_EXCERPT_BYTES {
+        match res.chunk().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    excerpt(&buf)
+}
+
+/// `bytes` as text of at most [`BODY_EXCERPT_BYTES`], cut at a character boundary (invalid
+/// UTF-8 replaced).
+pub fn excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(BODY_EXCERPT_BYTES + 4)]);
+    let mut end = text.len().min(BODY_EXCERPT_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// The `Herald-Signature` value for `body` sent at unix time `t`:
@@ -212,6 +241,19 @@ mod tests {
                 "{value:?}"
             );
         }
+    }
+
+    #[test]
+    fn excerpts_keep_the_first_kib_at_a_character_boundary() {
+        assert_eq!(excerpt(b"bad request"), "bad request");
+        assert_eq!(excerpt(b""), "");
+        let long = "x".repeat(3000);
+        assert_eq!(excerpt(long.as_bytes()).len(), BODY_EXCERPT_BYTES);
+        // 1023 ASCII bytes, then a 2-byte character straddling the limit: cut before it.
+        let straddling = format!("{}\u{e9}tail", "a".repeat(1023));
+        let cut = excerpt(straddling.as_bytes());
+        assert_eq!(cut.len(), 1023);
+        assert!(cut.chars().all(|c| c == 'a'));
     }
 
     #[test]
