@@ -794,7 +794,7 @@ async fn confirm_ack(
     Retry::new(max_backoff)
         .run(
             cancel,
-            || msg.double_ack(),
+            || herald_common::nats::confirmed_ack(msg),
             |f| {
                 events::AckRetried {
                     destination,

@@ -559,3 +559,51 @@ fn failures_line(rendered: &str, reason: &str) -> Result<String> {
         .map(str::to_owned)
         .with_context(|| format!("no {reason} failures counted in:\n{rendered}"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn historical_events_are_never_forwarded() -> Result<()> {
+    let mut h = Harness::new().await?;
+    let hook = WebhookServer::start().await?;
+    // Event 1 came through mParticle's historical lane; events 2 and 3 are live.
+    for seq in 1..=3u64 {
+        let mut event = protobuf_track("src", "user-1", seq, 1);
+        event.historical = seq == 1;
+        let processed = ProcessedEvent {
+            event: Some(event),
+            profile_id: "p-user-1".into(),
+            ..Default::default()
+        };
+        h.js.publish(
+            h.topology.processed_subject(0),
+            processed.encode_to_vec().into(),
+        )
+        .await?
+        .await
+        .context("stored")?;
+    }
+    let mut dest = webhook(&hook, &[]);
+    dest.start = Start::All;
+    h.start(dest, |_| {}).await?;
+    let got = hook.wait_for(2, DEADLINE).await?;
+    let keys: Vec<&str> = got
+        .iter()
+        .filter_map(|r| r.header("idempotency-key"))
+        .collect();
+    assert_eq!(keys, ["src:user-1-2", "src:user-1-3"]);
+    wait_until(
+        "the historical event is counted as skipped",
+        DEADLINE,
+        || async {
+            h.metric(
+                "herald_activator_events_skipped_total",
+                &["reason=\"historical\"", "destination=\"hook\""],
+            ) >= 1.0
+        },
+    )
+    .await?;
+    // Nothing else arrives later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hook.received().len(), 2);
+    h.stop().await;
+    Ok(())
+}
