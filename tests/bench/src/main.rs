@@ -15,6 +15,7 @@ mod nats;
 mod pipeline;
 mod processor;
 mod report;
+mod soak;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -59,6 +60,9 @@ enum BenchCommand {
     /// The whole pipeline (ingest, processor, activator as processes, a webhook sink) against
     /// a raw three-hop JetStream chain: highest sustained rates, freshness, stage split.
     Pipeline(pipeline::PipelineArgs),
+    /// Herald alone at one offered rate for a long time (30 minutes by default): resident
+    /// memory of every process sampled throughout, its slope after a warm-up, freshness.
+    Soak(soak::SoakArgs),
 }
 
 /// A failed run prints its error chain on one line, without a backtrace (even with
@@ -85,6 +89,7 @@ async fn run(cmd: BenchCommand) -> Result<()> {
             BenchCommand::Ingest(args) => ingest::run(args).await,
             BenchCommand::Processor(args) => processor::run(args).await,
             BenchCommand::Pipeline(args) => pipeline::run(args).await,
+            BenchCommand::Soak(args) => soak::run(args).await,
         }
     };
     tokio::select! {

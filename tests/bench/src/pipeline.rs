@@ -185,7 +185,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     let failing = FailingSink::start().await?;
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
-    let config = write_config(&dir, "herald", &args, &write_key, &sink.url, None)?;
+    let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
     let mut services = Services::start(&herald, &config, &dir, &common).await?;
     processes.extend(services.pids());
     let client_rt = ClientRuntime(Some(
@@ -269,7 +269,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         let config = write_config(
             &dir,
             "herald-neighbour",
-            &args,
+            args.partitions,
             &write_key,
             &sink.url,
             Some(&failing.url),
@@ -409,15 +409,15 @@ where
 
 /// What every phase shares.
 #[derive(Debug, Clone, Copy)]
-struct PhaseOpts {
-    batch: u64,
-    connections: usize,
-    drain: Duration,
+pub(crate) struct PhaseOpts {
+    pub(crate) batch: u64,
+    pub(crate) connections: usize,
+    pub(crate) drain: Duration,
 }
 
 /// Where each phase's events are expected, and what happened to them: when each request (or
 /// group of publishes) was sent, when each event arrived, freshness.
-struct Tracker {
+pub(crate) struct Tracker {
     epoch: Instant,
     epoch_wall: SystemTime,
     first_seq: u64,
@@ -427,14 +427,14 @@ struct Tracker {
     /// Per event: microseconds since the epoch plus one when it first arrived; 0 until then.
     arrived_at: Vec<AtomicU64>,
     /// Events whose request was accepted (2xx, or every PubAck).
-    accepted: AtomicU64,
-    arrived: AtomicU64,
-    duplicates: AtomicU64,
-    freshness: std::sync::Mutex<Latency>,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) arrived: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) freshness: std::sync::Mutex<Latency>,
 }
 
 impl Tracker {
-    fn new(first_seq: u64, requests: u64, batch: u64) -> Self {
+    pub(crate) fn new(first_seq: u64, requests: u64, batch: u64) -> Self {
         let requests = requests as usize;
         Self {
             epoch: Instant::now(),
@@ -513,7 +513,7 @@ impl Tracker {
     }
 
     /// Accepted events not arrived yet.
-    fn backlog(&self) -> u64 {
+    pub(crate) fn backlog(&self) -> u64 {
         self.accepted
             .load(Ordering::Relaxed)
             .saturating_sub(self.arrived.load(Ordering::Relaxed))
@@ -533,31 +533,31 @@ fn id_counter(id: &str) -> Option<u64> {
 }
 
 /// One phase's outcome.
-struct PhaseRun {
+pub(crate) struct PhaseRun {
     label: String,
-    offered: f64,
+    pub(crate) offered: f64,
     elapsed: Duration,
-    requests_expected: u64,
-    requests_ok: u64,
-    accepted: u64,
-    delivered: u64,
+    pub(crate) requests_expected: u64,
+    pub(crate) requests_ok: u64,
+    pub(crate) accepted: u64,
+    pub(crate) delivered: u64,
     /// Events arrived by the end of the offer.
-    delivered_in_offer: u64,
-    duplicates: u64,
-    backlog_at_end: u64,
+    pub(crate) delivered_in_offer: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) backlog_at_end: u64,
     stopped_early: bool,
-    drained: bool,
+    pub(crate) drained: bool,
     sustained: bool,
-    freshness: Latency,
-    errors: Errors,
-    cpu_s: Value,
+    pub(crate) freshness: Latency,
+    pub(crate) errors: Errors,
+    pub(crate) cpu_s: Value,
     /// Herald only: the stage split from JetStream's stored times.
     stages: Option<Stages>,
 }
 
 impl PhaseRun {
     /// Events arrived while the load was offered, per second.
-    fn delivered_per_s(&self) -> f64 {
+    pub(crate) fn delivered_per_s(&self) -> f64 {
         per_second(self.delivered_in_offer, self.elapsed)
     }
 
@@ -748,7 +748,7 @@ where
 }
 
 /// Room for a phase's requests: its schedule plus a margin.
-fn capacity(rate: f64, duration: Duration, batch: u64) -> u64 {
+pub(crate) fn capacity(rate: f64, duration: Duration, batch: u64) -> u64 {
     (rate * duration.as_secs_f64() / batch as f64).ceil() as u64 + 4
 }
 
@@ -1004,11 +1004,11 @@ async fn raw_phase(
 // Herald.
 
 /// Herald's side of a phase: the load generator, the sink, and what the stage split reads.
-struct HeraldSide {
-    http: Arc<Http>,
-    sink: Arc<Sink>,
-    js: jetstream::Context,
-    topology: Topology,
+pub(crate) struct HeraldSide {
+    pub(crate) http: Arc<Http>,
+    pub(crate) sink: Arc<Sink>,
+    pub(crate) js: jetstream::Context,
+    pub(crate) topology: Topology,
 }
 
 impl HeraldSide {
@@ -1022,12 +1022,33 @@ impl HeraldSide {
         processes: &[(String, u32)],
         stages: bool,
     ) -> Result<PhaseRun> {
-        let first = self.http.peek_seq();
-        let tracker = Arc::new(Tracker::new(
-            first,
+        let tracker = self.tracker(rate, duration, opts);
+        self.phase_with(tracker, rate, duration, fail_fast, opts, processes, stages)
+            .await
+    }
+
+    /// A tracker with room for a phase of `rate` for `duration`, from the next request on.
+    pub(crate) fn tracker(&self, rate: f64, duration: Duration, opts: PhaseOpts) -> Arc<Tracker> {
+        Arc::new(Tracker::new(
+            self.http.peek_seq(),
             capacity(rate, duration, opts.batch),
             opts.batch,
-        ));
+        ))
+    }
+
+    /// [`Self::phase`] with a tracker made by [`Self::tracker`] (whoever holds a clone of it
+    /// can watch the phase as it runs).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn phase_with(
+        &self,
+        tracker: Arc<Tracker>,
+        rate: f64,
+        duration: Duration,
+        fail_fast: bool,
+        opts: PhaseOpts,
+        processes: &[(String, u32)],
+        stages: bool,
+    ) -> Result<PhaseRun> {
         let sampler = if stages {
             Some(StageSampler::start(&self.js, &self.topology).await?)
         } else {
@@ -1220,13 +1241,13 @@ impl StageSampler {
 }
 
 /// The webhook sink: answers 200 and notes each event's arrival with the phase's tracker.
-struct Sink {
-    url: String,
+pub(crate) struct Sink {
+    pub(crate) url: String,
     tracker: RwLock<Option<Arc<Tracker>>>,
 }
 
 impl Sink {
-    async fn start() -> Result<Arc<Self>> {
+    pub(crate) async fn start() -> Result<Arc<Self>> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .context("binding the webhook sink")?;
@@ -1324,10 +1345,10 @@ impl FailingSink {
 
 /// Writes the services' config file: the topology, the bench's source, the webhook
 /// destination (and the failing neighbour), loopback allowed for webhooks.
-fn write_config(
+pub(crate) fn write_config(
     dir: &std::path::Path,
     name: &str,
-    args: &PipelineArgs,
+    partitions: u32,
     write_key: &str,
     sink_url: &str,
     failing_url: Option<&str>,
@@ -1338,7 +1359,7 @@ fn write_config(
          [activator]\nallow_private_networks = [\"127.0.0.0/8\"]\n\n\
          [[activator.destinations]]\nid = \"{SINK_ID}\"\nkind = \"webhook\"\n\
          settings = {{ url = \"{sink_url}\" }}\n",
-        args.partitions
+        partitions
     );
     if let Some(url) = failing_url {
         text.push_str(&format!(
@@ -1352,16 +1373,16 @@ fn write_config(
 }
 
 /// The three services, each a `herald <role>` process.
-struct Services {
+pub(crate) struct Services {
     ingest: ServiceChild,
     processor: ServiceChild,
     activator: ServiceChild,
-    ingest_http: std::net::SocketAddr,
+    pub(crate) ingest_http: std::net::SocketAddr,
     dir: PathBuf,
 }
 
 impl Services {
-    async fn start(
+    pub(crate) async fn start(
         herald: &std::path::Path,
         config: &std::path::Path,
         dir: &std::path::Path,
@@ -1380,7 +1401,7 @@ impl Services {
         })
     }
 
-    fn pids(&self) -> Vec<(String, u32)> {
+    pub(crate) fn pids(&self) -> Vec<(String, u32)> {
         vec![
             ("ingest".into(), self.ingest.pid()),
             ("processor".into(), self.processor.pid()),
@@ -1400,7 +1421,7 @@ impl Services {
     }
 
     /// Every service still running.
-    fn check_alive(&mut self) -> Result<()> {
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
         for s in [&mut self.ingest, &mut self.processor, &mut self.activator] {
             if let Some(status) = s.exited() {
                 bail!("a service exited ({status})\n{}", s.log_tail());
@@ -1409,7 +1430,7 @@ impl Services {
         Ok(())
     }
 
-    fn log_tails(&self) -> String {
+    pub(crate) fn log_tails(&self) -> String {
         [&self.ingest, &self.processor, &self.activator]
             .iter()
             .map(|s| s.log_tail())
@@ -1429,7 +1450,7 @@ impl Services {
         Value::Object(m)
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         for s in [&mut self.activator, &mut self.processor, &mut self.ingest] {
             s.stop().await;
         }

@@ -62,7 +62,7 @@ async fn bench(args: &[&str]) -> Result<(String, Value)> {
 /// [`bench`], also returning its stderr (progress lines and notices).
 async fn bench_with_stderr(args: &[&str]) -> Result<(String, String, Value)> {
     let nats = herald_testkit::nats_server_binary()?;
-    if matches!(args.first(), Some(&"processor" | &"pipeline")) {
+    if matches!(args.first(), Some(&"processor" | &"pipeline" | &"soak")) {
         herald_beside_bench().await?;
     }
     let child = Command::new(HERALD_BENCH)
@@ -528,5 +528,87 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
     ] {
         assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_bench_reports_memory_per_process_samples_and_freshness() -> Result<()> {
+    let (stdout, stderr, s) = bench_with_stderr(&[
+        "soak",
+        "--rate",
+        "300",
+        "--duration",
+        "4",
+        "--sample-every",
+        "1",
+        "--warmup",
+        "1",
+        "--users",
+        "50",
+        "--batch",
+        "10",
+        "--connections",
+        "2",
+        "--partitions",
+        "4",
+    ])
+    .await?;
+    assert_eq!(s["bench"], "soak");
+    assert_eq!(s["rate"], 300, "{s}");
+    assert_eq!(s["duration_s"], 4, "{s}");
+    assert_eq!(s["warmup_s"], 1, "{s}");
+    positive(&s, "/machine/cores");
+    for process in [
+        "ingest",
+        "processor",
+        "activator",
+        "nats-server",
+        "herald-bench",
+    ] {
+        for field in ["start_mib", "end_mib", "peak_mib"] {
+            positive(&s, &format!("/memory/{process}/{field}"));
+        }
+        assert!(
+            s["memory"][process]["slope_mib_per_h"].is_number(),
+            "{process}: {s}"
+        );
+        assert!(
+            stdout.contains(&format!("\n  {process} ")),
+            "{process} row in:\n{stdout}"
+        );
+    }
+    // Samples at 0, 1, 2, 3 and 4 s: four from the warm-up on.
+    let samples = s["samples"]
+        .as_array()
+        .with_context(|| format!("samples in {s}"))?;
+    assert_eq!(samples.len(), 5, "{s}");
+    assert_eq!(s["samples_after_warmup"], 4, "{s}");
+    for sample in samples {
+        assert!(sample["t_s"].is_number(), "{sample}");
+        assert!(sample["events_accepted"].is_u64(), "{sample}");
+        assert!(sample["events_arrived"].is_u64(), "{sample}");
+        assert!(sample["backlog"].is_u64(), "{sample}");
+        positive(sample, "/rss_mib/processor");
+    }
+    positive(&samples[4], "/events_arrived");
+    positive(&s, "/events_accepted");
+    assert_eq!(s["events_delivered"], s["events_accepted"], "{s}");
+    assert_eq!(s["drained"], true, "{s}");
+    for q in ["p50_ms", "p90_ms", "p99_ms", "max_ms"] {
+        positive(&s, &format!("/freshness/{q}"));
+    }
+    positive(&s, "/cpu_s/nats-server");
+    for text in [
+        "herald-bench soak: 300 ev/s offered for 4 s",
+        "after a 1 s warm-up",
+        "slope MiB/h",
+        "freshness over the run (ms): p50",
+    ] {
+        assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
+    }
+    assert!(
+        stderr.contains("[soak]"),
+        "a progress line per sample:\n{stderr}"
+    );
     Ok(())
 }
