@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use herald_activator::{DestinationConfig, DestinationKind, Settings, Start};
-use herald_common::nats::ensure_stream;
 use herald_common::server::ServiceHandle;
 use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology};
@@ -41,13 +40,7 @@ impl Harness {
         let js = nats.jetstream().await;
         let common = common_config(&nats.url(), 1, "token-of-the-test");
         let topology = Topology::new(common.topology.clone());
-        ensure_stream(&js, topology.processed_stream_config()).await?;
-        // The processor's consent bucket: the activator waits for it before delivering.
-        js.create_key_value(async_nats::jetstream::kv::Config {
-            bucket: topology.bucket("consent"),
-            ..Default::default()
-        })
-        .await?;
+        herald_testkit::activator_upstream(&js, &topology).await?;
         Ok(Self {
             _nats: nats,
             js,

@@ -15,7 +15,6 @@ use herald_activator::{
     DestinationConfig, DestinationKind, consumer_name, partition_consumer_name,
 };
 use herald_common::auth::BearerToken;
-use herald_common::nats::ensure_stream;
 use herald_common::ordered::{ReaderConfig, ensure_consumer};
 use herald_common::server::ServiceHandle;
 use herald_common::telemetry::PrometheusHandle;
@@ -58,13 +57,7 @@ impl Rig {
         let js = nats.jetstream().await;
         let common = common_config(&nats.url(), 1, TOKEN);
         let topology = Topology::new(common.topology.clone());
-        ensure_stream(&js, topology.processed_stream_config()).await?;
-        // The processor's consent bucket: the activator waits for it before delivering.
-        js.create_key_value(async_nats::jetstream::kv::Config {
-            bucket: topology.bucket("consent"),
-            ..Default::default()
-        })
-        .await?;
+        herald_testkit::activator_upstream(&js, &topology).await?;
         Ok(Self {
             _nats: nats,
             js,

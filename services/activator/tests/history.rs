@@ -13,7 +13,6 @@ use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, kv};
 use herald_activator::{DestinationConfig, DestinationKind, Start};
 use herald_common::identity::kv_key;
-use herald_common::nats::ensure_stream;
 use herald_common::server::ServiceHandle;
 use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology};
@@ -52,12 +51,7 @@ impl Rig {
         let js = nats.jetstream().await;
         let common = common_config(&nats.url(), PARTITIONS, TOKEN);
         let topology = Topology::new(common.topology.clone());
-        ensure_stream(&js, topology.processed_stream_config()).await?;
-        js.create_key_value(kv::Config {
-            bucket: topology.bucket("consent"),
-            ..Default::default()
-        })
-        .await?;
+        herald_testkit::activator_upstream(&js, &topology).await?;
         let suppressions = js
             .create_key_value(herald_common::suppressions::bucket_config(&topology))
             .await?;

@@ -7,11 +7,10 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::stream;
 use futures_util::StreamExt as _;
 use herald_activator::{DestinationConfig, DestinationKind, Settings, Start};
 use herald_common::Topology;
-use herald_common::nats::ensure_stream;
 use herald_proto::v1::destination_service_client::DestinationServiceClient;
 use herald_proto::v1::{CreateDestinationRequest, DestinationSpec, ProcessedEvent};
 use herald_testkit::{
@@ -40,12 +39,7 @@ async fn events_are_republished_with_their_id_as_nats_msg_id() -> Result<()> {
     let client = js.client();
     let common = common_config(&nats.url(), 1, "token-of-the-test");
     let topology = Topology::new(common.topology.clone());
-    ensure_stream(&js, topology.processed_stream_config()).await?;
-    js.create_key_value(jetstream::kv::Config {
-        bucket: topology.bucket("consent"),
-        ..Default::default()
-    })
-    .await?;
+    herald_testkit::activator_upstream(&js, &topology).await?;
     // A stream captures `crm.>`; nothing captures `plain.events`, which a subscriber reads.
     let crm = js
         .create_stream(stream::Config {

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use herald_activator::{DestinationConfig, DestinationKind, Settings, Start};
 use herald_common::Topology;
-use herald_common::nats::ensure_stream;
 use herald_proto::v1::ProcessedEvent;
 use herald_testkit::{
     NatsServer, WebhookServer, check_arrivals_in_order, common_config, protobuf_track, wait_ready,
@@ -32,12 +31,7 @@ async fn a_killed_nats_server_loses_nothing_and_recorded_deliveries_are_not_sent
     let js = nats.jetstream().await;
     let common = common_config(&nats.url(), PARTITIONS, "token-of-the-test");
     let topology = Topology::new(common.topology.clone());
-    ensure_stream(&js, topology.processed_stream_config()).await?;
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: topology.bucket("consent"),
-        ..Default::default()
-    })
-    .await?;
+    herald_testkit::activator_upstream(&js, &topology).await?;
 
     // Every user's events are in the stream before delivery starts; the sink takes a few
     // milliseconds a request, so the kill lands mid-delivery.

@@ -16,7 +16,6 @@ use herald_activator::{
     DestinationConfig, DestinationKind, consumer_name, partition_consumer_name,
 };
 use herald_common::auth::BearerToken;
-use herald_common::nats::ensure_stream;
 use herald_common::ordered::{ReaderConfig, ensure_consumer};
 use herald_common::server::ServiceHandle;
 use herald_common::telemetry::PrometheusHandle;
@@ -61,12 +60,7 @@ impl Rig {
         let js = nats.jetstream().await;
         let common = common_config(&nats.url(), PARTITIONS, TOKEN);
         let topology = Topology::new(common.topology.clone());
-        ensure_stream(&js, topology.processed_stream_config()).await?;
-        js.create_key_value(jetstream::kv::Config {
-            bucket: topology.bucket("consent"),
-            ..Default::default()
-        })
-        .await?;
+        herald_testkit::activator_upstream(&js, &topology).await?;
         // One user in every partition, and four more wherever they fall.
         let mut users = user_per_partition(PARTITIONS);
         users.extend((0..4).map(|i| format!("other-{i}")));

@@ -139,13 +139,7 @@ async fn a_killed_replica_s_partitions_are_taken_over_without_loss_or_reordering
         partitions: PARTITIONS,
         ..Default::default()
     });
-    herald_common::nats::ensure_stream(&js, topology.processed_stream_config()).await?;
-    // The processor's consent bucket: the activator waits for it before delivering.
-    js.create_key_value(jetstream::kv::Config {
-        bucket: topology.bucket("consent"),
-        ..Default::default()
-    })
-    .await?;
+    herald_testkit::activator_upstream(&js, &topology).await?;
     let dir = tempfile::tempdir()?;
     let logs = dir.path().display().to_string();
     let hook = WebhookServer::start().await?;

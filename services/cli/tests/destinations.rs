@@ -216,12 +216,7 @@ start = "all"
     // to bind them, and for the processor's consent bucket).
     let js = nats.jetstream().await;
     let topology = herald_common::Topology::new(Default::default());
-    herald_common::nats::ensure_stream(&js, topology.processed_stream_config()).await?;
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: topology.bucket("consent"),
-        ..Default::default()
-    })
-    .await?;
+    herald_testkit::activator_upstream(&js, &topology).await?;
     wait_ready(
         "the activator is ready",
         format!("127.0.0.1:{admin}"),

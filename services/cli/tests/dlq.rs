@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind, Settings};
 use herald_common::Topology;
-use herald_common::nats::ensure_stream;
 use herald_proto::v1::ProcessedEvent;
 use herald_testkit::{
     HeraldCli, NatsServer, WebhookServer, common_config, protobuf_track, wait_ready, wait_until,
@@ -24,12 +23,7 @@ async fn dlq_list_redrive_and_purge_from_the_cli() -> Result<()> {
     let js = nats.jetstream().await;
     let common = common_config(&nats.url(), 1, TOKEN);
     let topology = Topology::new(common.topology.clone());
-    ensure_stream(&js, topology.processed_stream_config()).await?;
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: topology.bucket("consent"),
-        ..Default::default()
-    })
-    .await?;
+    herald_testkit::activator_upstream(&js, &topology).await?;
     let hook = WebhookServer::start().await?;
     hook.set_failing_for(400, r#""user-1-1""#);
     let cfg = ActivatorConfig {

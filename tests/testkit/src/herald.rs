@@ -203,3 +203,26 @@ impl HeraldCli {
         Ok(out.stdout)
     }
 }
+
+/// Creates what the processor provides the activator, for tests that run an activator without
+/// a processor: the processed stream and the consent bucket (the activator waits for both
+/// before delivering).
+///
+/// # Errors
+///
+/// When either cannot be created.
+pub async fn activator_upstream(
+    js: &async_nats::jetstream::Context,
+    topology: &herald_common::Topology,
+) -> anyhow::Result<()> {
+    herald_common::nats::ensure_stream(js, topology.processed_stream_config())
+        .await
+        .context("creating the processed stream")?;
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: topology.bucket("consent"),
+        ..Default::default()
+    })
+    .await
+    .context("creating the consent bucket")?;
+    Ok(())
+}

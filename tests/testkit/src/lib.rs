@@ -27,7 +27,10 @@ pub use events::{
     post_segment_track, protobuf_track, publish_as_ingest, segment_batch, segment_identify,
     segment_track, user_per_partition,
 };
-pub use herald::{CliOutput, HeraldCli, common_config, control_channel, spawn_role, write_config};
+pub use herald::{
+    CliOutput, HeraldCli, activator_upstream, common_config, control_channel, spawn_role,
+    write_config,
+};
 pub use order::{check_arrivals_in_order, check_processed_in_order, read_from_start};
 pub use server::NatsServer;
 pub use wait::{free_port, wait_ready, wait_until};
