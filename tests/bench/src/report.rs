@@ -122,8 +122,8 @@ pub struct Counters {
     pub errors: AtomicU64,
 }
 
-/// Prints one line a second to stderr while a phase runs: elapsed time, the last second's
-/// rate, the total, failures, and whatever `extra` adds.
+/// Prints one line a second to stderr while a phase runs, and one when it ends: elapsed time,
+/// the rate since the previous line, the total, failures, and whatever `extra` adds.
 pub struct Progress {
     counters: Arc<Counters>,
     stop: CancellationToken,
@@ -145,10 +145,12 @@ impl Progress {
                 );
                 let (mut last, mut last_at) = (0u64, start);
                 loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => {}
-                    }
+                    // The phase's end prints a last line too, so even a phase shorter than a
+                    // second shows its total.
+                    let last_line = tokio::select! {
+                        _ = stop.cancelled() => true,
+                        _ = tick.tick() => false,
+                    };
                     let now = Instant::now();
                     let done = counters.done.load(Ordering::Relaxed);
                     let rate = (done - last) as f64 / (now - last_at).as_secs_f64();
@@ -161,6 +163,9 @@ impl Progress {
                         counters.errors.load(Ordering::Relaxed),
                         extra(),
                     );
+                    if last_line {
+                        return;
+                    }
                 }
             }
         });
