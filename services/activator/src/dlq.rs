@@ -144,11 +144,11 @@ const GAUGE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Creates (or updates) the DLQ stream, flips [`DLQ_STREAM_CHECK`], then refreshes the
 /// `herald_activator_dlq_events` gauge from the stream's per-subject counts every few seconds
 /// until `cancel`, for every destination running here (0 when it has none).
-pub(crate) async fn run(
+pub(crate) async fn run<V: Send>(
     js: jetstream::Context,
     topology: Topology,
     ready: herald_common::admin::Readiness,
-    destinations: crate::live::StatsMap,
+    destinations: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, V>>>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use futures_util::TryStreamExt as _;

@@ -475,8 +475,7 @@ impl DestinationRecord {
                 "nats destination {id:?} needs a subject: --set subject=orders.events"
             ));
         };
-        crate::destinations::nats::check_subject(&subject)
-            .map_err(|e| format!("nats destination {id:?}: {e}"))?;
+        check_subject(&subject).map_err(|e| format!("nats destination {id:?}: {e}"))?;
         Ok(NatsSettings { subject })
     }
 
@@ -491,6 +490,28 @@ impl DestinationRecord {
         }
         Ok(out)
     }
+}
+
+/// Checks a subject to publish to: dot-separated non-empty tokens of printable characters other
+/// than space, and no wildcard (`*`, `>`).
+fn check_subject(subject: &str) -> Result<(), String> {
+    if subject.is_empty() {
+        return Err("the subject is empty".into());
+    }
+    for token in subject.split('.') {
+        if token.is_empty() {
+            return Err(format!("subject {subject:?} has an empty token"));
+        }
+        if token == "*" || token == ">" || token.contains(['*', '>']) {
+            return Err(format!(
+                "subject {subject:?} has a wildcard: publish needs a literal subject"
+            ));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("subject {subject:?} contains white space"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -637,5 +658,26 @@ mod tests {
         let r = record(DestinationKind::Log, &[]);
         let back = DestinationRecord::from_json(&r.to_json()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn subjects_are_checked() {
+        for ok in ["orders", "crm.events", "a.b-c.d_e.1", "Tenant42.EVENTS"] {
+            check_subject(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, want) in [
+            ("", "empty"),
+            ("a..b", "empty token"),
+            (".a", "empty token"),
+            ("a.", "empty token"),
+            ("a.*", "wildcard"),
+            ("a.>", "wildcard"),
+            ("a.b*", "wildcard"),
+            ("a b", "white space"),
+            ("a.\tb", "white space"),
+        ] {
+            let err = check_subject(bad).expect_err(bad);
+            assert!(err.contains(want), "{bad:?}: {err}");
+        }
     }
 }

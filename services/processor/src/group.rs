@@ -211,6 +211,28 @@ impl Run {
 }
 
 impl Profiles {
+    /// Resolves `event` to its profile, updates the profile, and returns what to publish: a
+    /// batch of one event (see [`Profiles::process_group`]). On error the event comes back with
+    /// it, to retry when [`ProfileError::retryable`] (when only the consent record could not be
+    /// written, the profile holds the event already and a retry applies it again: the worker
+    /// retries its [`KeyEvents`] instead, which remember that).
+    pub async fn process(&self, event: Event) -> Result<Outcome, (ProfileError, Event)> {
+        let mut group = KeyEvents::new(vec![event]);
+        match self.process_group(&mut group).await {
+            Ok(()) => Ok(group
+                .into_outcomes()
+                .pop()
+                .expect("a finished group has an outcome per event")),
+            Err(e) => Err((
+                e,
+                group
+                    .into_events()
+                    .pop()
+                    .expect("a group gives its events back"),
+            )),
+        }
+    }
+
     /// Processes the events of one partition key of a batch, in order: each is resolved to its
     /// profile and applied; the profile is written once for every run of events that change
     /// nothing but it (see the module documentation), and at once for an event that changes

@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::HotCache;
 use crate::consent::ConsentRecord;
 use crate::events;
-use crate::group::KeyEvents;
 use crate::identity::{self, ANONYMOUS_ID, Guard, IdentityKey, PlanProfile, USER_ID};
 use crate::profile::Profile;
 use crate::profiles_config::ProfilesConfig;
@@ -162,28 +161,6 @@ impl Profiles {
     /// Forgets every cached profile (e.g. when this replica gives up partitions).
     pub fn clear_cache(&self) {
         self.cache.clear();
-    }
-
-    /// Resolves `event` to its profile, updates the profile, and returns what to publish: a
-    /// batch of one event (see [`Profiles::process_group`]). On error the event comes back with
-    /// it, to retry when [`ProfileError::retryable`] (when only the consent record could not be
-    /// written, the profile holds the event already and a retry applies it again: the worker
-    /// retries its [`KeyEvents`] instead, which remember that).
-    pub async fn process(&self, event: Event) -> Result<Outcome, (ProfileError, Event)> {
-        let mut group = KeyEvents::new(vec![event]);
-        match self.process_group(&mut group).await {
-            Ok(()) => Ok(group
-                .into_outcomes()
-                .pop()
-                .expect("a finished group has an outcome per event")),
-            Err(e) => Err((
-                e,
-                group
-                    .into_events()
-                    .pop()
-                    .expect("a group gives its events back"),
-            )),
-        }
     }
 
     /// What `event` names before its profile is looked for: whether it is dropped (a
