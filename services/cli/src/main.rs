@@ -25,12 +25,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigArg};
 use crate::control::{ActivatorApi, IngestApi, ProcessorApi};
 
-/// mimalloc: per-thread heaps without glibc's arena lock (which took a quarter of ingest's
-/// samples under load) and much less fragmentation under many small allocations. Built without
-/// the `mimalloc` feature, the system allocator (for heap profilers that hook malloc).
+/// mimalloc with Herald's settings (`herald_common::alloc`). Built without the `mimalloc`
+/// feature, the system allocator (for heap profilers that hook malloc).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: herald_common::alloc::MiMalloc = herald_common::alloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -142,6 +141,8 @@ enum Command {
 /// never as a stack trace (see [`output::report`]); status 1.
 #[tokio::main]
 async fn main() -> ExitCode {
+    #[cfg(feature = "mimalloc")]
+    herald_common::alloc::tune();
     let cli = Cli::parse();
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,9 @@
 //! Services depend on this crate and on `herald-proto`, never on each other.
 
 pub mod admin;
+#[cfg(feature = "mimalloc")]
+#[allow(unsafe_code)]
+pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod consent;

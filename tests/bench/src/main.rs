@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 /// measured with the allocator it ships with.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: herald_common::alloc::MiMalloc = herald_common::alloc::MiMalloc;
 
 /// Herald's load generator.
 #[derive(Debug, Parser)]
@@ -69,6 +69,8 @@ enum BenchCommand {
 /// `RUST_BACKTRACE` set), and exits with 1.
 #[tokio::main]
 async fn main() -> ExitCode {
+    #[cfg(feature = "mimalloc")]
+    herald_common::alloc::tune();
     match run(Cli::parse().command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
