@@ -445,10 +445,10 @@ impl Profiles {
     }
 
     /// Creates a profile for `event` holding identities `links` with the event applied (one
-    /// write), then maps the identities to it, the one most likely mapped already first
-    /// (an anonymous id). When one is mapped already, the profile is deleted again (and the
-    /// links made so far); if someone reached the profile meanwhile, it stays, without that
-    /// identity, holding the event.
+    /// write), then maps all the identities to it at once (one more round trip). When one is
+    /// mapped already, the profile is deleted again (and the links just made); if someone
+    /// reached the profile meanwhile, it stays, without the identities it lost, holding the
+    /// event.
     async fn create_profile(
         &self,
         store: &Store,
@@ -471,39 +471,61 @@ impl Profiles {
         };
         events::ProfileCreated.emit();
         let profile = Arc::new(p);
-        let mut order: Vec<&IdentityKey> = links.iter().collect();
-        order.sort_by_key(|k| k.kind != ANONYMOUS_ID);
-        let mut made: Vec<(String, u64)> = Vec::with_capacity(order.len());
-        for k in order {
-            let kv_key = k.kv_key();
-            let link = IdentityLink::new(k, &id);
-            match store.identities.create(&kv_key, &link).await? {
-                (Cas::Written(rev), _) => made.push((kv_key, rev)),
-                (Cas::Conflict, _) => {
-                    events::CasConflict {
-                        bucket: "identities",
-                    }
-                    .emit();
-                    return match store.profiles.purge_at(&id, revision).await? {
-                        Cas::Written(_) => {
-                            self.cache.forget_profile(&id);
-                            events::ProfileUndone.emit();
-                            for (key, rev) in &made {
-                                let _ = store.identities.purge_at(key, *rev).await?;
-                            }
-                            Ok(Created::Undone)
-                        }
-                        Cas::Conflict => {
-                            for (key, _) in &made {
-                                events::IdentityLinked.emit();
-                                self.cache.put_identity(key, &id);
-                            }
-                            self.unlist_identity(store, &id, k).await?;
-                            Ok(Created::Partial(id, changed))
-                        }
-                    };
-                }
+        // Every identity is linked at once (one round trip after the profile's, not one per
+        // identity). A link that exists already (another profile holds the identity) undoes
+        // the profile and the links this wrote; when the profile cannot be undone (something
+        // wrote it meanwhile) it keeps what it linked and stops listing what it lost.
+        let writes = links.iter().map(|k| {
+            let id = &id;
+            async move {
+                let kv_key = k.kv_key();
+                let written = store
+                    .identities
+                    .create(&kv_key, &IdentityLink::new(k, id))
+                    .await;
+                (k, kv_key, written)
             }
+        });
+        let mut made: Vec<(String, u64)> = Vec::with_capacity(links.len());
+        let mut lost: Vec<&IdentityKey> = Vec::new();
+        let mut failed = None;
+        for (k, kv_key, written) in futures_util::future::join_all(writes).await {
+            match written {
+                Ok((Cas::Written(rev), _)) => made.push((kv_key, rev)),
+                Ok((Cas::Conflict, _)) => lost.push(k),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if !lost.is_empty() {
+            for _ in &lost {
+                events::CasConflict {
+                    bucket: "identities",
+                }
+                .emit();
+            }
+            return match store.profiles.purge_at(&id, revision).await? {
+                Cas::Written(_) => {
+                    self.cache.forget_profile(&id);
+                    events::ProfileUndone.emit();
+                    for (key, rev) in &made {
+                        let _ = store.identities.purge_at(key, *rev).await?;
+                    }
+                    Ok(Created::Undone)
+                }
+                Cas::Conflict => {
+                    for (key, _) in &made {
+                        events::IdentityLinked.emit();
+                        self.cache.put_identity(key, &id);
+                    }
+                    for k in lost {
+                        self.unlist_identity(store, &id, k).await?;
+                    }
+                    Ok(Created::Partial(id, changed))
+                }
+            };
         }
         for (key, _) in &made {
             events::IdentityLinked.emit();
