@@ -369,10 +369,10 @@ impl Delivery {
         true
     }
 
-    /// Counts and, for a dead letter, writes the outcome of one event, then acks it with the
-    /// server's confirmation; `false` when `cancel` fired first.
+    /// Counts and, for a dead letter, writes the outcome of one event, then records and acks
+    /// it ([`Self::ack_and_record`]); `false` when `cancel` fired first.
     async fn settle(&self, item: &Item, outcome: Outcome, cancel: &CancellationToken) -> bool {
-        // The next event of this user is sent only once the server has confirmed this ack:
+        // The next event of this user is sent only once this ack cannot be lost unnoticed:
         // after a crash, at most the last sent event is sent again (a dropped one is checked
         // again).
         match self.record_outcome(item, outcome, cancel).await {
@@ -381,33 +381,40 @@ impl Delivery {
         }
     }
 
-    /// Acks `item` with the server's confirmation while its delivery-status record is written
-    /// (a failed write is logged: the status is not worth holding delivery up).
+    /// Records `item`'s delivery status, then acks it. A delivered event whose record is stored
+    /// gets a plain ack: were the ack lost, its redelivery finds the record and is acked without
+    /// sending ([`Self::already_delivered`]), so at most the status round trip is paid. Any
+    /// other event (recording off, a failed write, or an outcome other than delivered) is acked
+    /// with the server's confirmation before this user's next event goes out. A failed write
+    /// is logged: the status is not worth holding delivery up.
     async fn ack_and_record(
         &self,
         item: &Item,
         record: DeliveryStatusRecord,
         cancel: &CancellationToken,
     ) -> bool {
-        let write = async {
-            if self.status.enabled()
-                && let Err(e) = self.status.write(&record).await
-            {
-                events::StatusWriteFailed {
+        if self.status.enabled() {
+            match self.status.write(&record).await {
+                Ok(()) if record.state() == DeliveryState::Delivered => {
+                    if item.msg.ack().await.is_ok() {
+                        return true;
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => events::StatusWriteFailed {
                     destination: &self.destination,
                     error: &e,
                 }
-                .emit();
+                .emit(),
             }
-        };
-        let ack = confirm_ack(
+        }
+        confirm_ack(
             &self.destination,
             &item.msg,
             self.policy.max_backoff,
             cancel,
-        );
-        let ((), acked) = tokio::join!(write, ack);
-        acked
+        )
+        .await
     }
 
     /// Counts an outcome and returns its delivery-status record; a dead letter is written
@@ -951,9 +958,17 @@ mod tests {
             .expect("sent");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].header("idempotency-key"), Some("src:user-1-2"));
-        // Both are settled: nothing comes back after the ack wait.
-        let info = consumer.clone().info().await.expect("info").clone();
-        assert_eq!(info.num_ack_pending, 0, "{info:?}");
+        // Both are settled (a delivered event's plain ack lands shortly after): nothing is
+        // left pending.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = consumer.clone().info().await.expect("info").clone();
+            if info.num_ack_pending == 0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{info:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Event 2's delivery is recorded.
         let r = status
             .read("src:user-1-2", "hook")
