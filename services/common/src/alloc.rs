@@ -25,9 +25,9 @@ pub fn tune() {
 }
 
 /// The purge delay in force (milliseconds, `-1`: never).
-pub fn purge_delay() -> i64 {
-    // SAFETY: reads an option (its first read takes the environment's value, if any).
-    i64::from(unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) })
+pub fn purge_delay() -> std::ffi::c_long {
+    // SAFETY: reads an option (mimalloc took the environment's value, if any, at start).
+    unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
 }
 
 #[cfg(test)]

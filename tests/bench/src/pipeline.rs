@@ -119,10 +119,23 @@ pub struct PipelineArgs {
     /// Longest a phase waits, after its offer ends, for the accepted events to arrive.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
+    /// An environment variable for the three services, `KEY=VALUE` (repeatable), e.g.
+    /// `HERALD__ACTIVATOR__DELIVERY_STATUS_TTL_SECONDS=0` to try a setting. The bench's own
+    /// settings win; other `HERALD__*` variables of the caller are not passed on.
+    #[arg(long = "service-env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
+    pub service_env: Vec<(String, String)>,
     /// The `herald` binary that runs the services (default: the `herald` beside this
     /// binary, else the first on PATH).
     #[arg(long, env = "HERALD_BIN", value_name = "PATH")]
     pub herald_bin: Option<PathBuf>,
+}
+
+/// `KEY=VALUE` of `--service-env`.
+pub(crate) fn parse_env_pair(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 /// Runs the benchmark and prints its report.
@@ -186,7 +199,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
     let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
-    let mut services = Services::start(&herald, &config, &dir, &common).await?;
+    let mut services = Services::start(&herald, &config, &dir, &common, &args.service_env).await?;
     processes.extend(services.pids());
     let client_rt = ClientRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()
@@ -1379,6 +1392,8 @@ pub(crate) struct Services {
     activator: ServiceChild,
     pub(crate) ingest_http: std::net::SocketAddr,
     dir: PathBuf,
+    /// `--service-env`, for a restart.
+    env: Vec<(String, String)>,
 }
 
 impl Services {
@@ -1387,10 +1402,11 @@ impl Services {
         config: &std::path::Path,
         dir: &std::path::Path,
         common: &CommonConfig,
+        env: &[(String, String)],
     ) -> Result<Self> {
-        let ingest = start_role(herald, "ingest", config, dir, common).await?;
-        let processor = start_role(herald, "processor", config, dir, common).await?;
-        let activator = start_role(herald, "activator", config, dir, common).await?;
+        let ingest = start_role(herald, "ingest", config, dir, common, env).await?;
+        let processor = start_role(herald, "processor", config, dir, common, env).await?;
+        let activator = start_role(herald, "activator", config, dir, common, env).await?;
         let ingest_http = ingest.addr("http_addr").context("ingest's HTTP address")?;
         Ok(Self {
             ingest,
@@ -1398,6 +1414,7 @@ impl Services {
             activator,
             ingest_http,
             dir: dir.to_path_buf(),
+            env: env.to_vec(),
         })
     }
 
@@ -1416,7 +1433,8 @@ impl Services {
         common: &CommonConfig,
     ) -> Result<()> {
         self.activator.stop().await;
-        self.activator = start_role(herald, "activator", config, &self.dir, common).await?;
+        self.activator =
+            start_role(herald, "activator", config, &self.dir, common, &self.env).await?;
         Ok(())
     }
 
@@ -1463,6 +1481,7 @@ async fn start_role(
     config: &std::path::Path,
     dir: &std::path::Path,
     common: &CommonConfig,
+    env: &[(String, String)],
 ) -> Result<ServiceChild> {
     let (listeners, extra): (&[&str], &[&str]) = match role {
         "ingest" => (&["admin_addr", "http_addr"], &["grpc_addr"]),
@@ -1476,7 +1495,7 @@ async fn start_role(
             config: Some(config),
             listeners,
             extra_listeners: extra,
-            env: Vec::new(),
+            env: env.to_vec(),
             dir,
             first_admin: None,
         },

@@ -60,6 +60,11 @@ pub struct SoakArgs {
     /// Longest the run waits, after its offer ends, for the accepted events to arrive.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
+    /// An environment variable for the three services, `KEY=VALUE` (repeatable), e.g.
+    /// `HERALD__ACTIVATOR__DELIVERY_STATUS_TTL_SECONDS=0` to try a setting. The bench's own
+    /// settings win; other `HERALD__*` variables of the caller are not passed on.
+    #[arg(long = "service-env", value_name = "KEY=VALUE", value_parser = super::pipeline::parse_env_pair)]
+    pub service_env: Vec<(String, String)>,
     /// The `herald` binary that runs the services (default: the `herald` beside this
     /// binary, else the first on PATH).
     #[arg(long, env = "HERALD_BIN", value_name = "PATH")]
@@ -218,7 +223,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
     let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
-    let mut services = Services::start(&herald, &config, &dir, &common).await?;
+    let mut services = Services::start(&herald, &config, &dir, &common, &args.service_env).await?;
     let mut processes = services.pids();
     processes.extend([
         ("nats-server".to_string(), nats.pid()),
