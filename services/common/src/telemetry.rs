@@ -24,6 +24,14 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Buckets (seconds) for every `_freshness_seconds` histogram (receipt to delivery): the
+/// latency buckets, then up to an hour, so a backlog's age shows (the freshness alert's 60 s
+/// objective among them) instead of piling up above 10 s.
+pub const FRESHNESS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
 /// Size buckets (bytes) for every `_bytes` histogram.
 pub const SIZE_BUCKETS: &[f64] = &[
     256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
@@ -36,8 +44,16 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
+            // Of several matching suffixes the exporter takes the first in their sort order:
+            // "_freshness_seconds" before "_seconds" (a test holds this).
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Suffix("_freshness_seconds".into()),
+                        FRESHNESS_BUCKETS,
+                    )
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), SIZE_BUCKETS)
                 })
@@ -173,4 +189,34 @@ pub fn init_tracing(cfg: &LogConfig) {
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The upper bounds of `name`'s buckets in `text`.
+    fn bounds(text: &str, name: &str) -> Vec<String> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| l.split('"').next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn freshness_histograms_reach_an_hour_and_other_latencies_stop_at_ten_seconds() {
+        let handle = metrics();
+        metrics::histogram!("herald_test_freshness_seconds").record(90.0);
+        metrics::histogram!("herald_test_wait_seconds").record(0.2);
+        let text = render(&handle);
+        let freshness = bounds(&text, "herald_test_freshness_seconds");
+        for le in ["10", "60", "120", "3600", "+Inf"] {
+            assert!(freshness.iter().any(|b| b == le), "{le} in {freshness:?}");
+        }
+        let wait = bounds(&text, "herald_test_wait_seconds");
+        assert_eq!(wait.len(), LATENCY_BUCKETS.len() + 1, "{wait:?}");
+        assert!(!wait.iter().any(|b| b == "60"), "{wait:?}");
+    }
 }
