@@ -1,7 +1,9 @@
 //! Delivery of one destination's batches.
 //!
-//! With `batch_max` 1 (the default) each batch is split into per-user queues: users in
-//! parallel, each user's events one after another, each sent alone with no added wait. With
+//! With `batch_max` 1 (the default) events are split into per-user queues: users in
+//! parallel, each user's events one after another, each sent alone with no added wait. A
+//! partition's loop feeds its batches into one flow ([`Delivery::deliver_flow`]), so a slow
+//! user holds up only their own later events, not the next batch's other users. With
 //! `batch_max` above 1 the batch is sent in stream order as requests of up to `batch_max`
 //! events (`{"batch":[...]}`, Segment's batch shape), one request after another, so each
 //! user's order holds within and across requests. A request is made of what the consumer has
@@ -25,7 +27,8 @@
 //! A batch's `Idempotency-Key` is `<first event id>+<number of events>` (e.g.
 //! `web:m-1+25`); each event keeps its own id in the body (`herald.eventId`).
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,12 +36,14 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures_util::StreamExt as _;
-use herald_common::retry::{Retry, backoff, jittered};
+use futures_util::stream::FuturesUnordered;
+use herald_common::retry::{KeepAlive, Retry, backoff, jittered};
 use herald_common::suppressions::Suppressions;
 use herald_proto::v1::{
     Consent, DeliveryState, DeliveryStatusRecord, DlqReason, EventType, ProcessedEvent,
 };
 use prost::Message as _;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{self, Breaker, RateLimit};
@@ -246,6 +251,97 @@ impl Delivery {
                 self.deliver_in_order(items, cancel)
             })
             .await;
+    }
+
+    /// Delivers the batches `batches` brings (at `batch_max` 1), until it closes or `cancel`
+    /// fires: each user's events one after another, up to `max_concurrent_keys` users at once,
+    /// with no barrier between batches (a batch's other users do not wait for its slowest
+    /// one, and the next batch's users start as soon as a slot is free). At most `max_held`
+    /// events are taken in before some are settled. Each batch comes with the keep-alive of
+    /// its messages (started by the sender, so a batch waiting in the channel is kept alive
+    /// too), which runs until the last of its events is settled. `settled` runs after
+    /// each event. On `cancel` nothing new starts and the sends in flight end as they do on
+    /// cancel; events not settled stay unacked and come back in order.
+    pub(crate) async fn deliver_flow(
+        &self,
+        mut batches: mpsc::Receiver<(Vec<Message>, KeepAlive)>,
+        max_held: usize,
+        settled: impl Fn(),
+        cancel: &CancellationToken,
+    ) {
+        let slots = self.max_concurrent_keys.max(1);
+        // Per user with an event in flight or waiting: the events after it, in stream order.
+        let mut queues: HashMap<String, VecDeque<(Item, Arc<KeepAlive>)>> = HashMap::new();
+        // Users whose next event waits for a slot (none of theirs in flight).
+        let mut ready: VecDeque<String> = VecDeque::new();
+        let mut running = FuturesUnordered::new();
+        let mut held = 0usize;
+        let mut open = true;
+        loop {
+            if cancel.is_cancelled() {
+                open = false;
+                ready.clear();
+            }
+            while running.len() < slots
+                && let Some(user) = ready.pop_front()
+            {
+                let (item, alive) = queues
+                    .get_mut(&user)
+                    .and_then(VecDeque::pop_front)
+                    .expect("a ready user has an event waiting");
+                running.push(self.deliver_held(user, item, alive, cancel));
+            }
+            if !open && running.is_empty() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                Some((user, sent)) = running.next() => {
+                    held -= 1;
+                    settled();
+                    match queues.get(&user) {
+                        Some(rest) if sent && !rest.is_empty() => ready.push_back(user),
+                        _ => {
+                            queues.remove(&user);
+                        }
+                    }
+                }
+                _ = cancel.cancelled(), if open => {}
+                batch = batches.recv(), if open && held < max_held.max(1) => {
+                    let Some((batch, alive)) = batch else {
+                        open = false;
+                        continue;
+                    };
+                    let alive = Arc::new(alive);
+                    for item in self.admit(batch).await {
+                        held += 1;
+                        match queues.entry(item.event.profile_id.clone()) {
+                            Entry::Occupied(mut waiting) => {
+                                waiting.get_mut().push_back((item, alive.clone()));
+                            }
+                            Entry::Vacant(new) => {
+                                ready.push_back(new.key().clone());
+                                new.insert(VecDeque::from([(item, alive.clone())]));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::deliver_one`] for the flow: gives the user back with whether the event was
+    /// settled, and lets go of its batch's keep-alive share.
+    async fn deliver_held(
+        &self,
+        user: String,
+        item: Item,
+        alive: Arc<KeepAlive>,
+        cancel: &CancellationToken,
+    ) -> (String, bool) {
+        let sent = self.deliver_one(&item, cancel).await;
+        drop(alive);
+        (user, sent)
     }
 
     /// Sends one profile's events one after another, each until it is delivered,

@@ -9,8 +9,9 @@
 //! (`activator-<id>`, filter `<prefix>.processed.*`, not pinned) that every replica pulls; no
 //! per-user order is promised there.
 //!
-//! Each loop hands its batches to the destination's [`Delivery`] while in-progress acks keep
-//! each batch from being redelivered behind later events. Each consumer's `max_ack_pending`
+//! Each partition's loop hands its batches to the destination's [`Delivery`] (one flow with no
+//! barrier between batches at `batch_max` 1, see [`Delivery::deliver_flow`]) while in-progress
+//! acks keep each batch from being redelivered behind later events. Each consumer's `max_ack_pending`
 //! and the batch size bound what one destination holds: a failing destination builds only its
 //! own backlog.
 //!
@@ -38,7 +39,7 @@ use herald_common::nats::{retry_until, wait_for_stream};
 use herald_common::ordered::{OrderedReader, PinnedGroup, ReaderConfig};
 use herald_common::ownership::{Assignment, PRIORITY_GROUP, PartitionTasks, partition_consumer};
 use herald_common::retry::KeepAlive;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ActivatorConfig;
@@ -270,14 +271,39 @@ async fn run_partition(work: Arc<Work>, partition: u32, cancel: CancellationToke
         return;
     };
     let keep_alive_every = work.keep_alive_every();
-    while let Some(batch) = reader.next_batch(&cancel).await {
-        let keep_alive = KeepAlive::start(batch.clone(), keep_alive_every);
-        work.delivery.deliver_batch(batch, &cancel).await;
-        drop(keep_alive);
-        work.delivered.notify_one();
-        if cancel.is_cancelled() {
-            break;
+    if work.delivery.batch_max > 1 {
+        // Batched requests go in stream order, one batch after another.
+        while let Some(batch) = reader.next_batch(&cancel).await {
+            let keep_alive = KeepAlive::start(batch.clone(), keep_alive_every);
+            work.delivery.deliver_batch(batch, &cancel).await;
+            drop(keep_alive);
+            work.delivered.notify_one();
+            if cancel.is_cancelled() {
+                break;
+            }
         }
+    } else {
+        // One event at a time per user: the reader keeps pulling while the flow delivers, so
+        // no batch waits for the previous one's slowest user.
+        let (batches, from_reader) = mpsc::channel(1);
+        let flow = tokio::spawn({
+            let (work, cancel) = (work.clone(), cancel.clone());
+            async move {
+                let max_held = work.cfg.batch_size.max(1) * 2;
+                let settled = || work.delivered.notify_one();
+                work.delivery
+                    .deliver_flow(from_reader, max_held, settled, &cancel)
+                    .await;
+            }
+        });
+        while let Some(batch) = reader.next_batch(&cancel).await {
+            let alive = KeepAlive::start(batch.clone(), keep_alive_every);
+            if batches.send((batch, alive)).await.is_err() {
+                break;
+            }
+        }
+        drop(batches);
+        let _ = flow.await;
     }
     // Messages the reader holds and has not handed out go back at once (nak), so the next
     // owner gets them without waiting for the ack wait.

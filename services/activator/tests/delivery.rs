@@ -600,3 +600,51 @@ async fn historical_events_are_never_forwarded() -> Result<()> {
     h.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_user_does_not_hold_up_other_users_later_batches() -> Result<()> {
+    let mut h = Harness::new().await?;
+    let hook = WebhookServer::start().await?;
+    // Every event of user-1 is answered 503 (transient: retried in process) until further
+    // notice; the breaker is off, so user-1's failures alone cannot stop the others.
+    hook.set_failing_for(503, r#""userId":"user-1""#);
+    let mut dest = webhook(&hook, &[]);
+    dest.max_attempts = Some(10_000);
+    h.start(dest, |c| {
+        c.retry_max_backoff_ms = 200;
+        c.breaker_failures = 0;
+    })
+    .await?;
+    h.publish("user-1", 1).await?;
+    h.publish("user-2", 1).await?;
+    // user-2's events, each published after the one before it arrived (so each comes in a
+    // batch of its own), arrive while user-1's first event is still being retried.
+    for seq in 1..=4u64 {
+        if seq > 1 {
+            h.publish("user-2", seq).await?;
+        }
+        hook.wait_for(seq as usize, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("user-2's event {seq} waited behind user-1's retries"))?;
+    }
+    let delivered: Vec<(String, u64)> = hook.received().iter().flat_map(events_of).collect();
+    let user_2: Vec<(String, u64)> = (1..=4).map(|s| ("user-2".to_string(), s)).collect();
+    assert_eq!(delivered, user_2);
+    assert!(hook.attempts() > delivered.len(), "user-1 was tried");
+
+    // user-1 recovers: its events arrive once each, in order, after the ones before.
+    h.publish("user-1", 2).await?;
+    hook.set_healthy();
+    let got = hook.wait_for(6, DEADLINE).await?;
+    let user_1: Vec<(String, u64)> = got
+        .iter()
+        .flat_map(events_of)
+        .filter(|(user, _)| user == "user-1")
+        .collect();
+    assert_eq!(
+        user_1,
+        [("user-1".to_string(), 1), ("user-1".to_string(), 2)]
+    );
+    h.stop().await;
+    Ok(())
+}
