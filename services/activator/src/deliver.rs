@@ -2,8 +2,8 @@
 //!
 //! With `batch_max` 1 (the default) events are split into per-user queues: users in
 //! parallel, each user's events one after another, each sent alone with no added wait. A
-//! partition's loop feeds its batches into one flow ([`Delivery::deliver_flow`]), so a slow
-//! user holds up only their own later events, not the next batch's other users. With
+//! consumer loop feeds its batches into one flow ([`Delivery::deliver_flow`]), so a slow user
+//! holds up only their own later events, not the next batch's other users. With
 //! `batch_max` above 1 the batch is sent in stream order as requests of up to `batch_max`
 //! events (`{"batch":[...]}`, Segment's batch shape), one request after another, so each
 //! user's order holds within and across requests. A request is made of what the consumer has

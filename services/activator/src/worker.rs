@@ -9,9 +9,9 @@
 //! (`activator-<id>`, filter `<prefix>.processed.*`, not pinned) that every replica pulls; no
 //! per-user order is promised there.
 //!
-//! Each partition's loop hands its batches to the destination's [`Delivery`] (one flow with no
-//! barrier between batches at `batch_max` 1, see [`Delivery::deliver_flow`]) while in-progress
-//! acks keep each batch from being redelivered behind later events. Each consumer's `max_ack_pending`
+//! Each loop hands its batches to the destination's [`Delivery`] through a [`Feeder`] (one
+//! flow with no barrier between batches at `batch_max` 1, see [`Delivery::deliver_flow`]) while
+//! in-progress acks keep each batch from being redelivered behind later events. Each consumer's `max_ack_pending`
 //! and the batch size bound what one destination holds: a failing destination builds only its
 //! own backlog.
 //!
@@ -31,7 +31,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, PriorityPolicy};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::{self, AckKind, Message};
 use futures_util::{FutureExt as _, StreamExt as _};
 use herald_common::Topology;
 use herald_common::admin::Readiness;
@@ -270,41 +270,13 @@ async fn run_partition(work: Arc<Work>, partition: u32, cancel: CancellationToke
     else {
         return;
     };
-    let keep_alive_every = work.keep_alive_every();
-    if work.delivery.batch_max > 1 {
-        // Batched requests go in stream order, one batch after another.
-        while let Some(batch) = reader.next_batch(&cancel).await {
-            let keep_alive = KeepAlive::start(batch.clone(), keep_alive_every);
-            work.delivery.deliver_batch(batch, &cancel).await;
-            drop(keep_alive);
-            work.delivered.notify_one();
-            if cancel.is_cancelled() {
-                break;
-            }
+    let feeder = Feeder::start(&work, &cancel);
+    while let Some(batch) = reader.next_batch(&cancel).await {
+        if !feeder.deliver(batch, &cancel).await {
+            break;
         }
-    } else {
-        // One event at a time per user: the reader keeps pulling while the flow delivers, so
-        // no batch waits for the previous one's slowest user.
-        let (batches, from_reader) = mpsc::channel(1);
-        let flow = tokio::spawn({
-            let (work, cancel) = (work.clone(), cancel.clone());
-            async move {
-                let max_held = work.cfg.batch_size.max(1) * 2;
-                let settled = || work.delivered.notify_one();
-                work.delivery
-                    .deliver_flow(from_reader, max_held, settled, &cancel)
-                    .await;
-            }
-        });
-        while let Some(batch) = reader.next_batch(&cancel).await {
-            let alive = KeepAlive::start(batch.clone(), keep_alive_every);
-            if batches.send((batch, alive)).await.is_err() {
-                break;
-            }
-        }
-        drop(batches);
-        let _ = flow.await;
     }
+    feeder.finish().await;
     // Messages the reader holds and has not handed out go back at once (nak), so the next
     // owner gets them without waiting for the ack wait.
     reader.release().await;
@@ -320,8 +292,8 @@ async fn run_shared(work: &Arc<Work>, cancel: &CancellationToken) {
     else {
         return;
     };
-    let keep_alive_every = work.keep_alive_every();
     let batch_size = work.cfg.batch_size.max(1);
+    let feeder = Feeder::start(work, cancel);
     'pull: while !cancel.is_cancelled() {
         let Some(mut messages) = retry_until("pulling the shared consumer", cancel, || {
             consumer
@@ -360,10 +332,72 @@ async fn run_shared(work: &Arc<Work>, cancel: &CancellationToken) {
                     _ => break,
                 }
             }
-            let keep_alive = KeepAlive::start(batch.clone(), keep_alive_every);
-            work.delivery.deliver_batch(batch, cancel).await;
-            drop(keep_alive);
-            work.delivered.notify_one();
+            if !feeder.deliver(batch, cancel).await {
+                break 'pull;
+            }
+        }
+    }
+    feeder.finish().await;
+}
+
+/// Hands a loop's batches to the destination's [`Delivery`]: at `batch_max` 1 to one flow that
+/// runs beside the loop ([`Delivery::deliver_flow`]: the loop keeps pulling while earlier
+/// events are sent, and no batch waits for the previous one's slowest user); above 1 batch after
+/// batch, in stream order. Either way each batch gets in-progress acks until its last event is
+/// settled.
+struct Feeder {
+    work: Arc<Work>,
+    keep_alive_every: Duration,
+    /// At `batch_max` 1: where batches go, and the flow's task.
+    flow: Option<(Batches, tokio::task::JoinHandle<()>)>,
+}
+
+/// The way into a flow: batches with their keep-alives.
+type Batches = mpsc::Sender<(Vec<Message>, KeepAlive)>;
+
+impl Feeder {
+    fn start(work: &Arc<Work>, cancel: &CancellationToken) -> Self {
+        let flow = (work.delivery.batch_max <= 1).then(|| {
+            let (batches, from_loop) = mpsc::channel(1);
+            let task = tokio::spawn({
+                let (work, cancel) = (work.clone(), cancel.clone());
+                async move {
+                    let max_held = work.cfg.batch_size.max(1) * 2;
+                    let settled = || work.delivered.notify_one();
+                    work.delivery
+                        .deliver_flow(from_loop, max_held, settled, &cancel)
+                        .await;
+                }
+            });
+            (batches, task)
+        });
+        Self {
+            work: work.clone(),
+            keep_alive_every: work.keep_alive_every(),
+            flow,
+        }
+    }
+
+    /// Delivers `batch`, or hands it to the flow (waiting while the flow holds its most);
+    /// `false` once `cancel` fired or the flow ended.
+    async fn deliver(&self, batch: Vec<Message>, cancel: &CancellationToken) -> bool {
+        let alive = KeepAlive::start(batch.clone(), self.keep_alive_every);
+        match &self.flow {
+            Some((batches, _)) => batches.send((batch, alive)).await.is_ok(),
+            None => {
+                self.work.delivery.deliver_batch(batch, cancel).await;
+                drop(alive);
+                self.work.delivered.notify_one();
+                !cancel.is_cancelled()
+            }
+        }
+    }
+
+    /// Waits until everything handed to the flow is settled, or abandoned on cancel.
+    async fn finish(self) {
+        if let Some((batches, task)) = self.flow {
+            drop(batches);
+            let _ = task.await;
         }
     }
 }

@@ -603,6 +603,18 @@ async fn historical_events_are_never_forwarded() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retrying_user_does_not_hold_up_other_users_later_batches() -> Result<()> {
+    retrying_user_does_not_hold_up_others(true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_user_does_not_hold_up_later_batches_of_an_unordered_destination() -> Result<()>
+{
+    retrying_user_does_not_hold_up_others(false).await
+}
+
+/// user-1's events are retried while user-2's later batches arrive, at a destination with
+/// per-user order (`ordered`) or without.
+async fn retrying_user_does_not_hold_up_others(ordered: bool) -> Result<()> {
     let mut h = Harness::new().await?;
     let hook = WebhookServer::start().await?;
     // Every event of user-1 is answered 503 (transient: retried in process) until further
@@ -610,6 +622,7 @@ async fn a_retrying_user_does_not_hold_up_other_users_later_batches() -> Result<
     hook.set_failing_for(503, r#""userId":"user-1""#);
     let mut dest = webhook(&hook, &[]);
     dest.max_attempts = Some(10_000);
+    dest.ordered = Some(ordered);
     h.start(dest, |c| {
         c.retry_max_backoff_ms = 200;
         c.breaker_failures = 0;
