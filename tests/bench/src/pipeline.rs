@@ -130,6 +130,44 @@ pub struct PipelineArgs {
     pub herald_bin: Option<PathBuf>,
 }
 
+/// The load generator for Herald's ingest: its own client runtime, Segment batches of `batch`
+/// events for `users` users, and `connections` HTTP connections to `ingest_http`'s
+/// `/v1/batch` with `write_key`. Drop the runtime last.
+pub(crate) fn herald_load(
+    run_id: &str,
+    users: u64,
+    batch: usize,
+    event_bytes: usize,
+    connections: usize,
+    ingest_http: std::net::SocketAddr,
+    write_key: &str,
+) -> Result<(ClientRuntime, Arc<SegmentBatches>, Arc<Http>)> {
+    let client_rt = ClientRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(CLIENT_THREADS)
+            .enable_all()
+            .build()?,
+    ));
+    let batches = Arc::new(SegmentBatches::with_users(
+        run_id,
+        batch,
+        event_bytes,
+        (users.div_ceil(batch as u64) as usize).clamp(1, 256),
+        users,
+    ));
+    let http = Arc::new(Http::new(
+        format!("http://{ingest_http}/v1/batch"),
+        write_key.to_string(),
+        connections,
+        batch,
+        batches.clone(),
+        client_rt.handle(),
+        None,
+    )?);
+    Ok((client_rt, batches, http))
+}
+
 /// `KEY=VALUE` of `--service-env`.
 pub(crate) fn parse_env_pair(s: &str) -> std::result::Result<(String, String), String> {
     match s.split_once('=') {
@@ -201,29 +239,15 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
     let mut services = Services::start(&herald, &config, &dir, &common, &args.service_env).await?;
     processes.extend(services.pids());
-    let client_rt = ClientRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(CLIENT_THREADS)
-            .enable_all()
-            .build()?,
-    ));
-    let batches = Arc::new(SegmentBatches::with_users(
+    let (client_rt, batches, http) = herald_load(
         &run_id,
+        args.users,
         args.batch,
         args.event_bytes,
-        (args.users.div_ceil(args.batch as u64) as usize).clamp(1, 256),
-        args.users,
-    ));
-    let http = Arc::new(Http::new(
-        format!("http://{}/v1/batch", services.ingest_http),
-        write_key.clone(),
         args.connections,
-        args.batch,
-        batches.clone(),
-        client_rt.handle(),
-        None,
-    )?);
+        services.ingest_http,
+        &write_key,
+    )?;
     eprintln!(
         "Herald: ingest at http://{}; {} events of {} B per request, {} connections; webhook sink {}",
         services.ingest_http,

@@ -19,12 +19,10 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::child::herald_binary;
-use super::events::SegmentBatches;
-use super::ingest::{ClientRuntime, Http};
 use super::nats::BenchNats;
-use super::pipeline::{HeraldSide, PhaseOpts, Services, Sink, Tracker, write_config};
+use super::pipeline::{HeraldSide, PhaseOpts, Services, Sink, Tracker, herald_load, write_config};
 use super::report::{
-    CLIENT_THREADS, load_average, pid_status_mib, print_machine, print_summary, round3, thousands,
+    load_average, pid_status_mib, print_machine, print_summary, round3, thousands,
 };
 
 /// Options of `herald-bench soak`.
@@ -229,29 +227,15 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         ("nats-server".to_string(), nats.pid()),
         ("herald-bench".to_string(), std::process::id()),
     ]);
-    let client_rt = ClientRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(CLIENT_THREADS)
-            .enable_all()
-            .build()?,
-    ));
-    let batches = Arc::new(SegmentBatches::with_users(
+    let (client_rt, batches, http) = herald_load(
         &run_id,
+        args.users,
         args.batch,
         args.event_bytes,
-        (args.users.div_ceil(args.batch as u64) as usize).clamp(1, 256),
-        args.users,
-    ));
-    let http = Arc::new(Http::new(
-        format!("http://{}/v1/batch", services.ingest_http),
-        write_key.clone(),
         args.connections,
-        args.batch,
-        batches.clone(),
-        client_rt.handle(),
-        None,
-    )?);
+        services.ingest_http,
+        &write_key,
+    )?;
     eprintln!(
         "Herald: ingest at http://{}; {} events of {} B per request, {} connections; webhook sink {}; \
          {} ev/s for {} s, a sample every {} s, the first {} s a warm-up",
