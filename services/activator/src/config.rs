@@ -41,6 +41,11 @@ pub struct ActivatorConfig {
     /// recording off (and with it the check that keeps a redelivered, already delivered event
     /// from being sent again).
     pub delivery_status_ttl_seconds: u64,
+    /// Whether every delivered event gets a delivery-status record too. Off by default: each
+    /// record is a key nats-server keeps in memory for the TTL (about 0.9 KiB each), and a
+    /// delivered event is then acked with the server's confirmation instead. Outcomes other
+    /// than a plain delivery (dlq, consent-dropped, retrying) are always recorded.
+    pub delivery_status_delivered: bool,
     /// Longest a shutdown (SIGTERM) waits for in-flight work to finish and the NATS connection
     /// to drain before the service stops anyway; the chart sets the pod's grace period above it.
     pub shutdown_timeout_seconds: u64,
@@ -71,6 +76,7 @@ impl Default for ActivatorConfig {
             breaker_failures: 5,
             breaker_cool_down_ms: 5_000,
             delivery_status_ttl_seconds: 86_400,
+            delivery_status_delivered: false,
             shutdown_timeout_seconds: herald_common::supervisor::DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
             destinations: Vec::new(),
             allow_private_networks: Vec::new(),

@@ -480,16 +480,17 @@ impl Delivery {
     /// Records `item`'s delivery status, then acks it. A delivered event whose record is stored
     /// gets a plain ack: were the ack lost, its redelivery finds the record and is acked without
     /// sending ([`Self::already_delivered`]), so at most the status round trip is paid. Any
-    /// other event (recording off, a failed write, or an outcome other than delivered) is acked
-    /// with the server's confirmation before this user's next event goes out. A failed write
-    /// is logged: the status is not worth holding delivery up.
+    /// other event (recording off, a delivered event not recorded, a failed write, or an
+    /// outcome other than delivered) is acked with the server's confirmation before this
+    /// user's next event goes out. A failed write is logged: the status is not worth holding
+    /// delivery up.
     async fn ack_and_record(
         &self,
         item: &Item,
         record: DeliveryStatusRecord,
         cancel: &CancellationToken,
     ) -> bool {
-        if self.status.enabled() {
+        if self.worth_recording(item, &record) {
             match self.status.write(&record).await {
                 Ok(()) if record.state() == DeliveryState::Delivered => {
                     if item.msg.ack().await.is_ok() {
@@ -511,6 +512,20 @@ impl Delivery {
             cancel,
         )
         .await
+    }
+
+    /// Whether `record` is written: every outcome but a delivery when recording is on; a
+    /// delivery when every delivery is recorded, or when a record may already stand for the
+    /// event (a third or later attempt: a `retrying` record was written after the second; a
+    /// redelivery: an earlier run may have written one), so that none is left stale.
+    fn worth_recording(&self, item: &Item, record: &DeliveryStatusRecord) -> bool {
+        if !self.status.enabled() {
+            return false;
+        }
+        record.state() != DeliveryState::Delivered
+            || self.status.records_delivered()
+            || record.attempts > 2
+            || item.msg.info().is_ok_and(|i| i.delivered > 1)
     }
 
     /// Counts an outcome and returns its delivery-status record; a dead letter is written
@@ -961,75 +976,134 @@ mod tests {
         }
     }
 
+    /// A destination `hook` over a processed stream of one partition, its status store
+    /// (`delivered`: every delivered event recorded) and a plain pull consumer to feed it.
+    struct Rig {
+        _nats: NatsServer,
+        js: async_nats::jetstream::Context,
+        topology: Topology,
+        status: StatusStore,
+        consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
+        hook: WebhookServer,
+        delivery: Delivery,
+    }
+
+    impl Rig {
+        async fn start(delivered: bool) -> Self {
+            let nats = NatsServer::start().await.expect("nats");
+            let js = nats.jetstream().await;
+            let common = common_config(&nats.url(), 1, "t");
+            let topology = Topology::new(common.topology.clone());
+            ensure_stream(&js, topology.processed_stream_config())
+                .await
+                .expect("stream");
+            ensure_stream(&js, topology.dlq_stream_config())
+                .await
+                .expect("dlq");
+            let status =
+                StatusStore::new(js.clone(), &topology, Duration::from_secs(3600), delivered);
+            status.ensure_bucket(1).await.expect("bucket");
+            let consumer = js
+                .get_stream(topology.processed_stream())
+                .await
+                .expect("stream")
+                .create_consumer(pull::Config {
+                    durable_name: Some("test".into()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(1),
+                    ..Default::default()
+                })
+                .await
+                .expect("consumer");
+            let hook = WebhookServer::start().await.expect("hook");
+            let mut record =
+                DestinationRecord::new("hook".into(), DestinationKind::Webhook, Utc::now());
+            record.settings = Settings([("url".to_string(), hook.url())].into());
+            let guard = Arc::new(NetworkGuard::new(&["127.0.0.0/8".parse().unwrap()]));
+            let delivery = Delivery {
+                destination: "hook".into(),
+                filter: Filter::new(&[], &[], None).expect("filter"),
+                gate: ConsentGate {
+                    policy: ConsentPolicy::new(&[], UnknownConsent::Deny),
+                    cache: ConsentCache::default(),
+                    suppressions: Arc::default(),
+                    erasures: ErasureLedger::default(),
+                },
+                sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
+                stats: Arc::default(),
+                max_concurrent_keys: 4,
+                policy: RetryPolicy {
+                    max_attempts: 5,
+                    max_age: Duration::from_secs(60),
+                    max_backoff: Duration::from_millis(100),
+                },
+                dlq: DeadLetters::new(js.clone(), &topology, "hook"),
+                breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
+                rate_limit: None,
+                batch_max: 1,
+                status: status.clone(),
+            };
+            Self {
+                _nats: nats,
+                js,
+                topology,
+                status,
+                consumer,
+                hook,
+                delivery,
+            }
+        }
+
+        /// Stores user-1's events `seqs` in the processed stream.
+        async fn publish(&self, seqs: &[u64]) {
+            for &seq in seqs {
+                let processed = ProcessedEvent {
+                    event: Some(protobuf_track("src", "user-1", seq, 1)),
+                    profile_id: "p-1".into(),
+                    ..Default::default()
+                };
+                self.js
+                    .publish(
+                        self.topology.processed_subject(0),
+                        processed.encode_to_vec().into(),
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("stored");
+            }
+        }
+
+        /// Waits until nothing is left unacked.
+        async fn settled(&self) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let info = self.consumer.clone().info().await.expect("info").clone();
+                if info.num_ack_pending == 0 {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{info:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn record(&self, event_id: &str) -> Option<DeliveryStatusRecord> {
+            self.status.read(event_id, "hook").await.expect("read")
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redelivered_event_recorded_as_delivered_is_acked_without_sending() {
-        let nats = NatsServer::start().await.expect("nats");
-        let js = nats.jetstream().await;
-        let common = common_config(&nats.url(), 1, "t");
-        let topology = Topology::new(common.topology.clone());
-        ensure_stream(&js, topology.processed_stream_config())
-            .await
-            .expect("stream");
-        ensure_stream(&js, topology.dlq_stream_config())
-            .await
-            .expect("dlq");
-        let status = StatusStore::new(js.clone(), &topology, Duration::from_secs(3600));
-        status.ensure_bucket(1).await.expect("bucket");
-        let consumer = js
-            .get_stream(topology.processed_stream())
-            .await
-            .expect("stream")
-            .create_consumer(pull::Config {
-                durable_name: Some("test".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(1),
-                ..Default::default()
-            })
-            .await
-            .expect("consumer");
-        let hook = WebhookServer::start().await.expect("hook");
-        let mut record =
-            DestinationRecord::new("hook".into(), DestinationKind::Webhook, Utc::now());
-        record.settings = Settings([("url".to_string(), hook.url())].into());
-        let guard = Arc::new(NetworkGuard::new(&["127.0.0.0/8".parse().unwrap()]));
-        let delivery = Delivery {
-            destination: "hook".into(),
-            filter: Filter::new(&[], &[], None).expect("filter"),
-            gate: ConsentGate {
-                policy: ConsentPolicy::new(&[], UnknownConsent::Deny),
-                cache: ConsentCache::default(),
-                suppressions: Arc::default(),
-                erasures: ErasureLedger::default(),
-            },
-            sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
-            stats: Arc::default(),
-            max_concurrent_keys: 4,
-            policy: RetryPolicy {
-                max_attempts: 3,
-                max_age: Duration::from_secs(60),
-                max_backoff: Duration::from_millis(100),
-            },
-            dlq: DeadLetters::new(js.clone(), &topology, "hook"),
-            breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
-            rate_limit: None,
-            batch_max: 1,
-            status: status.clone(),
-        };
-        for seq in [1, 2] {
-            let processed = ProcessedEvent {
-                event: Some(protobuf_track("src", "user-1", seq, 1)),
-                profile_id: "p-1".into(),
-                ..Default::default()
-            };
-            js.publish(
-                topology.processed_subject(0),
-                processed.encode_to_vec().into(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
-        }
+        // Delivered events are not all recorded (the default): a redelivered one still is.
+        let rig = Rig::start(false).await;
+        let Rig {
+            status,
+            consumer,
+            hook,
+            delivery,
+            ..
+        } = &rig;
+        rig.publish(&[1, 2]).await;
         // Event 1 was delivered by a replica that crashed before its ack: its record says
         // delivered. Event 2 was not. Both are left unacked once, and come back.
         let record_1 = status::record(
@@ -1040,11 +1114,11 @@ mod tests {
         );
         status.write(&record_1).await.expect("recorded");
         for _ in 0..2 {
-            let first = next(&consumer).await;
+            let first = next(consumer).await;
             assert_eq!(first.info().expect("info").delivered, 1);
         }
         let cancel = CancellationToken::new();
-        let again = vec![next(&consumer).await, next(&consumer).await];
+        let again = vec![next(consumer).await, next(consumer).await];
         assert!(again.iter().all(|m| m.info().expect("info").delivered == 2));
         delivery.deliver_batch(again, &cancel).await;
         // Only event 2 is sent; event 1 is acked without a request.
@@ -1056,21 +1130,51 @@ mod tests {
         assert_eq!(got[0].header("idempotency-key"), Some("src:user-1-2"));
         // Both are settled (a delivered event's plain ack lands shortly after): nothing is
         // left pending.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let info = consumer.clone().info().await.expect("info").clone();
-            if info.num_ack_pending == 0 {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{info:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Event 2's delivery is recorded.
-        let r = status
-            .read("src:user-1-2", "hook")
-            .await
-            .expect("read")
-            .expect("a record");
+        rig.settled().await;
+        // Event 2's delivery is recorded: it was a redelivery, so an earlier run may have
+        // left a record of it that must not go stale.
+        let r = rig.record("src:user-1-2").await.expect("a record");
         assert_eq!((r.state(), r.attempts), (DeliveryState::Delivered, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_delivery_is_recorded_only_when_every_delivery_is() {
+        for delivered in [false, true] {
+            let rig = Rig::start(delivered).await;
+            rig.publish(&[1]).await;
+            let msg = next(&rig.consumer).await;
+            assert_eq!(msg.info().expect("info").delivered, 1);
+            rig.delivery
+                .deliver_batch(vec![msg], &CancellationToken::new())
+                .await;
+            rig.hook
+                .wait_for(1, Duration::from_secs(30))
+                .await
+                .expect("sent");
+            rig.settled().await;
+            let r = rig.record("src:user-1-1").await;
+            if delivered {
+                let r = r.expect("recorded");
+                assert_eq!((r.state(), r.attempts), (DeliveryState::Delivered, 1));
+            } else {
+                assert_eq!(r, None, "a plain delivery is not recorded by default");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_after_retries_replaces_its_retrying_record() {
+        let rig = Rig::start(false).await;
+        rig.publish(&[1]).await;
+        // Two failed attempts (a retrying record is written after the second), then accepted.
+        rig.hook.fail_next(2);
+        let msg = next(&rig.consumer).await;
+        rig.delivery
+            .deliver_batch(vec![msg], &CancellationToken::new())
+            .await;
+        assert_eq!(rig.hook.attempts(), 3);
+        rig.settled().await;
+        let r = rig.record("src:user-1-1").await.expect("recorded");
+        assert_eq!((r.state(), r.attempts), (DeliveryState::Delivered, 3));
     }
 }

@@ -6,8 +6,9 @@
 //! module). Transient failures are retried in process with backoff, behind a per-destination
 //! circuit breaker and rate limit, and what a destination refuses for good, or what runs out
 //! of attempts or age, goes to the DLQ (`<PREFIX>_DLQ`, `herald.v1.DlqService`) so the user's
-//! next events carry on. Each event's outcome per destination is kept in the delivery-status
-//! bucket (`herald.v1.DeliveryStatusService`). The `deliver` module has the details.
+//! next events carry on. Each event's outcome per destination other than a plain delivery is kept
+//! in the delivery-status bucket (`herald.v1.DeliveryStatusService`; every delivery too with
+//! `activator.delivery_status_delivered`). The `deliver` module has the details.
 //!
 //! Destinations are live config: records in the config bucket (`destinations.<id>`, see
 //! [`record`]), changed through `herald.v1.DestinationService` ([`DestinationStore`]) and
@@ -168,6 +169,7 @@ pub async fn start(
         js.clone(),
         &topology,
         Duration::from_secs(cfg.delivery_status_ttl_seconds),
+        cfg.delivery_status_delivered,
     );
     {
         let (status, ready, stop, replicas) = (

@@ -66,7 +66,11 @@ async fn a_killed_nats_server_loses_nothing_and_recorded_deliveries_are_not_sent
         start: Start::All,
         ..Default::default()
     };
-    let cfg = common::loopback_config(vec![destination], 200)?;
+    // Every delivery recorded: what keeps a redelivered, delivered event from being sent again.
+    let cfg = herald_activator::ActivatorConfig {
+        delivery_status_delivered: true,
+        ..common::loopback_config(vec![destination], 200)?
+    };
     let shutdown = CancellationToken::new();
     let activator = herald_activator::start(
         &common,

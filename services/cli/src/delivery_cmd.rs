@@ -8,8 +8,14 @@ use serde_json::json;
 use crate::control::{Control, rpc_error};
 use crate::output::outln;
 
-/// What a missing record means.
-const NO_RECORD: &str = "no record: filtered out for this destination, not reached yet, or expired";
+/// What a missing record means, by whether every delivered event is recorded.
+fn no_record(delivered_recorded: bool) -> &'static str {
+    if delivered_recorded {
+        "no record: filtered out for this destination, not reached yet, or expired"
+    } else {
+        "no record: delivered (plain deliveries are recorded only with activator.delivery_status_delivered = true), filtered out for this destination, not reached yet, or expired"
+    }
+}
 
 /// `herald delivery <event id> [--json]`.
 #[derive(Debug, clap::Args)]
@@ -36,9 +42,19 @@ pub async fn run(args: DeliveryArgs, control: &Control) -> Result<()> {
         return Ok(());
     }
     if res.event_id.is_empty() {
+        let delivered = if res.delivered_recorded {
+            ""
+        } else {
+            " Plain deliveries are not recorded: set activator.delivery_status_delivered = true to record every one."
+        };
         outln!(
-            "No delivery record of {} at any destination: it was filtered out, has not reached them yet, or its records expired (they are kept {}s).",
+            "No delivery record of {} at any destination: it was {}filtered out, has not reached them yet, or its records expired (they are kept {}s).{delivered}",
             args.event_id,
+            if res.delivered_recorded {
+                ""
+            } else {
+                "delivered, "
+            },
             res.ttl_seconds
         );
         return Ok(());
@@ -67,7 +83,11 @@ pub async fn run(args: DeliveryArgs, control: &Control) -> Result<()> {
                 crate::output::time(r.recorded_at.as_ref(), chrono::SecondsFormat::Millis),
                 r.last_error
             ),
-            None => outln!("{:<24} {NO_RECORD}", d.destination),
+            None => outln!(
+                "{:<24} {}",
+                d.destination,
+                no_record(res.delivered_recorded)
+            ),
         }
     }
     Ok(())
@@ -100,7 +120,7 @@ fn to_json(asked: &str, res: &GetDeliveryStatusResponse) -> serde_json::Value {
             None => json!({
                 "destination": d.destination,
                 "state": null,
-                "note": NO_RECORD,
+                "note": no_record(res.delivered_recorded),
             }),
         })
         .collect();
@@ -109,5 +129,6 @@ fn to_json(asked: &str, res: &GetDeliveryStatusResponse) -> serde_json::Value {
         "eventId": (!res.event_id.is_empty()).then_some(&res.event_id),
         "destinations": destinations,
         "ttlSeconds": res.ttl_seconds,
+        "deliveredRecorded": res.delivered_recorded,
     })
 }
