@@ -36,6 +36,8 @@ const MAX_REDIRECTS: usize = 10;
 pub struct WebhookSender {
     client: reqwest::Client,
     url: String,
+    /// `url` parsed once, so a send does not parse it again.
+    parsed: reqwest::Url,
     headers: HeaderMap,
     secret: Option<Secret>,
 }
@@ -89,6 +91,7 @@ impl WebhookSender {
         Ok(Self {
             client,
             url,
+            parsed,
             headers,
             secret: cfg.secret.clone(),
         })
@@ -98,10 +101,11 @@ impl WebhookSender {
     /// `Idempotency-Key`. 2xx is success; anything else is a [`SendError`] whose class says
     /// whether to try again, with the start of the answer's body.
     pub async fn send(&self, key: &str, body: &[u8]) -> Result<(), SendError> {
-        let mut req = self
-            .client
-            .post(&self.url)
-            .headers(self.headers.clone())
+        let mut req = self.client.post(self.parsed.clone());
+        if !self.headers.is_empty() {
+            req = req.headers(self.headers.clone());
+        }
+        let mut req = req
             .header("content-type", "application/json")
             .header("idempotency-key", key);
         if let Some(secret) = &self.secret {
