@@ -5,9 +5,9 @@
 # 1. Builds `herald` and `herald-bench` in release mode (not timed).
 # 2. Runs `herald-bench ingest` (raw publish; ingest flat out and at half the raw rate),
 #    `herald-bench processor` on a repeat-visitor workload (10,000 users, 20 events each; raw
-#    consume+publish and the KV baseline) and `herald-bench pipeline --failing-neighbour`
-#    (the raw three-hop chain and the whole pipeline: highest sustained rates, freshness at
-#    5,000 and 20,000 events/s, the stage split).
+#    consume+publish and the KV baseline) and `herald-bench pipeline --failing-neighbour
+#    --search-steps 3` (the raw three-hop chain and the whole pipeline: highest sustained
+#    rates, freshness at 5,000 and 20,000 events/s, the stage split).
 # 3. Inserts a dated table (machine, nats-server version, figures, ratios to the baselines) at
 #    the top of the "scripts/bench.sh runs" section of docs/benchmarks.md (unless --no-docs),
 #    and keeps each bench's full output in $BENCH_OUT_DIR/<date>/ (default
@@ -76,7 +76,8 @@ run() {
 
 run ingest ingest
 run processor processor --users 10000 --events 200000 --cache-mb 256
-run pipeline pipeline --failing-neighbour
+# Three bisections: the highest sustained rates to within an eighth of the last doubling.
+run pipeline pipeline --failing-neighbour --search-steps 3
 elapsed=$(( $(date +%s) - started ))
 announce "benchmarks done in ${elapsed} s (without the build); outputs in $out"
 

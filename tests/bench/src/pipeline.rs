@@ -119,8 +119,15 @@ pub struct PipelineArgs {
     /// Longest a phase waits, after its offer ends, for the accepted events to arrive.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+}
+
+/// How `pipeline` and `soak` run Herald's three services.
+#[derive(Debug, clap::Args)]
+pub struct ServiceArgs {
     /// An environment variable for the three services, `KEY=VALUE` (repeatable), e.g.
-    /// `HERALD__ACTIVATOR__DELIVERY_STATUS_TTL_SECONDS=0` to try a setting. The bench's own
+    /// `HERALD__ACTIVATOR__DELIVERY_STATUS_DELIVERED=true` to try a setting. The bench's own
     /// settings win; other `HERALD__*` variables of the caller are not passed on.
     #[arg(long = "service-env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub service_env: Vec<(String, String)>,
@@ -184,7 +191,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     if args.rates.iter().any(|r| *r < args.batch as u64) || args.search_from < args.batch as u64 {
         bail!("every rate must be at least one batch a second (--batch events)");
     }
-    let herald = herald_binary(args.herald_bin.as_deref())?;
+    let herald = herald_binary(args.services.herald_bin.as_deref())?;
     let nats = BenchNats::start().await?;
     print_machine(&nats.version);
     let load_before = load_average();
@@ -237,7 +244,8 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
     let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
-    let mut services = Services::start(&herald, &config, &dir, &common, &args.service_env).await?;
+    let mut services =
+        Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
     processes.extend(services.pids());
     let (client_rt, batches, http) = herald_load(
         &run_id,

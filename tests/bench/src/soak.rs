@@ -9,7 +9,6 @@
 //! least-squares fit over the samples from it on. Freshness is over every event of the run.
 //! No raw chain, no rate search.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::child::herald_binary;
 use super::nats::BenchNats;
-use super::pipeline::{HeraldSide, PhaseOpts, Services, Sink, Tracker, herald_load, write_config};
+use super::pipeline::{
+    HeraldSide, PhaseOpts, ServiceArgs, Services, Sink, Tracker, herald_load, write_config,
+};
 use super::report::{
     load_average, pid_status_mib, print_machine, print_summary, round3, thousands,
 };
@@ -58,15 +59,8 @@ pub struct SoakArgs {
     /// Longest the run waits, after its offer ends, for the accepted events to arrive.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
-    /// An environment variable for the three services, `KEY=VALUE` (repeatable), e.g.
-    /// `HERALD__ACTIVATOR__DELIVERY_STATUS_TTL_SECONDS=0` to try a setting. The bench's own
-    /// settings win; other `HERALD__*` variables of the caller are not passed on.
-    #[arg(long = "service-env", value_name = "KEY=VALUE", value_parser = super::pipeline::parse_env_pair)]
-    pub service_env: Vec<(String, String)>,
-    /// The `herald` binary that runs the services (default: the `herald` beside this
-    /// binary, else the first on PATH).
-    #[arg(long, env = "HERALD_BIN", value_name = "PATH")]
-    pub herald_bin: Option<PathBuf>,
+    #[command(flatten)]
+    pub services: ServiceArgs,
 }
 
 /// One sample: seconds since the load started, events accepted and arrived, and each
@@ -206,7 +200,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     if args.warmup >= args.duration {
         bail!("--warmup must be shorter than --duration");
     }
-    let herald = herald_binary(args.herald_bin.as_deref())?;
+    let herald = herald_binary(args.services.herald_bin.as_deref())?;
     let nats = BenchNats::start().await?;
     print_machine(&nats.version);
     let load_before = load_average();
@@ -221,7 +215,8 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
     let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
-    let mut services = Services::start(&herald, &config, &dir, &common, &args.service_env).await?;
+    let mut services =
+        Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
     let mut processes = services.pids();
     processes.extend([
         ("nats-server".to_string(), nats.pid()),
