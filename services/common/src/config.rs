@@ -184,6 +184,24 @@ impl TopologyConfig {
                 "topology.partitions must be at least 1".into(),
             ));
         }
+        // JetStream refuses a stream whose duplicate window is longer than its max age (0 is
+        // no age limit).
+        for (name, age) in [
+            ("processed_max_age_seconds", self.processed_max_age_seconds),
+            (
+                "quarantine_max_age_seconds",
+                self.quarantine_max_age_seconds,
+            ),
+            ("dlq_max_age_seconds", self.dlq_max_age_seconds),
+        ] {
+            if age != 0 && age < self.duplicate_window_seconds {
+                return Err(ConfigError::Value(format!(
+                    "topology.{name} ({age}) is shorter than topology.duplicate_window_seconds \
+                     ({}), which JetStream refuses: raise the max age or lower the duplicate window",
+                    self.duplicate_window_seconds
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -366,6 +384,25 @@ mod tests {
         let mut t = TopologyConfig::default();
         assert!(t.validate().is_ok());
         t.prefix = "Bad_Prefix".into();
+        assert!(t.validate().is_err());
+    }
+
+    #[test]
+    fn a_max_age_shorter_than_the_duplicate_window_is_refused() {
+        let mut t = TopologyConfig {
+            processed_max_age_seconds: 60,
+            ..Default::default()
+        };
+        let e = t.validate().expect_err("refused").to_string();
+        assert!(
+            e.contains("topology.processed_max_age_seconds (60)")
+                && e.contains("duplicate_window_seconds (600)"),
+            "{e}"
+        );
+        t.duplicate_window_seconds = 60;
+        assert!(t.validate().is_ok());
+        t.processed_max_age_seconds = 0;
+        t.dlq_max_age_seconds = 30;
         assert!(t.validate().is_err());
     }
 }
