@@ -136,13 +136,7 @@ pub async fn run(args: IngestArgs) -> Result<()> {
     ));
     // The HTTP client runs on threads of its own, so its CPU time is reported apart from
     // ingest's.
-    let client_rt = ClientRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(CLIENT_THREADS)
-            .enable_all()
-            .build()?,
-    ));
+    let client_rt = ClientRuntime::start()?;
     if let Some(dir) = &args.trace_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --trace-dir {}", dir.display()))?;
@@ -713,6 +707,17 @@ async fn settle(
 pub(crate) struct ClientRuntime(pub(crate) Option<tokio::runtime::Runtime>);
 
 impl ClientRuntime {
+    /// One worker thread named [`CLIENT_THREADS`], so its CPU time can be told apart.
+    pub(crate) fn start() -> std::io::Result<Self> {
+        Ok(Self(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(CLIENT_THREADS)
+                .enable_all()
+                .build()?,
+        )))
+    }
+
     pub(crate) fn handle(&self) -> tokio::runtime::Handle {
         self.0
             .as_ref()

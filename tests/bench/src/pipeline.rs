@@ -48,8 +48,8 @@ use super::ingest::{ClientRuntime, Http, Schedule};
 use super::nats::BenchNats;
 use super::processor::publish_batch;
 use super::report::{
-    CLIENT_THREADS, Errors, Latency, ProcessCpu, Progress, load_average, per_second, print_machine,
-    print_summary, ratio, round3, thousands,
+    Errors, Latency, ProcessCpu, Progress, load_average, per_second, print_machine, print_summary,
+    ratio, round3, thousands,
 };
 
 /// A probe is sustained while the backlog stays under this many seconds of the offered rate.
@@ -149,13 +149,7 @@ pub(crate) fn herald_load(
     ingest_http: std::net::SocketAddr,
     write_key: &str,
 ) -> Result<(ClientRuntime, Arc<SegmentBatches>, Arc<Http>)> {
-    let client_rt = ClientRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(CLIENT_THREADS)
-            .enable_all()
-            .build()?,
-    ));
+    let client_rt = ClientRuntime::start()?;
     let batches = Arc::new(SegmentBatches::with_users(
         run_id,
         batch,
