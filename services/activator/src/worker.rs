@@ -10,10 +10,10 @@
 //! per-user order is promised there.
 //!
 //! Each loop hands its batches to the destination's [`Delivery`] through a [`Feeder`] (one
-//! flow with no barrier between batches at `batch_max` 1, see [`Delivery::deliver_flow`]) while
-//! in-progress acks keep each batch from being redelivered behind later events. Each consumer's `max_ack_pending`
-//! and the batch size bound what one destination holds: a failing destination builds only its
-//! own backlog.
+//! flow with no barrier between batches at `batch_max` 1, see [`Delivery::deliver_flow`])
+//! while in-progress acks keep each batch from being redelivered behind later events. Each
+//! consumer's `max_ack_pending` and the batch size bound what one destination holds: a failing
+//! destination builds only its own backlog.
 //!
 //! All of a destination's consumers are created when it starts on any replica, from the same
 //! start ([`DestinationRecord::deliver_policy`]). A destination that still has the consumers of

@@ -42,19 +42,17 @@ pub async fn run(args: DeliveryArgs, control: &Control) -> Result<()> {
         return Ok(());
     }
     if res.event_id.is_empty() {
-        let delivered = if res.delivered_recorded {
-            ""
+        let (delivered, hint) = if res.delivered_recorded {
+            ("", "")
         } else {
-            " Plain deliveries are not recorded: set activator.delivery_status_delivered = true to record every one."
+            (
+                "delivered, ",
+                " Plain deliveries are not recorded: set activator.delivery_status_delivered = true to record every one.",
+            )
         };
         outln!(
-            "No delivery record of {} at any destination: it was {}filtered out, has not reached them yet, or its records expired (they are kept {}s).{delivered}",
+            "No delivery record of {} at any destination: it was {delivered}filtered out, has not reached them yet, or its records expired (they are kept {}s).{hint}",
             args.event_id,
-            if res.delivered_recorded {
-                ""
-            } else {
-                "delivered, "
-            },
             res.ttl_seconds
         );
         return Ok(());

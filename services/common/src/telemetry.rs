@@ -24,13 +24,10 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Buckets (seconds) for every `_freshness_seconds` histogram (receipt to delivery): the
-/// latency buckets, then up to an hour, so a backlog's age shows (the freshness alert's 60 s
+/// The buckets (seconds) every `_freshness_seconds` histogram (receipt to delivery) adds above
+/// [`LATENCY_BUCKETS`], up to an hour, so a backlog's age shows (the freshness alert's 60 s
 /// objective among them) instead of piling up above 10 s.
-pub const FRESHNESS_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-];
+const FRESHNESS_EXTRA_BUCKETS: &[f64] = &[30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 
 /// Size buckets (bytes) for every `_bytes` histogram.
 pub const SIZE_BUCKETS: &[f64] = &[
@@ -51,7 +48,7 @@ pub fn metrics() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Suffix("_freshness_seconds".into()),
-                        FRESHNESS_BUCKETS,
+                        &[LATENCY_BUCKETS, FRESHNESS_EXTRA_BUCKETS].concat(),
                     )
                 })
                 .and_then(|b| {
@@ -268,7 +265,12 @@ mod tests {
         metrics::histogram!("herald_test_wait_seconds").record(0.2);
         let text = render(&handle);
         let freshness = bounds(&text, "herald_test_freshness_seconds");
-        for le in ["10", "60", "120", "3600", "+Inf"] {
+        assert_eq!(
+            freshness.len(),
+            LATENCY_BUCKETS.len() + FRESHNESS_EXTRA_BUCKETS.len() + 1,
+            "{freshness:?}"
+        );
+        for le in ["0.0005", "10", "60", "120", "3600", "+Inf"] {
             assert!(freshness.iter().any(|b| b == le), "{le} in {freshness:?}");
         }
         let wait = bounds(&text, "herald_test_wait_seconds");
