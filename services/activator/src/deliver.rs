@@ -27,8 +27,7 @@
 //! A batch's `Idempotency-Key` is `<first event id>+<number of events>` (e.g.
 //! `web:m-1+25`); each event keeps its own id in the body (`herald.eventId`).
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,7 +35,7 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
+use herald_common::flow::{FlowLimits, Take, keyed_flow};
 use herald_common::retry::{KeepAlive, Retry, backoff, jittered};
 use herald_common::suppressions::Suppressions;
 use herald_proto::v1::{
@@ -255,93 +254,52 @@ impl Delivery {
 
     /// Delivers the batches `batches` brings (at `batch_max` 1), until it closes or `cancel`
     /// fires: each user's events one after another, up to `max_concurrent_keys` users at once,
-    /// with no barrier between batches (a batch's other users do not wait for its slowest
-    /// one, and the next batch's users start as soon as a slot is free). At most `max_held`
-    /// events are taken in before some are settled. Each batch comes with the keep-alive of
-    /// its messages (started by the sender, so a batch waiting in the channel is kept alive
-    /// too), which runs until the last of its events is settled. `settled` runs after
-    /// each event. On `cancel` nothing new starts and the sends in flight end as they do on
-    /// cancel; events not settled stay unacked and come back in order.
+    /// with no barrier between batches (see [`keyed_flow`]: a batch's other users do not wait
+    /// for its slowest one, and the next batch's users start as soon as a slot is free). At
+    /// most `max_held` events are taken in before some are settled. Each batch comes with the
+    /// keep-alive of its messages (started by the sender, so a batch waiting in the channel is
+    /// kept alive too), which runs until the last of its events is settled. `settled` runs
+    /// after each event. On `cancel` nothing new starts and the sends in flight end as they do
+    /// on cancel; events never started are given back at once (nak), so the next owner gets
+    /// them without waiting for their ack wait.
     pub(crate) async fn deliver_flow(
         &self,
-        mut batches: mpsc::Receiver<(Vec<Message>, KeepAlive)>,
+        batches: mpsc::Receiver<(Vec<Message>, KeepAlive)>,
         max_held: usize,
         settled: impl Fn(),
         cancel: &CancellationToken,
     ) {
-        let slots = self.max_concurrent_keys.max(1);
-        // Per user with an event in flight or waiting: the events after it, in stream order.
-        let mut queues: HashMap<String, VecDeque<(Item, Arc<KeepAlive>)>> = HashMap::new();
-        // Users whose next event waits for a slot (none of theirs in flight).
-        let mut ready: VecDeque<String> = VecDeque::new();
-        let mut running = FuturesUnordered::new();
-        let mut held = 0usize;
-        let mut open = true;
-        loop {
-            if cancel.is_cancelled() {
-                open = false;
-                ready.clear();
-            }
-            while running.len() < slots
-                && let Some(user) = ready.pop_front()
-            {
-                let (item, alive) = queues
-                    .get_mut(&user)
-                    .and_then(VecDeque::pop_front)
-                    .expect("a ready user has an event waiting");
-                running.push(self.deliver_held(user, item, alive, cancel));
-            }
-            if !open && running.is_empty() {
-                return;
-            }
-            tokio::select! {
-                biased;
-                Some((user, sent)) = running.next() => {
-                    held -= 1;
-                    settled();
-                    match queues.get(&user) {
-                        Some(rest) if sent && !rest.is_empty() => ready.push_back(user),
-                        _ => {
-                            queues.remove(&user);
-                        }
+        let limits = FlowLimits {
+            slots: self.max_concurrent_keys,
+            max_held,
+            take: Take::One,
+        };
+        let left = keyed_flow(
+            batches,
+            limits,
+            |(batch, alive)| async move {
+                let alive = Arc::new(alive);
+                self.admit(batch)
+                    .await
+                    .into_iter()
+                    .map(|item| (item.event.profile_id.clone(), (item, alive.clone())))
+                    .collect()
+            },
+            |_user, items: Vec<(Item, Arc<KeepAlive>)>| async move {
+                for (item, _alive) in items {
+                    if !self.deliver_one(&item, cancel).await {
+                        return false;
                     }
                 }
-                _ = cancel.cancelled(), if open => {}
-                batch = batches.recv(), if open && held < max_held.max(1) => {
-                    let Some((batch, alive)) = batch else {
-                        open = false;
-                        continue;
-                    };
-                    let alive = Arc::new(alive);
-                    for item in self.admit(batch).await {
-                        held += 1;
-                        match queues.entry(item.event.profile_id.clone()) {
-                            Entry::Occupied(mut waiting) => {
-                                waiting.get_mut().push_back((item, alive.clone()));
-                            }
-                            Entry::Vacant(new) => {
-                                ready.push_back(new.key().clone());
-                                new.insert(VecDeque::from([(item, alive.clone())]));
-                            }
-                        }
-                    }
-                }
-            }
+                true
+            },
+            |n| (0..n).for_each(|_| settled()),
+            cancel,
+        )
+        .await;
+        for (item, _) in left {
+            let _ = item.msg.ack_with(AckKind::Nak(None)).await;
         }
-    }
-
-    /// [`Self::deliver_one`] for the flow: gives the user back with whether the event was
-    /// settled, and lets go of its batch's keep-alive share.
-    async fn deliver_held(
-        &self,
-        user: String,
-        item: Item,
-        alive: Arc<KeepAlive>,
-        cancel: &CancellationToken,
-    ) -> (String, bool) {
-        let sent = self.deliver_one(&item, cancel).await;
-        drop(alive);
-        (user, sent)
     }
 
     /// Sends one profile's events one after another, each until it is delivered,

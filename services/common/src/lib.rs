@@ -13,6 +13,7 @@ pub mod config;
 pub mod consent;
 mod events;
 pub mod expr;
+pub mod flow;
 pub mod identity;
 pub mod kvwatch;
 pub mod nats;
