@@ -18,6 +18,7 @@ mod group;
 mod grpc;
 mod http;
 mod identity;
+mod output;
 mod partitions;
 mod profile;
 mod profile_grpc;

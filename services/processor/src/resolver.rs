@@ -51,6 +51,8 @@ pub enum Outcome {
     /// Publish these, in order: the processed event, then a consent-changed event when the
     /// event changed the profile's consent.
     Publish(Vec<ProcessedEvent>),
+    /// Published already, while its profile was written (see [`crate::KeyEvents::publish_early`]).
+    Published,
     /// The event names a suppressed identity: drop it.
     Suppressed,
 }

@@ -4,9 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, AckKind, Message};
-use bytes::Bytes;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
 use herald_common::flow::{FlowLimits, Take, keyed_flow};
@@ -20,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::group::KeyEvents;
+use crate::output::{Output, publish_all};
 use crate::partitions::{OwnedPartition, Partitions};
 use crate::resolver::{Outcome, Profiles};
 use crate::{ProcessorConfig, Stats, events};
@@ -35,7 +34,7 @@ pub(crate) async fn process_key(
     cancel: &CancellationToken,
 ) -> Option<Vec<Outcome>> {
     // The group goes into each attempt and comes back with an error.
-    let slot = &Mutex::new(Some(KeyEvents::new(events)));
+    let slot = &Mutex::new(Some(KeyEvents::new(events).publish_early()));
     Retry::new(max_backoff)
         .run(
             cancel,
@@ -386,21 +385,11 @@ async fn process_inputs(
     let Some(outcomes) = process_key(&work.profiles, events, work.max_backoff, cancel).await else {
         return false;
     };
-    let mut outputs: Vec<(String, String, Bytes)> = Vec::with_capacity(held.len());
+    let mut outputs = Vec::with_capacity(held.len());
     for outcome in outcomes {
+        // `Published`: out already, with its profile write.
         if let Outcome::Publish(list) = outcome {
-            for processed in list {
-                let (partition, id) = processed
-                    .event
-                    .as_ref()
-                    .map(|e| (e.partition, e.id.clone()))
-                    .unwrap_or_default();
-                outputs.push((
-                    work.topology.processed_subject(partition),
-                    id,
-                    Bytes::from(processed.encode_to_vec()),
-                ));
-            }
+            outputs.extend(list.iter().map(|p| Output::of(&work.topology, p)));
         }
     }
     let published = Retry::new(work.max_backoff)
@@ -426,28 +415,4 @@ async fn process_inputs(
         batch.acked.fetch_add(1, Ordering::Relaxed);
     }
     true
-}
-
-/// Publishes every output pipelined and waits for all PubAcks.
-async fn publish_all(
-    js: &jetstream::Context,
-    outputs: &[(String, String, Bytes)],
-) -> Result<(), String> {
-    let mut acks = Vec::with_capacity(outputs.len());
-    for (subject, id, payload) in outputs {
-        let ack = js
-            .send_publish(
-                subject.clone(),
-                PublishMessage::build()
-                    .payload(payload.clone())
-                    .message_id(id),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        acks.push(ack);
-    }
-    for ack in acks {
-        ack.await.map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }

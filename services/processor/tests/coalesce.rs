@@ -14,6 +14,7 @@ use herald_common::telemetry;
 use herald_processor::{IdentityKey, KeyEvents, Outcome, Profile, Profiles, ProfilesConfig};
 use herald_proto::v1::{Event, EventType, ProcessedEvent};
 use herald_testkit::NatsServer;
+use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 async fn open(nats: &NatsServer) -> Result<Arc<Profiles>> {
@@ -29,8 +30,16 @@ async fn open(nats: &NatsServer) -> Result<Arc<Profiles>> {
 /// Processes one key's events as the worker does (retryable errors retried, here for at most
 /// 10 s); returns each event's outcome, in order.
 async fn process_group(p: &Profiles, events: Vec<Event>) -> Result<Vec<Outcome>> {
+    process_key(p, KeyEvents::new(events)).await
+}
+
+/// [`process_group`] with the worker's [`KeyEvents::publish_early`].
+async fn process_group_early(p: &Profiles, events: Vec<Event>) -> Result<Vec<Outcome>> {
+    process_key(p, KeyEvents::new(events).publish_early()).await
+}
+
+async fn process_key(p: &Profiles, mut group: KeyEvents) -> Result<Vec<Outcome>> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut group = KeyEvents::new(events);
     loop {
         match p.process_group(&mut group).await {
             Ok(()) => return Ok(group.into_outcomes()),
@@ -43,6 +52,36 @@ async fn process_group(p: &Profiles, events: Vec<Event>) -> Result<Vec<Outcome>>
     }
 }
 
+/// The processed stream, created as the worker creates it.
+async fn processed_stream(nats: &NatsServer) -> Result<()> {
+    herald_common::nats::ensure_stream(
+        &nats.jetstream().await,
+        common::topology().processed_stream_config(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every message of the processed stream, in stream order.
+async fn processed(nats: &NatsServer) -> Result<Vec<ProcessedEvent>> {
+    let js = nats.jetstream().await;
+    let mut stream = js.get_stream(common::topology().processed_stream()).await?;
+    let last = stream.info().await?.state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let msg = stream.get_raw_message(seq).await?;
+        out.push(ProcessedEvent::decode(msg.payload.as_ref())?);
+    }
+    Ok(out)
+}
+
+fn ids(events: &[ProcessedEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|p| p.event.as_ref().map(|e| e.id.clone()).unwrap_or_default())
+        .collect()
+}
+
 /// What each event of a group publishes.
 fn published(outcomes: Vec<Outcome>) -> Result<Vec<Vec<ProcessedEvent>>> {
     outcomes
@@ -50,6 +89,7 @@ fn published(outcomes: Vec<Outcome>) -> Result<Vec<Vec<ProcessedEvent>>> {
         .map(|o| match o {
             Outcome::Publish(list) => Ok(list),
             Outcome::Suppressed => bail!("an event was suppressed"),
+            Outcome::Published => bail!("an event was published early (not asked for here)"),
         })
         .collect()
 }
@@ -289,6 +329,106 @@ async fn a_replica_stopping_between_write_and_publish_loses_no_change() -> Resul
         prof.event_count, 6,
         "a redelivered batch counts again (at least once, as Profile::event_count says)"
     );
+    Ok(())
+}
+
+/// A known person's run is published while its profile is written (the worker's
+/// `publish_early`): its outcomes say so, the processed stream holds each event once, with the
+/// profile's id and identities, and the profile counts each once. A run with a consent change
+/// is not published early: it waits for its write, as its consent record must come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_persons_run_is_published_while_its_profile_is_written() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    processed_stream(&nats).await?;
+    let p = open(&nats).await?;
+    process_group(&p, tracks("first", "fay", "dev-f", 0, 1)).await?;
+
+    let outcomes = process_group_early(&p, tracks("t", "fay", "dev-f", 10, 4)).await?;
+    assert!(
+        outcomes.iter().all(|o| *o == Outcome::Published),
+        "{outcomes:?}"
+    );
+    let out = processed(&nats).await?;
+    assert_eq!(ids(&out), ["test:t-0", "test:t-1", "test:t-2", "test:t-3"]);
+    let (_, prof) = profile_of(&p, "fay").await?;
+    assert_eq!(prof.event_count, 5, "{prof:?}");
+    assert!(out.iter().all(|e| e.profile_id == prof.id));
+    assert!(
+        out.iter()
+            .all(|e| e.identities.iter().any(|i| i.value == "fay")),
+        "{out:?}"
+    );
+
+    let mut with_consent = tracks("c", "fay", "dev-f", 20, 2);
+    with_consent[1].consent = consent(&[("analytics", true)], false, 21);
+    let outcomes = process_group_early(&p, with_consent).await?;
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Publish(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        processed(&nats).await?.len(),
+        4,
+        "published by the worker, not here"
+    );
+    Ok(())
+}
+
+/// A run published early whose write then loses to another replica's: applied again from KV
+/// (each event counted once), and published again with the same ids, which the server drops,
+/// so the processed stream holds each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_run_that_loses_its_write_is_counted_once_and_published_once() -> Result<()> {
+    let metrics = telemetry::metrics();
+    let nats = NatsServer::start().await?;
+    processed_stream(&nats).await?;
+    let a = open(&nats).await?;
+    let b = open(&nats).await?;
+    process_group(&a, tracks("a", "gus", "dev-g", 10, 1)).await?;
+    process_group(&b, tracks("b", "gus", "dev-g", 11, 3)).await?;
+    let conflicts = || counter(&metrics.render(), PROFILE_CONFLICTS);
+    let conflicts_before = conflicts();
+
+    let outcomes = process_group_early(&a, tracks("a2", "gus", "dev-g", 20, 5)).await?;
+    assert!(conflicts() > conflicts_before, "the stale write lost");
+    let (_, prof) = profile_of(&a, "gus").await?;
+    assert_eq!(prof.event_count, 9, "every event counted once: {prof:?}");
+    // Published early (and dropped as copies when the run came again), or by the worker.
+    assert_eq!(outcomes.len(), 5);
+    let mut published = Vec::new();
+    for (o, i) in outcomes.into_iter().zip(0..) {
+        match o {
+            Outcome::Published => published.push(format!("test:a2-{i}")),
+            Outcome::Publish(list) => {
+                assert_eq!(list[0].profile_id, prof.id);
+            }
+            Outcome::Suppressed => bail!("suppressed"),
+        }
+    }
+    let out = ids(&processed(&nats).await?);
+    let mut seen = out.clone();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), out.len(), "no event twice: {out:?}");
+    assert_eq!(out.len(), 5, "{out:?}");
+    assert!(published.iter().all(|id| out.contains(id)));
+    Ok(())
+}
+
+/// Early publishing keeps a key's order: a new person's first event is written alone and
+/// published by the worker, so the run after it waits for that rather than going out first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_after_an_event_the_worker_publishes_is_not_published_before_it() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    processed_stream(&nats).await?;
+    let p = open(&nats).await?;
+    let outcomes = process_group_early(&p, tracks("n", "hal", "dev-h", 0, 3)).await?;
+    assert!(matches!(outcomes[0], Outcome::Publish(_)), "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Publish(_))),
+        "the run after it is published by the worker too, in order: {outcomes:?}"
+    );
+    assert!(processed(&nats).await?.is_empty());
     Ok(())
 }
 

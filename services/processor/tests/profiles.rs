@@ -36,6 +36,7 @@ async fn process(p: &Profiles, e: Event) -> Result<Vec<ProcessedEvent>> {
         match p.process(e).await {
             Ok(Outcome::Publish(list)) => return Ok(list),
             Ok(Outcome::Suppressed) => bail!("the event was suppressed"),
+            Ok(Outcome::Published) => bail!("published early, which only the worker asks for"),
             Err((err, back)) if err.retryable() && std::time::Instant::now() < deadline => {
                 e = back;
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
