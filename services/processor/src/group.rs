@@ -73,11 +73,21 @@ impl KeyEvents {
         self
     }
 
-    /// Whether every event before `i` is finished with nothing left to publish.
-    fn out_before(&self, i: usize) -> bool {
-        self.outcomes[..i]
-            .iter()
-            .all(|o| matches!(o, Some(Outcome::Published | Outcome::Suppressed)))
+    /// Whether every event before the last of `run` (indexes, in order) that is not one of
+    /// them is finished with nothing left to publish: the run's events may go out first.
+    fn out_before(&self, run: &[(usize, Option<Consent>, bool)]) -> bool {
+        let mut members = run.iter().map(|(i, _, _)| *i).peekable();
+        let last = run.last().map_or(0, |(i, _, _)| *i);
+        (0..last).all(|i| {
+            if members.peek() == Some(&i) {
+                members.next();
+                return true;
+            }
+            matches!(
+                self.outcomes[i],
+                Some(Outcome::Published | Outcome::Suppressed)
+            )
+        })
     }
 
     /// How many events.
@@ -386,7 +396,7 @@ impl Profiles {
         let mut p = run.profile;
         p.updated_at = Utc::now();
         let consent_changed = run.applied.iter().any(|(_, _, changed)| *changed);
-        let early = (group.early && !consent_changed && group.out_before(run.start))
+        let early = (group.early && !consent_changed && group.out_before(&run.applied))
             .then(|| self.early_outputs(&p, &run.applied, group));
         let (written, published) = match &early {
             Some(outputs) => {

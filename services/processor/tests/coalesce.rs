@@ -432,6 +432,25 @@ async fn a_run_after_an_event_the_worker_publishes_is_not_published_before_it() 
     Ok(())
 }
 
+/// An event of the key that names no identity is published bare, by the worker, in the middle
+/// of a known person's run: the run is not published early, so nothing overtakes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_around_an_event_published_bare_is_not_published_early() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    processed_stream(&nats).await?;
+    let p = open(&nats).await?;
+    process_group(&p, tracks("first", "ida", "dev-i", 0, 1)).await?;
+    let mut events = tracks("r", "ida", "dev-i", 10, 3);
+    events[1] = event("r-1", EventType::Track, "", "", 11);
+    let outcomes = process_group_early(&p, events).await?;
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Publish(_))),
+        "{outcomes:?}"
+    );
+    assert!(processed(&nats).await?.is_empty());
+    Ok(())
+}
+
 /// The sum of a counter's samples (over its labels) in a Prometheus exposition.
 fn counter(exposition: &str, name: &str) -> u64 {
     exposition
