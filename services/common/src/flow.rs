@@ -1,13 +1,16 @@
-//! A keyed flow: the one way the processor and the activator work through a partition's
-//! messages with per-key order and no barrier between batches.
+//! A keyed flow: a partition's messages worked through with per-key order and no barrier
+//! between batches (the activator's delivery at `batch_max` 1).
 //!
 //! A reader hands in batches through a channel; [`keyed_flow`] splits each into its keys and
 //! runs each key's items in order, one run at a time per key, up to `slots` keys at once. A
 //! batch's other keys never wait for its slowest one, and the next batch's keys start as soon
 //! as a slot is free, so an item waits only for earlier items of its own key. A run takes
-//! either the key's next item ([`Take::One`]: the activator sends each event alone) or every
-//! item of the key waiting when it starts ([`Take::All`]: the processor applies them to the
-//! profile with one write).
+//! either the key's next item ([`Take::One`]: each event sent alone) or every item of the key
+//! waiting when it starts ([`Take::All`]).
+//!
+//! The processor does not use it: it was measured there (docs/benchmarks.md, "The fourth
+//! pass") and cost about a quarter more CPU per event at full load than its batch loop, for no
+//! gain in freshness on a CPU-bound machine.
 //!
 //! At most `max_held` items are taken in before some are settled, which bounds memory and
 //! what is delivered and unacked. A run that reports failure (it was cancelled) ends its key:

@@ -1,20 +1,20 @@
 //! The processing loop: ordered batches in, processed events out, inputs acked after outputs.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, Message};
+use futures_util::StreamExt as _;
 use herald_common::Topology;
 use herald_common::admin::Readiness;
-use herald_common::flow::{FlowLimits, Take, keyed_flow};
 use herald_common::nats::{ensure_stream, retry_until, wait_for_stream};
 use herald_common::ordered::{OrderedReader, PinnedGroup, ReaderConfig, ensure_consumer};
 use herald_common::ownership::{Ownership, PRIORITY_GROUP, PartitionTasks, partition_consumer};
 use herald_common::retry::{KeepAlive, Retry};
 use herald_proto::v1::Event;
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::group::KeyEvents;
@@ -206,8 +206,7 @@ pub(crate) async fn run(
 }
 
 /// Processes one owned partition until `cancel` (the partition moved, or shutdown), then
-/// releases it. The reader's batches feed one flow ([`process_flow`]) that runs beside the
-/// loop, so the loop keeps reading while earlier events are processed.
+/// releases it.
 async fn run_partition(work: Arc<PartitionWork>, partition: u32, cancel: CancellationToken) {
     let reader_cfg = work.reader_config(partition);
     let Some(mut reader) = retry_until("binding a partition consumer", &cancel, || {
@@ -224,25 +223,23 @@ async fn run_partition(work: Arc<PartitionWork>, partition: u32, cancel: Cancell
             reader: reader.status_handle(),
         },
     );
-    let (batches, from_reader) = mpsc::channel(1);
-    let flow = tokio::spawn({
-        let (work, cancel) = (work.clone(), cancel.clone());
-        async move { process_flow(&work, from_reader, &cancel).await }
-    });
     while let Some(batch) = reader.next_batch(&cancel).await {
-        // Kept alive from here, so a batch waiting for the flow is kept alive too.
-        let alive = KeepAlive::start(batch.clone(), work.keep_alive_every);
-        if batches.send((batch, alive, Instant::now())).await.is_err() {
+        let started = Instant::now();
+        let n = batch.len();
+        if !handle_batch(&work, batch, &cancel).await {
             break;
         }
+        work.stats.processed.fetch_add(n as u64, Ordering::Relaxed);
+        events::BatchDone {
+            seconds: started.elapsed().as_secs_f64(),
+        }
+        .emit();
         events::PartitionLag {
             partition,
             lag: reader.status().lag,
         }
         .emit();
     }
-    drop(batches);
-    let _ = flow.await;
     work.partitions.remove(partition);
     reader.release().await;
     events::PartitionLag { partition, lag: 0 }.emit();
@@ -269,76 +266,47 @@ async fn retire_single_consumer(js: &jetstream::Context, topology: &Topology, du
     .emit();
 }
 
-/// A batch handed to the flow: its messages, their keep-alive, and when it was read.
-type Batch = (Vec<Message>, KeepAlive, Instant);
-
-/// Processes a partition's batches until the reader stops handing them in (then until what
-/// was handed in is done) or `cancel` fires: events of different partition keys concurrently
-/// (at most `concurrency` keys at once), each key's events in order, every event of a key
-/// waiting when its turn comes together (see [`process_key`]), with no barrier between batches
-/// (see [`keyed_flow`]). Each key's outputs are published as soon as its profile writes are
-/// done, and its inputs acked after their PubAcks. What was never started when `cancel` fired
-/// is given back at once (nak), so the partition's next owner gets it without waiting.
-async fn process_flow(
+/// Processes one batch. Events of different partition keys are resolved concurrently (at most
+/// `concurrency` keys at once, see [`per_key`]), each key's events together, in order (see
+/// [`process_key`]). A known person's run that changes no consent is published while its
+/// profile is written ([`KeyEvents::publish_early`]); the other outputs are published in input
+/// order after every profile write of the batch (a key's order holds either way), and the
+/// inputs acked after every PubAck. Returns false when cancelled before its outputs were
+/// stored (the inputs then stay unacked and are redelivered).
+async fn handle_batch(
     work: &PartitionWork,
-    batches: mpsc::Receiver<Batch>,
+    batch: Vec<Message>,
     cancel: &CancellationToken,
-) {
-    let limits = FlowLimits {
-        slots: work.concurrency,
-        max_held: work.batch.max(1) * 2,
-        take: Take::All,
-    };
-    let left = keyed_flow(
-        batches,
-        limits,
-        admit,
-        |_key, inputs| process_inputs(work, inputs, cancel),
-        |n| {
-            work.stats.processed.fetch_add(n as u64, Ordering::Relaxed);
-        },
-        cancel,
-    )
-    .await;
-    for input in left {
-        let _ = input.msg.ack_with(AckKind::Nak(None)).await;
-    }
-}
-
-/// One event on its way through the flow.
-struct Input {
-    msg: Message,
-    event: Event,
-    batch: Arc<InFlight>,
-}
-
-/// A batch in the flow. Its keep-alive runs until the last of its events is done (or given
-/// up); a batch whose every event was acked records its duration, from read to last ack.
-struct InFlight {
-    _alive: KeepAlive,
-    read_at: Instant,
-    events: usize,
-    acked: AtomicUsize,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if *self.acked.get_mut() == self.events {
-            events::BatchDone {
-                seconds: self.read_at.elapsed().as_secs_f64(),
-            }
-            .emit();
-        }
-    }
-}
-
-/// Decodes a batch into `(partition key, input)` pairs, in stream order (an event with no
-/// partition key is its own key). A message that does not decode is terminated.
-async fn admit((batch, alive, read_at): Batch) -> Vec<(String, Input)> {
-    let mut decoded = Vec::with_capacity(batch.len());
+) -> bool {
+    let PartitionWork {
+        js,
+        topology,
+        profiles,
+        concurrency,
+        keep_alive_every,
+        max_backoff,
+        ..
+    } = work;
+    let (concurrency, keep_alive_every, max_backoff) =
+        (*concurrency, *keep_alive_every, *max_backoff);
+    let mut inputs = Vec::with_capacity(batch.len());
+    let mut groups: Vec<Vec<(usize, Event)>> = Vec::new();
+    let mut group_of: HashMap<String, usize> = HashMap::new();
     for msg in batch {
         match Event::decode(msg.payload.as_ref()) {
-            Ok(event) => decoded.push((msg, event)),
+            Ok(event) => {
+                let key = if event.partition_key.is_empty() {
+                    event.id.clone()
+                } else {
+                    event.partition_key.clone()
+                };
+                let g = *group_of.entry(key).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push((inputs.len(), event));
+                inputs.push(msg);
+            }
             Err(e) => {
                 events::Undecodable {
                     subject: &msg.subject,
@@ -349,53 +317,54 @@ async fn admit((batch, alive, read_at): Batch) -> Vec<(String, Input)> {
             }
         }
     }
-    let batch = Arc::new(InFlight {
-        _alive: alive,
-        read_at,
-        events: decoded.len(),
-        acked: AtomicUsize::new(0),
+    // Each key's events go to the store together: one profile write for those that change
+    // nothing but the profile.
+    let keys = groups.len();
+    let groups = groups
+        .into_iter()
+        .enumerate()
+        .map(|(k, group)| vec![(k, group)])
+        .collect();
+    let resolved = per_key(groups, keys, concurrency, |group: Vec<(usize, Event)>| {
+        let (indexes, events): (Vec<usize>, Vec<Event>) = group.into_iter().unzip();
+        async move {
+            let outcomes = process_key(profiles, events, max_backoff, cancel).await?;
+            Some(indexes.into_iter().zip(outcomes).collect::<Vec<_>>())
+        }
     });
-    decoded
-        .into_iter()
-        .map(|(msg, event)| {
-            let key = if event.partition_key.is_empty() {
-                event.id.clone()
-            } else {
-                event.partition_key.clone()
-            };
-            let batch = batch.clone();
-            (key, Input { msg, event, batch })
-        })
-        .collect()
-}
-
-/// Processes one key's events (in order, together: [`process_key`]), publishes their outputs
-/// pipelined, in input order, and acks the inputs after every PubAck. Returns false when
-/// cancelled before the outputs were stored (the inputs then stay unacked and are
-/// redelivered).
-async fn process_inputs(
-    work: &PartitionWork,
-    inputs: Vec<Input>,
-    cancel: &CancellationToken,
-) -> bool {
-    let (held, events): (Vec<(Message, Arc<InFlight>)>, Vec<Event>) = inputs
-        .into_iter()
-        .map(|i| ((i.msg, i.batch), i.event))
-        .unzip();
-    let Some(outcomes) = process_key(&work.profiles, events, work.max_backoff, cancel).await else {
+    tokio::pin!(resolved);
+    // Resolution normally takes milliseconds; if it waits on KV, keep the inputs alive.
+    let mut keep_alive = None;
+    let resolved = tokio::select! {
+        r = &mut resolved => r,
+        _ = tokio::time::sleep(keep_alive_every) => {
+            keep_alive = Some(KeepAlive::start(inputs.clone(), keep_alive_every));
+            resolved.await
+        }
+    };
+    let Some(resolved) = resolved else {
         return false;
     };
-    let mut outputs = Vec::with_capacity(held.len());
-    for outcome in outcomes {
+    let mut outcomes: Vec<Option<Outcome>> = (0..inputs.len()).map(|_| None).collect();
+    for (i, outcome) in resolved.into_iter().flatten().flatten() {
+        outcomes[i] = Some(outcome);
+    }
+    let mut outputs = Vec::with_capacity(inputs.len());
+    for outcome in outcomes.into_iter().flatten() {
         // `Published`: out already, with its profile write.
         if let Outcome::Publish(list) = outcome {
-            outputs.extend(list.iter().map(|p| Output::of(&work.topology, p)));
+            outputs.extend(list.iter().map(|p| Output::of(topology, p)));
         }
     }
-    let published = Retry::new(work.max_backoff)
+    // Kept alive from the first failure, unless the resolution's keep-alive still runs.
+    let mut retry = Retry::new(max_backoff);
+    if keep_alive.is_none() {
+        retry = retry.keep_alive(&inputs[..], keep_alive_every);
+    }
+    let published = retry
         .run(
             cancel,
-            || publish_all(&work.js, &outputs),
+            || publish_all(js, &outputs),
             |f| {
                 events::PublishFailed {
                     attempt: f.attempt,
@@ -408,11 +377,132 @@ async fn process_inputs(
     if published.is_none() {
         return false;
     }
-    for (msg, batch) in &held {
+    drop(keep_alive);
+    for msg in &inputs {
         if let Err(e) = msg.ack().await {
             events::AckFailed { error: &e }.emit();
         }
-        batch.acked.fetch_add(1, Ordering::Relaxed);
     }
     true
+}
+
+/// Runs `f` over the items of every key (`groups`: one list of `(input index, item)` per key),
+/// each key's items one after another, in order, and at most `concurrency` keys at once (0 is
+/// taken as 1): every item waiting on KV holds its future's state, a few KiB for an event. (The
+/// worker gives each key one item: all of the key's events.)
+/// Returns the results by input index (`len` slots; `None` where no item had that index), or
+/// `None` when `f` gave up on an item (it was cancelled); the other keys still run to their end,
+/// as they would have without the cancelled one.
+async fn per_key<T, R, F, Fut>(
+    groups: Vec<Vec<(usize, T)>>,
+    len: usize,
+    concurrency: usize,
+    f: F,
+) -> Option<Vec<Option<R>>>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Option<R>>,
+{
+    let f = &f;
+    let mut keys = futures_util::stream::iter(groups.into_iter().map(|group| async move {
+        let mut done = Vec::with_capacity(group.len());
+        for (i, item) in group {
+            done.push((i, f(item).await?));
+        }
+        Some(done)
+    }))
+    .buffer_unordered(concurrency.max(1));
+    let mut out: Vec<Option<R>> = (0..len).map(|_| None).collect();
+    let mut gave_up = false;
+    while let Some(done) = keys.next().await {
+        match done {
+            Some(done) => {
+                for (i, r) in done {
+                    out[i] = Some(r);
+                }
+            }
+            None => gave_up = true,
+        }
+    }
+    (!gave_up).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// 10 keys of 3 items each, numbered by input index as a batch would be (interleaved).
+    fn groups() -> Vec<Vec<(usize, (usize, usize))>> {
+        (0..10)
+            .map(|key| (0..3).map(|n| (n * 10 + key, (key, n))).collect())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn per_key_runs_at_most_concurrency_keys_at_once_each_in_order() {
+        let (running, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let seen: Mutex<Vec<(usize, usize)>> = Mutex::default();
+        let out = per_key(groups(), 30, 3, |(key, n)| {
+            let (running, peak, seen) = (&running, &peak, &seen);
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                seen.lock().unwrap().push((key, n));
+                running.fetch_sub(1, Ordering::SeqCst);
+                Some(key * 100 + n)
+            }
+        })
+        .await
+        .expect("nothing gave up");
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            3,
+            "at most 3 keys at once, and 3 used"
+        );
+        // Results land at their input index.
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(*r, Some((i % 10) * 100 + i / 10), "index {i}");
+        }
+        // Each key's items ran one after another, in order.
+        let seen = seen.into_inner().unwrap();
+        for key in 0..10 {
+            let order: Vec<usize> = seen
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, n)| *n)
+                .collect();
+            assert_eq!(order, [0, 1, 2], "key {key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn per_key_gives_up_when_an_item_does_but_finishes_the_other_keys() {
+        let finished = AtomicUsize::new(0);
+        let out = per_key(groups(), 30, 4, |(key, n)| {
+            let finished = &finished;
+            async move {
+                if key == 2 && n == 1 {
+                    return None;
+                }
+                finished.fetch_add(1, Ordering::SeqCst);
+                Some(())
+            }
+        })
+        .await;
+        assert!(out.is_none());
+        // Key 2 stops at its second item; the 9 other keys run all 3.
+        assert_eq!(finished.load(Ordering::SeqCst), 9 * 3 + 1);
+    }
+
+    #[tokio::test]
+    async fn per_key_leaves_unused_indexes_empty_and_takes_0_as_1() {
+        let out = per_key(vec![vec![(1, 7)]], 3, 0, |x| async move { Some(x) })
+            .await
+            .expect("nothing gave up");
+        assert_eq!(out, [None, Some(7), None]);
+    }
 }
