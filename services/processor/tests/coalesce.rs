@@ -52,14 +52,16 @@ async fn process_key(p: &Profiles, mut group: KeyEvents) -> Result<Vec<Outcome>>
     }
 }
 
-/// The processed stream, created as the worker creates it.
-async fn processed_stream(nats: &NatsServer) -> Result<()> {
+/// A nats-server with the processed stream (created as the worker creates it) and one replica.
+async fn with_processed_stream() -> Result<(NatsServer, Arc<Profiles>)> {
+    let nats = NatsServer::start().await?;
     herald_common::nats::ensure_stream(
         &nats.jetstream().await,
         common::topology().processed_stream_config(),
     )
     .await?;
-    Ok(())
+    let p = open(&nats).await?;
+    Ok((nats, p))
 }
 
 /// Every message of the processed stream, in stream order.
@@ -338,9 +340,7 @@ async fn a_replica_stopping_between_write_and_publish_loses_no_change() -> Resul
 /// is not published early: it waits for its write, as its consent record must come first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_persons_run_is_published_while_its_profile_is_written() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    processed_stream(&nats).await?;
-    let p = open(&nats).await?;
+    let (nats, p) = with_processed_stream().await?;
     process_group(&p, tracks("first", "fay", "dev-f", 0, 1)).await?;
 
     let outcomes = process_group_early(&p, tracks("t", "fay", "dev-f", 10, 4)).await?;
@@ -380,9 +380,7 @@ async fn a_known_persons_run_is_published_while_its_profile_is_written() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_run_that_loses_its_write_is_counted_once_and_published_once() -> Result<()> {
     let metrics = telemetry::metrics();
-    let nats = NatsServer::start().await?;
-    processed_stream(&nats).await?;
-    let a = open(&nats).await?;
+    let (nats, a) = with_processed_stream().await?;
     let b = open(&nats).await?;
     process_group(&a, tracks("a", "gus", "dev-g", 10, 1)).await?;
     process_group(&b, tracks("b", "gus", "dev-g", 11, 3)).await?;
@@ -419,9 +417,7 @@ async fn an_early_run_that_loses_its_write_is_counted_once_and_published_once() 
 /// published by the worker, so the run after it waits for that rather than going out first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_after_an_event_the_worker_publishes_is_not_published_before_it() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    processed_stream(&nats).await?;
-    let p = open(&nats).await?;
+    let (nats, p) = with_processed_stream().await?;
     let outcomes = process_group_early(&p, tracks("n", "hal", "dev-h", 0, 3)).await?;
     assert!(matches!(outcomes[0], Outcome::Publish(_)), "{outcomes:?}");
     assert!(
@@ -436,9 +432,7 @@ async fn a_run_after_an_event_the_worker_publishes_is_not_published_before_it() 
 /// of a known person's run: the run is not published early, so nothing overtakes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_around_an_event_published_bare_is_not_published_early() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    processed_stream(&nats).await?;
-    let p = open(&nats).await?;
+    let (nats, p) = with_processed_stream().await?;
     process_group(&p, tracks("first", "ida", "dev-i", 0, 1)).await?;
     let mut events = tracks("r", "ida", "dev-i", 10, 3);
     events[1] = event("r-1", EventType::Track, "", "", 11);
