@@ -3,7 +3,8 @@
 //! consumers at its ack floor; switching a destination between ordered and unordered, and
 //! deleting it, moves or removes every consumer without loss; a failing destination builds only
 //! its own, bounded backlog (reported by the backlog gauge and ListDestinations) while a healthy
-//! one gets everything; two replicas share the partitions and the shared consumer.
+//! one gets everything; two replicas share the partitions and the shared consumer; a handover
+//! gives back at once what the old owner's delivery flow never started.
 
 mod common;
 
@@ -471,5 +472,52 @@ async fn two_replicas_share_the_partitions_and_the_shared_consumer() -> Result<(
     let got: BTreeSet<String> = keys(&unordered_hook.received()).into_iter().collect();
     let want: BTreeSet<String> = ids.into_iter().collect();
     assert_eq!(got, want);
+    Ok(())
+}
+
+/// A replica that hands partitions over gives back (nak) the events its delivery flow took in
+/// and never started, so the new owner delivers them at once instead of after their ack wait
+/// (a minute here). The webhook is slow, so every user has events queued at the handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_gives_back_the_events_never_started_at_once() -> Result<()> {
+    let mut rig = Rig::new().await?;
+    let hook = WebhookServer::start().await?;
+    hook.set_delay(Duration::from_millis(100));
+    let destinations = vec![webhook("slow", &hook.url())];
+    let settings = |cfg: &mut herald_activator::ActivatorConfig| {
+        cfg.ack_wait_seconds = 60;
+        cfg.ownership.heartbeat_ms = 200;
+        cfg.ownership.member_ttl_seconds = 1;
+        cfg.ownership.pin_timeout_seconds = 1;
+    };
+    rig.start(destinations.clone(), settings).await?;
+    let ids = rig.publish_rounds(40).await?;
+    hook.wait_for(rig.users.len(), DEADLINE).await?;
+
+    // Each user has about 4 s of sends queued: the second replica takes half the partitions.
+    let handover = std::time::Instant::now();
+    rig.start(destinations, settings).await?;
+    wait_until(
+        "every event is delivered",
+        Duration::from_secs(40),
+        || async {
+            let got: BTreeSet<String> = keys(&hook.received()).into_iter().collect();
+            ids.iter().all(|id| got.contains(id))
+        },
+    )
+    .await?;
+    assert!(
+        rig.metric(
+            "herald_activator_partition_changes_total",
+            &[("change", "released")]
+        ) > 0.0,
+        "the first replica released partitions"
+    );
+    let took = handover.elapsed();
+    assert!(
+        took < Duration::from_secs(40),
+        "delivered {took:?} after the handover: well within the 60 s ack wait"
+    );
+    check_arrivals_in_order(&ids, &keys(&hook.received()))?;
     Ok(())
 }
