@@ -495,10 +495,10 @@ async fn a_handover_gives_back_the_events_never_started_at_once() -> Result<()> 
     hook.wait_for(rig.users.len(), DEADLINE).await?;
 
     // Each user has about 4 s of sends queued: the second replica takes half the partitions.
-    let handover = std::time::Instant::now();
+    // Without the nak, what the first replica held would wait out its 60 s ack wait.
     rig.start(destinations, settings).await?;
     wait_until(
-        "every event is delivered",
+        "every event is delivered, well within the ack wait",
         Duration::from_secs(40),
         || async {
             let got: BTreeSet<String> = keys(&hook.received()).into_iter().collect();
@@ -512,11 +512,6 @@ async fn a_handover_gives_back_the_events_never_started_at_once() -> Result<()> 
             &[("change", "released")]
         ) > 0.0,
         "the first replica released partitions"
-    );
-    let took = handover.elapsed();
-    assert!(
-        took < Duration::from_secs(40),
-        "delivered {took:?} after the handover: well within the 60 s ack wait"
     );
     check_arrivals_in_order(&ids, &keys(&hook.received()))?;
     Ok(())

@@ -67,7 +67,9 @@ impl KeyEvents {
     /// published stands, as if the run had come just before the other write. The activator
     /// checks consent and suppressions at send time, so an opt-out or an erasure written
     /// meanwhile still holds. A crash after the publish and before the write loses nothing:
-    /// the inputs are not acked, so they come back, are written, and their copies dropped.
+    /// the inputs are not acked, so they come back, are written, and their copies dropped. A
+    /// failed early publish leaves the events to the worker's publish after the write
+    /// (retried, and counted, there).
     pub fn publish_early(mut self) -> Self {
         self.early = true;
         self
