@@ -70,8 +70,6 @@ struct Item {
     body: Vec<u8>,
     /// The consent the event carried (the default, empty one when none).
     snapshot: Consent,
-    /// The suppressions-bucket keys of every identity the event names.
-    identity_keys: Vec<String>,
     /// Set for an erasure event: sent alone, once per request, past the filter and the gate.
     erasure: Option<Erasure>,
 }
@@ -98,7 +96,7 @@ impl ConsentGate {
     /// Whether any identity of `event` is suppressed (or erased).
     pub(crate) fn suppressed(&self, event: &ProcessedEvent) -> bool {
         self.suppressions
-            .any(&crate::suppressions::identity_keys(event))
+            .any(|| crate::suppressions::identity_keys(event))
     }
 
     /// Whether `event` (with its consent snapshot `snapshot`) may be sent now.
@@ -576,7 +574,7 @@ impl Delivery {
                 if outcome.is_some() || item.erasure.is_some() {
                     continue;
                 }
-                if self.gate.suppressions.any(&item.identity_keys) {
+                if self.gate.suppressed(&item.event) {
                     *outcome = Some(Outcome::Suppressed);
                 } else if let Decision::Deny(denial) = self.gate.decide(item) {
                     *outcome = Some(Outcome::Dropped(denial));
@@ -775,7 +773,6 @@ impl Delivery {
                     event_id: erasure.request_id.clone(),
                     body,
                     snapshot: Consent::default(),
-                    identity_keys: Vec::new(),
                     erasure: Some(erasure),
                     event: processed,
                 });
@@ -813,7 +810,6 @@ impl Delivery {
             items.push(Item {
                 msg,
                 snapshot: processed.consent.clone().unwrap_or_default(),
-                identity_keys: crate::suppressions::identity_keys(&processed),
                 erasure: None,
                 event: processed,
                 event_id,

@@ -80,10 +80,11 @@ impl Suppressions {
         self.set.read().expect("suppressions lock").contains(kv_key)
     }
 
-    /// Whether any of these identity bucket keys is suppressed.
-    pub fn any(&self, kv_keys: &[String]) -> bool {
+    /// Whether any of the identity bucket keys `kv_keys` gives is suppressed. The keys are made
+    /// only when the list holds any: an empty list (the common case) costs no key per event.
+    pub fn any(&self, kv_keys: impl FnOnce() -> Vec<String>) -> bool {
         let set = self.set.read().expect("suppressions lock");
-        kv_keys.iter().any(|k| set.contains(k))
+        !set.is_empty() && kv_keys().iter().any(|k| set.contains(k))
     }
 
     /// Whether the list has been read once.
@@ -179,5 +180,29 @@ impl Suppressions {
             s.0 = s.0.max(revision);
             s.1 = true;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[test]
+    fn keys_are_made_only_when_the_list_holds_any() {
+        let list = Suppressions::default();
+        let made = Cell::new(0);
+        let keys = || {
+            made.set(made.get() + 1);
+            vec!["user_id.dS0x".to_string()]
+        };
+        assert!(!list.any(keys));
+        assert_eq!(made.get(), 0, "an empty list makes no keys");
+        list.swap_in(HashSet::from(["email.YQ".to_string()]), 1);
+        assert!(!list.any(keys));
+        assert_eq!(made.get(), 1);
+        list.swap_in(HashSet::from(["user_id.dS0x".to_string()]), 2);
+        assert!(list.any(keys));
     }
 }
