@@ -72,6 +72,18 @@ pub struct ConfigArg {
     pub config: Option<PathBuf>,
 }
 
+/// The arguments of a service role (`herald ingest`, `processor`, `activator`).
+#[derive(Debug, clap::Args)]
+pub struct RoleArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Tokio worker threads. The processor and the activator run one by default: a replica's
+    /// work is many small tasks, which a second thread only passes back and forth, and they
+    /// scale out by replicas over partitions. Ingest runs one per CPU by default.
+    #[arg(long, env = "HERALD_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+}
+
 /// One address a service listens on: where it is configured and what it serves.
 #[derive(Debug, Clone, Copy)]
 pub struct Listen {

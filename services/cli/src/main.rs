@@ -22,7 +22,7 @@ use herald_common::telemetry::PrometheusHandle;
 use herald_common::{server, telemetry};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigArg};
+use crate::config::{Config, RoleArgs};
 use crate::control::{ActivatorApi, IngestApi, ProcessorApi};
 
 /// mimalloc with Herald's settings (`herald_common::alloc`). Built without the `mimalloc`
@@ -45,11 +45,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the ingest service (Segment and mParticle HTTP APIs).
-    Ingest(ConfigArg),
+    Ingest(RoleArgs),
     /// Run the processor service.
-    Processor(ConfigArg),
+    Processor(RoleArgs),
     /// Run the activator service.
-    Activator(ConfigArg),
+    Activator(RoleArgs),
     /// Run nats-server and all three services in one process, with a default source and a
     /// log destination.
     Dev(dev::DevArgs),
@@ -137,17 +137,40 @@ enum Command {
     },
 }
 
-/// Parses the arguments and runs the command. An error is printed as its chain and a hint,
-/// never as a stack trace (see [`output::report`]); status 1.
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Parses the arguments and runs the command on its runtime ([`runtime`]). An error is printed
+/// as its chain and a hint, never as a stack trace (see [`output::report`]); status 1.
+fn main() -> ExitCode {
     #[cfg(feature = "mimalloc")]
     herald_common::alloc::tune();
     let cli = Cli::parse();
-    match run(cli.command).await {
+    let result = runtime(&cli.command)
+        .context("starting the tokio runtime")
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => output::report(&e),
     }
+}
+
+/// The tokio runtime of `command`: the processor and the activator on one worker thread, ingest
+/// on one per CPU, unless `--worker-threads` says otherwise; every other command (`herald dev`
+/// among them) one per CPU. On two cores shared by the three services and nats-server, one
+/// worker each cut the processor's and the activator's CPU per event by about a fifth
+/// (docs/benchmarks.md, "The fifth pass").
+fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match command {
+        Command::Processor(args) | Command::Activator(args) => {
+            Some(args.worker_threads.map_or(1, |n| n.get()))
+        }
+        Command::Ingest(args) => args.worker_threads.map(|n| n.get()),
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    builder.build()
 }
 
 async fn run(command: Command) -> Result<()> {
@@ -193,22 +216,24 @@ async fn run(command: Command) -> Result<()> {
 
 /// Runs one service role (`herald ingest|processor|activator`) until SIGTERM or Ctrl-C: loads
 /// the config, starts logging, starts the service with `start`, waits for it to stop.
-async fn role<F, Fut, E>(args: ConfigArg, name: &str, start: F) -> Result<()>
+async fn role<F, Fut, E>(args: RoleArgs, name: &'static str, start: F) -> Result<()>
 where
     F: FnOnce(Config, PrometheusHandle, CancellationToken) -> Fut,
     Fut: Future<Output = std::result::Result<ServiceHandle, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let cfg = Config::load(args.config.as_deref(), None)?;
+    let cfg = Config::load(args.config.config.as_deref(), None)?;
     telemetry::init_tracing(&cfg.log);
-    let h = start(
-        cfg.clone(),
-        telemetry::metrics(),
-        server::shutdown_on_signals(),
-    )
-    .await
-    .with_context(|| format!("starting {name}"))
-    .map_err(|e| cfg.bind_hint(e, &format!("herald {name}"), &[]))?;
+    let metrics = telemetry::metrics();
+    telemetry::RuntimeStarted {
+        service: name,
+        worker_threads: tokio::runtime::Handle::current().metrics().num_workers(),
+    }
+    .emit();
+    let h = start(cfg.clone(), metrics, server::shutdown_on_signals())
+        .await
+        .with_context(|| format!("starting {name}"))
+        .map_err(|e| cfg.bind_hint(e, &format!("herald {name}"), &[]))?;
     h.task.await?;
     Ok(())
 }

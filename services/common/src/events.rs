@@ -131,3 +131,30 @@ impl SuppressionWatchFailed<'_> {
         tracing::warn!(error = %self.error, "suppression watch failed; re-reading the list");
     }
 }
+
+/// A service role started its tokio runtime: how many worker threads it has (`herald <role>
+/// --worker-threads`).
+pub struct RuntimeStarted {
+    /// `ingest`, `processor`, `activator`.
+    pub service: &'static str,
+    /// The runtime's worker threads.
+    pub worker_threads: usize,
+}
+
+impl RuntimeStarted {
+    /// Logs it and sets `herald_runtime_worker_threads`.
+    pub fn emit(self) {
+        metrics::describe_gauge!(
+            "herald_runtime_worker_threads",
+            "Tokio worker threads of this service process (herald <role> --worker-threads; the processor and the activator run one unless told otherwise)."
+        );
+        metrics::gauge!("herald_runtime_worker_threads").set(self.worker_threads as f64);
+        tracing::info!(
+            service = self.service,
+            worker_threads = self.worker_threads,
+            "{} runs {} tokio worker thread(s)",
+            self.service,
+            self.worker_threads
+        );
+    }
+}

@@ -14,6 +14,8 @@ use metrics::{
     Counter, Gauge, Histogram, IntoLabels, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
 pub use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use crate::events::RuntimeStarted;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, formatting};
 use tracing_subscriber::EnvFilter;
 
