@@ -3,12 +3,11 @@
 //! one per CPU. The gauge `herald_runtime_worker_threads` shows what a process runs.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use herald_testkit::{NatsServer, free_port, wait_ready, write_config};
-use tokio::process::{Child, Command};
+use herald_testkit::{NatsServer, free_port, spawn_role_with, wait_ready, write_config};
+use tokio::process::Child;
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -45,19 +44,14 @@ admin_addr = "127.0.0.1:{admin}"
 "#
         ),
     )?;
-    let log = std::fs::File::create(dir.join(format!("{role}-{admin}.log")))?;
-    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg(role)
-        .arg("--config")
-        .arg(&config)
-        .args(extra)
-        .env_remove("HERALD_WORKER_THREADS")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting herald {role}"))?;
+    let child = spawn_role_with(
+        Path::new(env!("CARGO_BIN_EXE_herald")),
+        role,
+        &config,
+        &dir.join(format!("{role}-{admin}.log")),
+        extra,
+        env,
+    )?;
     wait_ready(
         &format!("herald {role} on 127.0.0.1:{admin}"),
         format!("127.0.0.1:{admin}"),

@@ -60,6 +60,24 @@ pub fn common_config(nats_url: &str, partitions: u32, token: &str) -> CommonConf
 ///
 /// When the log file cannot be created or the binary not started.
 pub fn spawn_role(herald: &Path, role: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    spawn_role_with(herald, role, config, log, &[], &[])
+}
+
+/// [`spawn_role`] with more arguments after `--config <config>` and environment variables
+/// (the caller's `HERALD_WORKER_THREADS` is not passed on, so a role runs its default unless
+/// `env` sets it).
+///
+/// # Errors
+///
+/// When the log file cannot be created or the binary not started.
+pub fn spawn_role_with(
+    herald: &Path,
+    role: &str,
+    config: &Path,
+    log: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -69,7 +87,10 @@ pub fn spawn_role(herald: &Path, role: &str, config: &Path, log: &Path) -> anyho
         .arg(role)
         .arg("--config")
         .arg(config)
+        .args(args)
         .env("RUST_LOG", "info")
+        .env_remove("HERALD_WORKER_THREADS")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log_file)
         .kill_on_drop(true)

@@ -29,7 +29,7 @@ pub use events::{
 };
 pub use herald::{
     CliOutput, HeraldCli, activator_upstream, common_config, control_channel, spawn_role,
-    write_config,
+    spawn_role_with, write_config,
 };
 pub use order::{check_arrivals_in_order, check_processed_in_order, read_from_start};
 pub use server::NatsServer;
