@@ -161,8 +161,12 @@ def check_set(c: Checker, name: str, values: dict, docs: list[dict], metrics: se
         where = f"Deployment {full}-{role}"
         c.check(ctr.get("command") == ["herald", role],
                 f"{where}: command is {ctr.get('command')}, expected ['herald', '{role}']")
-        c.check(ctr.get("args") == ["--config", "/etc/herald/herald.toml"],
-                f"{where}: args are {ctr.get('args')}, expected --config /etc/herald/herald.toml")
+        want_args = ["--config", "/etc/herald/herald.toml"]
+        threads = get(values, role, "workerThreads", default="")
+        if threads not in ("", None):
+            want_args += ["--worker-threads", str(threads)]
+        c.check(ctr.get("args") == want_args,
+                f"{where}: args are {ctr.get('args')}, expected {' '.join(want_args)}")
         mounts = {m["name"]: m for m in (ctr.get("volumeMounts") or [])}
         volumes = {v["name"]: v for v in (pod.get("volumes") or [])}
         c.check(get(mounts, "config", "mountPath") == "/etc/herald"
