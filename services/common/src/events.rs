@@ -1,5 +1,5 @@
 //! Telemetry of the shared plumbing: one struct per thing that happens, whose `emit()` writes
-//! the log line (and would update metrics together; none of these has one).
+//! the log line and updates its metric together (only [`RuntimeStarted`] has one).
 
 use std::time::Duration;
 
