@@ -195,13 +195,7 @@ pub async fn run(args: ProcessorArgs) -> Result<()> {
     let processor_cpu = cpu.stop();
     let rss_end = pid_status_mib(child.pid(), "VmRSS");
     let rss_hwm = pid_status_mib(child.pid(), "VmHWM");
-    let counters = match child.metrics().await {
-        Ok(text) => processor_counters(&text),
-        Err(e) => {
-            eprintln!("could not read the processor's metrics: {e:#}");
-            Default::default()
-        }
-    };
+    let counters = settled_counters(&child, run.processed).await;
     child.stop().await;
     let load_after = load_average();
     drop(client);
@@ -344,6 +338,31 @@ fn processor_config(cache_mb: u64) -> Result<(ProcessorConfig, bool)> {
         None => false,
     };
     Ok((serde_json::from_value(v)?, applied))
+}
+
+/// The processor's counters once they count every event seen published (`processed`), or
+/// after 5 s. A run published early is counted after its profile write lands, so the last
+/// outputs can arrive a moment before their count.
+async fn settled_counters(
+    child: &ServiceChild,
+    processed: u64,
+) -> std::collections::BTreeMap<String, u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counters = match child.metrics().await {
+            Ok(text) => processor_counters(&text),
+            Err(e) => {
+                eprintln!("could not read the processor's metrics: {e:#}");
+                return Default::default();
+            }
+        };
+        if counters.get("events_total").copied().unwrap_or(0) >= processed
+            || Instant::now() >= deadline
+        {
+            return counters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The processor's own counters from the process's Prometheus exposition: every
