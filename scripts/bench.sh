@@ -140,6 +140,13 @@ rows.append(
     f"{n(pipe['raw']['highest_sustained_events_per_s'])} | "
     f"{n(pipe['herald']['highest_sustained_events_per_s'])} | **{r(pipe['throughput_ratio'])}** |"
 )
+ku = (pipe.get("targets") or {}).get("keep_up")
+if ku:
+    rows.append(
+        f"| pipeline keeps up at half the raw chain's highest ({n(ku['offered_events_per_s'])} ev/s) | | "
+        f"delivered {n(ku['delivered_events_per_s'])} ev/s, backlog at end {ku['backlog_at_end']:,} | "
+        f"**{'met' if ku['met'] else 'NOT met'}** |"
+    )
 neighbour = (pipe.get("herald_failing_neighbour") or {}).get("fixed") or []
 for i, raw in enumerate(pipe["raw"]["fixed"]):
     h = pipe["herald"]["fixed"][i]

@@ -332,3 +332,34 @@ async fn a_redirect_to_an_internal_address_is_refused_at_send_time() -> Result<(
     assert!(err.to_string().contains("169.254.169.254"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn answered_requests_keep_their_connection() -> Result<()> {
+    // The server answers with a body (`{"ok":true}`, or an error text): the sender reads it
+    // to its end, so the connection goes back to the pool and the next request reuses it
+    // instead of opening (for HTTPS: handshaking) a new one per event.
+    let hook = WebhookServer::start().await?;
+    let sender = sender_of(&webhook(&hook.url()), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    for i in 0..10 {
+        sender.send(&format!("ev-{i}"), b"{}").await?;
+    }
+    hook.fail_next(3);
+    for _ in 0..3 {
+        assert_eq!(failure(&sender).await.kind(), "http_5xx");
+    }
+    for i in 10..20 {
+        sender.send(&format!("ev-{i}"), b"{}").await?;
+    }
+    hook.wait_for(20, TIMEOUT).await?;
+    let requests = hook.requests();
+    assert_eq!(requests.len(), 23);
+    let peers: std::collections::BTreeSet<_> = requests.iter().map(|r| r.peer).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "23 requests one after another over one kept-alive connection: {peers:?}"
+    );
+    Ok(())
+}

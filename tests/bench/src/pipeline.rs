@@ -20,7 +20,9 @@
 //! rate: a search for the highest sustained rate (doubling from `--search-from`, then
 //! `--search-steps` bisections; a probe is sustained when the generator kept its schedule,
 //! nothing failed, and the backlog, events accepted but not arrived, stayed under half a
-//! second's worth), then each of `--rates` for `--duration` seconds.
+//! second's worth), then each of `--rates` for `--duration` seconds; then Herald alone,
+//! offered half the raw chain's highest sustained rate for `--keep-up-duration` seconds
+//! (issue 13's "keeps up"), judged like a probe but never stopped early.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,6 +121,10 @@ pub struct PipelineArgs {
     /// Longest a phase waits, after its offer ends, for the accepted events to arrive.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout: u64,
+    /// Seconds of the keep-up phase: Herald offered half the raw chain's highest sustained
+    /// rate (issue 13's "keeps up"), judged like a probe but never stopped early; 0 skips it.
+    #[arg(long, default_value_t = 20)]
+    pub keep_up_duration: u64,
     #[command(flatten)]
     pub services: ServiceArgs,
 }
@@ -301,6 +307,21 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
             .await?;
         herald_fixed.push(r);
     }
+    let keep_up = match keep_up_rate(raw_search.highest, args.batch as u64) {
+        Some(rate) if args.keep_up_duration > 0 => Some(
+            herald_side
+                .phase(
+                    rate,
+                    Duration::from_secs(args.keep_up_duration),
+                    false,
+                    opts,
+                    &processes,
+                    false,
+                )
+                .await?,
+        ),
+        _ => None,
+    };
     services.check_alive()?;
 
     let mut neighbour = None;
@@ -343,7 +364,13 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     drop(client);
 
     let ratio_highest = ratio(herald_search.highest, raw_search.highest);
-    let targets = targets(&args.rates, ratio_highest, &raw_fixed, &herald_fixed);
+    let targets = targets(
+        &args.rates,
+        ratio_highest,
+        &raw_fixed,
+        &herald_fixed,
+        keep_up.as_ref(),
+    );
     print_report(
         &args,
         &raw_search,
@@ -361,6 +388,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         "rates": args.rates,
         "duration_s": args.duration,
         "probe_duration_s": args.probe_duration,
+        "keep_up_duration_s": args.keep_up_duration,
         "users": args.users,
         "event_json_bytes": batches.event_bytes(),
         "batch": args.batch,
@@ -376,6 +404,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
             "highest_sustained_events_per_s": round3(herald_search.highest),
             "probes": herald_search.probes.iter().map(PhaseRun::probe_json).collect::<Vec<_>>(),
             "fixed": herald_fixed.iter().map(PhaseRun::json).collect::<Vec<_>>(),
+            "keep_up": keep_up.as_ref().map(PhaseRun::json),
         },
         "herald_failing_neighbour": neighbour.as_ref().map(|runs| json!({
             "fixed": runs.iter().map(PhaseRun::json).collect::<Vec<_>>(),
@@ -1634,6 +1663,16 @@ fn print_report(
     if neighbour.is_some() {
         println!("  failing neighbour's sink answered 500 to {failing_requests} requests");
     }
+    if let Some(k) = targets.get("keep_up").filter(|k| !k.is_null()) {
+        println!(
+            "  keeps up at {TARGET_RATIO:.2} of the raw chain's highest ({} ev/s for {} s): {} (delivered {} ev/s, backlog at end {})",
+            thousands(k["offered_events_per_s"].as_f64().unwrap_or(0.0) as u64),
+            args.keep_up_duration,
+            if k["met"] == true { "met" } else { "NOT met" },
+            thousands(k["delivered_events_per_s"].as_f64().unwrap_or(0.0) as u64),
+            thousands(k["backlog_at_end"].as_u64().unwrap_or(0)),
+        );
+    }
     if let Some(t) = targets.get("at_target_rate").filter(|t| !t.is_null()) {
         println!(
             "  target at {} ev/s: p50 within {TARGET_P50_DELTA_MS} ms of raw's: {} (+{:.2} ms); p99 within {TARGET_P99_DELTA_MS} ms: {} (+{:.2} ms)",
@@ -1672,9 +1711,17 @@ fn print_report(
     );
 }
 
-/// Issue 13's targets: the throughput ratio, and freshness at [`TARGET_RATE`] next to the raw
-/// chain's (`at_target_rate` is null when that rate is not among `--rates`).
-fn targets(rates: &[u64], ratio_highest: f64, raw: &[PhaseRun], herald: &[PhaseRun]) -> Value {
+/// Issue 13's targets: the throughput ratio, freshness at [`TARGET_RATE`] next to the raw
+/// chain's (`at_target_rate` is null when that rate is not among `--rates`), and whether Herald
+/// kept up at [`TARGET_RATIO`] of the raw chain's highest sustained rate (`keep_up`, null when
+/// that phase did not run).
+fn targets(
+    rates: &[u64],
+    ratio_highest: f64,
+    raw: &[PhaseRun],
+    herald: &[PhaseRun],
+    keep_up: Option<&PhaseRun>,
+) -> Value {
     let at = rates
         .iter()
         .position(|r| *r == TARGET_RATE)
@@ -1690,13 +1737,30 @@ fn targets(rates: &[u64], ratio_highest: f64, raw: &[PhaseRun], herald: &[PhaseR
                 "p99_met": p99 <= TARGET_P99_DELTA_MS,
             })
         });
+    let keep_up = keep_up.map(|k| {
+        json!({
+            "offered_events_per_s": round3(k.offered),
+            "delivered_events_per_s": round3(k.delivered_per_s()),
+            "backlog_at_end": k.backlog_at_end,
+            "met": k.sustained,
+        })
+    });
     json!({
         "ratio_min": TARGET_RATIO,
         "ratio_met": ratio_highest >= TARGET_RATIO,
         "p50_delta_ms_max": TARGET_P50_DELTA_MS,
         "p99_delta_ms_max": TARGET_P99_DELTA_MS,
         "at_target_rate": at,
+        "keep_up": keep_up,
     })
+}
+
+/// The keep-up phase's offered rate: [`TARGET_RATIO`] of the raw chain's highest sustained
+/// rate, rounded up to whole requests of `batch` events (`None` when the raw chain sustained
+/// nothing).
+fn keep_up_rate(raw_highest: f64, batch: u64) -> Option<f64> {
+    let batch = batch.max(1) as f64;
+    (raw_highest > 0.0).then(|| (raw_highest * TARGET_RATIO / batch).ceil() * batch)
 }
 
 #[cfg(test)]
@@ -1731,17 +1795,37 @@ mod tests {
     fn targets_compare_freshness_at_5000_with_the_raw_chain() {
         let raw = [run_with_freshness(1), run_with_freshness(1)];
         let herald = [run_with_freshness(2), run_with_freshness(20)];
-        let t = targets(&[20_000, 5_000], 0.6, &raw, &herald);
+        let t = targets(&[20_000, 5_000], 0.6, &raw, &herald, None);
         assert_eq!(t["ratio_met"], true);
         let at = &t["at_target_rate"];
         let delta = at["p50_delta_ms"].as_f64().expect("a number");
         assert!((delta - 19.0).abs() < 0.1, "{t}");
         assert_eq!(at["p50_met"], false, "{t}");
         assert_eq!(at["p99_met"], false, "{t}");
-        let t = targets(&[5_000], 0.4, &raw[..1], &herald[..1]);
+        assert!(t["keep_up"].is_null(), "{t}");
+        let t = targets(&[5_000], 0.4, &raw[..1], &herald[..1], None);
         assert_eq!(t["ratio_met"], false);
         assert_eq!(t["at_target_rate"]["p50_met"], true, "{t}");
-        assert!(targets(&[300], 0.4, &raw[..1], &herald[..1])["at_target_rate"].is_null());
+        assert!(targets(&[300], 0.4, &raw[..1], &herald[..1], None)["at_target_rate"].is_null());
+    }
+
+    #[test]
+    fn keep_up_is_judged_at_half_the_raw_chains_highest_rate() {
+        assert_eq!(keep_up_rate(24_000.0, 100), Some(12_000.0));
+        // Rounded up to whole requests: never below half.
+        assert_eq!(keep_up_rate(22_550.0, 100), Some(11_300.0));
+        assert_eq!(keep_up_rate(0.0, 100), None);
+        let raw = [run_with_freshness(1)];
+        let mut kept = run_with_freshness(2);
+        kept.offered = 12_000.0;
+        let t = targets(&[5_000], 0.4, &raw, &[run_with_freshness(2)], Some(&kept));
+        assert_eq!(t["keep_up"]["met"], true, "{t}");
+        assert_eq!(t["keep_up"]["offered_events_per_s"], 12_000.0, "{t}");
+        kept.sustained = false;
+        kept.backlog_at_end = 9_000;
+        let t = targets(&[5_000], 0.4, &raw, &[run_with_freshness(2)], Some(&kept));
+        assert_eq!(t["keep_up"]["met"], false, "{t}");
+        assert_eq!(t["keep_up"]["backlog_at_end"], 9_000, "{t}");
     }
 
     #[test]

@@ -442,6 +442,8 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
         "2",
         "--partitions",
         "4",
+        "--keep-up-duration",
+        "1",
         "--failing-neighbour",
     ])
     .await?;
@@ -464,6 +466,24 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
     assert!(s["targets"]["ratio_met"].is_boolean(), "{s}");
     // Freshness targets are read at 5,000 ev/s only, not among this run's rates.
     assert!(s["targets"]["at_target_rate"].is_null(), "{s}");
+    // The keep-up phase offers Herald half the raw chain's highest sustained rate.
+    let raw_highest = s["raw"]["highest_sustained_events_per_s"]
+        .as_f64()
+        .context("raw highest")?;
+    let keep_up = &s["herald"]["keep_up"];
+    let offered = keep_up["offered_events_per_s"]
+        .as_f64()
+        .with_context(|| format!("keep_up in {s}"))?;
+    assert!(
+        offered >= raw_highest / 2.0 && offered < raw_highest / 2.0 + 10.0,
+        "{s}"
+    );
+    assert_eq!(keep_up["events_missing"], 0, "{s}");
+    assert_eq!(
+        s["targets"]["keep_up"]["offered_events_per_s"], offered,
+        "{s}"
+    );
+    assert!(s["targets"]["keep_up"]["met"].is_boolean(), "{s}");
     let fixed = |path: &str| -> Result<Value> {
         let runs = s
             .pointer(path)
@@ -524,6 +544,7 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
         "Herald at 300 ev/s",
         "failing neighbour",
         "stage split",
+        "keeps up at 0.50 of the raw chain's highest",
         "peak resident memory",
     ] {
         assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");

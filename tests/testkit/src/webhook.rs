@@ -1,13 +1,14 @@
 //! A real HTTP server that plays a webhook destination.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
@@ -36,6 +37,8 @@ pub struct Received {
     pub at: Instant,
     /// When the request arrived (wall clock).
     pub at_wall: SystemTime,
+    /// The client's address: requests over one kept-alive connection share it.
+    pub peer: SocketAddr,
 }
 
 impl Received {
@@ -89,11 +92,14 @@ impl WebhookServer {
             .with_state(state.clone());
         let (shutdown, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
         });
         Ok(Self {
             port,
@@ -219,6 +225,7 @@ fn lock(state: &Shared) -> MutexGuard<'_, Inner> {
 
 async fn handle(
     State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -260,6 +267,7 @@ async fn handle(
             status,
             at: Instant::now(),
             at_wall: SystemTime::now(),
+            peer,
         };
         if (200..300).contains(&status) {
             inner.delivered.push(received.clone());
