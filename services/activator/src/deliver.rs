@@ -42,7 +42,7 @@ use herald_proto::v1::{
     Consent, DeliveryState, DeliveryStatusRecord, DlqReason, EventType, ProcessedEvent,
 };
 use prost::Message as _;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{self, Breaker, RateLimit};
@@ -182,8 +182,13 @@ pub(crate) struct Delivery {
     pub sender: Arc<Sender>,
     /// The destination's delivery counters on this replica.
     pub stats: Arc<DestinationStats>,
-    /// How many users' queues are sent at once.
+    /// How many users' queues are sent at once, per consumer loop.
     pub max_concurrent_keys: usize,
+    /// The destination's requests in flight on this replica, shared by all its consumer loops
+    /// (one per partition of an ordered destination): at most `max_concurrent_keys` at once,
+    /// so a webhook gets at most that many connections from a replica however many
+    /// partitions it owns.
+    pub in_flight: Arc<Semaphore>,
     /// When to stop retrying an event.
     pub policy: RetryPolicy,
     /// Where dead letters go.
@@ -223,6 +228,7 @@ impl Delivery {
             sender: Arc::new(sender),
             stats,
             max_concurrent_keys: deps.cfg.max_concurrent_keys,
+            in_flight: in_flight(deps.cfg.max_concurrent_keys),
             policy: RetryPolicy::of(record, &deps.cfg),
             dlq: DeadLetters::new(deps.js.clone(), &deps.topology, &record.id),
             breaker: Arc::new(Breaker::new(
@@ -563,6 +569,12 @@ impl Delivery {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
         let mut tried = Tried::default();
         loop {
+            // A slot among the destination's requests in flight, held until the answer.
+            let slot = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return None,
+                slot = self.in_flight.acquire() => slot.expect("the semaphore is never closed"),
+            };
             let permit = self.breaker.acquire(cancel).await?;
             if let Some(limit) = &self.rate_limit {
                 let pending = outcomes.iter().filter(|o| o.is_none()).count();
@@ -596,7 +608,9 @@ impl Delivery {
             tried.first.get_or_insert(now);
             tried.last = Some(now);
             tried.attempts += 1;
-            let error = match self.sender.send(&key, &body).await {
+            let sent = self.sender.send(&key, &body).await;
+            drop(slot);
+            let error = match sent {
                 Ok(()) => {
                     self.breaker_changed(self.breaker.record(permit, breaker::Result::Success));
                     events::Attempted {
@@ -695,6 +709,12 @@ impl Delivery {
             .emit();
         }
     }
+}
+
+/// The semaphore of a destination's requests in flight on this replica: `max` slots (0 is
+/// taken as 1).
+pub(crate) fn in_flight(max: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(max.max(1)))
 }
 
 /// The idempotency key and body of a request: one event is its id and its object; several
@@ -986,6 +1006,7 @@ mod tests {
                 sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
                 stats: Arc::default(),
                 max_concurrent_keys: 4,
+                in_flight: in_flight(4),
                 policy: RetryPolicy {
                     max_attempts: 5,
                     max_age: Duration::from_secs(60),
@@ -1089,6 +1110,51 @@ mod tests {
         // left a record of it that must not go stale.
         let r = rig.record("src:user-1-2").await.expect("a record");
         assert_eq!((r.state(), r.attempts), (DeliveryState::Delivered, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_destinations_loops_share_its_requests_in_flight() {
+        // Two consumer loops of one destination (two partitions), each with 4 users to send
+        // at once: together they keep at most `max_concurrent_keys` (4) requests in flight,
+        // so the destination never sees 8.
+        let rig = Rig::start(false).await;
+        rig.hook.set_delay(Duration::from_millis(300));
+        for user in 0..8 {
+            let processed = ProcessedEvent {
+                event: Some(protobuf_track("src", &format!("user-{user}"), 1, 1)),
+                profile_id: format!("p-{user}"),
+                ..Default::default()
+            };
+            rig.js
+                .publish(
+                    rig.topology.processed_subject(0),
+                    processed.encode_to_vec().into(),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+        let mut msgs = Vec::new();
+        for _ in 0..8 {
+            msgs.push(next(&rig.consumer).await);
+        }
+        let second = msgs.split_off(4);
+        let cancel = CancellationToken::new();
+        tokio::join!(
+            rig.delivery.deliver_batch(msgs, &cancel),
+            rig.delivery.deliver_batch(second, &cancel),
+        );
+        rig.hook
+            .wait_for(8, Duration::from_secs(30))
+            .await
+            .expect("all sent");
+        assert_eq!(
+            rig.hook.max_in_flight(),
+            4,
+            "the two loops shared the destination's 4 slots, and used them"
+        );
+        rig.settled().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,9 @@ struct Inner {
     fail_next: usize,
     delay: Duration,
     retry_after: Option<String>,
+    /// Requests being answered now, and the most at once so far.
+    in_flight: usize,
+    max_in_flight: usize,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -172,6 +175,12 @@ impl WebhookServer {
         self.lock().requests.len()
     }
 
+    /// The most requests the server was answering at once so far (with
+    /// [`WebhookServer::set_delay`], how many a client had in flight).
+    pub fn max_in_flight(&self) -> usize {
+        self.lock().max_in_flight
+    }
+
     /// Waits until at least `n` requests were delivered successfully and returns all deliveries,
     /// failing after `timeout` with how many arrived.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
@@ -221,6 +230,15 @@ fn lock(state: &Shared) -> MutexGuard<'_, Inner> {
     state
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A request being answered: counted in `in_flight` until dropped.
+struct Answering(Shared);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        lock(&self.0).in_flight -= 1;
+    }
 }
 
 async fn handle(
@@ -273,8 +291,12 @@ async fn handle(
             inner.delivered.push(received.clone());
         }
         inner.requests.push(received);
+        inner.in_flight += 1;
+        inner.max_in_flight = inner.max_in_flight.max(inner.in_flight);
         (status, inner.delay, inner.retry_after.clone())
     };
+    // Counted out when answered, or when the client gave up and the answer was dropped.
+    let _answering = Answering(state.clone());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
