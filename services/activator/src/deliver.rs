@@ -1032,21 +1032,26 @@ mod tests {
         /// Stores user-1's events `seqs` in the processed stream.
         async fn publish(&self, seqs: &[u64]) {
             for &seq in seqs {
-                let processed = ProcessedEvent {
-                    event: Some(protobuf_track("src", "user-1", seq, 1)),
-                    profile_id: "p-1".into(),
-                    ..Default::default()
-                };
-                self.js
-                    .publish(
-                        self.topology.processed_subject(0),
-                        processed.encode_to_vec().into(),
-                    )
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("stored");
+                self.publish_of(1, seq).await;
             }
+        }
+
+        /// Stores event `seq` of `user-<user>` (profile `p-<user>`) in the processed stream.
+        async fn publish_of(&self, user: u32, seq: u64) {
+            let processed = ProcessedEvent {
+                event: Some(protobuf_track("src", &format!("user-{user}"), seq, 1)),
+                profile_id: format!("p-{user}"),
+                ..Default::default()
+            };
+            self.js
+                .publish(
+                    self.topology.processed_subject(0),
+                    processed.encode_to_vec().into(),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
         }
 
         /// Waits until nothing is left unacked.
@@ -1119,21 +1124,8 @@ mod tests {
         // so the destination never sees 8.
         let rig = Rig::start(false).await;
         rig.hook.set_delay(Duration::from_millis(300));
-        for user in 0..8 {
-            let processed = ProcessedEvent {
-                event: Some(protobuf_track("src", &format!("user-{user}"), 1, 1)),
-                profile_id: format!("p-{user}"),
-                ..Default::default()
-            };
-            rig.js
-                .publish(
-                    rig.topology.processed_subject(0),
-                    processed.encode_to_vec().into(),
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("stored");
+        for user in 10..18 {
+            rig.publish_of(user, 1).await;
         }
         let mut msgs = Vec::new();
         for _ in 0..8 {

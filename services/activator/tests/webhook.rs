@@ -335,9 +335,9 @@ async fn a_redirect_to_an_internal_address_is_refused_at_send_time() -> Result<(
 
 #[tokio::test]
 async fn answered_requests_keep_their_connection() -> Result<()> {
-    // The server answers with a body (`{"ok":true}`, or an error text): the sender reads it
-    // to its end, so the connection goes back to the pool and the next request reuses it
-    // instead of opening (for HTTPS: handshaking) a new one per event.
+    // Every answer has a body (`{"ok":true}`, or an error text), which the sender does not
+    // read on success: the connection must still go back to the pool, so the next request
+    // reuses it instead of opening (for HTTPS: handshaking) a new one per event.
     let hook = WebhookServer::start().await?;
     let sender = sender_of(&webhook(&hook.url()), &loopback())
         .await
