@@ -29,7 +29,8 @@ pub struct ActivatorConfig {
     /// size, it bounds what a slow or failing destination holds.
     pub max_ack_pending: i64,
     /// Most requests in flight to one destination from this replica (users whose events are
-    /// sent at the same time), shared by all the destination's consumers: so also the most
+    /// sent at the same time), shared by all the destination's consumers, replays and
+    /// redrives: so also the most
     /// connections a webhook destination gets from one replica.
     pub max_concurrent_keys: usize,
     /// Longest pause between retries of a failed send.

@@ -168,6 +168,27 @@ pub(crate) struct DeliveryDeps {
     pub erasures: ErasureLedger,
     /// The delivery-status bucket.
     pub status: StatusStore,
+    /// Each destination's requests in flight on this replica.
+    pub in_flight: InFlight,
+}
+
+/// Each destination's requests in flight on this replica: one semaphore of
+/// `max_concurrent_keys` slots per destination, shared by every [`Delivery`] built for it
+/// (live delivery of all its partitions, replays, DLQ redrives).
+#[derive(Clone, Default)]
+pub(crate) struct InFlight(Arc<std::sync::Mutex<HashMap<String, Arc<Semaphore>>>>);
+
+impl InFlight {
+    /// The semaphore of `destination`, made with `max` slots (0 is taken as 1) the first time.
+    pub(crate) fn of(&self, destination: &str, max: usize) -> Arc<Semaphore> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(destination.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(max.max(1))))
+            .clone()
+    }
 }
 
 /// Everything one destination's delivery needs, shared by its consumers' loops.
@@ -184,10 +205,10 @@ pub(crate) struct Delivery {
     pub stats: Arc<DestinationStats>,
     /// How many users' queues are sent at once, per consumer loop.
     pub max_concurrent_keys: usize,
-    /// The destination's requests in flight on this replica, shared by all its consumer loops
-    /// (one per partition of an ordered destination): at most `max_concurrent_keys` at once,
-    /// so a webhook gets at most that many connections from a replica however many
-    /// partitions it owns.
+    /// The destination's requests in flight on this replica ([`InFlight`]), shared by all
+    /// its consumer loops (one per partition of an ordered destination), replays and redrives:
+    /// at most `max_concurrent_keys` at once, so a webhook gets at most that many connections
+    /// from a replica however many partitions it owns.
     pub in_flight: Arc<Semaphore>,
     /// When to stop retrying an event.
     pub policy: RetryPolicy,
@@ -228,7 +249,7 @@ impl Delivery {
             sender: Arc::new(sender),
             stats,
             max_concurrent_keys: deps.cfg.max_concurrent_keys,
-            in_flight: in_flight(deps.cfg.max_concurrent_keys),
+            in_flight: deps.in_flight.of(&record.id, deps.cfg.max_concurrent_keys),
             policy: RetryPolicy::of(record, &deps.cfg),
             dlq: DeadLetters::new(deps.js.clone(), &deps.topology, &record.id),
             breaker: Arc::new(Breaker::new(
@@ -711,12 +732,6 @@ impl Delivery {
     }
 }
 
-/// The semaphore of a destination's requests in flight on this replica: `max` slots (0 is
-/// taken as 1).
-pub(crate) fn in_flight(max: usize) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(max.max(1)))
-}
-
 /// The idempotency key and body of a request: one event is its id and its object; several
 /// are `<first id>+<count>` and `{"batch":[...]}`.
 fn request(items: &[&Item]) -> (String, Vec<u8>) {
@@ -929,6 +944,17 @@ mod tests {
         assert!((5.0..60.0).contains(&f), "{f}");
     }
 
+    #[test]
+    fn every_delivery_of_a_destination_shares_its_slots() {
+        let in_flight = InFlight::default();
+        let live = in_flight.of("crm", 3);
+        let replay = in_flight.of("crm", 3);
+        assert!(Arc::ptr_eq(&live, &replay), "one semaphore per destination");
+        assert_eq!(live.available_permits(), 3);
+        assert!(!Arc::ptr_eq(&live, &in_flight.of("other", 3)));
+        assert_eq!(in_flight.of("zero", 0).available_permits(), 1);
+    }
+
     /// The next message of `consumer` (waiting up to 30 s).
     async fn next(consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>) -> Message {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -1006,7 +1032,7 @@ mod tests {
                 sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
                 stats: Arc::default(),
                 max_concurrent_keys: 4,
-                in_flight: in_flight(4),
+                in_flight: InFlight::default().of("hook", 4),
                 policy: RetryPolicy {
                     max_attempts: 5,
                     max_age: Duration::from_secs(60),

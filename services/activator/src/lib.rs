@@ -198,6 +198,7 @@ pub async fn start(
         suppressions: suppressed,
         erasures,
         status: status.clone(),
+        in_flight: deliver::InFlight::default(),
     };
     supervisor.spawn_task(
         "consent",
