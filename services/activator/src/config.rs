@@ -30,8 +30,7 @@ pub struct ActivatorConfig {
     pub max_ack_pending: i64,
     /// Most requests in flight to one destination from this replica (users whose events are
     /// sent at the same time), shared by all the destination's consumers, replays and
-    /// redrives: so also the most
-    /// connections a webhook destination gets from one replica.
+    /// redrives: so also the most connections a webhook destination gets from one replica.
     pub max_concurrent_keys: usize,
     /// Longest pause between retries of a failed send.
     pub retry_max_backoff_ms: u64,
