@@ -141,6 +141,10 @@ pub struct ServiceArgs {
     /// binary, else the first on PATH).
     #[arg(long, env = "HERALD_BIN", value_name = "PATH")]
     pub herald_bin: Option<PathBuf>,
+    /// The webhook destination's `batch_max`: at 1 (Herald's default) every event is its own
+    /// request to the sink; above 1 a request carries up to that many events.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_batch_max: u32,
 }
 
 /// The load generator for Herald's ingest: its own client runtime, Segment batches of `batch`
@@ -243,7 +247,15 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     let failing = FailingSink::start().await?;
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
-    let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
+    let config = write_config(
+        &dir,
+        "herald",
+        args.partitions,
+        &write_key,
+        &sink.url,
+        None,
+        args.services.webhook_batch_max,
+    )?;
     let mut services =
         Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
     processes.extend(services.pids());
@@ -333,6 +345,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
             &write_key,
             &sink.url,
             Some(&failing.url),
+            args.services.webhook_batch_max,
         )?;
         services
             .restart_activator(&herald, &config, &common)
@@ -394,6 +407,8 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         "batch": args.batch,
         "connections": args.connections,
         "partitions": args.partitions,
+        "webhook_batch_max": args.services.webhook_batch_max,
+        "sink_requests": sink.requests(),
         "failing_neighbour": args.failing_neighbour,
         "raw": {
             "highest_sustained_events_per_s": round3(raw_search.highest),
@@ -1312,6 +1327,8 @@ impl StageSampler {
 pub(crate) struct Sink {
     pub(crate) url: String,
     tracker: RwLock<Option<Arc<Tracker>>>,
+    /// Requests received over the run (with `--webhook-batch-max` above 1, fewer than events).
+    requests: AtomicU64,
 }
 
 impl Sink {
@@ -1322,6 +1339,7 @@ impl Sink {
         let sink = Arc::new(Self {
             url: format!("http://{}/hook", listener.local_addr()?),
             tracker: RwLock::new(None),
+            requests: AtomicU64::new(0),
         });
         let app = Router::new()
             .fallback(receive)
@@ -1331,6 +1349,11 @@ impl Sink {
             let _ = axum::serve(listener, app).await;
         });
         Ok(sink)
+    }
+
+    /// Requests received so far.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     fn track(&self, tracker: Option<Arc<Tracker>>) {
@@ -1369,6 +1392,7 @@ impl Delivered {
 
 async fn receive(State(sink): State<Arc<Sink>>, body: Bytes) -> StatusCode {
     let at = Instant::now();
+    sink.requests.fetch_add(1, Ordering::Relaxed);
     let tracker = sink.tracker.read().ok().and_then(|t| t.clone());
     if let Some(tracker) = tracker {
         for id in Delivered::ids(&body) {
@@ -1420,13 +1444,14 @@ pub(crate) fn write_config(
     write_key: &str,
     sink_url: &str,
     failing_url: Option<&str>,
+    batch_max: u32,
 ) -> Result<PathBuf> {
     let mut text = format!(
         "[topology]\npartitions = {}\n\n\
          [[ingest.sources]]\nid = \"{SOURCE_ID}\"\nname = \"herald-bench\"\nwrite_key = \"{write_key}\"\n\n\
          [activator]\nallow_private_networks = [\"127.0.0.0/8\"]\n\n\
          [[activator.destinations]]\nid = \"{SINK_ID}\"\nkind = \"webhook\"\n\
-         settings = {{ url = \"{sink_url}\" }}\n",
+         settings = {{ url = \"{sink_url}\", batch_max = \"{batch_max}\" }}\n",
         partitions
     );
     if let Some(url) = failing_url {

@@ -214,7 +214,15 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     let sink = Sink::start().await?;
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
-    let config = write_config(&dir, "herald", args.partitions, &write_key, &sink.url, None)?;
+    let config = write_config(
+        &dir,
+        "herald",
+        args.partitions,
+        &write_key,
+        &sink.url,
+        None,
+        args.services.webhook_batch_max,
+    )?;
     let mut services =
         Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
     let mut processes = services.pids();
@@ -246,7 +254,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     );
     let side = HeraldSide {
         http,
-        sink,
+        sink: sink.clone(),
         js,
         topology,
     };
@@ -374,6 +382,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         "batch": args.batch,
         "connections": args.connections,
         "partitions": args.partitions,
+        "webhook_batch_max": args.services.webhook_batch_max,
         "memory": memory_json,
         "start_at_s": round3(start_at),
         "end_at_s": round3(end_at),
@@ -381,6 +390,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         "freshness": run.freshness.json_p90(),
         "events_accepted": run.accepted,
         "events_delivered": run.delivered,
+        "sink_requests": sink.requests(),
         "delivered_events_per_s": round3(run.delivered_per_s()),
         "duplicates": run.duplicates,
         "backlog_at_end": run.backlog_at_end,

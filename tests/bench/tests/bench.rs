@@ -449,6 +449,9 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
     .await?;
     assert_eq!(s["bench"], "pipeline");
     assert_eq!(s["partitions"], 4, "{s}");
+    // One request per event by default (the warm-up's events count too).
+    assert_eq!(s["webhook_batch_max"], 1, "{s}");
+    positive(&s, "/sink_requests");
     positive(&s, "/machine/cores");
     for side in ["/raw", "/herald"] {
         positive(&s, &format!("{side}/highest_sustained_events_per_s"));
@@ -572,9 +575,12 @@ async fn soak_bench_reports_memory_per_process_samples_and_freshness() -> Result
         "2",
         "--partitions",
         "4",
+        "--webhook-batch-max",
+        "20",
     ])
     .await?;
     assert_eq!(s["bench"], "soak");
+    assert_eq!(s["webhook_batch_max"], 20, "{s}");
     assert_eq!(s["rate"], 300, "{s}");
     assert_eq!(s["duration_s"], 4, "{s}");
     assert_eq!(s["warmup_s"], 1, "{s}");
@@ -614,6 +620,12 @@ async fn soak_bench_reports_memory_per_process_samples_and_freshness() -> Result
     positive(&samples[4], "/events_arrived");
     positive(&s, "/events_accepted");
     assert_eq!(s["events_delivered"], s["events_accepted"], "{s}");
+    // With batch_max 20 the activator sent some requests of several events.
+    let (requests, delivered) = (
+        s["sink_requests"].as_u64().context("sink_requests")?,
+        s["events_delivered"].as_u64().context("events_delivered")?,
+    );
+    assert!(requests > 0 && requests < delivered, "{s}");
     assert_eq!(s["drained"], true, "{s}");
     for q in ["p50_ms", "p90_ms", "p99_ms", "max_ms"] {
         positive(&s, &format!("/freshness/{q}"));
