@@ -145,6 +145,10 @@ pub struct ServiceArgs {
     /// request to the sink; above 1 a request carries up to that many events.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub webhook_batch_max: u32,
+    /// Makes the webhook destination unordered (`ordered = false`): one shared consumer instead
+    /// of one per partition, and no per-user order.
+    #[arg(long)]
+    pub webhook_unordered: bool,
 }
 
 /// The load generator for Herald's ingest: its own client runtime, Segment batches of `batch`
@@ -254,7 +258,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         &write_key,
         &sink.url,
         None,
-        args.services.webhook_batch_max,
+        &args.services,
     )?;
     let mut services =
         Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
@@ -345,7 +349,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
             &write_key,
             &sink.url,
             Some(&failing.url),
-            args.services.webhook_batch_max,
+            &args.services,
         )?;
         services
             .restart_activator(&herald, &config, &common)
@@ -369,6 +373,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         services.check_alive()?;
         neighbour = Some(runs);
     }
+    let consumers = herald_side.consumer_counts().await?;
     let peak_rss = ProcessCpu::start(&processes).peak_rss_mib();
     let cpu_total = services.cpu_total(&nats);
     let load_after = load_average();
@@ -408,7 +413,9 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         "connections": args.connections,
         "partitions": args.partitions,
         "webhook_batch_max": args.services.webhook_batch_max,
+        "webhook_ordered": !args.services.webhook_unordered,
         "sink_requests": sink.requests(),
+        "herald_consumers": consumers,
         "failing_neighbour": args.failing_neighbour,
         "raw": {
             "highest_sustained_events_per_s": round3(raw_search.highest),
@@ -1095,6 +1102,28 @@ pub(crate) struct HeraldSide {
 }
 
 impl HeraldSide {
+    /// How many consumers the events and processed streams have: each costs nats-server a
+    /// fixed share (docs/benchmarks.md, "The seventh pass"). JSON `{"events": n, "processed": m}`.
+    pub(crate) async fn consumer_counts(&self) -> Result<Value> {
+        let mut counts = serde_json::Map::new();
+        for (key, name) in [
+            ("events", self.topology.events_stream()),
+            ("processed", self.topology.processed_stream()),
+        ] {
+            let mut stream = self
+                .js
+                .get_stream(&name)
+                .await
+                .with_context(|| format!("reading stream {name}"))?;
+            let info = stream
+                .info()
+                .await
+                .with_context(|| format!("reading stream {name}"))?;
+            counts.insert(key.into(), json!(info.state.consumer_count));
+        }
+        Ok(Value::Object(counts))
+    }
+
     /// One Herald phase; with `stages`, the stage split of the sampled partition.
     async fn phase(
         &self,
@@ -1294,6 +1323,9 @@ impl StageSampler {
                     ..Default::default()
                 })
                 .await?;
+            // Removed when done, rather than left to expire, so that no reader of the bench's
+            // lingers beside Herald's consumers.
+            let reader_name = reader.cached_info().name.clone();
             let mut messages = reader.messages().await?;
             let us = |d: i64| Duration::from_micros(d.max(0) as u64);
             loop {
@@ -1318,6 +1350,8 @@ impl StageSampler {
                     break;
                 }
             }
+            drop(messages);
+            let _ = processed.delete_consumer(&reader_name).await;
         }
         Ok(stages)
     }
@@ -1444,15 +1478,16 @@ pub(crate) fn write_config(
     write_key: &str,
     sink_url: &str,
     failing_url: Option<&str>,
-    batch_max: u32,
+    services: &ServiceArgs,
 ) -> Result<PathBuf> {
     let mut text = format!(
         "[topology]\npartitions = {}\n\n\
          [[ingest.sources]]\nid = \"{SOURCE_ID}\"\nname = \"herald-bench\"\nwrite_key = \"{write_key}\"\n\n\
          [activator]\nallow_private_networks = [\"127.0.0.0/8\"]\n\n\
          [[activator.destinations]]\nid = \"{SINK_ID}\"\nkind = \"webhook\"\n\
-         settings = {{ url = \"{sink_url}\", batch_max = \"{batch_max}\" }}\n",
-        partitions
+         ordered = {}\n\
+         settings = {{ url = \"{sink_url}\", batch_max = \"{}\" }}\n",
+        partitions, !services.webhook_unordered, services.webhook_batch_max,
     );
     if let Some(url) = failing_url {
         text.push_str(&format!(

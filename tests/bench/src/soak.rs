@@ -221,7 +221,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         &write_key,
         &sink.url,
         None,
-        args.services.webhook_batch_max,
+        &args.services,
     )?;
     let mut services =
         Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
@@ -294,6 +294,7 @@ pub async fn run(args: SoakArgs) -> Result<()> {
             services.log_tails()
         );
     }
+    let consumers = side.consumer_counts().await?;
     let load_after = load_average();
     services.stop().await;
     drop(client_rt);
@@ -383,6 +384,8 @@ pub async fn run(args: SoakArgs) -> Result<()> {
         "connections": args.connections,
         "partitions": args.partitions,
         "webhook_batch_max": args.services.webhook_batch_max,
+        "webhook_ordered": !args.services.webhook_unordered,
+        "herald_consumers": consumers,
         "memory": memory_json,
         "start_at_s": round3(start_at),
         "end_at_s": round3(end_at),

@@ -452,6 +452,10 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
     // One request per event by default (the warm-up's events count too).
     assert_eq!(s["webhook_batch_max"], 1, "{s}");
     positive(&s, "/sink_requests");
+    // Two ordered destinations (the sink and the failing neighbour): one consumer per partition
+    // each on the processed stream; the stage split's readers are gone by the end.
+    assert_eq!(s["webhook_ordered"], true, "{s}");
+    assert_eq!(s["herald_consumers"]["processed"], 8, "{s}");
     positive(&s, "/machine/cores");
     for side in ["/raw", "/herald"] {
         positive(&s, &format!("{side}/highest_sustained_events_per_s"));
@@ -577,10 +581,16 @@ async fn soak_bench_reports_memory_per_process_samples_and_freshness() -> Result
         "4",
         "--webhook-batch-max",
         "20",
+        "--webhook-unordered",
     ])
     .await?;
     assert_eq!(s["bench"], "soak");
     assert_eq!(s["webhook_batch_max"], 20, "{s}");
+    // An unordered destination: one shared consumer on the processed stream, not one per
+    // partition; the processor keeps one per partition on the events stream.
+    assert_eq!(s["webhook_ordered"], false, "{s}");
+    assert_eq!(s["herald_consumers"]["processed"], 1, "{s}");
+    assert_eq!(s["herald_consumers"]["events"], 4, "{s}");
     assert_eq!(s["rate"], 300, "{s}");
     assert_eq!(s["duration_s"], 4, "{s}");
     assert_eq!(s["warmup_s"], 1, "{s}");
