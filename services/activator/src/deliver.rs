@@ -203,12 +203,12 @@ pub(crate) struct Delivery {
     pub sender: Arc<Sender>,
     /// The destination's delivery counters on this replica.
     pub stats: Arc<DestinationStats>,
-    /// How many users' queues are sent at once, per consumer loop.
-    pub max_concurrent_keys: usize,
     /// The destination's requests in flight on this replica ([`InFlight`]), shared by all
     /// its consumer loops (one per partition of an ordered destination), replays and redrives:
     /// at most `max_concurrent_keys` at once, so a webhook gets at most that many connections
-    /// from a replica however many partitions it owns.
+    /// from a replica however many partitions it owns. This is the only bound on how many
+    /// users are sent at once: every user with an event held runs, so one waiting for its
+    /// retry or for its ack's confirmation holds no request slot and holds up no other user.
     pub in_flight: Arc<Semaphore>,
     /// When to stop retrying an event.
     pub policy: RetryPolicy,
@@ -248,7 +248,6 @@ impl Delivery {
             },
             sender: Arc::new(sender),
             stats,
-            max_concurrent_keys: deps.cfg.max_concurrent_keys,
             in_flight: deps.in_flight.of(&record.id, deps.cfg.max_concurrent_keys),
             policy: RetryPolicy::of(record, &deps.cfg),
             dlq: DeadLetters::new(deps.js.clone(), &deps.topology, &record.id),
@@ -270,16 +269,16 @@ impl Delivery {
             self.deliver_in_batches(items, cancel).await;
             return;
         }
+        // Every user of the batch at once; the requests wait for the destination's slots.
         futures_util::stream::iter(group_by_key(items))
-            .for_each_concurrent(self.max_concurrent_keys.max(1), |items| {
-                self.deliver_in_order(items, cancel)
-            })
+            .for_each_concurrent(None, |items| self.deliver_in_order(items, cancel))
             .await;
     }
 
     /// Delivers the batches `batches` brings (at `batch_max` 1), until it closes or `cancel`
-    /// fires: each user's events one after another, up to `max_concurrent_keys` users at once,
-    /// with no barrier between batches (see [`keyed_flow`]: a batch's other users do not wait
+    /// fires: each user's events one after another, every user with an event held at once (the
+    /// requests wait for the destination's slots, [`Delivery::in_flight`]), with no barrier
+    /// between batches (see [`keyed_flow`]: a batch's other users do not wait
     /// for its slowest one, and the next batch's users start as soon as a slot is free). At
     /// most `max_held` events are taken in before some are settled. Each batch comes with the
     /// keep-alive of its messages (started by the sender, so a batch waiting in the channel is
@@ -295,7 +294,7 @@ impl Delivery {
         cancel: &CancellationToken,
     ) {
         let limits = FlowLimits {
-            slots: self.max_concurrent_keys,
+            slots: max_held,
             max_held,
             take: Take::One,
         };
@@ -1031,7 +1030,6 @@ mod tests {
                 },
                 sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
                 stats: Arc::default(),
-                max_concurrent_keys: 4,
                 in_flight: InFlight::default().of("hook", 4),
                 policy: RetryPolicy {
                     max_attempts: 5,
@@ -1173,6 +1171,58 @@ mod tests {
             "the two loops shared the destination's 4 slots, and used them"
         );
         rig.settled().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn users_waiting_to_retry_do_not_hold_up_the_others() {
+        // 4 request slots. The first 4 requests fail and their users wait 5 s (Retry-After)
+        // to try again; the other 8 users are sent meanwhile, in the live flow and in a
+        // batch (replays, redrives) alike, instead of waiting behind them.
+        for live in [true, false] {
+            let mut rig = Rig::start(false).await;
+            rig.delivery.policy.max_backoff = Duration::from_secs(1);
+            rig.hook.fail_next(4);
+            rig.hook.set_retry_after(Some("5"));
+            for user in 10..22 {
+                rig.publish_of(user, 1).await;
+            }
+            let mut msgs = Vec::new();
+            for _ in 0..12 {
+                msgs.push(next(&rig.consumer).await);
+            }
+            let cancel = CancellationToken::new();
+            let started = tokio::time::Instant::now();
+            let deliver = async {
+                if live {
+                    let (batches, from_loop) = mpsc::channel(1);
+                    let alive = KeepAlive::start(msgs.clone(), Duration::from_millis(300));
+                    batches.send((msgs, alive)).await.expect("the flow runs");
+                    drop(batches);
+                    rig.delivery
+                        .deliver_flow(from_loop, 64, || {}, &cancel)
+                        .await;
+                } else {
+                    rig.delivery.deliver_batch(msgs, &cancel).await;
+                }
+            };
+            let others = async {
+                rig.hook
+                    .wait_for(8, Duration::from_secs(30))
+                    .await
+                    .expect("the others sent");
+                started.elapsed()
+            };
+            let ((), others) = tokio::join!(deliver, others);
+            assert!(
+                others < Duration::from_secs(3),
+                "live {live}: the other users waited {others:?} for the retrying ones"
+            );
+            // The retrying users are delivered after their pause.
+            let all = rig.hook.received();
+            assert_eq!(all.len(), 12, "live {live}");
+            assert!(started.elapsed() >= Duration::from_secs(5), "live {live}");
+            rig.settled().await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
