@@ -130,6 +130,10 @@ pub struct DestinationConfig {
     /// Longest an event is retried, from its first attempt (default 86400).
     #[serde(default)]
     pub max_age_seconds: Option<u64>,
+    /// Record every delivered event in its delivery status (default false; see
+    /// `delivery_status_delivered`).
+    #[serde(default)]
+    pub record_deliveries: Option<bool>,
     /// Deprecated: `settings.url`.
     #[serde(default)]
     pub url: Option<String>,
@@ -214,6 +218,7 @@ impl DestinationConfig {
         if let Some(n) = self.max_age_seconds {
             r.max_age_seconds = n;
         }
+        r.record_deliveries = self.record_deliveries.unwrap_or(false);
         r
     }
 }
@@ -227,6 +232,25 @@ mod tests {
         &'static [&'static str],
         &'static [(&'static str, &'static str)],
     );
+
+    #[test]
+    fn record_deliveries_reaches_the_record_and_stays_out_of_its_json_when_off() {
+        let on: DestinationConfig =
+            serde_json::from_str(r#"{"id": "a", "kind": "webhook", "record_deliveries": true}"#)
+                .expect("entry");
+        let r = on.to_record(Utc::now());
+        assert!(r.record_deliveries);
+        let json = String::from_utf8_lossy(&r.to_json()).into_owned();
+        assert!(json.contains(r#""record_deliveries":true"#), "{json}");
+        // Off (the default): the record's JSON is what it was before the field existed, so
+        // the digest of an existing config entry does not change.
+        let off: DestinationConfig =
+            serde_json::from_str(r#"{"id": "b", "kind": "webhook"}"#).expect("entry");
+        let r = off.to_record(Utc::now());
+        assert!(!r.record_deliveries);
+        let json = String::from_utf8_lossy(&r.to_json()).into_owned();
+        assert!(!json.contains("record_deliveries"), "{json}");
+    }
 
     #[test]
     fn deprecated_keys_are_mapped_into_settings_and_named() {

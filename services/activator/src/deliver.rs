@@ -222,6 +222,9 @@ pub(crate) struct Delivery {
     pub batch_max: usize,
     /// Where each event's delivery status is recorded.
     pub status: StatusStore,
+    /// Whether every delivered event is recorded: `activator.delivery_status_delivered`, or
+    /// the destination's `record_deliveries` (with recording on at all).
+    pub records_delivered: bool,
 }
 
 impl Delivery {
@@ -258,6 +261,8 @@ impl Delivery {
             rate_limit: record.rate_limit.map(|r| Arc::new(RateLimit::new(r))),
             batch_max,
             status: deps.status.clone(),
+            records_delivered: deps.status.records_delivered()
+                || (deps.status.enabled() && record.record_deliveries),
         })
     }
 
@@ -505,7 +510,7 @@ impl Delivery {
             return false;
         }
         record.state() != DeliveryState::Delivered
-            || self.status.records_delivered()
+            || self.records_delivered
             || record.attempts > 2
             || item.msg.info().is_ok_and(|i| i.delivered > 1)
     }
@@ -1040,6 +1045,7 @@ mod tests {
                 breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
                 rate_limit: None,
                 batch_max: 1,
+                records_delivered: status.records_delivered(),
                 status: status.clone(),
             };
             Self {

@@ -99,6 +99,7 @@ pub fn from_proto(spec: Option<pb::DestinationSpec>) -> Result<DestinationConfig
         rate_limit: Some(s.rate_limit).filter(|n| *n > 0),
         max_attempts: Some(s.max_attempts).filter(|n| *n > 0),
         max_age_seconds: Some(s.max_age_seconds).filter(|n| *n > 0),
+        record_deliveries: Some(s.record_deliveries).filter(|r| *r),
         ..Default::default()
     })
 }
@@ -121,6 +122,7 @@ pub fn to_proto(r: &DestinationRecord) -> pb::Destination {
             rate_limit: r.rate_limit.unwrap_or_default(),
             max_attempts: r.max_attempts,
             max_age_seconds: r.max_age_seconds,
+            record_deliveries: r.record_deliveries,
         }),
         paused: r.paused,
         created_at: Some(herald_proto::time::to_proto(r.created_at)),

@@ -194,6 +194,10 @@ pub struct DestinationRecord {
     /// Longest an event is retried, from its first attempt.
     #[serde(default = "default_max_age")]
     pub max_age_seconds: u64,
+    /// Whether every delivered event is recorded in its delivery status (what
+    /// `activator.delivery_status_delivered` does for every destination).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_deliveries: bool,
     /// Whether delivery is paused (the consumer is kept).
     #[serde(default)]
     pub paused: bool,
@@ -305,6 +309,7 @@ impl DestinationRecord {
             rate_limit: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             max_age_seconds: DEFAULT_MAX_AGE_SECONDS,
+            record_deliveries: false,
             paused: false,
             created_at: now,
             updated_at: now,

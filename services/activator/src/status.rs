@@ -260,14 +260,19 @@ impl DeliveryStatusService for StatusGrpc {
                 "name the event: its id or messageId",
             ));
         }
-        let destinations: Vec<String> = self
+        // Each destination, and whether every delivered event of it is recorded.
+        let (destinations, recorded): (Vec<String>, Vec<bool>) = self
             .store
             .list()
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .into_iter()
-            .map(|r| r.id)
-            .collect();
+            .map(|r| {
+                let recorded = self.status.records_delivered()
+                    || (self.status.enabled() && r.record_deliveries);
+                (r.id, recorded)
+            })
+            .unzip();
         let unavailable = |e: StatusError| Status::unavailable(e.to_string());
         for candidate in self.candidates(&id).await {
             let reads = destinations.iter().map(|d| self.status.read(&candidate, d));
@@ -280,9 +285,11 @@ impl DeliveryStatusService for StatusGrpc {
                     destinations: destinations
                         .iter()
                         .zip(records)
-                        .map(|(d, record)| DestinationDelivery {
+                        .zip(&recorded)
+                        .map(|((d, record), recorded)| DestinationDelivery {
                             destination: d.clone(),
                             record,
+                            delivered_recorded: *recorded,
                         })
                         .collect(),
                     ttl_seconds: self.status.ttl().as_secs(),
@@ -294,9 +301,11 @@ impl DeliveryStatusService for StatusGrpc {
             event_id: String::new(),
             destinations: destinations
                 .into_iter()
-                .map(|destination| DestinationDelivery {
+                .zip(recorded)
+                .map(|(destination, delivered_recorded)| DestinationDelivery {
                     destination,
                     record: None,
+                    delivered_recorded,
                 })
                 .collect(),
             ttl_seconds: self.status.ttl().as_secs(),

@@ -8,12 +8,13 @@ use serde_json::json;
 use crate::control::{Control, rpc_error};
 use crate::output::outln;
 
-/// What a missing record means, by whether every delivered event is recorded.
+/// What a missing record means, by whether every delivered event of the destination is
+/// recorded.
 fn no_record(delivered_recorded: bool) -> &'static str {
     if delivered_recorded {
         "no record: filtered out for this destination, not reached yet, or expired"
     } else {
-        "no record: delivered (plain deliveries are recorded only with activator.delivery_status_delivered = true), filtered out for this destination, not reached yet, or expired"
+        "no record: delivered (plain deliveries are recorded only with --record-deliveries true on the destination, or activator.delivery_status_delivered = true), filtered out for this destination, not reached yet, or expired"
     }
 }
 
@@ -42,12 +43,15 @@ pub async fn run(args: DeliveryArgs, control: &Control) -> Result<()> {
         return Ok(());
     }
     if res.event_id.is_empty() {
-        let (delivered, hint) = if res.delivered_recorded {
+        let every_one = res.delivered_recorded
+            || (!res.destinations.is_empty()
+                && res.destinations.iter().all(|d| d.delivered_recorded));
+        let (delivered, hint) = if every_one {
             ("", "")
         } else {
             (
                 "delivered, ",
-                " Plain deliveries are not recorded: set activator.delivery_status_delivered = true to record every one.",
+                " Plain deliveries are not recorded everywhere: `herald destinations update <id> --record-deliveries true` records every one of a destination, activator.delivery_status_delivered = true of all.",
             )
         };
         outln!(
@@ -81,11 +85,7 @@ pub async fn run(args: DeliveryArgs, control: &Control) -> Result<()> {
                 crate::output::time(r.recorded_at.as_ref(), chrono::SecondsFormat::Millis),
                 r.last_error
             ),
-            None => outln!(
-                "{:<24} {}",
-                d.destination,
-                no_record(res.delivered_recorded)
-            ),
+            None => outln!("{:<24} {}", d.destination, no_record(d.delivered_recorded)),
         }
     }
     Ok(())
@@ -114,11 +114,13 @@ fn to_json(asked: &str, res: &GetDeliveryStatusResponse) -> serde_json::Value {
                 "lastStatus": r.last_status,
                 "lastError": r.last_error,
                 "recordedAt": crate::output::time(r.recorded_at.as_ref(), chrono::SecondsFormat::Millis),
+                "deliveredRecorded": d.delivered_recorded,
             }),
             None => json!({
                 "destination": d.destination,
                 "state": null,
-                "note": no_record(res.delivered_recorded),
+                "note": no_record(d.delivered_recorded),
+                "deliveredRecorded": d.delivered_recorded,
             }),
         })
         .collect();

@@ -49,6 +49,10 @@ pub struct SpecArgs {
     /// Longest an event is retried, from its first attempt, e.g. 24h, 90m, 3600s (default 24h).
     #[arg(long, value_name = "DURATION")]
     pub max_age: Option<String>,
+    /// Record every delivered event in its delivery status (`herald delivery`), not only
+    /// failures and retries (default false: each record costs nats-server memory for its TTL).
+    #[arg(long, value_name = "true|false")]
+    pub record_deliveries: Option<bool>,
 }
 
 /// `herald destinations <command>`.
@@ -207,6 +211,9 @@ impl SpecArgs {
         }
         if let Some(a) = self.max_age {
             spec.max_age_seconds = parse_duration(&a)?;
+        }
+        if let Some(r) = self.record_deliveries {
+            spec.record_deliveries = r;
         }
         Ok(())
     }
@@ -382,6 +389,14 @@ fn print_destination(d: &Destination) {
     }
     outln!("max attempts:     {}", s.max_attempts);
     outln!("max age:          {}s", s.max_age_seconds);
+    outln!(
+        "delivery records: {}",
+        if s.record_deliveries {
+            "every one"
+        } else {
+            "failures and retries only"
+        }
+    );
     outln!(
         "from config:      {}",
         if d.from_config { "yes" } else { "no" }

@@ -199,6 +199,68 @@ async fn dlq_list_redrive_and_purge_from_the_cli() -> Result<()> {
     assert_eq!(v["destinations"][0]["state"], "dlq", "{v}");
     assert_eq!(v["destinations"][0]["lastStatus"], 400, "{v}");
 
+    // A destination that records every delivery: its plain delivery has a record, the
+    // other destination's (global recording off) has none, and each says which it is.
+    hook.set_healthy();
+    let hook_url = hook.url();
+    let set_url = format!("url={hook_url}");
+    cli.ok(&[
+        "destinations",
+        "create",
+        "recorded",
+        "--kind",
+        "webhook",
+        "--set",
+        &set_url,
+        "--record-deliveries",
+        "true",
+    ])
+    .await?;
+    let shown = cli.ok(&["destinations", "get", "recorded"]).await?;
+    assert!(shown.contains("delivery records: every one"), "{shown}");
+    let shown = cli.ok(&["destinations", "get", "hook"]).await?;
+    assert!(
+        shown.contains("delivery records: failures and retries only"),
+        "{shown}"
+    );
+    // Wait until the new destination's consumers deliver: event 4 reaches both.
+    let before = hook.received().len();
+    publish(4).await?;
+    hook.wait_for(before + 2, DEADLINE).await?;
+    // The record is written before the ack, shortly after the request.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let v: serde_json::Value = loop {
+        let out = cli.ok(&["delivery", "src:user-1-4", "--json"]).await?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        let recorded = v["destinations"]
+            .as_array()
+            .is_some_and(|ds| ds.iter().any(|d| d["state"] == "delivered"));
+        if recorded || tokio::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let by_id = |id: &str| {
+        v["destinations"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["destination"] == id))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let recorded = by_id("recorded");
+    assert_eq!(recorded["state"], "delivered", "{v}");
+    assert_eq!(recorded["attempts"], 1, "{v}");
+    assert_eq!(recorded["deliveredRecorded"], true, "{v}");
+    let plain = by_id("hook");
+    assert!(plain["state"].is_null(), "{v}");
+    assert_eq!(plain["deliveredRecorded"], false, "{v}");
+    assert_eq!(v["deliveredRecorded"], false, "{v}");
+    let table = cli.ok(&["delivery", "src:user-1-4"]).await?;
+    assert!(
+        table.contains("--record-deliveries true on the destination"),
+        "{table}"
+    );
+
     stop.cancel();
     let _ = activator.task.await;
     Ok(())
