@@ -251,15 +251,13 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
     let failing = FailingSink::start().await?;
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
-    let config = write_config(
-        &dir,
-        "herald",
-        args.partitions,
-        &write_key,
-        &sink.url,
-        None,
-        &args.services,
-    )?;
+    let config_file = ConfigFile {
+        partitions: args.partitions,
+        write_key: &write_key,
+        sink_url: &sink.url,
+        services: &args.services,
+    };
+    let config = config_file.write(&dir, "herald", None)?;
     let mut services =
         Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
     processes.extend(services.pids());
@@ -342,15 +340,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
 
     let mut neighbour = None;
     if args.failing_neighbour {
-        let config = write_config(
-            &dir,
-            "herald-neighbour",
-            args.partitions,
-            &write_key,
-            &sink.url,
-            Some(&failing.url),
-            &args.services,
-        )?;
+        let config = config_file.write(&dir, "herald-neighbour", Some(&failing.url))?;
         services
             .restart_activator(&herald, &config, &common)
             .await?;
@@ -1469,35 +1459,44 @@ impl FailingSink {
     }
 }
 
-/// Writes the services' config file: the topology, the bench's source, the webhook
-/// destination (and the failing neighbour), loopback allowed for webhooks.
-pub(crate) fn write_config(
-    dir: &std::path::Path,
-    name: &str,
-    partitions: u32,
-    write_key: &str,
-    sink_url: &str,
-    failing_url: Option<&str>,
-    services: &ServiceArgs,
-) -> Result<PathBuf> {
-    let mut text = format!(
-        "[topology]\npartitions = {}\n\n\
-         [[ingest.sources]]\nid = \"{SOURCE_ID}\"\nname = \"herald-bench\"\nwrite_key = \"{write_key}\"\n\n\
-         [activator]\nallow_private_networks = [\"127.0.0.0/8\"]\n\n\
-         [[activator.destinations]]\nid = \"{SINK_ID}\"\nkind = \"webhook\"\n\
-         ordered = {}\n\
-         settings = {{ url = \"{sink_url}\", batch_max = \"{}\" }}\n",
-        partitions, !services.webhook_unordered, services.webhook_batch_max,
-    );
-    if let Some(url) = failing_url {
-        text.push_str(&format!(
-            "\n[[activator.destinations]]\nid = \"{FAILING_ID}\"\nkind = \"webhook\"\n\
-             settings = {{ url = \"{url}\" }}\n"
-        ));
+/// What the services' config file says: the topology, the bench's source, the webhook
+/// destination (as `--webhook-*` asks), loopback allowed for webhooks.
+pub(crate) struct ConfigFile<'a> {
+    pub(crate) partitions: u32,
+    pub(crate) write_key: &'a str,
+    pub(crate) sink_url: &'a str,
+    pub(crate) services: &'a ServiceArgs,
+}
+
+impl ConfigFile<'_> {
+    /// Writes it to `<dir>/<name>.toml`, with the failing neighbour when `failing_url` is
+    /// given.
+    pub(crate) fn write(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+        failing_url: Option<&str>,
+    ) -> Result<PathBuf> {
+        let (write_key, sink_url) = (self.write_key, self.sink_url);
+        let mut text = format!(
+            "[topology]\npartitions = {}\n\n\
+             [[ingest.sources]]\nid = \"{SOURCE_ID}\"\nname = \"herald-bench\"\nwrite_key = \"{write_key}\"\n\n\
+             [activator]\nallow_private_networks = [\"127.0.0.0/8\"]\n\n\
+             [[activator.destinations]]\nid = \"{SINK_ID}\"\nkind = \"webhook\"\n\
+             ordered = {}\n\
+             settings = {{ url = \"{sink_url}\", batch_max = \"{}\" }}\n",
+            self.partitions, !self.services.webhook_unordered, self.services.webhook_batch_max,
+        );
+        if let Some(url) = failing_url {
+            text.push_str(&format!(
+                "\n[[activator.destinations]]\nid = \"{FAILING_ID}\"\nkind = \"webhook\"\n\
+                 settings = {{ url = \"{url}\" }}\n"
+            ));
+        }
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
     }
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
 }
 
 /// The three services, each a `herald <role>` process.

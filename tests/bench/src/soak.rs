@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::child::herald_binary;
 use super::nats::BenchNats;
 use super::pipeline::{
-    HeraldSide, PhaseOpts, ServiceArgs, Services, Sink, Tracker, herald_load, write_config,
+    ConfigFile, HeraldSide, PhaseOpts, ServiceArgs, Services, Sink, Tracker, herald_load,
 };
 use super::report::{
     load_average, pid_status_mib, print_machine, print_summary, round3, thousands,
@@ -214,15 +214,13 @@ pub async fn run(args: SoakArgs) -> Result<()> {
     let sink = Sink::start().await?;
     let write_key = super::random_hex(16);
     let dir = nats.dir().to_path_buf();
-    let config = write_config(
-        &dir,
-        "herald",
-        args.partitions,
-        &write_key,
-        &sink.url,
-        None,
-        &args.services,
-    )?;
+    let config = ConfigFile {
+        partitions: args.partitions,
+        write_key: &write_key,
+        sink_url: &sink.url,
+        services: &args.services,
+    }
+    .write(&dir, "herald", None)?;
     let mut services =
         Services::start(&herald, &config, &dir, &common, &args.services.service_env).await?;
     let mut processes = services.pids();
