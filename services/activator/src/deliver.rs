@@ -261,8 +261,7 @@ impl Delivery {
             rate_limit: record.rate_limit.map(|r| Arc::new(RateLimit::new(r))),
             batch_max,
             status: deps.status.clone(),
-            records_delivered: deps.status.records_delivered()
-                || (deps.status.enabled() && record.record_deliveries),
+            records_delivered: deps.status.records_delivered_of(record),
         })
     }
 

@@ -108,6 +108,12 @@ impl StatusStore {
         self.enabled() && self.delivered
     }
 
+    /// Whether every delivered event of `destination` is recorded: for every destination, or
+    /// for this one (its `record_deliveries`), with records kept at all.
+    pub fn records_delivered_of(&self, destination: &crate::record::DestinationRecord) -> bool {
+        self.records_delivered() || (self.enabled() && destination.record_deliveries)
+    }
+
     /// How long records are kept.
     pub fn ttl(&self) -> Duration {
         self.ttl
@@ -268,8 +274,7 @@ impl DeliveryStatusService for StatusGrpc {
             .map_err(|e| Status::unavailable(e.to_string()))?
             .into_iter()
             .map(|r| {
-                let recorded = self.status.records_delivered()
-                    || (self.status.enabled() && r.record_deliveries);
+                let recorded = self.status.records_delivered_of(&r);
                 (r.id, recorded)
             })
             .unzip();
