@@ -385,6 +385,7 @@ pub async fn run(args: PipelineArgs) -> Result<()> {
         &herald_search,
         &raw_fixed,
         &herald_fixed,
+        keep_up.as_ref(),
         neighbour.as_deref(),
         failing.requests(),
         ratio_highest,
@@ -670,8 +671,40 @@ impl PhaseRun {
             "events_timed": self.freshness.count(),
             "stages": self.stages.as_ref().map(Stages::json),
             "cpu_s": self.cpu_s,
+            "cpu_us_per_event": self.cpu_us_per_event(),
             "errors": self.errors.json(),
         })
+    }
+
+    /// Each process's CPU over the phase per event delivered, in µs (`{}` when none arrived):
+    /// on a CPU-bound machine, what decides the rate a side keeps up with.
+    fn cpu_us_per_event(&self) -> Value {
+        let Some(cpu) = self.cpu_s.as_object().filter(|_| self.delivered > 0) else {
+            return json!({});
+        };
+        cpu.iter()
+            .filter_map(|(name, s)| {
+                Some((
+                    name.clone(),
+                    json!(round3(s.as_f64()? * 1e6 / self.delivered as f64)),
+                ))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    /// `name N, name N, ...: total` of [`Self::cpu_us_per_event`], for the report.
+    fn cpu_line(&self) -> String {
+        let per = self.cpu_us_per_event();
+        let Some(per) = per.as_object().filter(|m| !m.is_empty()) else {
+            return "no events".into();
+        };
+        let total: f64 = per.values().filter_map(Value::as_f64).sum();
+        let parts: Vec<String> = per
+            .iter()
+            .map(|(name, v)| format!("{name} {:.0}", v.as_f64().unwrap_or(0.0)))
+            .collect();
+        format!("{}; total {total:.0}", parts.join(", "))
     }
 }
 
@@ -1642,6 +1675,7 @@ fn print_report(
     herald: &SearchResult,
     raw_fixed: &[PhaseRun],
     herald_fixed: &[PhaseRun],
+    keep_up: Option<&PhaseRun>,
     neighbour: Option<&[PhaseRun]>,
     failing_requests: u64,
     ratio_highest: f64,
@@ -1715,6 +1749,20 @@ fn print_report(
         if let Some(h) = neighbour.and_then(|n| n.get(i)) {
             line(&format!("Herald at {rate}, failing neighbour"), h);
         }
+    }
+    let cpu_rows = raw_fixed
+        .iter()
+        .chain(herald_fixed)
+        .map(|r| (String::new(), r))
+        .chain(keep_up.map(|r| ("keeping up, ".to_string(), r)))
+        .chain(
+            neighbour
+                .unwrap_or(&[])
+                .iter()
+                .map(|r| ("failing neighbour, ".to_string(), r)),
+        );
+    for (what, r) in cpu_rows {
+        println!("  CPU per event (µs), {what}{}: {}", r.label, r.cpu_line());
     }
     for r in herald_fixed.iter().chain(neighbour.unwrap_or(&[])) {
         if let Some(s) = &r.stages {

@@ -486,6 +486,10 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
         "{s}"
     );
     assert_eq!(keep_up["events_missing"], 0, "{s}");
+    // Each process's CPU per event delivered, the number a CPU-bound machine's rate follows.
+    for process in ["activator", "processor", "nats-server", "herald-bench"] {
+        positive(keep_up, &format!("/cpu_us_per_event/{process}"));
+    }
     assert_eq!(
         s["targets"]["keep_up"]["offered_events_per_s"], offered,
         "{s}"
@@ -552,6 +556,8 @@ async fn pipeline_bench_reports_rates_freshness_stages_and_processes_on_both_sid
         "failing neighbour",
         "stage split",
         "keeps up at 0.50 of the raw chain's highest",
+        "CPU per event (µs), keeping up, Herald at",
+        "CPU per event (µs), raw chain at 300 ev/s: herald-bench",
         "peak resident memory",
     ] {
         assert!(stdout.contains(text), "{text:?} missing in:\n{stdout}");
