@@ -28,9 +28,10 @@ pub struct ActivatorConfig {
     /// per partition of an ordered destination, one shared by an unordered one): with the batch
     /// size, it bounds what a slow or failing destination holds.
     pub max_ack_pending: i64,
-    /// Most requests in flight to one destination from this replica (users whose events are
-    /// sent at the same time), shared by all the destination's consumers, replays and
-    /// redrives: so also the most connections a webhook destination gets from one replica.
+    /// Most requests in flight to one destination from this replica, shared by all the
+    /// destination's consumers, replays and redrives: so also the most connections a webhook
+    /// destination gets from one replica. A user waiting for a retry or for its ack's
+    /// confirmation holds none of them.
     pub max_concurrent_keys: usize,
     /// Longest pause between retries of a failed send.
     pub retry_max_backoff_ms: u64,
