@@ -104,12 +104,13 @@ pub struct Delivered<'a> {
 }
 
 impl Delivered<'_> {
-    /// Counts it and records its freshness.
+    /// Records its freshness, then counts it: whoever sees the delivery counted also sees its
+    /// freshness (a scrape, or a test waiting on the counter).
     pub fn emit(self) {
-        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "delivered")
-            .increment(1);
         histogram!("herald_activator_freshness_seconds", "destination" => self.destination.to_string())
             .record(self.freshness);
+        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "delivered")
+            .increment(1);
     }
 }
 
