@@ -35,7 +35,7 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures_util::StreamExt as _;
-use herald_common::flow::{FlowLimits, Take, keyed_flow};
+use herald_common::flow::keyed_flow;
 use herald_common::retry::{KeepAlive, Retry, backoff, jittered};
 use herald_common::suppressions::Suppressions;
 use herald_proto::v1::{
@@ -283,7 +283,7 @@ impl Delivery {
     /// fires: each user's events one after another, every user with an event held at once (the
     /// requests wait for the destination's slots, [`Delivery::in_flight`]), with no barrier
     /// between batches (see [`keyed_flow`]: a batch's other users do not wait
-    /// for its slowest one, and the next batch's users start as soon as a slot is free). At
+    /// for its slowest one, and the next batch's users start at once). At
     /// most `max_held` events are taken in before some are settled. Each batch comes with the
     /// keep-alive of its messages (started by the sender, so a batch waiting in the channel is
     /// kept alive too), which runs until the last of its events is settled. `settled` runs
@@ -297,14 +297,9 @@ impl Delivery {
         settled: impl Fn(),
         cancel: &CancellationToken,
     ) {
-        let limits = FlowLimits {
-            slots: max_held,
-            max_held,
-            take: Take::One,
-        };
         let left = keyed_flow(
             batches,
-            limits,
+            max_held,
             |(batch, alive)| async move {
                 let alive = Arc::new(alive);
                 self.admit(batch)
@@ -313,15 +308,12 @@ impl Delivery {
                     .map(|item| (item.event.profile_id.clone(), (item, alive.clone())))
                     .collect()
             },
-            |_user, items: Vec<(Item, Arc<KeepAlive>)>| async move {
-                for (item, _alive) in items {
-                    if !self.deliver_one(&item, cancel).await {
-                        return false;
-                    }
-                }
-                true
+            |_user, (item, alive): (Item, Arc<KeepAlive>)| async move {
+                // The batch's keep-alive runs until its last event is settled.
+                let _alive = alive;
+                self.deliver_one(&item, cancel).await
             },
-            |n| (0..n).for_each(|_| settled()),
+            settled,
             cancel,
         )
         .await;
@@ -926,7 +918,9 @@ mod tests {
     use futures_util::StreamExt as _;
     use herald_common::Topology;
     use herald_common::nats::ensure_stream;
-    use herald_testkit::{NatsServer, WebhookServer, common_config, protobuf_track};
+    use herald_testkit::{
+        NatsServer, WebhookServer, common_config, processed_track, publish_processed,
+    };
 
     use super::*;
     use crate::destinations::NetworkGuard;
@@ -1067,18 +1061,8 @@ mod tests {
 
         /// Stores event `seq` of `user-<user>` (profile `p-<user>`) in the processed stream.
         async fn publish_of(&self, user: u32, seq: u64) {
-            let processed = ProcessedEvent {
-                event: Some(protobuf_track("src", &format!("user-{user}"), seq, 1)),
-                profile_id: format!("p-{user}"),
-                ..Default::default()
-            };
-            self.js
-                .publish(
-                    self.topology.processed_subject(0),
-                    processed.encode_to_vec().into(),
-                )
-                .await
-                .expect("publish")
+            let processed = processed_track(&format!("user-{user}"), seq, 1, &format!("p-{user}"));
+            publish_processed(&self.js, &self.topology, &processed)
                 .await
                 .expect("stored");
         }

@@ -17,9 +17,9 @@ use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology};
 use herald_proto::v1::{Consent, ProcessedEvent};
 use herald_testkit::{
-    NatsServer, WebhookServer, common_config, protobuf_track, wait_ready, wait_until,
+    NatsServer, WebhookServer, common_config, processed_track, publish_processed, wait_ready,
+    wait_until,
 };
-use prost::Message as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -136,19 +136,10 @@ impl Rig {
     /// Publishes event `seq` of `user` (profile `p-<user>`) carrying the consent `snapshot`.
     async fn publish(&self, user: &str, seq: u64, snapshot: Option<Consent>) -> Result<()> {
         let processed = ProcessedEvent {
-            event: Some(protobuf_track("src", user, seq, 1)),
-            profile_id: format!("p-{user}"),
             consent: snapshot,
-            ..Default::default()
+            ..processed_track(user, seq, 1, &format!("p-{user}"))
         };
-        self.js
-            .publish(
-                self.topology.processed_subject(0),
-                processed.encode_to_vec().into(),
-            )
-            .await?
-            .await
-            .context("stored")?;
+        publish_processed(&self.js, &self.topology, &processed).await?;
         Ok(())
     }
 

@@ -15,7 +15,8 @@ use herald_common::telemetry::PrometheusHandle;
 use herald_common::{CommonConfig, Topology};
 use herald_proto::v1::{DlqReason, DlqRecord, ProcessedEvent};
 use herald_testkit::{
-    NatsServer, Received, WebhookServer, common_config, protobuf_track, wait_ready, wait_until,
+    NatsServer, Received, WebhookServer, common_config, processed_track, protobuf_track,
+    publish_processed, wait_ready, wait_until,
 };
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -74,19 +75,8 @@ impl Harness {
 
     /// Publishes track number `seq` of `user` (profile `p-<user>`) to the processed stream.
     async fn publish(&self, user: &str, seq: u64) -> Result<()> {
-        let processed = ProcessedEvent {
-            event: Some(protobuf_track("src", user, seq, 1)),
-            profile_id: format!("p-{user}"),
-            ..Default::default()
-        };
-        self.js
-            .publish(
-                self.topology.processed_subject(0),
-                processed.encode_to_vec().into(),
-            )
-            .await?
-            .await
-            .context("stored")?;
+        let processed = processed_track(user, seq, 1, &format!("p-{user}"));
+        publish_processed(&self.js, &self.topology, &processed).await?;
         Ok(())
     }
 

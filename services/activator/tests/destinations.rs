@@ -26,10 +26,9 @@ use herald_proto::v1::{
     ResumeDestinationRequest, UpdateDestinationRequest,
 };
 use herald_testkit::{
-    NatsServer, WebhookServer, common_config, control_channel, protobuf_track, wait_ready,
-    wait_until,
+    NatsServer, WebhookServer, common_config, control_channel, protobuf_track, publish_processed,
+    wait_ready, wait_until,
 };
-use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -103,14 +102,7 @@ impl Rig {
             profile_id: format!("profile-{user}"),
             ..Default::default()
         };
-        self.js
-            .publish(
-                self.topology.processed_subject(0),
-                processed.encode_to_vec().into(),
-            )
-            .await?
-            .await
-            .context("stored")?;
+        publish_processed(&self.js, &self.topology, &processed).await?;
         Ok(id)
     }
 

@@ -19,10 +19,9 @@ use herald_common::{CommonConfig, Topology};
 use herald_proto::v1::replay_service_client::ReplayServiceClient;
 use herald_proto::v1::{Event, EventType, Identity, ProcessedEvent, ReplayProgress, ReplayRequest};
 use herald_testkit::{
-    NatsServer, WebhookServer, common_config, control_channel, protobuf_track, wait_ready,
-    wait_until,
+    NatsServer, WebhookServer, common_config, control_channel, protobuf_track, publish_processed,
+    wait_ready, wait_until,
 };
-use prost::Message as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -112,17 +111,7 @@ impl Rig {
 
     /// Publishes `processed` to its event's partition; its stream sequence.
     pub async fn publish(&self, processed: &ProcessedEvent) -> Result<u64> {
-        let partition = processed.event.as_ref().map_or(0, |e| e.partition);
-        let ack = self
-            .js
-            .publish(
-                self.topology.processed_subject(partition),
-                processed.encode_to_vec().into(),
-            )
-            .await?
-            .await
-            .context("stored")?;
-        Ok(ack.sequence)
+        publish_processed(&self.js, &self.topology, processed).await
     }
 
     /// When the processed stream stored sequence `seq`.

@@ -14,9 +14,9 @@ use herald_common::Topology;
 use herald_proto::v1::destination_service_client::DestinationServiceClient;
 use herald_proto::v1::{CreateDestinationRequest, DestinationSpec, ProcessedEvent};
 use herald_testkit::{
-    NatsServer, common_config, control_channel, protobuf_track, wait_ready, wait_until,
+    NatsServer, common_config, control_channel, processed_track, publish_processed, wait_ready,
+    wait_until,
 };
-use prost::Message as _;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -53,17 +53,10 @@ async fn events_are_republished_with_their_id_as_nats_msg_id() -> Result<()> {
     client.flush().await?;
 
     let events: Vec<ProcessedEvent> = (1..=3)
-        .map(|seq| ProcessedEvent {
-            event: Some(protobuf_track("src", "user-1", seq, 1)),
-            profile_id: "profile-1".into(),
-            ..Default::default()
-        })
+        .map(|seq| processed_track("user-1", seq, 1, "profile-1"))
         .collect();
     for e in &events {
-        js.publish(topology.processed_subject(0), e.encode_to_vec().into())
-            .await?
-            .await
-            .context("stored")?;
+        publish_processed(&js, &topology, e).await?;
     }
 
     let cfg = common::loopback_config(

@@ -8,15 +8,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use herald_activator::{DestinationConfig, DestinationKind, Settings, Start};
 use herald_common::Topology;
-use herald_proto::v1::ProcessedEvent;
 use herald_testkit::{
-    NatsServer, WebhookServer, check_arrivals_in_order, common_config, protobuf_track, wait_ready,
-    wait_until,
+    NatsServer, WebhookServer, check_arrivals_in_order, common_config, processed_track,
+    publish_processed, wait_ready, wait_until,
 };
-use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -39,20 +37,9 @@ async fn a_killed_nats_server_loses_nothing_and_recorded_deliveries_are_not_sent
     let mut published = Vec::new();
     for seq in 1..=ROUNDS {
         for user in &users {
-            let event = protobuf_track("src", user, seq, PARTITIONS);
-            published.push(event.id.clone());
-            let processed = ProcessedEvent {
-                profile_id: format!("p-{user}"),
-                event: Some(event.clone()),
-                ..Default::default()
-            };
-            js.publish(
-                topology.processed_subject(event.partition),
-                processed.encode_to_vec().into(),
-            )
-            .await?
-            .await
-            .context("stored")?;
+            let processed = processed_track(user, seq, PARTITIONS, &format!("p-{user}"));
+            published.extend(processed.event.as_ref().map(|e| e.id.clone()));
+            publish_processed(&js, &topology, &processed).await?;
         }
     }
     let hook = WebhookServer::start().await?;

@@ -28,7 +28,7 @@ use herald_proto::v1::{
 };
 use herald_testkit::{
     NatsServer, Received, WebhookServer, check_arrivals_in_order, common_config, control_channel,
-    protobuf_track, user_per_partition, wait_ready, wait_until,
+    processed_track, publish_processed, user_per_partition, wait_ready, wait_until,
 };
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -106,20 +106,10 @@ impl Rig {
         let mut ids = Vec::new();
         for user in self.users.clone() {
             let seq = self.seq.entry(user.clone()).or_default();
-            let event = protobuf_track("src", &user, *seq, PARTITIONS);
+            let processed = processed_track(&user, *seq, PARTITIONS, &format!("profile-{user}"));
             *seq += 1;
-            let subject = self.topology.processed_subject(event.partition);
-            ids.push(event.id.clone());
-            let processed = ProcessedEvent {
-                event: Some(event),
-                profile_id: format!("profile-{user}"),
-                ..Default::default()
-            };
-            self.js
-                .publish(subject, processed.encode_to_vec().into())
-                .await?
-                .await
-                .context("stored")?;
+            ids.extend(processed.event.as_ref().map(|e| e.id.clone()));
+            publish_processed(&self.js, &self.topology, &processed).await?;
         }
         self.published.extend(ids.iter().cloned());
         Ok(ids)

@@ -2,11 +2,10 @@
 //! between batches (the activator's delivery at `batch_max` 1).
 //!
 //! A reader hands in batches through a channel; [`keyed_flow`] splits each into its keys and
-//! runs each key's items in order, one run at a time per key, up to `slots` keys at once. A
-//! batch's other keys never wait for its slowest one, and the next batch's keys start as soon
-//! as a slot is free, so an item waits only for earlier items of its own key. A run takes
-//! either the key's next item ([`Take::One`]: each event sent alone) or every item of the key
-//! waiting when it starts ([`Take::All`]).
+//! runs each key's items in order, one at a time per key, every key with an item waiting at
+//! once (what bounds the work in flight is the caller's: the activator's requests wait for
+//! the destination's slots). A batch's other keys never wait for its slowest one, and the next
+//! batch's keys start at once, so an item waits only for earlier items of its own key.
 //!
 //! The processor does not use it: it was measured there (docs/benchmarks.md, "The fourth
 //! pass") and cost about a quarter more CPU per event at full load than its batch loop, for no
@@ -28,53 +27,33 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// How many of a key's waiting items one run takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Take {
-    /// The next one.
-    One,
-    /// Every one waiting when the run starts.
-    All,
-}
-
-/// The bounds of a [`keyed_flow`].
-#[derive(Debug, Clone, Copy)]
-pub struct FlowLimits {
-    /// Most keys running at once (0 is taken as 1).
-    pub slots: usize,
-    /// Most items taken in and not settled (0 is taken as 1); a batch is taken in whole, so
-    /// up to a batch more can be held.
-    pub max_held: usize,
-    /// What one run takes.
-    pub take: Take,
-}
-
 /// Runs the flow until `batches` closes (then until every item taken in is settled) or
-/// `cancel` fires. `admit` turns a batch into `(key, item)` pairs in stream order; `run` gets a
-/// key and its items in order and says whether they were all settled (`false` when it was
-/// cancelled first); `settled` hears how many items each run that settled them took. Returns the items
-/// never started, in arrival order (empty unless cancelled or a run failed).
+/// `cancel` fires, holding at most `max_held` items taken in and not settled (0 is taken as
+/// 1; a batch is taken in whole, so up to a batch more can be held). `admit` turns a batch
+/// into `(key, item)` pairs in stream order; `run` gets a key and its next item and says
+/// whether it was settled (`false` when it was cancelled first); `settled` runs after each
+/// item settled. Returns the items never started, in arrival order (empty unless cancelled or
+/// a run failed).
 pub async fn keyed_flow<B, K, T, A, AF, R, RF>(
     mut batches: mpsc::Receiver<B>,
-    limits: FlowLimits,
+    max_held: usize,
     mut admit: A,
     run: R,
-    mut settled: impl FnMut(usize),
+    mut settled: impl FnMut(),
     cancel: &CancellationToken,
 ) -> Vec<T>
 where
     K: Hash + Eq + Clone,
     A: FnMut(B) -> AF,
     AF: Future<Output = Vec<(K, T)>>,
-    R: Fn(K, Vec<T>) -> RF,
+    R: Fn(K, T) -> RF,
     RF: Future<Output = bool>,
 {
-    let slots = limits.slots.max(1);
-    let max_held = limits.max_held.max(1);
+    let max_held = max_held.max(1);
     // Per key with a run in flight or items waiting: the items waiting, in order, and when
     // each arrived (to hand back the never-started ones in arrival order).
     let mut queues: HashMap<K, VecDeque<(u64, T)>> = HashMap::new();
-    // Keys whose next items wait for a slot (none of theirs in flight).
+    // Keys whose next item can start (none of theirs in flight).
     let mut ready: VecDeque<K> = VecDeque::new();
     let mut running = FuturesUnordered::new();
     let mut left: Vec<(u64, T)> = Vec::new();
@@ -86,26 +65,20 @@ where
             open = false;
             ready.clear();
         }
-        while running.len() < slots
-            && let Some(key) = ready.pop_front()
-        {
+        while let Some(key) = ready.pop_front() {
             let queue = queues.get_mut(&key).expect("a ready key has items waiting");
-            let items: Vec<T> = match limits.take {
-                Take::One => queue.pop_front().into_iter().map(|(_, t)| t).collect(),
-                Take::All => queue.drain(..).map(|(_, t)| t).collect(),
-            };
-            let n = items.len();
-            running.push(run(key.clone(), items).map(move |ok| (key, n, ok)));
+            let (_, item) = queue.pop_front().expect("a ready key has items waiting");
+            running.push(run(key.clone(), item).map(move |ok| (key, ok)));
         }
         if !open && running.is_empty() {
             break;
         }
         tokio::select! {
             biased;
-            Some((key, n, ok)) = running.next() => {
-                held -= n;
+            Some((key, ok)) = running.next() => {
+                held -= 1;
                 if ok {
-                    settled(n);
+                    settled();
                 }
                 match queues.get(&key) {
                     Some(rest) if ok && !rest.is_empty() => ready.push_back(key),
@@ -149,14 +122,13 @@ mod tests {
 
     use super::*;
 
-    /// Feeds `batches` of `(key, value)` into a flow and returns what each run got, in the
-    /// order runs started, and what was never started.
+    /// Feeds `batches` of `(key, value)` into a flow and returns the items each run got, in
+    /// the order runs started, and what was never started. Keys in `slow` take 200 ms a run.
     async fn drive(
         batches: Vec<Vec<(&'static str, u32)>>,
-        limits: FlowLimits,
-        slow_key: Option<&'static str>,
+        slow: &[&'static str],
         cancel_after: Option<Duration>,
-    ) -> (Vec<(&'static str, Vec<u32>)>, Vec<u32>) {
+    ) -> (Vec<(&'static str, u32)>, Vec<u32>) {
         let (tx, rx) = mpsc::channel(1);
         let runs = Mutex::new(Vec::new());
         let cancel = CancellationToken::new();
@@ -174,52 +146,43 @@ mod tests {
         };
         let flow = keyed_flow(
             rx,
-            limits,
+            100,
             |b: Vec<(&'static str, u32)>| async move { b },
-            |key, items: Vec<u32>| {
-                runs.lock().unwrap().push((key, items));
+            |key, item: u32| {
+                runs.lock().unwrap().push((key, item));
                 let cancel = cancel.clone();
                 async move {
-                    let pause = if Some(key) == slow_key { 200 } else { 5 };
+                    let pause = if slow.contains(&key) { 200 } else { 5 };
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(pause)) => true,
                         _ = cancel.cancelled() => false,
                     }
                 }
             },
-            |_| {},
+            || {},
             &cancel,
         );
         let (_, left) = tokio::join!(feed, flow);
         (runs.into_inner().unwrap(), left)
     }
 
-    fn limits(take: Take) -> FlowLimits {
-        FlowLimits {
-            slots: 4,
-            max_held: 100,
-            take,
-        }
-    }
-
     #[tokio::test]
-    async fn each_key_runs_its_items_in_order_one_run_at_a_time() {
+    async fn each_key_runs_its_items_in_order_one_at_a_time() {
         let batches = vec![vec![("a", 1), ("b", 2), ("a", 3)], vec![("a", 4), ("b", 5)]];
-        let (runs, left) = drive(batches, limits(Take::One), None, None).await;
+        let (runs, left) = drive(batches, &[], None).await;
         let of = |k| {
             runs.iter()
                 .filter(|(key, _)| *key == k)
-                .flat_map(|(_, v)| v.clone())
+                .map(|(_, v)| *v)
                 .collect::<Vec<_>>()
         };
         assert_eq!(of("a"), vec![1, 3, 4]);
         assert_eq!(of("b"), vec![2, 5]);
-        assert!(runs.iter().all(|(_, v)| v.len() == 1), "{runs:?}");
         assert!(left.is_empty());
     }
 
     #[tokio::test]
-    async fn no_more_than_slots_keys_run_at_once() {
+    async fn every_key_with_an_item_waiting_runs_at_once() {
         let (tx, rx) = mpsc::channel(1);
         let cancel = CancellationToken::new();
         let (running, peak) = (Mutex::new(0usize), Mutex::new(0usize));
@@ -231,11 +194,7 @@ mod tests {
         };
         let flow = keyed_flow(
             rx,
-            FlowLimits {
-                slots: 3,
-                max_held: 100,
-                take: Take::One,
-            },
+            100,
             |b: Vec<(&'static str, u32)>| async move { b },
             |_, _| {
                 let (running, peak) = (&running, &peak);
@@ -251,21 +210,11 @@ mod tests {
                     true
                 }
             },
-            |_| {},
+            || {},
             &cancel,
         );
         tokio::join!(feed, flow);
-        assert_eq!(*peak.lock().unwrap(), 3, "3 keys at once, and 3 used");
-    }
-
-    #[tokio::test]
-    async fn take_all_gives_a_run_every_item_waiting_for_its_key() {
-        // "a" runs 1 while 3 and 4 arrive; its next run takes both.
-        let batches = vec![vec![("a", 1)], vec![("a", 3), ("b", 2)], vec![("a", 4)]];
-        let (runs, _) = drive(batches, limits(Take::All), None, None).await;
-        let a: Vec<_> = runs.iter().filter(|(k, _)| *k == "a").collect();
-        assert_eq!(a[0].1, vec![1]);
-        assert_eq!(a[1].1, vec![3, 4], "{runs:?}");
+        assert_eq!(*peak.lock().unwrap(), 8, "the batch's 8 keys at once");
     }
 
     #[tokio::test]
@@ -282,18 +231,18 @@ mod tests {
         };
         let flow = keyed_flow(
             rx,
-            limits(Take::One),
+            100,
             |b: Vec<(&'static str, u32)>| async move { b },
-            |key, items: Vec<u32>| {
+            |key, item: u32| {
                 let runs = &runs;
                 async move {
                     let pause = if key == "slow" { 200 } else { 5 };
                     tokio::time::sleep(Duration::from_millis(pause)).await;
-                    runs.lock().unwrap().push((items[0], started.elapsed()));
+                    runs.lock().unwrap().push((item, started.elapsed()));
                     true
                 }
             },
-            |_| {},
+            || {},
             &cancel,
         );
         tokio::join!(feed, flow);
@@ -307,15 +256,21 @@ mod tests {
 
     #[tokio::test]
     async fn on_cancel_the_items_never_started_come_back_in_arrival_order() {
-        let batches = vec![vec![("slow", 1), ("slow", 2), ("slow", 3), ("b", 4)]];
-        let l = FlowLimits {
-            slots: 1,
-            max_held: 100,
-            take: Take::One,
-        };
-        let (runs, left) = drive(batches, l, Some("slow"), Some(Duration::from_millis(50))).await;
-        assert_eq!(runs, vec![("slow", vec![1])]);
-        assert_eq!(left, vec![2, 3, 4]);
+        // Two slow keys interleaved: each runs its first item; the rest, of both keys, come
+        // back in the order they arrived. "b" ran to its end before the cancel.
+        let batches = vec![vec![
+            ("s1", 1),
+            ("s2", 2),
+            ("s1", 3),
+            ("b", 4),
+            ("s2", 5),
+            ("s1", 6),
+        ]];
+        let (runs, left) = drive(batches, &["s1", "s2"], Some(Duration::from_millis(50))).await;
+        let mut started: Vec<u32> = runs.iter().map(|(_, v)| *v).collect();
+        started.sort_unstable();
+        assert_eq!(started, vec![1, 2, 4], "{runs:?}");
+        assert_eq!(left, vec![3, 5, 6]);
     }
 
     #[tokio::test]
@@ -332,11 +287,7 @@ mod tests {
         };
         let flow = keyed_flow(
             rx,
-            FlowLimits {
-                slots: 2,
-                max_held: 4,
-                take: Take::One,
-            },
+            4,
             |b: Vec<(&'static str, u32)>| {
                 let n = b.len();
                 let mut a = admitted.lock().unwrap();
@@ -350,7 +301,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 true
             },
-            |n| *settled_total.lock().unwrap() += n,
+            || *settled_total.lock().unwrap() += 1,
             &cancel,
         );
         tokio::join!(feed, flow);

@@ -5,7 +5,7 @@ use async_nats::jetstream;
 use chrono::{SecondsFormat, Utc};
 use herald_common::Topology;
 use herald_common::partition::partition_for;
-use herald_proto::v1::{Event, EventType};
+use herald_proto::v1::{Event, EventType, ProcessedEvent};
 use serde_json::{Value, json};
 
 /// A Segment `track` call for `Order Completed` by `user`, number `seq` of that user.
@@ -121,6 +121,41 @@ pub async fn publish_as_ingest(
         ack.await?;
     }
     Ok(n)
+}
+
+/// A processed [`protobuf_track`] of `user` (number `seq`, partitioned over `partitions`) on
+/// profile `profile`, as the processor would publish it, with no consent snapshot.
+pub fn processed_track(user: &str, seq: u64, partitions: u32, profile: &str) -> ProcessedEvent {
+    ProcessedEvent {
+        event: Some(protobuf_track("src", user, seq, partitions)),
+        profile_id: profile.into(),
+        ..Default::default()
+    }
+}
+
+/// Stores `processed` in the processed stream on its event's partition and waits for the
+/// PubAck; returns its stream sequence. No message id: each call stores a new message.
+///
+/// # Errors
+///
+/// When the publish or its acknowledgement fails.
+pub async fn publish_processed(
+    js: &jetstream::Context,
+    topology: &Topology,
+    processed: &ProcessedEvent,
+) -> anyhow::Result<u64> {
+    use anyhow::Context as _;
+    use prost::Message as _;
+    let partition = processed.event.as_ref().map_or(0, |e| e.partition);
+    let ack = js
+        .publish(
+            topology.processed_subject(partition),
+            processed.encode_to_vec().into(),
+        )
+        .await?
+        .await
+        .context("the processed stream did not store the event")?;
+    Ok(ack.sequence)
 }
 
 fn now_rfc3339() -> String {

@@ -24,8 +24,8 @@ pub use binary::{MIN_NATS_SERVER_VERSION, nats_server_binary};
 pub use cluster::NatsCluster;
 pub use dev::{DevPorts, HeraldDev};
 pub use events::{
-    post_segment_track, protobuf_track, publish_as_ingest, segment_batch, segment_identify,
-    segment_track, user_per_partition,
+    post_segment_track, processed_track, protobuf_track, publish_as_ingest, publish_processed,
+    segment_batch, segment_identify, segment_track, user_per_partition,
 };
 pub use herald::{
     CliOutput, HeraldCli, activator_upstream, common_config, control_channel, spawn_role,
