@@ -428,14 +428,26 @@ impl Delivery {
                     None => return false,
                 }
             }
-            let acks = chunk
+            // Those whose record settles them are acked plainly as it is written; the others
+            // together, with one confirmation (`confirm_acks`).
+            let written = chunk
                 .iter()
                 .zip(records)
-                .map(|(item, record)| self.ack_and_record(item, record, cancel));
-            if !futures_util::future::join_all(acks)
+                .map(|(item, record)| self.record_for_ack(item, record));
+            let to_confirm: Vec<&Message> = futures_util::future::join_all(written)
                 .await
                 .into_iter()
-                .all(|acked| acked)
+                .zip(chunk)
+                .filter(|(acked, _)| !acked)
+                .map(|(_, item)| &item.msg)
+                .collect();
+            if !confirm_acks(
+                &self.destination,
+                &to_confirm,
+                self.policy.max_backoff,
+                cancel,
+            )
+            .await
             {
                 return false;
             }
@@ -468,28 +480,35 @@ impl Delivery {
         record: DeliveryStatusRecord,
         cancel: &CancellationToken,
     ) -> bool {
-        if self.worth_recording(item, &record) {
-            match self.status.write(&record).await {
-                Ok(()) if record.state() == DeliveryState::Delivered => {
-                    if item.msg.ack().await.is_ok() {
-                        return true;
-                    }
-                }
-                Ok(()) => {}
-                Err(e) => events::StatusWriteFailed {
+        self.record_for_ack(item, record).await
+            || confirm_ack(
+                &self.destination,
+                &item.msg,
+                self.policy.max_backoff,
+                cancel,
+            )
+            .await
+    }
+
+    /// Writes `item`'s delivery status where one is due; `true` when that settled it (a
+    /// stored "delivered" record, then a plain ack sent), `false` when its ack still needs the
+    /// server's confirmation.
+    async fn record_for_ack(&self, item: &Item, record: DeliveryStatusRecord) -> bool {
+        if !self.worth_recording(item, &record) {
+            return false;
+        }
+        match self.status.write(&record).await {
+            Ok(()) if record.state() == DeliveryState::Delivered => item.msg.ack().await.is_ok(),
+            Ok(()) => false,
+            Err(e) => {
+                events::StatusWriteFailed {
                     destination: &self.destination,
                     error: &e,
                 }
-                .emit(),
+                .emit();
+                false
             }
         }
-        confirm_ack(
-            &self.destination,
-            &item.msg,
-            self.policy.max_backoff,
-            cancel,
-        )
-        .await
     }
 
     /// Whether `record` is written: every outcome but a delivery when recording is on; a
@@ -886,6 +905,61 @@ fn group_by_key(items: Vec<Item>) -> Vec<Vec<Item>> {
     groups
 }
 
+/// Acks `msgs` (one consumer's, from one batch) with one confirmation: every one but the last
+/// plainly, then the last with the server's confirmation. On one connection nats-server takes
+/// a consumer's acks in the order they were sent and answers a confirmed one once it has taken
+/// it, so its answer means every earlier ack landed too: one round trip for a request's events
+/// instead of one each. Were the connection made again meanwhile (a plain ack can be lost with
+/// the old one) or a plain ack not sent, each is then confirmed on its own (the server
+/// confirms an ack it already took, too). `false` when `cancel` fired first.
+async fn confirm_acks(
+    destination: &str,
+    msgs: &[&Message],
+    max_backoff: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let Some(first) = msgs.first() else {
+        return true;
+    };
+    let connects = first
+        .context
+        .client()
+        .statistics()
+        .connects
+        .load(Ordering::Relaxed);
+    confirm_acks_since(destination, msgs, connects, max_backoff, cancel).await
+}
+
+/// [`confirm_acks`] on a connection that had been made `connects` times before it started.
+async fn confirm_acks_since(
+    destination: &str,
+    msgs: &[&Message],
+    connects: u64,
+    max_backoff: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let Some((last, rest)) = msgs.split_last() else {
+        return true;
+    };
+    let stats = last.context.client().statistics();
+    let mut sent = true;
+    for msg in rest {
+        sent &= msg.ack().await.is_ok();
+    }
+    if !confirm_ack(destination, last, max_backoff, cancel).await {
+        return false;
+    }
+    if sent && stats.connects.load(Ordering::Relaxed) == connects {
+        return true;
+    }
+    for msg in rest {
+        if !confirm_ack(destination, msg, max_backoff, cancel).await {
+            return false;
+        }
+    }
+    true
+}
+
 /// Acks with the server's confirmation, retrying until it lands or the service stops.
 async fn confirm_ack(
     destination: &str,
@@ -1253,5 +1327,50 @@ mod tests {
         rig.settled().await;
         let r = rig.record("src:user-1-1").await.expect("recorded");
         assert_eq!((r.state(), r.attempts), (DeliveryState::Delivered, 3));
+    }
+
+    #[tokio::test]
+    async fn a_requests_acks_are_confirmed_with_one_round_trip() {
+        let rig = Rig::start(false).await;
+        rig.publish(&[1, 2, 3, 4, 5]).await;
+        let mut msgs = Vec::new();
+        while msgs.len() < 5 {
+            msgs.push(next(&rig.consumer).await);
+        }
+        let stats = rig.js.client().statistics();
+        let answers = || stats.in_messages.load(Ordering::Relaxed);
+        let before = answers();
+        let refs: Vec<&Message> = msgs.iter().collect();
+        let cancel = CancellationToken::new();
+        assert!(confirm_acks("hook", &refs, Duration::from_millis(100), &cancel).await);
+        // One answer for the five, and it stands for all of them: nothing is pending the
+        // moment it has come.
+        assert_eq!(answers() - before, 1, "one confirmation");
+        let info = rig.consumer.clone().info().await.expect("info").clone();
+        assert_eq!(info.num_ack_pending, 0, "{info:?}");
+        assert_eq!(info.ack_floor.stream_sequence, 5, "{info:?}");
+    }
+
+    #[tokio::test]
+    async fn after_a_reconnect_each_ack_is_confirmed_on_its_own() {
+        let rig = Rig::start(false).await;
+        rig.publish(&[1, 2, 3]).await;
+        let mut msgs = Vec::new();
+        while msgs.len() < 3 {
+            msgs.push(next(&rig.consumer).await);
+        }
+        let stats = rig.js.client().statistics();
+        let answers = || stats.in_messages.load(Ordering::Relaxed);
+        let before = answers();
+        let refs: Vec<&Message> = msgs.iter().collect();
+        // As if the connection had been made again since the acks started: a plain ack may
+        // have gone with the old one.
+        let connects = stats.connects.load(Ordering::Relaxed) - 1;
+        let cancel = CancellationToken::new();
+        let max_backoff = Duration::from_millis(100);
+        assert!(confirm_acks_since("hook", &refs, connects, max_backoff, &cancel).await);
+        assert_eq!(answers() - before, 3, "each confirmed");
+        let info = rig.consumer.clone().info().await.expect("info").clone();
+        assert_eq!(info.num_ack_pending, 0, "{info:?}");
     }
 }
