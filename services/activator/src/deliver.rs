@@ -1141,6 +1141,26 @@ mod tests {
                 .expect("stored");
         }
 
+        /// Stores user-1's events `seqs` and takes them from the consumer, unacked.
+        async fn received(&self, seqs: &[u64]) -> Vec<Message> {
+            self.publish(seqs).await;
+            let mut msgs = Vec::with_capacity(seqs.len());
+            while msgs.len() < seqs.len() {
+                msgs.push(next(&self.consumer).await);
+            }
+            msgs
+        }
+
+        /// Messages this rig's connection has received so far (answers to its requests among
+        /// them).
+        fn answers(&self) -> u64 {
+            self.js
+                .client()
+                .statistics()
+                .in_messages
+                .load(Ordering::Relaxed)
+        }
+
         /// Waits until nothing is left unacked.
         async fn settled(&self) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1332,20 +1352,14 @@ mod tests {
     #[tokio::test]
     async fn a_requests_acks_are_confirmed_with_one_round_trip() {
         let rig = Rig::start(false).await;
-        rig.publish(&[1, 2, 3, 4, 5]).await;
-        let mut msgs = Vec::new();
-        while msgs.len() < 5 {
-            msgs.push(next(&rig.consumer).await);
-        }
-        let stats = rig.js.client().statistics();
-        let answers = || stats.in_messages.load(Ordering::Relaxed);
-        let before = answers();
+        let msgs = rig.received(&[1, 2, 3, 4, 5]).await;
+        let before = rig.answers();
         let refs: Vec<&Message> = msgs.iter().collect();
         let cancel = CancellationToken::new();
         assert!(confirm_acks("hook", &refs, Duration::from_millis(100), &cancel).await);
         // One answer for the five, and it stands for all of them: nothing is pending the
         // moment it has come.
-        assert_eq!(answers() - before, 1, "one confirmation");
+        assert_eq!(rig.answers() - before, 1, "one confirmation");
         let info = rig.consumer.clone().info().await.expect("info").clone();
         assert_eq!(info.num_ack_pending, 0, "{info:?}");
         assert_eq!(info.ack_floor.stream_sequence, 5, "{info:?}");
@@ -1354,22 +1368,22 @@ mod tests {
     #[tokio::test]
     async fn after_a_reconnect_each_ack_is_confirmed_on_its_own() {
         let rig = Rig::start(false).await;
-        rig.publish(&[1, 2, 3]).await;
-        let mut msgs = Vec::new();
-        while msgs.len() < 3 {
-            msgs.push(next(&rig.consumer).await);
-        }
-        let stats = rig.js.client().statistics();
-        let answers = || stats.in_messages.load(Ordering::Relaxed);
-        let before = answers();
+        let msgs = rig.received(&[1, 2, 3]).await;
+        let before = rig.answers();
         let refs: Vec<&Message> = msgs.iter().collect();
         // As if the connection had been made again since the acks started: a plain ack may
         // have gone with the old one.
-        let connects = stats.connects.load(Ordering::Relaxed) - 1;
+        let connects = rig
+            .js
+            .client()
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed)
+            - 1;
         let cancel = CancellationToken::new();
         let max_backoff = Duration::from_millis(100);
         assert!(confirm_acks_since("hook", &refs, connects, max_backoff, &cancel).await);
-        assert_eq!(answers() - before, 3, "each confirmed");
+        assert_eq!(rig.answers() - before, 3, "each confirmed");
         let info = rig.consumer.clone().info().await.expect("info").clone();
         assert_eq!(info.num_ack_pending, 0, "{info:?}");
     }
