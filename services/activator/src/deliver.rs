@@ -42,7 +42,7 @@ use herald_proto::v1::{
     Consent, DeliveryState, DeliveryStatusRecord, DlqReason, EventType, ProcessedEvent,
 };
 use prost::Message as _;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{self, Breaker, RateLimit};
@@ -297,26 +297,36 @@ impl Delivery {
         settled: impl Fn(),
         cancel: &CancellationToken,
     ) {
-        let left = keyed_flow(
-            batches,
-            max_held,
-            |(batch, alive)| async move {
-                let alive = Arc::new(alive);
-                self.admit(batch)
-                    .await
-                    .into_iter()
-                    .map(|item| (item.event.profile_id.clone(), (item, alive.clone())))
-                    .collect()
-            },
-            |_user, (item, alive): (Item, Arc<KeepAlive>)| async move {
-                // The batch's keep-alive runs until its last event is settled.
-                let _alive = alive;
-                self.deliver_one(&item, cancel).await
-            },
-            settled,
-            cancel,
-        )
-        .await;
+        let (acks, asked) = AckGroup::new();
+        let flow = async move {
+            let acks = &acks;
+            keyed_flow(
+                batches,
+                max_held,
+                |(batch, alive)| async move {
+                    let alive = Arc::new(alive);
+                    self.admit(batch)
+                        .await
+                        .into_iter()
+                        .map(|item| (item.event.profile_id.clone(), (item, alive.clone())))
+                        .collect()
+                },
+                |_user, (item, alive): (Item, Arc<KeepAlive>)| async move {
+                    // The batch's keep-alive runs until its last event is settled.
+                    let _alive = alive;
+                    self.deliver_one(&item, Some(acks), cancel).await
+                },
+                settled,
+                cancel,
+            )
+            .await
+            // `acks` goes here, which ends `confirm_groups` once its last group is answered.
+        };
+        let max_backoff = self.policy.max_backoff;
+        let (left, ()) = tokio::join!(
+            flow,
+            confirm_groups(&self.destination, asked, max_backoff, cancel)
+        );
         for (item, _) in left {
             let _ = item.msg.ack_with(AckKind::Nak(None)).await;
         }
@@ -327,16 +337,22 @@ impl Delivery {
     /// leaving the rest unacked (they come back in order), when `cancel` fires.
     async fn deliver_in_order(&self, items: Vec<Item>, cancel: &CancellationToken) {
         for item in items {
-            if !self.deliver_one(&item, cancel).await {
+            if !self.deliver_one(&item, None, cancel).await {
                 return;
             }
         }
     }
 
-    /// Sends one event alone until it is delivered, dropped or dead-lettered, and acks it; an
-    /// erasure first claims its (destination, request) so it is sent once per person. `false`
-    /// when `cancel` fired first.
-    async fn deliver_one(&self, item: &Item, cancel: &CancellationToken) -> bool {
+    /// Sends one event alone until it is delivered, dropped or dead-lettered, and acks it (an
+    /// ack that needs the server's confirmation through `acks` when given); an erasure first
+    /// claims its (destination, request) so it is sent once per person. `false` when `cancel`
+    /// fired first.
+    async fn deliver_one(
+        &self,
+        item: &Item,
+        acks: Option<&AckGroup>,
+        cancel: &CancellationToken,
+    ) -> bool {
         let destination = self.destination.as_str();
         let max_backoff = self.policy.max_backoff;
         if let Some(erasure) = &item.erasure {
@@ -371,7 +387,7 @@ impl Delivery {
         {
             return false;
         }
-        self.settle(item, outcome, cancel).await
+        self.settle(item, outcome, acks, cancel).await
     }
 
     /// Sends the batch in stream order as requests of up to `batch_max` events, one after
@@ -392,7 +408,7 @@ impl Delivery {
             if let [one] = run
                 && one.erasure.is_some()
             {
-                if !self.deliver_one(one, cancel).await {
+                if !self.deliver_one(one, None, cancel).await {
                     return;
                 }
                 continue;
@@ -457,12 +473,18 @@ impl Delivery {
 
     /// Counts and, for a dead letter, writes the outcome of one event, then records and acks
     /// it ([`Self::ack_and_record`]); `false` when `cancel` fired first.
-    async fn settle(&self, item: &Item, outcome: Outcome, cancel: &CancellationToken) -> bool {
+    async fn settle(
+        &self,
+        item: &Item,
+        outcome: Outcome,
+        acks: Option<&AckGroup>,
+        cancel: &CancellationToken,
+    ) -> bool {
         // The next event of this user is sent only once this ack cannot be lost unnoticed:
         // after a crash, at most the last sent event is sent again (a dropped one is checked
         // again).
         match self.record_outcome(item, outcome, cancel).await {
-            Some(record) => self.ack_and_record(item, record, cancel).await,
+            Some(record) => self.ack_and_record(item, record, acks, cancel).await,
             None => false,
         }
     }
@@ -472,22 +494,30 @@ impl Delivery {
     /// sending ([`Self::already_delivered`]), so at most the status round trip is paid. Any
     /// other event (recording off, a delivered event not recorded, a failed write, or an
     /// outcome other than delivered) is acked with the server's confirmation before this
-    /// user's next event goes out. A failed write is logged: the status is not worth holding
-    /// delivery up.
+    /// user's next event goes out (through `acks`, with other users' acks, when given). A
+    /// failed write is logged: the status is not worth holding delivery up.
     async fn ack_and_record(
         &self,
         item: &Item,
         record: DeliveryStatusRecord,
+        acks: Option<&AckGroup>,
         cancel: &CancellationToken,
     ) -> bool {
-        self.record_for_ack(item, record).await
-            || confirm_ack(
-                &self.destination,
-                &item.msg,
-                self.policy.max_backoff,
-                cancel,
-            )
-            .await
+        if self.record_for_ack(item, record).await {
+            return true;
+        }
+        match acks {
+            Some(acks) => acks.confirm(&item.msg).await,
+            None => {
+                confirm_ack(
+                    &self.destination,
+                    &item.msg,
+                    self.policy.max_backoff,
+                    cancel,
+                )
+                .await
+            }
+        }
     }
 
     /// Writes `item`'s delivery status where one is due; `true` when that settled it (a
@@ -905,7 +935,57 @@ fn group_by_key(items: Vec<Item>) -> Vec<Vec<Item>> {
     groups
 }
 
-/// Acks `msgs` (one consumer's, from one batch) with one confirmation: every one but the last
+/// The acks a flow ([`Delivery::deliver_flow`], one consumer's messages) wants confirmed,
+/// gathered: while one confirmation is on its way, the acks asked for meanwhile wait, then go
+/// out together with one confirmation ([`confirm_acks`], run by [`confirm_groups`]). Under load
+/// many users' events settle at once, and their acks cost one round trip instead of one each;
+/// an ack asked for alone goes out at once, as before.
+pub(crate) struct AckGroup {
+    asks: mpsc::UnboundedSender<(Message, oneshot::Sender<bool>)>,
+}
+
+/// What [`confirm_groups`] reads: the acks an [`AckGroup`] was asked to confirm.
+type AckAsks = mpsc::UnboundedReceiver<(Message, oneshot::Sender<bool>)>;
+
+impl AckGroup {
+    fn new() -> (Self, AckAsks) {
+        let (asks, asked) = mpsc::unbounded_channel();
+        (Self { asks }, asked)
+    }
+
+    /// Acks `msg` and waits for the server's confirmation (of its group); `false` when the
+    /// flow was cancelled first.
+    async fn confirm(&self, msg: &Message) -> bool {
+        let (done, answer) = oneshot::channel();
+        if self.asks.send((msg.clone(), done)).is_err() {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+}
+
+/// Confirms what an [`AckGroup`] is asked, a group at a time: the first ask and every one
+/// waiting behind it, until the group is dropped and its last asks are answered.
+async fn confirm_groups(
+    destination: &str,
+    mut asked: AckAsks,
+    max_backoff: Duration,
+    cancel: &CancellationToken,
+) {
+    while let Some(first) = asked.recv().await {
+        let mut group = vec![first];
+        while let Ok(next) = asked.try_recv() {
+            group.push(next);
+        }
+        let msgs: Vec<&Message> = group.iter().map(|(msg, _)| msg).collect();
+        let confirmed = confirm_acks(destination, &msgs, max_backoff, cancel).await;
+        for (_, done) in group {
+            let _ = done.send(confirmed);
+        }
+    }
+}
+
+/// Acks `msgs` (one consumer's) with one confirmation: every one but the last
 /// plainly, then the last with the server's confirmation. On one connection nats-server takes
 /// a consumer's acks in the order they were sent and answers a confirmed one once it has taken
 /// it, so its answer means every earlier ack landed too: one round trip for a request's events
@@ -1363,6 +1443,26 @@ mod tests {
         let info = rig.consumer.clone().info().await.expect("info").clone();
         assert_eq!(info.num_ack_pending, 0, "{info:?}");
         assert_eq!(info.ack_floor.stream_sequence, 5, "{info:?}");
+    }
+
+    #[tokio::test]
+    async fn acks_asked_for_together_share_one_confirmation() {
+        let rig = Rig::start(false).await;
+        let msgs = rig.received(&[1, 2, 3, 4, 5]).await;
+        let before = rig.answers();
+        let (acks, asked) = AckGroup::new();
+        let asks = async move {
+            let acks = acks;
+            futures_util::future::join_all(msgs.iter().map(|m| acks.confirm(m))).await
+        };
+        let cancel = CancellationToken::new();
+        let max_backoff = Duration::from_millis(100);
+        let (confirmed, ()) =
+            tokio::join!(asks, confirm_groups("hook", asked, max_backoff, &cancel));
+        assert_eq!(confirmed, vec![true; 5]);
+        assert_eq!(rig.answers() - before, 1, "one confirmation for the five");
+        let info = rig.consumer.clone().info().await.expect("info").clone();
+        assert_eq!(info.num_ack_pending, 0, "{info:?}");
     }
 
     #[tokio::test]
