@@ -68,6 +68,12 @@ started=$(date +%s)
 run() {
     local name="$1"
     shift
+    # A large page cache (builds, earlier runs' stores) can keep the kernel's memory reclaim
+    # busy through a run (docs/benchmarks.md, "The machine and the runs"): drop it when allowed.
+    sync
+    if ! { echo 3 > /proc/sys/vm/drop_caches; } 2> /dev/null; then
+        printf 'bench.sh: could not drop the page cache; as root run "sync; echo 3 > /proc/sys/vm/drop_caches" first, or the numbers may move with it\n' >&2
+    fi
     announce "herald-bench $*"
     "$bench" "$@" > "$out/$name.txt" 2> >(tee "$out/$name.err" >&2)
     cat "$out/$name.txt"
