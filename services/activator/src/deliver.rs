@@ -273,10 +273,21 @@ impl Delivery {
             self.deliver_in_batches(items, cancel).await;
             return;
         }
-        // Every user of the batch at once; the requests wait for the destination's slots.
-        futures_util::stream::iter(group_by_key(items))
-            .for_each_concurrent(None, |items| self.deliver_in_order(items, cancel))
-            .await;
+        // Every user of the batch at once; the requests wait for the destination's slots, and
+        // the acks that need the server's confirmation share them (`AckGroup`).
+        let (acks, asked) = AckGroup::new();
+        let users = async move {
+            let acks = &acks;
+            futures_util::stream::iter(group_by_key(items))
+                .for_each_concurrent(None, |items| self.deliver_in_order(items, acks, cancel))
+                .await;
+            // `acks` goes here, which ends `confirm_groups` once its last group is answered.
+        };
+        let max_backoff = self.policy.max_backoff;
+        tokio::join!(
+            users,
+            confirm_groups(&self.destination, asked, max_backoff, cancel)
+        );
     }
 
     /// Delivers the batches `batches` brings (at `batch_max` 1), until it closes or `cancel`
@@ -335,9 +346,14 @@ impl Delivery {
     /// Sends one profile's events one after another, each until it is delivered,
     /// consent-dropped or dead-lettered, acking each before the next is sent. Returns early,
     /// leaving the rest unacked (they come back in order), when `cancel` fires.
-    async fn deliver_in_order(&self, items: Vec<Item>, cancel: &CancellationToken) {
+    async fn deliver_in_order(
+        &self,
+        items: Vec<Item>,
+        acks: &AckGroup,
+        cancel: &CancellationToken,
+    ) {
         for item in items {
-            if !self.deliver_one(&item, None, cancel).await {
+            if !self.deliver_one(&item, Some(acks), cancel).await {
                 return;
             }
         }
@@ -935,7 +951,8 @@ fn group_by_key(items: Vec<Item>) -> Vec<Vec<Item>> {
     groups
 }
 
-/// The acks a flow ([`Delivery::deliver_flow`], one consumer's messages) wants confirmed,
+/// The acks a flow or a batch ([`Delivery::deliver_flow`], [`Delivery::deliver_batch`]: one
+/// consumer's messages) wants confirmed,
 /// gathered: while one confirmation is on its way, the acks asked for meanwhile wait, then go
 /// out together with one confirmation ([`confirm_acks`], run by [`confirm_groups`]). Under load
 /// many users' events settle at once, and their acks cost one round trip instead of one each;
