@@ -952,11 +952,11 @@ fn group_by_key(items: Vec<Item>) -> Vec<Vec<Item>> {
 }
 
 /// The acks a flow or a batch ([`Delivery::deliver_flow`], [`Delivery::deliver_batch`]: one
-/// consumer's messages) wants confirmed,
-/// gathered: while one confirmation is on its way, the acks asked for meanwhile wait, then go
-/// out together with one confirmation ([`confirm_acks`], run by [`confirm_groups`]). Under load
-/// many users' events settle at once, and their acks cost one round trip instead of one each;
-/// an ack asked for alone goes out at once, as before.
+/// consumer's messages) wants confirmed, gathered: while one confirmation is on its way, the
+/// acks asked for meanwhile wait, then go out together with one confirmation
+/// ([`confirm_acks`], run by [`confirm_groups`]). Under load many users' events settle at
+/// once, and their acks cost one round trip instead of one each; an ack asked for alone goes
+/// out at once, as before. Each ask carries a clone of its message (a few small allocations).
 pub(crate) struct AckGroup {
     asks: mpsc::UnboundedSender<(Message, oneshot::Sender<bool>)>,
 }
