@@ -873,11 +873,15 @@ impl Delivery {
                 });
                 continue;
             }
-            let rendered = payload::render(&processed);
-            let wanted = if integrations_allow(&rendered, destination) {
-                filter.matches(&rendered).map_err(|e| e.to_string())
-            } else {
+            let body = payload::render_json(&processed);
+            let integrations = event.map_or(&[][..], |e| &e.integrations[..]);
+            let wanted = if !integrations_allow(integrations, destination) {
                 Ok(false)
+            } else if filter.matches_everything() {
+                Ok(true)
+            } else {
+                let rendered = serde_json::from_slice(&body).expect("a rendered payload is JSON");
+                filter.matches(&rendered).map_err(|e| e.to_string())
             };
             if !matches!(wanted, Ok(true)) {
                 events::Skipped {
@@ -901,7 +905,6 @@ impl Delivery {
                 let _ = msg.ack().await;
                 continue;
             }
-            let body = serde_json::to_vec(&rendered).expect("JSON values serialise");
             items.push(Item {
                 msg,
                 snapshot: processed.consent.clone().unwrap_or_default(),

@@ -2,8 +2,12 @@
 //! object ([`render`]), and for an erasure the erasure payload ([`erasure`]). Both are public
 //! contracts, fixed by golden-file tests.
 
+use std::collections::BTreeMap;
+
 use chrono::SecondsFormat;
 use herald_proto::v1::{Consent, EventType, ProcessedEvent};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 /// The Segment call name of an event type (Herald's own types use their snake_case names).
@@ -28,97 +32,155 @@ pub fn type_name(t: EventType) -> &'static str {
     }
 }
 
-fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Option<Value> {
+fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Option<String> {
     let ts = ts.as_ref()?;
     let dt = herald_proto::time::from_proto(ts)?;
-    Some(Value::String(
-        dt.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-    ))
+    Some(dt.to_rfc3339_opts(SecondsFormat::AutoSi, true))
 }
 
-fn json_object(bytes: &[u8]) -> Value {
+/// Stored JSON (`properties`, `traits`, `context`, `integrations`) as it goes out: the bytes
+/// themselves, neither parsed into a tree nor printed again; `{}` when empty or not JSON.
+fn raw_json(bytes: &[u8]) -> &RawValue {
+    let empty = || serde_json::from_str::<&RawValue>("{}").expect("`{}` is JSON");
     if bytes.is_empty() {
-        return Value::Object(Map::new());
+        return empty();
     }
-    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::Object(Map::new()))
+    serde_json::from_slice::<&RawValue>(bytes).unwrap_or_else(|_| empty())
 }
 
-fn consent_json(c: &Option<Consent>) -> Value {
-    let Some(c) = c else {
-        return json!({"purposes": {}, "optedOut": false});
-    };
-    let purposes: Map<String, Value> = c
-        .purposes
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::Bool(*v)))
-        .collect();
-    let mut out = json!({"purposes": purposes, "optedOut": c.opted_out});
-    if let Some(at) = rfc3339(&c.updated_at) {
-        out["updatedAt"] = at;
-    }
-    out
+/// Whether `raw` is an object with at least one member.
+fn is_filled_object(raw: &RawValue) -> bool {
+    raw.get()
+        .strip_prefix('{')
+        .is_some_and(|rest| rest.trim_start() != "}")
 }
 
-/// Renders a processed event as Segment-spec JSON with a `herald` object.
-pub fn render(p: &ProcessedEvent) -> Value {
+/// The payload's fields, in the order they go out (see [`render_json`]).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rendered<'a> {
+    r#type: &'static str,
+    message_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    user_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    anonymous_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    group_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    previous_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    properties: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traits: Option<&'a RawValue>,
+    context: &'a RawValue,
+    integrations: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    original_timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sent_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    received_at: Option<String>,
+    herald: HeraldPart<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HeraldPart<'a> {
+    event_id: &'a str,
+    source_id: &'a str,
+    profile_id: &'a str,
+    identities: Vec<IdentityPart<'a>>,
+    consent: ConsentPart<'a>,
+    historical: bool,
+}
+
+#[derive(Serialize)]
+struct IdentityPart<'a> {
+    r#type: &'a str,
+    value: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConsentPart<'a> {
+    /// Sorted by purpose, so equal consent renders the same bytes.
+    purposes: BTreeMap<&'a str, bool>,
+    opted_out: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated_at: Option<String>,
+}
+
+impl<'a> ConsentPart<'a> {
+    fn of(c: Option<&'a Consent>) -> Self {
+        Self {
+            purposes: c
+                .map(|c| c.purposes.iter().map(|(k, v)| (k.as_str(), *v)).collect())
+                .unwrap_or_default(),
+            opted_out: c.is_some_and(|c| c.opted_out),
+            updated_at: c.and_then(|c| rfc3339(&c.updated_at)),
+        }
+    }
+}
+
+/// Renders a processed event as Segment-spec JSON with a `herald` object: the body a webhook,
+/// NATS or log destination receives for one event. The stored JSON objects (`properties`,
+/// `context`, ...) go out as they were stored, so this costs no parse tree.
+pub fn render_json(p: &ProcessedEvent) -> Vec<u8> {
     let default = Default::default();
     let e = p.event.as_ref().unwrap_or(&default);
     let kind = EventType::try_from(e.r#type).unwrap_or(EventType::Unspecified);
-    let mut m = Map::new();
-    m.insert("type".into(), type_name(kind).into());
-    m.insert("messageId".into(), e.message_id.clone().into());
-    let mut put = |k: &str, v: &str| {
-        if !v.is_empty() {
-            m.insert(k.into(), v.into());
-        }
-    };
-    match kind {
-        EventType::Page | EventType::Screen => put("name", &e.name),
-        _ => put("event", &e.name),
-    }
-    put("userId", &e.user_id);
-    put("anonymousId", &e.anonymous_id);
-    put("groupId", &e.group_id);
-    put("previousId", &e.previous_id);
-    let properties = json_object(&e.properties);
-    let traits = json_object(&e.traits);
+    let named = (!e.name.is_empty()).then_some(e.name.as_str());
+    let page_like = matches!(kind, EventType::Page | EventType::Screen);
+    let properties = raw_json(&e.properties);
+    let traits = raw_json(&e.traits);
     let wants_properties = matches!(kind, EventType::Track | EventType::Page | EventType::Screen);
     let wants_traits = matches!(kind, EventType::Identify | EventType::Group);
-    if wants_properties || properties.as_object().is_some_and(|o| !o.is_empty()) {
-        m.insert("properties".into(), properties);
-    }
-    if wants_traits || traits.as_object().is_some_and(|o| !o.is_empty()) {
-        m.insert("traits".into(), traits);
-    }
-    m.insert("context".into(), json_object(&e.context));
-    m.insert("integrations".into(), json_object(&e.integrations));
-    for (k, ts) in [
-        ("timestamp", &e.timestamp),
-        ("originalTimestamp", &e.original_timestamp),
-        ("sentAt", &e.sent_at),
-        ("receivedAt", &e.received_at),
-    ] {
-        if let Some(v) = rfc3339(ts) {
-            m.insert(k.into(), v);
-        }
-    }
-    let identities: Vec<Value> = p
-        .identities
-        .iter()
-        .map(|i| json!({"type": i.r#type, "value": i.value}))
-        .collect();
-    m.insert(
-        "herald".into(),
-        json!({
-            "eventId": e.id,
-            "sourceId": e.source_id,
-            "profileId": p.profile_id,
-            "identities": identities,
-            "consent": consent_json(&p.consent),
-            "historical": e.historical,
-        }),
-    );
-    Value::Object(m)
+    let rendered = Rendered {
+        r#type: type_name(kind),
+        message_id: &e.message_id,
+        event: named.filter(|_| !page_like),
+        name: named.filter(|_| page_like),
+        user_id: &e.user_id,
+        anonymous_id: &e.anonymous_id,
+        group_id: &e.group_id,
+        previous_id: &e.previous_id,
+        properties: (wants_properties || is_filled_object(properties)).then_some(properties),
+        traits: (wants_traits || is_filled_object(traits)).then_some(traits),
+        context: raw_json(&e.context),
+        integrations: raw_json(&e.integrations),
+        timestamp: rfc3339(&e.timestamp),
+        original_timestamp: rfc3339(&e.original_timestamp),
+        sent_at: rfc3339(&e.sent_at),
+        received_at: rfc3339(&e.received_at),
+        herald: HeraldPart {
+            event_id: &e.id,
+            source_id: &e.source_id,
+            profile_id: &p.profile_id,
+            identities: p
+                .identities
+                .iter()
+                .map(|i| IdentityPart {
+                    r#type: &i.r#type,
+                    value: &i.value,
+                })
+                .collect(),
+            consent: ConsentPart::of(p.consent.as_ref()),
+            historical: e.historical,
+        },
+    };
+    serde_json::to_vec(&rendered).expect("the payload serialises")
+}
+
+/// [`render_json`] as a JSON value, for what looks inside the payload (a filter's condition).
+pub fn render(p: &ProcessedEvent) -> Value {
+    serde_json::from_slice(&render_json(p)).expect("a rendered payload is JSON")
 }
 
 /// The erasure payload a destination receives once per erasure request (see
@@ -142,7 +204,7 @@ pub fn erasure(p: &ProcessedEvent) -> Value {
         m.insert("profileId".into(), p.profile_id.clone().into());
     }
     if let Some(t) = rfc3339(&e.timestamp) {
-        m.insert("timestamp".into(), t);
+        m.insert("timestamp".into(), t.into());
     }
     Value::Object(m)
 }
@@ -211,6 +273,42 @@ mod tests {
             rendered, golden,
             "payload changed: this is a public contract"
         );
+    }
+
+    /// Stored JSON goes out as it was stored (not parsed and printed again: a number too big
+    /// for a float keeps its digits); what is empty or not JSON goes out as `{}`; an identify's
+    /// empty properties are left out, a track's kept.
+    #[test]
+    fn stored_json_goes_out_as_stored() {
+        let mut p = sample();
+        let e = p.event.as_mut().expect("event");
+        e.properties = br#"{"id":123456789012345678901234567890,"z":1,"a":2}"#.to_vec();
+        e.context = b"{not json".to_vec();
+        e.integrations = Vec::new();
+        let body = String::from_utf8(render_json(&p)).expect("UTF-8");
+        assert!(
+            body.contains(r#""properties":{"id":123456789012345678901234567890,"z":1,"a":2}"#),
+            "{body}"
+        );
+        assert!(body.contains(r#""context":{}"#), "{body}");
+        assert!(body.contains(r#""integrations":{}"#), "{body}");
+        assert!(!body.contains(r#""traits""#), "{body}");
+
+        let e = p.event.as_mut().expect("event");
+        e.r#type = EventType::Identify as i32;
+        e.properties = b" { } ".to_vec();
+        e.traits = br#"{"plan":"pro"}"#.to_vec();
+        let v = render(&p);
+        assert_eq!(v.get("properties"), None, "{v}");
+        assert_eq!(v["traits"], json!({"plan": "pro"}));
+
+        let e = p.event.as_mut().expect("event");
+        e.r#type = EventType::Track as i32;
+        e.properties = Vec::new();
+        e.traits = Vec::new();
+        let v = render(&p);
+        assert_eq!(v["properties"], json!({}));
+        assert_eq!(v.get("traits"), None, "{v}");
     }
 
     /// The erasure payload is a public contract too (`tests/golden/erasure.json`).
