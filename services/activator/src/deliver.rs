@@ -33,6 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
+use async_nats::{Client, Subject};
+use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt as _;
 use herald_common::flow::keyed_flow;
@@ -222,6 +224,9 @@ pub(crate) struct Delivery {
     pub batch_max: usize,
     /// Where each event's delivery status is recorded.
     pub status: StatusStore,
+    /// The NATS client every ack goes out on (one connection, so a confirmed ack stands for
+    /// the plain ones sent before it: [`confirm_acks`]).
+    pub client: async_nats::Client,
     /// Whether every delivered event is recorded: `activator.delivery_status_delivered`, or
     /// the destination's `record_deliveries` (with recording on at all).
     pub records_delivered: bool,
@@ -261,6 +266,7 @@ impl Delivery {
             rate_limit: record.rate_limit.map(|r| Arc::new(RateLimit::new(r))),
             batch_max,
             status: deps.status.clone(),
+            client: deps.js.client(),
             records_delivered: deps.status.records_delivered_of(record),
         })
     }
@@ -286,7 +292,7 @@ impl Delivery {
         let max_backoff = self.policy.max_backoff;
         tokio::join!(
             users,
-            confirm_groups(&self.destination, asked, max_backoff, cancel)
+            confirm_groups(&self.destination, &self.client, asked, max_backoff, cancel)
         );
     }
 
@@ -336,7 +342,7 @@ impl Delivery {
         let max_backoff = self.policy.max_backoff;
         let (left, ()) = tokio::join!(
             flow,
-            confirm_groups(&self.destination, asked, max_backoff, cancel)
+            confirm_groups(&self.destination, &self.client, asked, max_backoff, cancel)
         );
         for (item, _) in left {
             let _ = item.msg.ack_with(AckKind::Nak(None)).await;
@@ -386,7 +392,9 @@ impl Delivery {
                         request_id: &erasure.request_id,
                     }
                     .emit();
-                    return confirm_ack(destination, &item.msg, max_backoff, cancel).await;
+                    let reply = item.msg.reply.as_ref();
+                    return confirm_ack(destination, &self.client, reply, max_backoff, cancel)
+                        .await;
                 }
             }
         }
@@ -466,15 +474,16 @@ impl Delivery {
                 .iter()
                 .zip(records)
                 .map(|(item, record)| self.record_for_ack(item, record));
-            let to_confirm: Vec<&Message> = futures_util::future::join_all(written)
+            let to_confirm: Vec<AckReply> = futures_util::future::join_all(written)
                 .await
                 .into_iter()
                 .zip(chunk)
                 .filter(|(acked, _)| !acked)
-                .map(|(_, item)| &item.msg)
+                .map(|(_, item)| item.msg.reply.clone())
                 .collect();
             if !confirm_acks(
                 &self.destination,
+                &self.client,
                 &to_confirm,
                 self.policy.max_backoff,
                 cancel,
@@ -527,7 +536,8 @@ impl Delivery {
             None => {
                 confirm_ack(
                     &self.destination,
-                    &item.msg,
+                    &self.client,
+                    item.msg.reply.as_ref(),
                     self.policy.max_backoff,
                     cancel,
                 )
@@ -954,18 +964,23 @@ fn group_by_key(items: Vec<Item>) -> Vec<Vec<Item>> {
     groups
 }
 
+/// Where one message's ack goes: its reply subject (every JetStream message has one), sent
+/// on [`Delivery::client`]. Cheaper to hold than the message while the ack waits: no headers,
+/// payload or JetStream context.
+type AckReply = Option<Subject>;
+
 /// The acks a flow or a batch ([`Delivery::deliver_flow`], [`Delivery::deliver_batch`]: one
 /// consumer's messages) wants confirmed, gathered: while one confirmation is on its way, the
 /// acks asked for meanwhile wait, then go out together with one confirmation
 /// ([`confirm_acks`], run by [`confirm_groups`]). Under load many users' events settle at
 /// once, and their acks cost one round trip instead of one each; an ack asked for alone goes
-/// out at once, as before. Each ask carries a clone of its message (a few small allocations).
+/// out at once, as before.
 pub(crate) struct AckGroup {
-    asks: mpsc::UnboundedSender<(Message, oneshot::Sender<bool>)>,
+    asks: mpsc::UnboundedSender<(AckReply, oneshot::Sender<bool>)>,
 }
 
 /// What [`confirm_groups`] reads: the acks an [`AckGroup`] was asked to confirm.
-type AckAsks = mpsc::UnboundedReceiver<(Message, oneshot::Sender<bool>)>;
+type AckAsks = mpsc::UnboundedReceiver<(AckReply, oneshot::Sender<bool>)>;
 
 impl AckGroup {
     fn new() -> (Self, AckAsks) {
@@ -977,83 +992,84 @@ impl AckGroup {
     /// flow was cancelled first.
     async fn confirm(&self, msg: &Message) -> bool {
         let (done, answer) = oneshot::channel();
-        if self.asks.send((msg.clone(), done)).is_err() {
+        if self.asks.send((msg.reply.clone(), done)).is_err() {
             return false;
         }
         answer.await.unwrap_or(false)
     }
 }
 
-/// Confirms what an [`AckGroup`] is asked, a group at a time: the first ask and every one
-/// waiting behind it, until the group is dropped and its last asks are answered.
+/// Confirms what an [`AckGroup`] is asked, a group at a time on `client`: the first ask and
+/// every one waiting behind it, until the group is dropped and its last asks are answered.
 async fn confirm_groups(
     destination: &str,
+    client: &Client,
     mut asked: AckAsks,
     max_backoff: Duration,
     cancel: &CancellationToken,
 ) {
-    while let Some(first) = asked.recv().await {
-        let mut group = vec![first];
-        while let Ok(next) = asked.try_recv() {
-            group.push(next);
+    let mut replies = Vec::new();
+    let mut waiting = Vec::new();
+    while let Some((reply, done)) = asked.recv().await {
+        replies.push(reply);
+        waiting.push(done);
+        while let Ok((reply, done)) = asked.try_recv() {
+            replies.push(reply);
+            waiting.push(done);
         }
-        let msgs: Vec<&Message> = group.iter().map(|(msg, _)| msg).collect();
-        let confirmed = confirm_acks(destination, &msgs, max_backoff, cancel).await;
-        for (_, done) in group {
+        let confirmed = confirm_acks(destination, client, &replies, max_backoff, cancel).await;
+        replies.clear();
+        for done in waiting.drain(..) {
             let _ = done.send(confirmed);
         }
     }
 }
 
-/// Acks `msgs` (one consumer's) with one confirmation: every one but the last
-/// plainly, then the last with the server's confirmation. On one connection nats-server takes
-/// a consumer's acks in the order they were sent and answers a confirmed one once it has taken
-/// it, so its answer means every earlier ack landed too: one round trip for a request's events
-/// instead of one each. Were the connection made again meanwhile (a plain ack can be lost with
-/// the old one) or a plain ack not sent, each is then confirmed on its own (the server
-/// confirms an ack it already took, too). `false` when `cancel` fired first.
+/// Acks the messages of `replies` (one consumer's) on `client` with one confirmation: every
+/// one but the last plainly, then the last with the server's confirmation. On one connection
+/// nats-server takes a consumer's acks in the order they were sent and answers a confirmed one
+/// once it has taken it, so its answer means every earlier ack landed too: one round trip for
+/// a request's events instead of one each. Were the connection made again meanwhile (a plain
+/// ack can be lost with the old one) or a plain ack not sent, each is then confirmed on its
+/// own (the server confirms an ack it already took, too). `false` when `cancel` fired first.
 async fn confirm_acks(
     destination: &str,
-    msgs: &[&Message],
+    client: &Client,
+    replies: &[AckReply],
     max_backoff: Duration,
     cancel: &CancellationToken,
 ) -> bool {
-    let Some(first) = msgs.first() else {
-        return true;
-    };
-    let connects = first
-        .context
-        .client()
-        .statistics()
-        .connects
-        .load(Ordering::Relaxed);
-    confirm_acks_since(destination, msgs, connects, max_backoff, cancel).await
+    let connects = client.statistics().connects.load(Ordering::Relaxed);
+    confirm_acks_since(destination, client, replies, connects, max_backoff, cancel).await
 }
 
 /// [`confirm_acks`] on a connection that had been made `connects` times before it started.
 async fn confirm_acks_since(
     destination: &str,
-    msgs: &[&Message],
+    client: &Client,
+    replies: &[AckReply],
     connects: u64,
     max_backoff: Duration,
     cancel: &CancellationToken,
 ) -> bool {
-    let Some((last, rest)) = msgs.split_last() else {
+    let Some((last, rest)) = replies.split_last() else {
         return true;
     };
-    let stats = last.context.client().statistics();
     let mut sent = true;
-    for msg in rest {
-        sent &= msg.ack().await.is_ok();
+    for reply in rest {
+        sent &= match reply {
+            Some(reply) => client.publish(reply.clone(), Bytes::new()).await.is_ok(),
+            None => false,
+        };
     }
-    if !confirm_ack(destination, last, max_backoff, cancel).await {
+    if !confirm_ack(destination, client, last.as_ref(), max_backoff, cancel).await {
         return false;
     }
-    if sent && stats.connects.load(Ordering::Relaxed) == connects {
+    if sent && client.statistics().connects.load(Ordering::Relaxed) == connects {
         return true;
     }
-    for msg in rest {
-        if !confirm_ack(destination, msg, max_backoff, cancel).await {
+    for reply in rest {
+        if !confirm_ack(destination, client, reply.as_ref(), max_backoff, cancel).await {
             return false;
         }
     }
@@ -1063,14 +1079,15 @@ async fn confirm_acks_since(
 /// Acks with the server's confirmation, retrying until it lands or the service stops.
 async fn confirm_ack(
     destination: &str,
-    msg: &Message,
+    client: &Client,
+    reply: Option<&Subject>,
     max_backoff: Duration,
     cancel: &CancellationToken,
 ) -> bool {
     Retry::new(max_backoff)
         .run(
             cancel,
-            || herald_common::nats::confirmed_ack(msg),
+            || herald_common::nats::confirmed_ack(client, reply),
             |f| {
                 events::AckRetried {
                     destination,
@@ -1214,6 +1231,7 @@ mod tests {
                 batch_max: 1,
                 records_delivered: status.records_delivered(),
                 status: status.clone(),
+                client: js.client(),
             };
             Self {
                 _nats: nats,
@@ -1454,9 +1472,11 @@ mod tests {
         let rig = Rig::start(false).await;
         let msgs = rig.received(&[1, 2, 3, 4, 5]).await;
         let before = rig.answers();
-        let refs: Vec<&Message> = msgs.iter().collect();
+        let replies: Vec<AckReply> = msgs.iter().map(|m| m.reply.clone()).collect();
         let cancel = CancellationToken::new();
-        assert!(confirm_acks("hook", &refs, Duration::from_millis(100), &cancel).await);
+        let client = rig.js.client();
+        let max_backoff = Duration::from_millis(100);
+        assert!(confirm_acks("hook", &client, &replies, max_backoff, &cancel).await);
         // One answer for the five, and it stands for all of them: nothing is pending the
         // moment it has come.
         assert_eq!(rig.answers() - before, 1, "one confirmation");
@@ -1477,8 +1497,11 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let max_backoff = Duration::from_millis(100);
-        let (confirmed, ()) =
-            tokio::join!(asks, confirm_groups("hook", asked, max_backoff, &cancel));
+        let client = rig.js.client();
+        let (confirmed, ()) = tokio::join!(
+            asks,
+            confirm_groups("hook", &client, asked, max_backoff, &cancel)
+        );
         assert_eq!(confirmed, vec![true; 5]);
         assert_eq!(rig.answers() - before, 1, "one confirmation for the five");
         let info = rig.consumer.clone().info().await.expect("info").clone();
@@ -1490,7 +1513,7 @@ mod tests {
         let rig = Rig::start(false).await;
         let msgs = rig.received(&[1, 2, 3]).await;
         let before = rig.answers();
-        let refs: Vec<&Message> = msgs.iter().collect();
+        let replies: Vec<AckReply> = msgs.iter().map(|m| m.reply.clone()).collect();
         // As if the connection had been made again since the acks started: a plain ack may
         // have gone with the old one.
         let connects = rig
@@ -1502,7 +1525,10 @@ mod tests {
             - 1;
         let cancel = CancellationToken::new();
         let max_backoff = Duration::from_millis(100);
-        assert!(confirm_acks_since("hook", &refs, connects, max_backoff, &cancel).await);
+        let client = rig.js.client();
+        assert!(
+            confirm_acks_since("hook", &client, &replies, connects, max_backoff, &cancel).await
+        );
         assert_eq!(rig.answers() - before, 3, "each confirmed");
         let info = rig.consumer.clone().info().await.expect("info").clone();
         assert_eq!(info.num_ack_pending, 0, "{info:?}");

@@ -397,23 +397,23 @@ where
         .await
 }
 
-/// Acks `msg` and waits for the server's confirmation, like `Message::double_ack`, but as one
-/// request over the connection's shared reply subscription instead of a subscription made and
-/// dropped per message (a SUB and an UNSUB for the server to handle on every ack).
+/// Acks the message whose reply subject is `reply` and waits for the server's confirmation,
+/// like `Message::double_ack`, but as one request over `client`'s shared reply subscription
+/// instead of a subscription made and dropped per message (a SUB and an UNSUB for the server
+/// to handle on every ack). Takes the reply subject rather than the message, so a caller can
+/// keep just that while an ack waits.
 ///
 /// # Errors
 ///
-/// When `msg` has no reply subject (not a JetStream message), or the server does not confirm in
+/// When there is no reply subject (not a JetStream message), or the server does not confirm in
 /// the client's request timeout (the ack may or may not have landed: retry it).
-pub async fn confirmed_ack(msg: &jetstream::Message) -> Result<(), String> {
-    let reply = msg
-        .message
-        .reply
-        .clone()
-        .ok_or_else(|| "no reply subject: not a JetStream message".to_string())?;
-    msg.context
-        .client()
-        .request(reply, bytes::Bytes::from_static(b"+ACK"))
+pub async fn confirmed_ack(
+    client: &async_nats::Client,
+    reply: Option<&async_nats::Subject>,
+) -> Result<(), String> {
+    let reply = reply.ok_or_else(|| "no reply subject: not a JetStream message".to_string())?;
+    client
+        .request(reply.clone(), bytes::Bytes::from_static(b"+ACK"))
         .await
         .map(drop)
         .map_err(|e| e.to_string())

@@ -39,7 +39,9 @@ async fn a_confirmed_ack_settles_the_message() -> Result<()> {
     }
     ensure!(got.len() == 3, "fetched {}", got.len());
     for m in &got[..2] {
-        confirmed_ack(m).await.map_err(anyhow::Error::msg)?;
+        confirmed_ack(&m.context.client(), m.reply.as_ref())
+            .await
+            .map_err(anyhow::Error::msg)?;
     }
     // Confirmed: the server has settled both before the call returned.
     let info = consumer.info().await?.clone();
