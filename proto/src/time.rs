@@ -1,4 +1,5 @@
-//! The one conversion between `chrono` times and protobuf `Timestamp`s, used by every service.
+//! The one conversion between `chrono` times and protobuf `Timestamp`s, used by every service,
+//! and the one fast writer of RFC 3339 text ([`rfc3339`]) for times written on every event.
 //!
 //! A protobuf timestamp covers 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z with
 //! `nanos` in `0..=999_999_999`. Both directions keep to that:
@@ -9,7 +10,7 @@
 //!   `0..=999_999_999`: the caller decides what that means (ingest rejects the event with
 //!   `invalid_timestamp`; the processor falls back to the receive time).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use prost_types::Timestamp;
 
 /// Seconds of 0001-01-01T00:00:00Z, the earliest protobuf timestamp.
@@ -55,6 +56,94 @@ pub fn from_proto(ts: &Timestamp) -> Option<DateTime<Utc>> {
 /// leap second's nanos).
 pub fn in_range(t: DateTime<Utc>) -> bool {
     (MIN_SECONDS..=MAX_SECONDS).contains(&t.timestamp())
+}
+
+/// A time as RFC 3339 text, held inline (no allocation): what [`rfc3339`] gives.
+#[derive(Clone, Copy)]
+pub struct Rfc3339 {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl Rfc3339 {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("RFC 3339 text is ASCII")
+    }
+
+    fn byte(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// `value`'s last `n` decimal digits, zero-padded.
+    fn digits(&mut self, value: u32, n: u32) {
+        for i in (0..n).rev() {
+            self.byte(b'0' + (value / 10u32.pow(i) % 10) as u8);
+        }
+    }
+}
+
+/// Serialises as the text (a JSON string).
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Write for Rfc3339 {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// `t` as RFC 3339 text exactly as chrono's serde and `to_rfc3339_opts(SecondsFormat::AutoSi,
+/// true)` write it (`2026-11-20T10:00:01.250Z`: the fraction in 0, 3, 6 or 9 digits, then
+/// `Z`), without going through `fmt` and an allocation: profiles and payloads carry several
+/// times each, written on every event. Years outside 0..=9999 and leap seconds are left to
+/// chrono.
+pub fn rfc3339(t: &DateTime<Utc>) -> Rfc3339 {
+    let mut out = Rfc3339 {
+        buf: [0; 40],
+        len: 0,
+    };
+    let year = t.year();
+    let nanos = t.nanosecond();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        use std::fmt::Write as _;
+        write!(out, "{}", t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+            .expect("chrono's RFC 3339 text fits in 40 bytes");
+        return out;
+    }
+    out.digits(year as u32, 4);
+    out.byte(b'-');
+    out.digits(t.month(), 2);
+    out.byte(b'-');
+    out.digits(t.day(), 2);
+    out.byte(b'T');
+    out.digits(t.hour(), 2);
+    out.byte(b':');
+    out.digits(t.minute(), 2);
+    out.byte(b':');
+    out.digits(t.second(), 2);
+    if nanos != 0 {
+        out.byte(b'.');
+        if nanos.is_multiple_of(1_000_000) {
+            out.digits(nanos / 1_000_000, 3);
+        } else if nanos.is_multiple_of(1_000) {
+            out.digits(nanos / 1_000, 6);
+        } else {
+            out.digits(nanos, 9);
+        }
+    }
+    out.byte(b'Z');
+    out
 }
 
 #[cfg(test)]
@@ -138,5 +227,43 @@ mod tests {
         assert!(in_range(Utc.timestamp_opt(0, 0).unwrap()));
         assert!(!in_range(DateTime::<Utc>::MIN_UTC));
         assert!(!in_range(DateTime::<Utc>::MAX_UTC));
+    }
+
+    /// The same text as chrono's, for times all over the range and every fraction length.
+    #[test]
+    fn rfc3339_writes_what_chrono_writes() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let span = (MAX_SECONDS - MIN_SECONDS) as u64;
+        for i in 0..20_000 {
+            let secs = MIN_SECONDS + (next() % span) as i64;
+            let nanos = match i % 4 {
+                0 => 0,
+                1 => (next() % 1_000) as u32 * 1_000_000,
+                2 => (next() % 1_000_000) as u32 * 1_000,
+                _ => (next() % 1_000_000_000) as u32,
+            };
+            let t = DateTime::from_timestamp(secs, nanos).expect("in range");
+            assert_eq!(
+                rfc3339(&t).as_str(),
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+        }
+        for t in [
+            DateTime::<Utc>::MIN_UTC,
+            DateTime::<Utc>::MAX_UTC,
+            DateTime::from_timestamp(0, 0).expect("epoch"),
+            DateTime::from_timestamp(59, 1_500_000_000).expect("leap second"),
+        ] {
+            assert_eq!(
+                rfc3339(&t).as_str(),
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+        }
     }
 }

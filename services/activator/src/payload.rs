@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::SecondsFormat;
+use herald_proto::time::Rfc3339;
 use herald_proto::v1::{Consent, EventType, ProcessedEvent};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -32,10 +32,10 @@ pub fn type_name(t: EventType) -> &'static str {
     }
 }
 
-fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Option<String> {
+fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Option<Rfc3339> {
     let ts = ts.as_ref()?;
     let dt = herald_proto::time::from_proto(ts)?;
-    Some(dt.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    Some(herald_proto::time::rfc3339(&dt))
 }
 
 /// Stored JSON (`properties`, `traits`, `context`, `integrations`) as it goes out: the bytes
@@ -80,13 +80,13 @@ struct Rendered<'a> {
     context: &'a RawValue,
     integrations: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
-    timestamp: Option<String>,
+    timestamp: Option<Rfc3339>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    original_timestamp: Option<String>,
+    original_timestamp: Option<Rfc3339>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    sent_at: Option<String>,
+    sent_at: Option<Rfc3339>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    received_at: Option<String>,
+    received_at: Option<Rfc3339>,
     herald: HeraldPart<'a>,
 }
 
@@ -114,7 +114,7 @@ struct ConsentPart<'a> {
     purposes: BTreeMap<&'a str, bool>,
     opted_out: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    updated_at: Option<String>,
+    updated_at: Option<Rfc3339>,
 }
 
 impl<'a> ConsentPart<'a> {
@@ -204,7 +204,7 @@ pub fn erasure(p: &ProcessedEvent) -> Value {
         m.insert("profileId".into(), p.profile_id.clone().into());
     }
     if let Some(t) = rfc3339(&e.timestamp) {
-        m.insert("timestamp".into(), t.into());
+        m.insert("timestamp".into(), t.as_str().into());
     }
     Value::Object(m)
 }

@@ -100,7 +100,7 @@ impl fmt::Display for Start {
         match self {
             Self::Now => f.write_str("now"),
             Self::All => f.write_str("all"),
-            Self::At(t) => f.write_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            Self::At(t) => f.write_str(herald_proto::time::rfc3339(t).as_str()),
         }
     }
 }

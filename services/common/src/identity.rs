@@ -41,7 +41,12 @@ pub fn normalize_value(kind: &str, value: &str) -> String {
 /// The key of a (normalised) identity in the identities and suppressions buckets: the type, a
 /// dot, and the value in unpadded URL-safe base64 (KV keys allow only `[-/_=.a-zA-Z0-9]`).
 pub fn kv_key(kind: &str, value: &str) -> String {
-    format!("{kind}.{}", URL_SAFE_NO_PAD.encode(value))
+    // One allocation of the final size (the processor makes a few per event).
+    let mut key = String::with_capacity(kind.len() + 1 + (value.len() * 4).div_ceil(3));
+    key.push_str(kind);
+    key.push('.');
+    URL_SAFE_NO_PAD.encode_string(value, &mut key);
+    key
 }
 
 /// The bucket key of an identity as an event or a client names it: normalised, then

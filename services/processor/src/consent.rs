@@ -20,6 +20,7 @@ pub struct Timed<T> {
     /// The value.
     pub value: T,
     /// Event time of the statement.
+    #[serde(serialize_with = "crate::profile::ser_time")]
     pub at: DateTime<Utc>,
 }
 

@@ -15,6 +15,21 @@ use crate::identity::IdentityKey;
 /// Schema version of [`Profile`] values.
 pub const PROFILE_SCHEMA_VERSION: u32 = 1;
 
+/// Serialises a stored time as chrono does, through [`herald_proto::time::rfc3339`] (no
+/// `fmt`, no allocation): a profile holds several, written on every profile write. Reading
+/// stays chrono's.
+pub(crate) fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    herald_proto::time::rfc3339(t).serialize(s)
+}
+
+/// [`ser_time`] for an optional time.
+pub(crate) fn ser_opt_time<S: serde::Serializer>(
+    t: &Option<DateTime<Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    t.as_ref().map(herald_proto::time::rfc3339).serialize(s)
+}
+
 /// A trait value with the event time it was set at; a deleted trait keeps its deletion time so
 /// that an older set arriving late does not bring it back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,6 +37,7 @@ pub struct TraitValue {
     /// The value (JSON); `null` when deleted.
     pub value: Value,
     /// Event time of the event that set (or deleted) it.
+    #[serde(serialize_with = "ser_time")]
     pub at: DateTime<Utc>,
     /// True when the trait was deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -37,6 +53,7 @@ pub struct Profile {
     pub id: String,
     /// Event time of the event that created the profile. It never changes and, with the id,
     /// orders merges: the older profile survives.
+    #[serde(serialize_with = "ser_time")]
     pub created_at: DateTime<Utc>,
     /// Set when this profile merged into another: it is then only a redirect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -45,10 +62,18 @@ pub struct Profile {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub folded: bool,
     /// Earliest event time seen.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_time"
+    )]
     pub first_seen: Option<DateTime<Utc>>,
     /// Latest event time seen.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_time"
+    )]
     pub last_seen: Option<DateTime<Utc>>,
     /// Identities linked to the profile, in the order they were linked.
     #[serde(default)]
@@ -69,6 +94,7 @@ pub struct Profile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<String>,
     /// Wall-clock time of the last write.
+    #[serde(serialize_with = "ser_time")]
     pub updated_at: DateTime<Utc>,
 }
 
