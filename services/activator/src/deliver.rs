@@ -69,7 +69,8 @@ struct Item {
     msg: Message,
     event: ProcessedEvent,
     event_id: String,
-    body: Vec<u8>,
+    /// Its JSON as the destination gets it (shared, not copied, by each attempt's request).
+    body: Bytes,
     /// The consent the event carried (the default, empty one when none).
     snapshot: Consent,
     /// Set for an erasure event: sent alone, once per request, past the filter and the gate.
@@ -804,7 +805,7 @@ impl Delivery {
 
 /// The idempotency key and body of a request: one event is its id and its object; several
 /// are `<first id>+<count>` and `{"batch":[...]}`.
-fn request(items: &[&Item]) -> (String, Vec<u8>) {
+fn request(items: &[&Item]) -> (String, Bytes) {
     if let [one] = items {
         return (one.event_id.clone(), one.body.clone());
     }
@@ -818,7 +819,7 @@ fn request(items: &[&Item]) -> (String, Vec<u8>) {
         body.extend_from_slice(&item.body);
     }
     body.extend_from_slice(b"]}");
-    (key, body)
+    (key, body.into())
 }
 
 /// Seconds from the event's `received_at` to now (0 when it has none or it is in the future).
@@ -867,8 +868,9 @@ impl Delivery {
             if let Some(e) = event.filter(|e| e.r#type == EventType::Erasure as i32) {
                 // Keyed by the request (the message id), so each destination sees one id per
                 // person.
-                let body =
-                    serde_json::to_vec(&payload::erasure(&processed)).expect("JSON serialises");
+                let body = serde_json::to_vec(&payload::erasure(&processed))
+                    .expect("JSON serialises")
+                    .into();
                 let erasure = Erasure {
                     request_id: e.message_id.clone(),
                     partition: e.partition,
@@ -883,7 +885,7 @@ impl Delivery {
                 });
                 continue;
             }
-            let body = payload::render_json(&processed);
+            let body = Bytes::from(payload::render_json(&processed));
             let integrations = event.map_or(&[][..], |e| &e.integrations[..]);
             let wanted = if !integrations_allow(integrations, destination) {
                 Ok(false)

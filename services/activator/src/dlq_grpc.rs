@@ -173,7 +173,7 @@ impl Redriver {
                 ),
             };
         }
-        let body = payload::render_json(&event);
+        let body = bytes::Bytes::from(payload::render_json(&event));
         let now = Utc::now();
         record.attempts = record.attempts.saturating_add(1);
         record.last_attempt_at = Some(herald_proto::time::to_proto(now));

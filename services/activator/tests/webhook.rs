@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
+use bytes::Bytes;
 use herald_activator::destinations::{FailureClass, NetworkGuard, SendError, Sender};
 use herald_activator::{ActivatorConfig, DestinationConfig, DestinationKind};
 use herald_common::Secret;
@@ -44,7 +45,7 @@ fn loopback() -> Arc<NetworkGuard> {
 
 async fn failure(sender: &Sender) -> SendError {
     sender
-        .send("ev-1", br#"{"a":1}"#)
+        .send("ev-1", &Bytes::from_static(br#"{"a":1}"#))
         .await
         .expect_err("the send fails")
 }
@@ -68,7 +69,7 @@ async fn requests_carry_the_headers_and_a_signature_that_verifies() -> Result<()
         .map_err(anyhow::Error::msg)?;
     let body = br#"{"type":"track","event":"Signed Up","messageId":"m-1"}"#;
     let before = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    sender.send("src:m-1", body).await?;
+    sender.send("src:m-1", &Bytes::from_static(body)).await?;
     let after = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
 
     let got = hook.wait_for(1, TIMEOUT).await?;
@@ -117,7 +118,7 @@ async fn without_a_secret_there_is_no_signature() -> Result<()> {
     let sender = sender_of(&webhook(&hook.url()), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
-    sender.send("ev-1", b"{}").await?;
+    sender.send("ev-1", &Bytes::from_static(b"{}")).await?;
     let got = hook.wait_for(1, TIMEOUT).await?;
     assert_eq!(got[0].header("herald-signature"), None);
     assert_eq!(got[0].header("idempotency-key"), Some("ev-1"));
@@ -166,7 +167,7 @@ async fn statuses_are_classified_transient_or_permanent() -> Result<()> {
         assert_eq!(err.retry_after(), None);
     }
     hook.set_healthy();
-    sender.send("ev-1", b"{}").await?;
+    sender.send("ev-1", &Bytes::from_static(b"{}")).await?;
 
     // Nothing listens: a transient connect error.
     let closed = {
@@ -291,7 +292,7 @@ async fn an_allowed_host_name_is_delivered_to() -> Result<()> {
     let sender = sender_of(&webhook(&url), &loopback())
         .await
         .map_err(anyhow::Error::msg)?;
-    sender.send("ev-1", b"{}").await?;
+    sender.send("ev-1", &Bytes::from_static(b"{}")).await?;
     hook.wait_for(1, TIMEOUT).await?;
     Ok(())
 }
@@ -343,14 +344,18 @@ async fn answered_requests_keep_their_connection() -> Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     for i in 0..10 {
-        sender.send(&format!("ev-{i}"), b"{}").await?;
+        sender
+            .send(&format!("ev-{i}"), &Bytes::from_static(b"{}"))
+            .await?;
     }
     hook.fail_next(3);
     for _ in 0..3 {
         assert_eq!(failure(&sender).await.kind(), "http_5xx");
     }
     for i in 10..20 {
-        sender.send(&format!("ev-{i}"), b"{}").await?;
+        sender
+            .send(&format!("ev-{i}"), &Bytes::from_static(b"{}"))
+            .await?;
     }
     hook.wait_for(20, TIMEOUT).await?;
     let requests = hook.requests();

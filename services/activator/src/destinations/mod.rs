@@ -12,6 +12,8 @@ pub mod ssrf;
 mod webhook;
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::Duration;
 
 pub use log::LogSender;
@@ -206,7 +208,7 @@ impl Sender {
 
     /// Sends one request's JSON body (one event, or a batch `{"batch":[...]}`); `key` is the
     /// idempotency key (the event's id; for a batch, see [`crate::deliver`]).
-    pub async fn send(&self, key: &str, body: &[u8]) -> Result<(), SendError> {
+    pub async fn send(&self, key: &str, body: &Bytes) -> Result<(), SendError> {
         match self {
             Self::Webhook(w) => w.send(key, body).await,
             Self::Log(l) => l.send(body),

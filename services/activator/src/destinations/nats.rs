@@ -78,11 +78,11 @@ impl NatsSender {
     }
 
     /// Publishes one event's JSON with `Nats-Msg-Id: event_id`.
-    pub async fn send(&self, event_id: &str, body: &[u8]) -> Result<(), SendError> {
+    pub async fn send(&self, event_id: &str, body: &Bytes) -> Result<(), SendError> {
         let Some(js) = &self.js else {
             return Err(self.error("no NATS connection"));
         };
-        let payload = Bytes::copy_from_slice(body);
+        let payload = body.clone();
         match self.mode(js).await? {
             Mode::JetStream => {
                 let ack = js

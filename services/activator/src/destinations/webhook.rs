@@ -9,6 +9,8 @@
 //! rejects an old `t` to stop replays. Every attempt is signed afresh.
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_common::config::Secret;
@@ -100,7 +102,7 @@ impl WebhookSender {
     /// POSTs one request (one event, or a batch `{"batch":[...]}`) with `key` as its
     /// `Idempotency-Key`. 2xx is success; anything else is a [`SendError`] whose class says
     /// whether to try again, with the start of the answer's body.
-    pub async fn send(&self, key: &str, body: &[u8]) -> Result<(), SendError> {
+    pub async fn send(&self, key: &str, body: &Bytes) -> Result<(), SendError> {
         let mut req = self.client.post(self.parsed.clone());
         if !self.headers.is_empty() {
             req = req.headers(self.headers.clone());
@@ -119,7 +121,7 @@ impl WebhookSender {
             );
         }
         let res = req
-            .body(body.to_vec())
+            .body(body.clone())
             .send()
             .await
             .map_err(|e| self.request_error(e))?;
