@@ -71,8 +71,6 @@ struct Item {
     event_id: String,
     /// Its JSON as the destination gets it (shared, not copied, by each attempt's request).
     body: Bytes,
-    /// The consent the event carried (the default, empty one when none).
-    snapshot: Consent,
     /// Set for an erasure event: sent alone, once per request, past the filter and the gate.
     erasure: Option<Erasure>,
 }
@@ -108,8 +106,10 @@ impl ConsentGate {
             .decide(snapshot, self.cache.current(&event.profile_id).as_ref())
     }
 
+    /// [`Self::decide_for`] with the consent the event carried (none: the empty one).
     fn decide(&self, item: &Item) -> Decision {
-        self.decide_for(&item.event, &item.snapshot)
+        let none = Consent::default();
+        self.decide_for(&item.event, item.event.consent.as_ref().unwrap_or(&none))
     }
 }
 
@@ -879,7 +879,6 @@ impl Delivery {
                     msg,
                     event_id: erasure.request_id.clone(),
                     body,
-                    snapshot: Consent::default(),
                     erasure: Some(erasure),
                     event: processed,
                 });
@@ -919,7 +918,6 @@ impl Delivery {
             }
             items.push(Item {
                 msg,
-                snapshot: processed.consent.clone().unwrap_or_default(),
                 erasure: None,
                 event: processed,
                 event_id,
