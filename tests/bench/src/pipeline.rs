@@ -123,7 +123,9 @@ pub struct PipelineArgs {
     pub drain_timeout: u64,
     /// Seconds of the keep-up phase: Herald offered half the raw chain's highest sustained
     /// rate (issue 13's "keeps up"), judged like a probe but never stopped early; 0 skips it.
-    #[arg(long, default_value_t = 20)]
+    /// A minute, so the probe's bound (half a second's worth of backlog at the end) leaves a
+    /// growing backlog no room: it passes only under 1 % of the rate lost.
+    #[arg(long, default_value_t = 60)]
     pub keep_up_duration: u64,
     #[command(flatten)]
     pub services: ServiceArgs,
