@@ -91,18 +91,6 @@ impl serde::Serialize for Rfc3339 {
     }
 }
 
-impl std::fmt::Write for Rfc3339 {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        self.buf
-            .get_mut(self.len..end)
-            .ok_or(std::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
 /// `t` as RFC 3339 text exactly as chrono's serde and `to_rfc3339_opts(SecondsFormat::AutoSi,
 /// true)` write it (`2026-11-20T10:00:01.250Z`: the fraction in 0, 3, 6 or 9 digits, then
 /// `Z`), without going through `fmt` and an allocation: profiles and payloads carry several
@@ -116,9 +104,10 @@ pub fn rfc3339(t: &DateTime<Utc>) -> Rfc3339 {
     let year = t.year();
     let nanos = t.nanosecond();
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
-        use std::fmt::Write as _;
-        write!(out, "{}", t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
-            .expect("chrono's RFC 3339 text fits in 40 bytes");
+        // At most 33 bytes (`+262143-12-31T23:59:59.999999999Z`).
+        let text = t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        out.buf[..text.len()].copy_from_slice(text.as_bytes());
+        out.len = text.len();
         return out;
     }
     out.digits(year as u32, 4);

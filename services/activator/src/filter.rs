@@ -138,11 +138,12 @@ fn known_event_types() -> Vec<&'static str> {
         .collect()
 }
 
-/// The Segment `integrations` object of an event (its JSON as stored), read for one destination id (compared
-/// exactly): `{"<id>": false}` skips that destination; `{"All": false}` skips every destination
-/// not named with `true`; absent, or `All: true`, sends. A value that is an object (per-destination
-/// options, in Segment) counts as `true`; any other value (null, a number, a string) is ignored,
-/// as though the key were absent.
+/// The Segment `integrations` object of an event (its JSON as stored), read for one
+/// destination id (compared exactly): `{"<id>": false}` skips that destination;
+/// `{"All": false}` skips every destination not named with `true`; absent, not JSON, or
+/// `All: true`, sends. A value that is an object (per-destination options, in Segment) counts
+/// as `true`; any other value (null, a number, a string) is ignored, as though the key were
+/// absent.
 pub fn integrations_allow(integrations: &[u8], destination_id: &str) -> bool {
     if integrations.is_empty() {
         return true;
