@@ -1,5 +1,6 @@
 //! The one conversion between `chrono` times and protobuf `Timestamp`s, used by every service,
-//! and the one fast writer of RFC 3339 text ([`rfc3339`]) for times written on every event.
+//! and the one fast writer and reader of RFC 3339 text ([`rfc3339`], [`parse_rfc3339`]) for
+//! times written and read on every event.
 //!
 //! A protobuf timestamp covers 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z with
 //! `nanos` in `0..=999_999_999`. Both directions keep to that:
@@ -10,7 +11,7 @@
 //!   `0..=999_999_999`: the caller decides what that means (ingest rejects the event with
 //!   `invalid_timestamp`; the processor falls back to the receive time).
 
-use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, Timelike, Utc};
 use prost_types::Timestamp;
 
 /// Seconds of 0001-01-01T00:00:00Z, the earliest protobuf timestamp.
@@ -135,6 +136,48 @@ pub fn rfc3339(t: &DateTime<Utc>) -> Rfc3339 {
     out
 }
 
+/// RFC 3339 text as a UTC time, as chrono's `DateTime<Utc>` parses it (and its serde reads it),
+/// `None` where chrono refuses it. The text [`rfc3339`] writes (`2026-11-20T10:00:01.250Z`: the
+/// fraction in 0 to 9 digits, then `Z`) is read directly, without chrono's general parser:
+/// profiles hold several times each and are read on every event. Any other form (an offset,
+/// a space for the `T`, a leap second) goes to chrono.
+pub fn parse_rfc3339(text: &str) -> Option<DateTime<Utc>> {
+    canonical(text.as_bytes()).or_else(|| text.parse().ok())
+}
+
+/// [`parse_rfc3339`]'s direct path: `YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z` with a valid date and time
+/// (second 59 at most), else `None`.
+fn canonical(b: &[u8]) -> Option<DateTime<Utc>> {
+    let num = |range: std::ops::Range<usize>| -> Option<u32> {
+        b.get(range)?.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    if b.len() < 20 || b.last() != Some(&b'Z') {
+        return None;
+    }
+    let fixed = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if fixed.iter().any(|&(i, c)| b[i] != c) {
+        return None;
+    }
+    let nanos = match b.len() {
+        20 => 0,
+        // A dot and 1 to 9 digits before the `Z`.
+        22..=30 if b[19] == b'.' => {
+            let digits = b.len() - 21;
+            num(20..20 + digits)? * 10u32.pow(9 - digits as u32)
+        }
+        _ => return None,
+    };
+    let (second, minute, hour) = (num(17..19)?, num(14..16)?, num(11..13)?);
+    if second > 59 {
+        return None;
+    }
+    NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?
+        .and_hms_nano_opt(hour, minute, second, nanos)
+        .map(|t| t.and_utc())
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{NaiveDate, TimeZone};
@@ -253,6 +296,64 @@ mod tests {
                 rfc3339(&t).as_str(),
                 t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
             );
+        }
+    }
+
+    /// What [`rfc3339`] wrote reads back as the same time, and every text reads as chrono
+    /// reads it, on the direct path or off it.
+    #[test]
+    fn parse_rfc3339_reads_what_chrono_reads() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let span = (MAX_SECONDS - MIN_SECONDS) as u64;
+        for i in 0..20_000 {
+            let secs = MIN_SECONDS + (next() % span) as i64;
+            let nanos = match i % 4 {
+                0 => 0,
+                1 => (next() % 1_000) as u32 * 1_000_000,
+                2 => (next() % 1_000_000) as u32 * 1_000,
+                _ => (next() % 1_000_000_000) as u32,
+            };
+            let t = DateTime::from_timestamp(secs, nanos).expect("in range");
+            let text = rfc3339(&t);
+            assert_eq!(
+                canonical(text.as_str().as_bytes()),
+                Some(t),
+                "{}",
+                text.as_str()
+            );
+            assert_eq!(parse_rfc3339(text.as_str()), Some(t));
+        }
+        let chrono = |s: &str| s.parse::<DateTime<Utc>>().ok();
+        for text in [
+            "2026-11-20T10:00:01Z",
+            "2026-11-20T10:00:01.2Z",
+            "2026-11-20T10:00:01.25Z",
+            "2026-11-20T10:00:01.123456789Z",
+            "2026-11-20T10:00:01.1234567891Z",
+            "2026-11-20T10:00:01.Z",
+            "2026-11-20t10:00:01z",
+            "2026-11-20 10:00:01Z",
+            "2026-11-20T10:00:01+02:00",
+            "2026-11-20T10:00:01.5-05:30",
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.5Z",
+            "2026-02-30T10:00:01Z",
+            "2026-13-01T10:00:01Z",
+            "2026-11-20T24:00:00Z",
+            "2026-11-20T10:60:01Z",
+            "2026-11-2OT10:00:01Z",
+            "+2026-11-20T10:00:01Z",
+            "2026-11-20T10:00:01",
+            "",
+            "Z",
+        ] {
+            assert_eq!(parse_rfc3339(text), chrono(text), "{text:?}");
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use quick_cache::sync::Cache;
-use quick_cache::{OptionsBuilder, Weighter};
+use quick_cache::{Equivalent, OptionsBuilder, Weighter};
 
 use crate::events;
 use bytes::Bytes;
@@ -37,12 +37,70 @@ enum Entry {
     Identity(Arc<str>),
 }
 
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Profile,
+    Identity,
+}
+
+/// An entry's key: a profile id, or an identity's bucket key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    kind: Kind,
+    id: Box<str>,
+}
+
+/// A [`Key`] to look up with, borrowing its text: no allocation per lookup. Hashes as the
+/// `Key` it stands for (the same fields in the same order; `str` hashes as `Box<str>`).
+#[derive(Hash)]
+struct Lookup<'a> {
+    kind: Kind,
+    id: &'a str,
+}
+
+impl Equivalent<Key> for Lookup<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.kind == key.kind && self.id == &*key.id
+    }
+}
+
+impl Key {
+    fn profile(id: &str) -> Self {
+        Self {
+            kind: Kind::Profile,
+            id: id.into(),
+        }
+    }
+
+    fn identity(kv_key: &str) -> Self {
+        Self {
+            kind: Kind::Identity,
+            id: kv_key.into(),
+        }
+    }
+}
+
+fn profile_key(id: &str) -> Lookup<'_> {
+    Lookup {
+        kind: Kind::Profile,
+        id,
+    }
+}
+
+fn identity_key(kv_key: &str) -> Lookup<'_> {
+    Lookup {
+        kind: Kind::Identity,
+        id: kv_key,
+    }
+}
+
 #[derive(Debug, Clone)]
 struct ByBytes;
 
-impl Weighter<String, Entry> for ByBytes {
-    fn weight(&self, key: &String, val: &Entry) -> u64 {
-        let live = heap_bytes(key.len()) as u64
+impl Weighter<Key, Entry> for ByBytes {
+    fn weight(&self, key: &Key, val: &Entry) -> u64 {
+        let live = heap_bytes(key.id.len()) as u64
             + ENTRY_OVERHEAD
             + match val {
                 // The bytes, and the shared buffer's header.
@@ -56,7 +114,7 @@ impl Weighter<String, Entry> for ByBytes {
 
 /// The cache; disabled (every lookup a miss) when its cap is 0.
 pub struct HotCache {
-    inner: Option<Cache<String, Entry, ByBytes>>,
+    inner: Option<Cache<Key, Entry, ByBytes>>,
 }
 
 impl std::fmt::Debug for HotCache {
@@ -125,7 +183,7 @@ impl HotCache {
         if let Some(c) = &self.inner {
             let bytes = Bytes::copy_from_slice(bytes);
             c.insert(
-                profile_key(id),
+                Key::profile(id),
                 Entry::Profile(CachedProfile { revision, bytes }),
             );
             events::CacheSize { bytes: c.weight() }.emit();
@@ -148,7 +206,7 @@ impl HotCache {
     /// Caches that identity `kv_key` maps to `profile_id`.
     pub fn put_identity(&self, kv_key: &str, profile_id: &str) {
         if let Some(c) = &self.inner {
-            c.insert(identity_key(kv_key), Entry::Identity(profile_id.into()));
+            c.insert(Key::identity(kv_key), Entry::Identity(profile_id.into()));
         }
     }
 
@@ -180,14 +238,6 @@ fn heap_bytes(len: usize) -> usize {
     if len == 0 { 0 } else { (len + 15) & !15 }
 }
 
-fn profile_key(id: &str) -> String {
-    format!("p:{id}")
-}
-
-fn identity_key(kv_key: &str) -> String {
-    format!("i:{kv_key}")
-}
-
 #[cfg(test)]
 mod tests {
 
@@ -205,6 +255,23 @@ mod tests {
         assert_eq!(cache.profile("hot").map(|c| c.revision), Some(7));
         cache.forget_profile("hot");
         assert!(cache.profile("hot").is_none());
+    }
+
+    /// Lookups (borrowed keys) find what was put (owned keys), and a profile and an identity
+    /// with the same text are two entries.
+    #[test]
+    fn lookups_find_their_own_kind() {
+        let cache = HotCache::new(1024 * 1024);
+        cache.put_profile("same", 3, b"{}");
+        assert!(!cache.knows_identity("same"));
+        assert!(cache.identity("same").is_none());
+        cache.put_identity("same", "p1");
+        assert_eq!(cache.profile("same").map(|c| c.revision), Some(3));
+        assert_eq!(cache.identity("same").as_deref(), Some("p1"));
+        assert!(cache.knows_identity("same"));
+        cache.forget_identity("same");
+        assert!(cache.identity("same").is_none());
+        assert_eq!(cache.profile("same").map(|c| c.revision), Some(3));
     }
 
     #[test]

@@ -20,7 +20,10 @@ pub struct Timed<T> {
     /// The value.
     pub value: T,
     /// Event time of the statement.
-    #[serde(serialize_with = "crate::profile::ser_time")]
+    #[serde(
+        serialize_with = "crate::profile::ser_time",
+        deserialize_with = "crate::profile::de_time"
+    )]
     pub at: DateTime<Utc>,
 }
 

@@ -16,8 +16,8 @@ use crate::identity::IdentityKey;
 pub const PROFILE_SCHEMA_VERSION: u32 = 1;
 
 /// Serialises a stored time as chrono does, through [`herald_proto::time::rfc3339`] (no
-/// `fmt`, no allocation): a profile holds several, written on every profile write. Reading
-/// stays chrono's.
+/// `fmt`, no allocation): a profile holds several, written on every profile write and read on
+/// every event ([`de_time`]).
 pub(crate) fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     herald_proto::time::rfc3339(t).serialize(s)
 }
@@ -30,6 +30,58 @@ pub(crate) fn ser_opt_time<S: serde::Serializer>(
     t.as_ref().map(herald_proto::time::rfc3339).serialize(s)
 }
 
+/// Reads a stored time as chrono's serde does, through [`herald_proto::time::parse_rfc3339`]
+/// (what [`ser_time`] wrote is read without chrono's general parser).
+pub(crate) fn de_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    d.deserialize_str(StoredTime)
+}
+
+/// [`de_time`] for an optional time (`null` is `None`).
+pub(crate) fn de_opt_time<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<DateTime<Utc>>, D::Error> {
+    d.deserialize_option(OptStoredTime)
+}
+
+/// The visitor of [`de_time`] and [`de_opt_time`]: RFC 3339 text, read in place.
+struct StoredTime;
+
+impl<'de> serde::de::Visitor<'de> for StoredTime {
+    type Value = DateTime<Utc>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an RFC 3339 date and time")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        herald_proto::time::parse_rfc3339(v)
+            .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+    }
+}
+
+/// [`StoredTime`] where the time may be `null`.
+struct OptStoredTime;
+
+impl<'de> serde::de::Visitor<'de> for OptStoredTime {
+    type Value = Option<DateTime<Utc>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an RFC 3339 date and time, or null")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        de_time(d).map(Some)
+    }
+}
+
 /// A trait value with the event time it was set at; a deleted trait keeps its deletion time so
 /// that an older set arriving late does not bring it back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,7 +89,7 @@ pub struct TraitValue {
     /// The value (JSON); `null` when deleted.
     pub value: Value,
     /// Event time of the event that set (or deleted) it.
-    #[serde(serialize_with = "ser_time")]
+    #[serde(serialize_with = "ser_time", deserialize_with = "de_time")]
     pub at: DateTime<Utc>,
     /// True when the trait was deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -53,7 +105,7 @@ pub struct Profile {
     pub id: String,
     /// Event time of the event that created the profile. It never changes and, with the id,
     /// orders merges: the older profile survives.
-    #[serde(serialize_with = "ser_time")]
+    #[serde(serialize_with = "ser_time", deserialize_with = "de_time")]
     pub created_at: DateTime<Utc>,
     /// Set when this profile merged into another: it is then only a redirect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,14 +117,16 @@ pub struct Profile {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        serialize_with = "ser_opt_time"
+        serialize_with = "ser_opt_time",
+        deserialize_with = "de_opt_time"
     )]
     pub first_seen: Option<DateTime<Utc>>,
     /// Latest event time seen.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        serialize_with = "ser_opt_time"
+        serialize_with = "ser_opt_time",
+        deserialize_with = "de_opt_time"
     )]
     pub last_seen: Option<DateTime<Utc>>,
     /// Identities linked to the profile, in the order they were linked.
@@ -94,7 +148,7 @@ pub struct Profile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<String>,
     /// Wall-clock time of the last write.
-    #[serde(serialize_with = "ser_time")]
+    #[serde(serialize_with = "ser_time", deserialize_with = "de_time")]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -359,5 +413,47 @@ mod tests {
         assert!(json.contains("\"schema_version\":1"), "{json}");
         let back: Profile = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, a);
+    }
+
+    /// Stored times read as chrono reads them, in the form Herald writes and in others
+    /// (an older writer, a hand-edited value), and a text that is no time is refused.
+    #[test]
+    fn stored_times_read_as_chrono_reads_them() {
+        let chrono = |s: &str| s.parse::<DateTime<Utc>>().expect("chrono reads it");
+        let stored = |created: &str, seen: &str, at: &str| {
+            format!(
+                r#"{{"schema_version":1,"id":"p","created_at":"{created}","first_seen":"{seen}",
+                "last_seen":null,"traits":{{"plan":{{"value":"pro","at":"{at}"}}}},
+                "consent":{{"purposes":{{"ads":{{"value":true,"at":"{at}"}}}}}},
+                "updated_at":"{created}"}}"#
+            )
+        };
+        for (created, seen, at) in [
+            (
+                "2026-11-20T10:00:01Z",
+                "2026-11-20T10:00:01.250Z",
+                "2026-11-20T10:00:01.123456789Z",
+            ),
+            (
+                "2026-11-20T12:00:01+02:00",
+                "2026-11-20 10:00:01.5Z",
+                "2016-12-31T23:59:60.5Z",
+            ),
+        ] {
+            let p: Profile = serde_json::from_str(&stored(created, seen, at)).expect("reads");
+            assert_eq!(p.created_at, chrono(created));
+            assert_eq!(p.updated_at, chrono(created));
+            assert_eq!(p.first_seen, Some(chrono(seen)));
+            assert_eq!(p.last_seen, None);
+            assert_eq!(p.traits["plan"].at, chrono(at));
+            assert_eq!(p.consent.purposes["ads"].at, chrono(at));
+        }
+        let err = serde_json::from_str::<Profile>(&stored(
+            "2026-02-30T10:00:01Z",
+            "2026-11-20T10:00:01Z",
+            "2026-11-20T10:00:01Z",
+        ))
+        .expect_err("no such day");
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
     }
 }
