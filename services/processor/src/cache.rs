@@ -65,18 +65,12 @@ impl Equivalent<Key> for Lookup<'_> {
     }
 }
 
-impl Key {
-    fn profile(id: &str) -> Self {
-        Self {
-            kind: Kind::Profile,
-            id: id.into(),
-        }
-    }
-
-    fn identity(kv_key: &str) -> Self {
-        Self {
-            kind: Kind::Identity,
-            id: kv_key.into(),
+impl Lookup<'_> {
+    /// The owned key it stands for, to insert with.
+    fn to_key(&self) -> Key {
+        Key {
+            kind: self.kind,
+            id: self.id.into(),
         }
     }
 }
@@ -183,7 +177,7 @@ impl HotCache {
         if let Some(c) = &self.inner {
             let bytes = Bytes::copy_from_slice(bytes);
             c.insert(
-                Key::profile(id),
+                profile_key(id).to_key(),
                 Entry::Profile(CachedProfile { revision, bytes }),
             );
             events::CacheSize { bytes: c.weight() }.emit();
@@ -206,7 +200,10 @@ impl HotCache {
     /// Caches that identity `kv_key` maps to `profile_id`.
     pub fn put_identity(&self, kv_key: &str, profile_id: &str) {
         if let Some(c) = &self.inner {
-            c.insert(Key::identity(kv_key), Entry::Identity(profile_id.into()));
+            c.insert(
+                identity_key(kv_key).to_key(),
+                Entry::Identity(profile_id.into()),
+            );
         }
     }
 
