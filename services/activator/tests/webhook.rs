@@ -297,25 +297,131 @@ async fn an_allowed_host_name_is_delivered_to() -> Result<()> {
     Ok(())
 }
 
-/// A server on loopback that answers every request with a redirect to `location`.
+/// A server on loopback that answers every request with a 307 redirect to `location`.
 async fn redirecting_server(location: &'static str) -> Result<String> {
+    redirecting_with(307, location.to_string()).await
+}
+
+/// A server on loopback that answers every request with `status` and `location`.
+async fn redirecting_with(status: u16, location: String) -> Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    serve_redirects(listener, status, location);
+    Ok(format!("http://{addr}/hook"))
+}
+
+/// Answers every request on `listener` with `status` and `location`.
+fn serve_redirects(listener: tokio::net::TcpListener, status: u16, location: String) {
+    let location: Arc<str> = location.into();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
+            let location = location.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
                 // The request (headers and the small body) arrives in one read here.
                 let _ = conn.read(&mut buf).await;
                 let res = format!(
-                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: {location}\r\n\
+                    "HTTP/1.1 {status} Redirect\r\nlocation: {location}\r\n\
                      content-length: 0\r\nconnection: close\r\n\r\n"
                 );
                 let _ = conn.write_all(res.as_bytes()).await;
             });
         }
     });
-    Ok(format!("http://{addr}/hook"))
+}
+
+#[tokio::test]
+async fn redirects_are_followed_as_their_status_says_without_credentials() -> Result<()> {
+    let hook = WebhookServer::start().await?;
+    // (status, method that arrives, whether the body goes on)
+    let cases = [
+        (307, "POST", true),
+        (308, "POST", true),
+        (303, "GET", false),
+        (302, "GET", false),
+        (301, "GET", false),
+    ];
+    for (i, (status, method, with_body)) in cases.into_iter().enumerate() {
+        // The server's port differs from the hook's: another origin.
+        let url = redirecting_with(status, format!("{}/moved?n={i}", hook.base_url())).await?;
+        let mut cfg = webhook(&url);
+        cfg.headers = BTreeMap::from([
+            ("Authorization".to_string(), Secret("Bearer t0ken".into())),
+            ("X-Tenant".to_string(), Secret("acme".into())),
+        ]);
+        let sender = sender_of(&cfg, &loopback())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let key = format!("ev-{i}");
+        sender
+            .send(&key, &Bytes::from_static(br#"{"a":1}"#))
+            .await
+            .with_context(|| format!("{status} is followed"))?;
+        hook.wait_for(i + 1, TIMEOUT).await?;
+        let got = hook.requests()[i].clone();
+        assert_eq!(got.method, method, "{status}");
+        assert_eq!(got.path, format!("/moved?n={i}"), "{status}");
+        assert_eq!(!got.raw.is_empty(), with_body, "{status}: {:?}", got.raw);
+        assert_eq!(
+            got.header("idempotency-key"),
+            Some(key.as_str()),
+            "{status}"
+        );
+        assert_eq!(got.header("x-tenant"), Some("acme"), "{status}");
+        assert_eq!(
+            got.header("authorization"),
+            None,
+            "{status}: credentials do not follow a redirect to another origin"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redirect_loop_ends_after_ten_redirects() -> Result<()> {
+    // A server that sends every request back to itself.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    serve_redirects(listener, 307, url.clone());
+    let sender = sender_of(&webhook(&url), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let err = failure(&sender).await;
+    assert_eq!(
+        (err.kind(), err.class()),
+        ("http", FailureClass::Transient),
+        "{err}"
+    );
+    assert!(err.to_string().contains("more than 10 redirects"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_destination_that_does_not_answer_times_out() -> Result<()> {
+    // Accepts and reads, never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            open.push(conn);
+        }
+    });
+    let mut cfg = webhook(&format!("http://{addr}/hook"));
+    cfg.timeout_ms = Some(300);
+    let sender = sender_of(&cfg, &loopback())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let started = std::time::Instant::now();
+    let err = failure(&sender).await;
+    assert_eq!(
+        (err.kind(), err.class()),
+        ("timeout", FailureClass::Transient),
+        "{err}"
+    );
+    assert!(err.to_string().contains("300 ms"), "{err}");
+    assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
+    Ok(())
 }
 
 #[tokio::test]

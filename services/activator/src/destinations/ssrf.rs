@@ -8,11 +8,15 @@
 //! that later resolves elsewhere (DNS rebinding) is still caught). An IP-literal URL is not
 //! resolved, so it is checked directly, at start and on every redirect.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use hyper_util::client::legacy::connect::dns::Name;
 use ipnet::IpNet;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use url::Url;
 
 /// The setting that allows refused ranges, as named in errors.
 pub const ALLOW_SETTING: &str = "activator.allow_private_networks";
@@ -115,7 +119,7 @@ impl NetworkGuard {
 
     /// Checks an IP-literal URL's address; a URL with a host name passes (the resolver checks
     /// it at connect time).
-    pub fn check_literal(&self, url: &reqwest::Url) -> Result<(), Refused> {
+    pub fn check_literal(&self, url: &Url) -> Result<(), Refused> {
         match ip_literal(url) {
             Some(addr) => self.check(&addr.to_string(), addr),
             None => Ok(()),
@@ -125,7 +129,7 @@ impl NetworkGuard {
     /// The start-time check: an IP literal is checked directly, a host name is resolved and
     /// refused if any of its addresses is. A name that does not resolve now passes (the
     /// connect-time check still applies).
-    pub async fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
+    pub async fn check_url(&self, url: &Url) -> Result<(), Refused> {
         self.check_literal(url)?;
         let Some(host) = url.host_str().filter(|_| ip_literal(url).is_none()) else {
             return Ok(());
@@ -142,7 +146,7 @@ impl NetworkGuard {
 }
 
 /// The address of an IP-literal URL (`http://10.0.0.1/`, `http://[::1]/`).
-fn ip_literal(url: &reqwest::Url) -> Option<IpAddr> {
+fn ip_literal(url: &Url) -> Option<IpAddr> {
     let host = url.host_str()?;
     host.strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
@@ -165,8 +169,20 @@ impl GuardedResolver {
     }
 }
 
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
+/// What a resolution fails with: the system's error, or [`Refused`] (found again by walking
+/// the client error's sources).
+type ResolveError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = ResolveError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ResolveError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ResolveError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let guard = self.guard.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
@@ -185,7 +201,7 @@ impl Resolve for GuardedResolver {
                 .collect();
             match (allowed.is_empty(), refused) {
                 (true, Some(e)) => Err(e.into()),
-                _ => Ok(Box::new(allowed.into_iter()) as Addrs),
+                _ => Ok(allowed.into_iter()),
             }
         })
     }
@@ -281,15 +297,16 @@ mod tests {
     #[tokio::test]
     async fn the_resolver_drops_refused_addresses_at_connect_time() {
         let name = || "localhost".parse::<Name>().unwrap();
+        use tower_service::Service;
         let refused = GuardedResolver::new(Arc::new(NetworkGuard::new(&[])))
-            .resolve(name())
+            .call(name())
             .await;
-        let err = refused.err().expect("localhost is refused").to_string();
+        let err = refused.expect_err("localhost is refused").to_string();
         assert!(err.contains("localhost resolves to"), "{err}");
 
         let allowed = ["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
         let addrs: Vec<SocketAddr> = GuardedResolver::new(Arc::new(NetworkGuard::new(&allowed)))
-            .resolve(name())
+            .call(name())
             .await
             .expect("allowed")
             .collect();

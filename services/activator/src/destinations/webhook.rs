@@ -9,14 +9,20 @@
 //! rejects an old `t` to stop replays. Every attempt is signed afresh.
 
 use std::sync::Arc;
-
-use bytes::Bytes;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use herald_common::config::Secret;
 use hmac::{Hmac, Mac};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sha2::Sha256;
+use url::Url;
 
 use super::ssrf::{GuardedResolver, NetworkGuard, Refused};
 use super::{BODY_EXCERPT_BYTES, SendError};
@@ -31,17 +37,36 @@ const RESERVED_HEADERS: [&str; 5] = [
     "herald-signature",
 ];
 
+/// Headers not sent on after a redirect to another origin (scheme, host and port).
+const CROSS_ORIGIN_DROPPED: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::PROXY_AUTHORIZATION,
+    header::WWW_AUTHENTICATE,
+];
+
 /// Most redirects a send follows (each one checked by the SSRF guard).
 const MAX_REDIRECTS: usize = 10;
 
+/// The HTTP client: hyper's pooled client over TLS (rustls, webpki roots) or plain TCP, whose
+/// connector resolves through the SSRF guard.
+type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+
 /// Sends events to an HTTP endpoint.
 pub struct WebhookSender {
-    client: reqwest::Client,
+    /// Boxed: the client's settings are large, and senders sit in an enum.
+    client: Box<HttpClient>,
     url: String,
-    /// `url` parsed once, so a send does not parse it again.
-    parsed: reqwest::Url,
+    /// `url` parsed once, for redirects and the guard.
+    parsed: Url,
+    /// `url` as the request target, parsed once, so a send does not parse it again.
+    uri: Uri,
+    /// The destination's own headers, then `user-agent` and `content-type`.
     headers: HeaderMap,
     secret: Option<Secret>,
+    /// The longest a send takes, redirects and all.
+    timeout: Duration,
+    guard: Arc<NetworkGuard>,
 }
 
 impl WebhookSender {
@@ -54,7 +79,9 @@ impl WebhookSender {
         guard: &Arc<NetworkGuard>,
     ) -> Result<Self, String> {
         let url = cfg.url.clone();
-        let parsed = reqwest::Url::parse(&url)
+        let parsed = Url::parse(&url)
+            .map_err(|e| format!("webhook destination {id:?}: invalid url {url:?}: {e}"))?;
+        let uri = target(&parsed)
             .map_err(|e| format!("webhook destination {id:?}: invalid url {url:?}: {e}"))?;
         guard
             .check_url(&parsed)
@@ -73,80 +100,176 @@ impl WebhookSender {
             value.set_sensitive(true);
             headers.insert(header, value);
         }
-        let redirect_guard = guard.clone();
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.timeout_ms))
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .dns_resolver(Arc::new(GuardedResolver::new(guard.clone())))
-            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                // Host names are checked by the resolver; IP literals are not resolved.
-                if let Err(refused) = redirect_guard.check_literal(attempt.url()) {
-                    attempt.error(refused)
-                } else if attempt.previous().len() > MAX_REDIRECTS {
-                    attempt.error("too many redirects")
-                } else {
-                    attempt.follow()
-                }
-            }))
-            .build()
-            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        if !headers.contains_key(header::USER_AGENT) {
+            headers.insert(
+                header::USER_AGENT,
+                HeaderValue::from_static(concat!("herald/", env!("CARGO_PKG_VERSION"))),
+            );
+        }
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(guard.clone()));
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("webhook destination {id:?}: cannot set up TLS: {e}"))?
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Box::new(
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(https),
+        );
         Ok(Self {
             client,
             url,
             parsed,
+            uri,
             headers,
             secret: cfg.secret.clone(),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            guard: guard.clone(),
         })
     }
 
     /// POSTs one request (one event, or a batch `{"batch":[...]}`) with `key` as its
     /// `Idempotency-Key`. 2xx is success; anything else is a [`SendError`] whose class says
-    /// whether to try again, with the start of the answer's body.
+    /// whether to try again, with the start of the answer's body. The whole send, redirects
+    /// and the body of a failed answer included, takes at most the destination's timeout.
     pub async fn send(&self, key: &str, body: &Bytes) -> Result<(), SendError> {
-        let mut req = self.client.post(self.parsed.clone());
-        if !self.headers.is_empty() {
-            req = req.headers(self.headers.clone());
+        match tokio::time::timeout(self.timeout, self.exchange(key, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(SendError::Timeout {
+                url: self.url.clone(),
+                message: format!("no answer within {} ms", self.timeout.as_millis()),
+            }),
         }
-        let mut req = req
-            .header("content-type", "application/json")
-            .header("idempotency-key", key);
+    }
+
+    /// [`Self::send`] without its deadline: follows redirects (301, 302 and 303 go on as a GET
+    /// without the body; 307 and 308 repeat the POST).
+    async fn exchange(&self, key: &str, body: &Bytes) -> Result<(), SendError> {
+        let key = HeaderValue::from_bytes(key.as_bytes()).map_err(|_| SendError::Network {
+            url: self.url.clone(),
+            connect: false,
+            message: format!("the idempotency key {key:?} is not a valid header value"),
+        })?;
+        let mut method = Method::POST;
+        let mut body = body.clone();
+        let mut uri = self.uri.clone();
+        // The URL redirected to, once there is one.
+        let mut at: Option<Url> = None;
+        let mut cross_origin = false;
+        for _ in 0..=MAX_REDIRECTS {
+            let req = self.request(method.clone(), uri, &key, body.clone(), cross_origin);
+            let res = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| self.request_error(&e))?;
+            let status = res.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            if let Some(location) = redirect_location(status, res.headers()) {
+                let from = at.as_ref().unwrap_or(&self.parsed);
+                let next = self.follow(from, location)?;
+                cross_origin |= next.origin() != self.parsed.origin();
+                if matches!(status.as_u16(), 301..=303) {
+                    method = Method::GET;
+                    body = Bytes::new();
+                }
+                uri =
+                    target(&next).map_err(|e| self.network(format!("redirect to {next}: {e}")))?;
+                at = Some(next);
+                continue;
+            }
+            let retry_after = res
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let body = body_excerpt(res.into_body()).await;
+            return Err(SendError::Status {
+                url: self.url.clone(),
+                status: status.as_u16(),
+                retry_after,
+                body,
+            });
+        }
+        Err(self.network(format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    /// One request: the destination's headers (but for credentials after a redirect to
+    /// another origin), the key and, with a secret, a fresh signature of `body`.
+    fn request(
+        &self,
+        method: Method,
+        uri: Uri,
+        key: &HeaderValue,
+        body: Bytes,
+        cross_origin: bool,
+    ) -> Request<Full<Bytes>> {
+        let mut headers = self.headers.clone();
+        if cross_origin {
+            for name in &CROSS_ORIGIN_DROPPED {
+                headers.remove(name);
+            }
+        }
+        headers.insert(HeaderName::from_static("idempotency-key"), key.clone());
         if let Some(secret) = &self.secret {
             let t = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs();
-            req = req.header(
-                "herald-signature",
-                signature(secret.expose().as_bytes(), t, body),
-            );
+            let signature = signature(secret.expose().as_bytes(), t, &body);
+            if let Ok(value) = HeaderValue::from_str(&signature) {
+                headers.insert(HeaderName::from_static("herald-signature"), value);
+            }
         }
-        let res = req
-            .body(body.clone())
-            .send()
-            .await
-            .map_err(|e| self.request_error(e))?;
-        let status = res.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let retry_after = res
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let body = body_excerpt(res).await;
-        Err(SendError::Status {
-            url: self.url.clone(),
-            status: status.as_u16(),
-            retry_after,
-            body,
-        })
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req
     }
 
-    fn request_error(&self, e: reqwest::Error) -> SendError {
+    /// Where a redirect from `from` to `location` leads, if the guard and the scheme allow it.
+    fn follow(&self, from: &Url, location: &str) -> Result<Url, SendError> {
+        let next = from
+            .join(location)
+            .map_err(|e| self.network(format!("redirect to {location:?}: {e}")))?;
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(self.network(format!("redirect to {next}: not an http(s) URL")));
+        }
+        // Host names are checked by the resolver; IP literals are not resolved.
+        self.guard
+            .check_literal(&next)
+            .map_err(|refused| SendError::Refused {
+                url: self.url.clone(),
+                refused,
+            })?;
+        Ok(next)
+    }
+
+    fn network(&self, message: String) -> SendError {
+        SendError::Network {
+            url: self.url.clone(),
+            connect: false,
+            message,
+        }
+    }
+
+    fn request_error(&self, e: &hyper_util::client::legacy::Error) -> SendError {
         let url = self.url.clone();
-        // A refusal of the guard (resolver or redirect) is somewhere in the error's sources.
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        // A refusal of the guard's resolver is somewhere in the error's sources.
+        let mut message = e.to_string();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
         while let Some(s) = source {
             if let Some(refused) = s.downcast_ref::<Refused>() {
                 return SendError::Refused {
@@ -154,28 +277,41 @@ impl WebhookSender {
                     refused: refused.clone(),
                 };
             }
+            message.push_str(": ");
+            message.push_str(&s.to_string());
             source = s.source();
         }
-        let message = e.to_string();
-        if e.is_timeout() {
-            SendError::Timeout { url, message }
-        } else {
-            SendError::Network {
-                url,
-                connect: e.is_connect(),
-                message,
-            }
+        SendError::Network {
+            url,
+            connect: e.is_connect(),
+            message,
         }
     }
 }
 
+/// `url` as a request target.
+fn target(url: &Url) -> Result<Uri, http::uri::InvalidUri> {
+    url.as_str().parse()
+}
+
+/// The `Location` of a redirect this sender follows.
+fn redirect_location(status: StatusCode, headers: &HeaderMap) -> Option<&str> {
+    matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308)
+        .then(|| headers.get(header::LOCATION)?.to_str().ok())
+        .flatten()
+}
+
 /// The first [`BODY_EXCERPT_BYTES`] of an answer's body, as text cut at a character boundary
 /// (reads no more of the body than that).
-async fn body_excerpt(mut res: reqwest::Response) -> String {
+async fn body_excerpt(mut body: hyper::body::Incoming) -> String {
     let mut buf: Vec<u8> = Vec::new();
     while buf.len() < BODY_EXCERPT_BYTES {
-        match res.chunk().await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    buf.extend_from_slice(data);
+                }
+            }
             _ => break,
         }
     }
