@@ -78,6 +78,16 @@ impl WebhookSender {
         cfg: &WebhookSettings,
         guard: &Arc<NetworkGuard>,
     ) -> Result<Self, String> {
+        Self::with_roots(id, cfg, guard, None).await
+    }
+
+    /// [`Self::new`], trusting `roots` instead of the webpki roots (Mozilla's) when given.
+    async fn with_roots(
+        id: &str,
+        cfg: &WebhookSettings,
+        guard: &Arc<NetworkGuard>,
+        roots: Option<rustls::RootCertStore>,
+    ) -> Result<Self, String> {
         let url = cfg.url.clone();
         let parsed = Url::parse(&url)
             .map_err(|e| format!("webhook destination {id:?}: invalid url {url:?}: {e}"))?;
@@ -113,9 +123,23 @@ impl WebhookSender {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(guard.clone()));
         http.enforce_http(false);
         http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("webhook destination {id:?}: cannot set up TLS: {e}"))?
+        let tls_error =
+            |e: rustls::Error| format!("webhook destination {id:?}: cannot set up TLS: {e}");
+        let ring = rustls::crypto::ring::default_provider();
+        let tls = hyper_rustls::HttpsConnectorBuilder::new();
+        let tls = match roots {
+            None => tls
+                .with_provider_and_webpki_roots(ring)
+                .map_err(tls_error)?,
+            Some(roots) => tls.with_tls_config(
+                rustls::ClientConfig::builder_with_provider(Arc::new(ring))
+                    .with_safe_default_protocol_versions()
+                    .map_err(tls_error)?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            ),
+        };
+        let https = tls
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
@@ -359,6 +383,118 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A test CA and a certificate it signed for `localhost` and `127.0.0.1`, valid 2026 to
+    /// 2126, with its key (made with `openssl ca`; for these tests only).
+    const TEST_CA: &[u8] = include_bytes!("testdata/ca.crt");
+    const LOCALHOST_CERT: &[u8] = include_bytes!("testdata/localhost.crt");
+    const LOCALHOST_KEY: &[u8] = include_bytes!("testdata/localhost.key");
+
+    /// An HTTPS server on loopback, HTTP/1.1 over rustls, that answers every request 200 and
+    /// sends each request's head (up to the blank line) on the channel.
+    async fn https_server() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let cert = CertificateDer::from_pem_slice(LOCALHOST_CERT).expect("certificate");
+        let key = PrivateKeyDer::from_pem_slice(LOCALHOST_KEY).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (heads, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, heads) = (acceptor.clone(), heads.clone());
+                tokio::spawn(async move {
+                    // A refused handshake (the client does not trust us) just ends here.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while let Ok(n) = tls.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let _ = heads.send(text[..end].to_string());
+                            break;
+                        }
+                    }
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    fn loopback() -> Arc<NetworkGuard> {
+        let nets = [
+            "127.0.0.0/8".parse().expect("CIDR"),
+            "::1/128".parse().expect("CIDR"),
+        ];
+        Arc::new(NetworkGuard::new(&nets))
+    }
+
+    fn settings(url: String) -> WebhookSettings {
+        WebhookSettings {
+            url,
+            timeout_ms: 5_000,
+            batch_max: 1,
+            headers: Default::default(),
+            secret: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn https_is_sent_over_tls_to_a_trusted_server_only() {
+        let (port, mut heads) = https_server().await;
+        for host in ["localhost", "127.0.0.1"] {
+            let cfg = settings(format!("https://{host}:{port}/hook"));
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(TEST_CA).expect("CA"))
+                .expect("CA added");
+            let trusting = WebhookSender::with_roots("hook", &cfg, &loopback(), Some(roots))
+                .await
+                .expect("sender");
+            trusting
+                .send("ev-1", &Bytes::from_static(b"{}"))
+                .await
+                .unwrap_or_else(|e| panic!("{host}: {e}"));
+            let head = heads.recv().await.expect("a request arrived");
+            assert!(head.starts_with("POST /hook HTTP/1.1"), "{head}");
+            assert!(head.contains("idempotency-key: ev-1"), "{head}");
+
+            // The webpki roots do not hold the test CA: the handshake is refused, as a
+            // transient connect failure naming the certificate.
+            let default = WebhookSender::new("hook", &cfg, &loopback())
+                .await
+                .expect("sender");
+            let err = default
+                .send("ev-2", &Bytes::from_static(b"{}"))
+                .await
+                .expect_err("an unknown issuer is refused");
+            assert_eq!(err.kind(), "connect", "{host}: {err}");
+            assert!(err.to_string().contains("certificate"), "{host}: {err}");
+        }
+    }
 
     #[test]
     fn retry_after_takes_seconds_and_http_dates() {
