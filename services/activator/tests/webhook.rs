@@ -50,6 +50,18 @@ async fn failure(sender: &Sender) -> SendError {
         .expect_err("the send fails")
 }
 
+/// The sender of a plain webhook to `url`, loopback allowed.
+async fn loopback_sender(url: &str) -> Result<Sender> {
+    sender_of(&webhook(url), &loopback())
+        .await
+        .map_err(anyhow::Error::msg)
+}
+
+/// Checks a failure's kind and class.
+fn assert_fails_as(err: &SendError, kind: &str, class: FailureClass) {
+    assert_eq!((err.kind(), err.class()), (kind, class), "{err}");
+}
+
 #[tokio::test]
 async fn requests_carry_the_headers_and_a_signature_that_verifies() -> Result<()> {
     let hook = WebhookServer::start().await?;
@@ -115,9 +127,7 @@ async fn requests_carry_the_headers_and_a_signature_that_verifies() -> Result<()
 #[tokio::test]
 async fn without_a_secret_there_is_no_signature() -> Result<()> {
     let hook = WebhookServer::start().await?;
-    let sender = sender_of(&webhook(&hook.url()), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sender = loopback_sender(&hook.url()).await?;
     sender.send("ev-1", &Bytes::from_static(b"{}")).await?;
     let got = hook.wait_for(1, TIMEOUT).await?;
     assert_eq!(got[0].header("herald-signature"), None);
@@ -147,9 +157,7 @@ async fn herald_headers_cannot_be_configured() -> Result<()> {
 #[tokio::test]
 async fn statuses_are_classified_transient_or_permanent() -> Result<()> {
     let hook = WebhookServer::start().await?;
-    let sender = sender_of(&webhook(&hook.url()), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sender = loopback_sender(&hook.url()).await?;
     let cases = [
         (400, "http_4xx", FailureClass::Permanent),
         (401, "http_4xx", FailureClass::Permanent),
@@ -174,24 +182,16 @@ async fn statuses_are_classified_transient_or_permanent() -> Result<()> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?
     };
-    let down = sender_of(&webhook(&format!("http://{closed}/hook")), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let down = loopback_sender(&format!("http://{closed}/hook")).await?;
     let err = failure(&down).await;
-    assert_eq!(
-        (err.kind(), err.class()),
-        ("connect", FailureClass::Transient),
-        "{err}"
-    );
+    assert_fails_as(&err, "connect", FailureClass::Transient);
     Ok(())
 }
 
 #[tokio::test]
 async fn retry_after_is_read_as_seconds_and_as_an_http_date() -> Result<()> {
     let hook = WebhookServer::start().await?;
-    let sender = sender_of(&webhook(&hook.url()), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sender = loopback_sender(&hook.url()).await?;
     hook.set_failing(429);
     hook.set_retry_after(Some("7"));
     assert_eq!(
@@ -289,9 +289,7 @@ async fn the_activator_refuses_to_start_with_a_refused_webhook() -> Result<()> {
 async fn an_allowed_host_name_is_delivered_to() -> Result<()> {
     let hook = WebhookServer::start().await?;
     let url = hook.url().replace("127.0.0.1", "localhost");
-    let sender = sender_of(&webhook(&url), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sender = loopback_sender(&url).await?;
     sender.send("ev-1", &Bytes::from_static(b"{}")).await?;
     hook.wait_for(1, TIMEOUT).await?;
     Ok(())
@@ -383,15 +381,9 @@ async fn a_redirect_loop_ends_after_ten_redirects() -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/hook", listener.local_addr()?);
     serve_redirects(listener, 307, url.clone());
-    let sender = sender_of(&webhook(&url), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sender = loopback_sender(&url).await?;
     let err = failure(&sender).await;
-    assert_eq!(
-        (err.kind(), err.class()),
-        ("http", FailureClass::Transient),
-        "{err}"
-    );
+    assert_fails_as(&err, "http", FailureClass::Transient);
     assert!(err.to_string().contains("more than 10 redirects"), "{err}");
     Ok(())
 }
@@ -414,11 +406,7 @@ async fn a_destination_that_does_not_answer_times_out() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let started = std::time::Instant::now();
     let err = failure(&sender).await;
-    assert_eq!(
-        (err.kind(), err.class()),
-        ("timeout", FailureClass::Transient),
-        "{err}"
-    );
+    assert_fails_as(&err, "timeout", FailureClass::Transient);
     assert!(err.to_string().contains("300 ms"), "{err}");
     assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
     Ok(())
@@ -427,15 +415,9 @@ async fn a_destination_that_does_not_answer_times_out() -> Result<()> {
 #[tokio::test]
 async fn a_redirect_to_an_internal_address_is_refused_at_send_time() -> Result<()> {
     let url = redirecting_server("http://169.254.169.254/latest/meta-data").await?;
-    let sender = sender_of(&webhook(&url), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sender = loopback_sender(&url).await?;
     let err = failure(&sender).await;
-    assert_eq!(
-        (err.kind(), err.class()),
-        ("refused_address", FailureClass::Permanent),
-        "{err}"
-    );
+    assert_fails_as(&err, "refused_address", FailureClass::Permanent);
     assert!(err.to_string().contains("169.254.169.254"), "{err}");
     Ok(())
 }
@@ -446,9 +428,7 @@ async fn answered_requests_keep_their_connection() -> Result<()> {
     // read on success: the connection must still go back to the pool, so the next request
     // reuses it instead of opening (for HTTPS: handshaking) a new one per event.
     let hook = WebhookServer::start().await?;
-    let sender = sender_of(&webhook(&hook.url()), &loopback())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sender = loopback_sender(&hook.url()).await?;
     for i in 0..10 {
         sender
             .send(&format!("ev-{i}"), &Bytes::from_static(b"{}"))
