@@ -67,6 +67,8 @@ pub(crate) struct DestinationStats {
 
 struct Item {
     msg: Message,
+    /// Its delivery count is above 1 (read once from the ack subject).
+    redelivered: bool,
     event: ProcessedEvent,
     event_id: String,
     /// Its JSON as the destination gets it (shared, not copied, by each attempt's request).
@@ -206,6 +208,8 @@ pub(crate) struct Delivery {
     pub sender: Arc<Sender>,
     /// The destination's delivery counters on this replica.
     pub stats: Arc<DestinationStats>,
+    /// The destination's per-request metric series.
+    pub metrics: events::DestinationMetrics,
     /// The destination's requests in flight on this replica ([`InFlight`]), shared by all
     /// its consumer loops (one per partition of an ordered destination), replays and redrives:
     /// at most `max_concurrent_keys` at once, so a webhook gets at most that many connections
@@ -257,6 +261,7 @@ impl Delivery {
             },
             sender: Arc::new(sender),
             stats,
+            metrics: events::DestinationMetrics::new(&record.id),
             in_flight: deps.in_flight.of(&record.id, deps.cfg.max_concurrent_keys),
             policy: RetryPolicy::of(record, &deps.cfg),
             dlq: DeadLetters::new(deps.js.clone(), &deps.topology, &record.id),
@@ -579,7 +584,7 @@ impl Delivery {
         record.state() != DeliveryState::Delivered
             || self.records_delivered
             || record.attempts > 2
-            || item.msg.info().is_ok_and(|i| i.delivered > 1)
+            || item.redelivered
     }
 
     /// Counts an outcome and returns its delivery-status record; a dead letter is written
@@ -597,7 +602,7 @@ impl Delivery {
         Some(match outcome {
             Outcome::Delivered(tried) => {
                 events::Delivered {
-                    destination,
+                    metrics: &self.metrics,
                     freshness: freshness(&item.event),
                 }
                 .emit();
@@ -706,8 +711,8 @@ impl Delivery {
                 Ok(()) => {
                     self.breaker_changed(self.breaker.record(permit, breaker::Result::Success));
                     events::Attempted {
-                        destination,
-                        class: "success",
+                        metrics: &self.metrics,
+                        class: events::AttemptClass::Success,
                     }
                     .emit();
                     return Some(
@@ -723,8 +728,8 @@ impl Delivery {
             self.breaker_changed(self.breaker.record(permit, breaker::Result::Failure(class)));
             self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
             events::Attempted {
-                destination,
-                class: class.as_str(),
+                metrics: &self.metrics,
+                class: class.into(),
             }
             .emit();
             tried.failure = Some(LastFailure {
@@ -842,6 +847,7 @@ impl Delivery {
         let (destination, filter) = (self.destination.as_str(), &self.filter);
         let mut items = Vec::with_capacity(batch.len());
         for msg in batch {
+            let redelivered = msg.info().is_ok_and(|i| i.delivered > 1);
             let processed = match ProcessedEvent::decode(msg.payload.as_ref()) {
                 Ok(p) => p,
                 Err(_) => {
@@ -877,6 +883,7 @@ impl Delivery {
                 };
                 items.push(Item {
                     msg,
+                    redelivered,
                     event_id: erasure.request_id.clone(),
                     body,
                     erasure: Some(erasure),
@@ -907,7 +914,7 @@ impl Delivery {
                 let _ = msg.ack().await;
                 continue;
             }
-            if self.already_delivered(&msg, &event_id).await {
+            if redelivered && self.already_delivered(&event_id).await {
                 events::Skipped {
                     destination,
                     reason: "already_delivered",
@@ -918,6 +925,7 @@ impl Delivery {
             }
             items.push(Item {
                 msg,
+                redelivered,
                 erasure: None,
                 event: processed,
                 event_id,
@@ -927,10 +935,10 @@ impl Delivery {
         items
     }
 
-    /// Whether `msg` is a redelivery (delivery count above 1) of an event whose delivery status
-    /// says delivered. Only redeliveries are looked up; a failed read counts as not delivered.
-    async fn already_delivered(&self, msg: &Message, event_id: &str) -> bool {
-        if !self.status.enabled() || msg.info().map_or(true, |i| i.delivered <= 1) {
+    /// Whether the delivery status of a redelivered event says delivered (only redeliveries
+    /// are looked up); a failed read counts as not delivered.
+    async fn already_delivered(&self, event_id: &str) -> bool {
+        if !self.status.enabled() {
             return false;
         }
         match self.status.read(event_id, &self.destination).await {
@@ -1219,6 +1227,7 @@ mod tests {
                 },
                 sender: Arc::new(Sender::new(&record, &guard).await.expect("sender")),
                 stats: Arc::default(),
+                metrics: events::DestinationMetrics::new("hook"),
                 in_flight: InFlight::default().of("hook", 4),
                 policy: RetryPolicy {
                     max_attempts: 5,

@@ -50,6 +50,7 @@ pub(crate) struct DlqGrpc {
 struct Redriver {
     destination: String,
     sender: std::sync::Arc<Sender>,
+    metrics: events::DestinationMetrics,
     gate: ConsentGate,
     dlq: DeadLetters,
     status: StatusStore,
@@ -114,6 +115,7 @@ impl DlqGrpc {
         Ok(Redriver {
             destination: destination.to_string(),
             sender: delivery.sender,
+            metrics: delivery.metrics,
             gate: delivery.gate,
             dlq: DeadLetters::new(self.js.clone(), &self.topology, destination),
             status: self.status.clone(),
@@ -183,8 +185,8 @@ impl Redriver {
         match self.sender.send(&event_id, &body).await {
             Ok(()) => {
                 events::Attempted {
-                    destination,
-                    class: "success",
+                    metrics: &self.metrics,
+                    class: events::AttemptClass::Success,
                 }
                 .emit();
                 events::Redriven {
@@ -194,7 +196,7 @@ impl Redriver {
                 }
                 .emit();
                 events::Delivered {
-                    destination,
+                    metrics: &self.metrics,
                     freshness: crate::deliver::freshness(&event),
                 }
                 .emit();
@@ -226,8 +228,8 @@ impl Redriver {
             }
             Err(error) => {
                 events::Attempted {
-                    destination,
-                    class: error.class().as_str(),
+                    metrics: &self.metrics,
+                    class: error.class().into(),
                 }
                 .emit();
                 events::Redriven {

@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use herald_common::telemetry;
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
+};
 
 use crate::filter::{ConsentSide, Denial};
 
@@ -95,10 +98,38 @@ impl DestinationSeries<'_> {
     }
 }
 
-/// An event reached its destination.
+/// A destination's series of [`Delivered`] and [`Attempted`], registered once per destination
+/// (its [`crate::deliver::Delivery`] keeps them): a `counter!` call looks its series up on every
+/// call, a kept handle does not, and these two happen for every event.
+#[derive(Clone)]
+pub struct DestinationMetrics {
+    freshness: Histogram,
+    delivered: Counter,
+    /// Attempts by class: success, transient, permanent.
+    attempts: [Counter; 3],
+}
+
+impl DestinationMetrics {
+    /// The handles of `destination`'s series (made once the recorder is installed: a handle
+    /// taken before stays a no-op).
+    pub fn new(destination: &str) -> Self {
+        let attempts = |class: &'static str| counter!("herald_activator_attempts_total", "destination" => destination.to_string(), "class" => class);
+        Self {
+            freshness: histogram!("herald_activator_freshness_seconds", "destination" => destination.to_string()),
+            delivered: counter!("herald_activator_deliveries_total", "destination" => destination.to_string(), "outcome" => "delivered"),
+            attempts: [
+                attempts("success"),
+                attempts("transient"),
+                attempts("permanent"),
+            ],
+        }
+    }
+}
+
+/// An event was delivered: the destination accepted it.
 pub struct Delivered<'a> {
-    /// The destination's id.
-    pub destination: &'a str,
+    /// The destination's series.
+    pub metrics: &'a DestinationMetrics,
     /// Seconds from its `received_at` to now.
     pub freshness: f64,
 }
@@ -107,26 +138,48 @@ impl Delivered<'_> {
     /// Records its freshness, then counts it: whoever sees the delivery counted also sees its
     /// freshness (a scrape, or a test waiting on the counter).
     pub fn emit(self) {
-        histogram!("herald_activator_freshness_seconds", "destination" => self.destination.to_string())
-            .record(self.freshness);
-        counter!("herald_activator_deliveries_total", "destination" => self.destination.to_string(), "outcome" => "delivered")
-            .increment(1);
+        self.metrics.freshness.record(self.freshness);
+        self.metrics.delivered.increment(1);
+    }
+}
+
+/// The class of a request's outcome, as [`Attempted`] counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptClass {
+    /// 2xx (or the destination's own success).
+    Success,
+    /// Failed, worth trying again.
+    Transient,
+    /// Failed for good.
+    Permanent,
+}
+
+impl From<crate::destinations::FailureClass> for AttemptClass {
+    fn from(class: crate::destinations::FailureClass) -> Self {
+        match class {
+            crate::destinations::FailureClass::Transient => Self::Transient,
+            crate::destinations::FailureClass::Permanent => Self::Permanent,
+        }
     }
 }
 
 /// A request was sent to a destination.
 pub struct Attempted<'a> {
-    /// The destination's id.
-    pub destination: &'a str,
-    /// `success`, `transient` or `permanent`.
-    pub class: &'static str,
+    /// The destination's series.
+    pub metrics: &'a DestinationMetrics,
+    /// How it ended.
+    pub class: AttemptClass,
 }
 
 impl Attempted<'_> {
     /// Counts it.
     pub fn emit(self) {
-        counter!("herald_activator_attempts_total", "destination" => self.destination.to_string(), "class" => self.class)
-            .increment(1);
+        let i = match self.class {
+            AttemptClass::Success => 0,
+            AttemptClass::Transient => 1,
+            AttemptClass::Permanent => 2,
+        };
+        self.metrics.attempts[i].increment(1);
     }
 }
 
