@@ -8,9 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use herald_testkit::{
-    HeraldCli, HeraldDev, NatsServer, WebhookServer, free_port, segment_batch, segment_track,
+    HeraldCli, HeraldDev, NatsServer, WebhookServer, free_ports, segment_batch, segment_track,
     spawn_role, wait_ready, wait_until, write_config,
 };
 
@@ -180,7 +180,8 @@ async fn config_file_destinations_with_the_deprecated_keys_are_seeded_with_a_war
     let herald = Path::new(env!("CARGO_BIN_EXE_herald"));
     let dir = tempfile::tempdir()?;
     let nats = NatsServer::start().await?;
-    let (grpc, admin) = (free_port(), free_port());
+    let ports = free_ports(2)?;
+    let (grpc, admin) = (ports[0], ports[1]);
     let config = write_config(
         dir.path(),
         "activator",
@@ -222,7 +223,11 @@ start = "all"
         format!("127.0.0.1:{admin}"),
         DEADLINE,
     )
-    .await?;
+    .await
+    .with_context(|| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        format!("the activator's log:\n{text}")
+    })?;
     let text = std::fs::read_to_string(&log)?;
     let warnings: Vec<&str> = text.lines().filter(|l| l.contains("deprecated")).collect();
     assert_eq!(warnings.len(), 1, "{text}");

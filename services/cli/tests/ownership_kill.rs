@@ -15,7 +15,7 @@ use herald_common::auth::BearerToken;
 use herald_proto::v1::processor_service_client::ProcessorServiceClient;
 use herald_proto::v1::{GetStatusRequest, GetStatusResponse};
 use herald_testkit::{
-    NatsServer, check_processed_in_order, control_channel, free_port, protobuf_track,
+    NatsServer, check_processed_in_order, control_channel, free_ports, protobuf_track,
     publish_as_ingest, spawn_role, user_per_partition, wait_ready, wait_until, write_config,
 };
 use tokio::process::Child;
@@ -44,7 +44,8 @@ struct Processor {
 
 impl Processor {
     async fn spawn(dir: &Path, name: &str, nats: &str) -> Result<Self> {
-        let (admin, grpc) = (free_port(), free_port());
+        let ports = free_ports(2)?;
+        let (admin, grpc) = (ports[0], ports[1]);
         let config = write_config(
             dir,
             name,

@@ -33,5 +33,5 @@ pub use herald::{
 };
 pub use order::{check_arrivals_in_order, check_processed_in_order, read_from_start};
 pub use server::NatsServer;
-pub use wait::{free_port, wait_ready, wait_until};
+pub use wait::{free_port, free_ports, wait_ready, wait_until};
 pub use webhook::{Received, WebhookServer};

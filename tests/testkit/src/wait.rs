@@ -75,8 +75,13 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// `n` distinct free ports: all are held at once before being released.
-pub(crate) fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+/// `n` distinct free ports: all are held at once before being released (two calls of
+/// [`free_port`] can return the same port). The same caveat as [`free_port`] applies.
+///
+/// # Errors
+///
+/// If a port cannot be bound on 127.0.0.1.
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| TcpListener::bind(("127.0.0.1", 0)).context("binding 127.0.0.1:0"))
         .collect::<anyhow::Result<Vec<_>>>()?;
