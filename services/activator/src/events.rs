@@ -73,8 +73,8 @@ impl DestinationSeries<'_> {
         for outcome in ["delivered", "dlq", "consent_dropped"] {
             counter!("herald_activator_deliveries_total", "destination" => d.clone(), "outcome" => outcome).increment(0);
         }
-        for class in ["success", "transient", "permanent"] {
-            counter!("herald_activator_attempts_total", "destination" => d.clone(), "class" => class).increment(0);
+        for class in AttemptClass::ALL {
+            counter!("herald_activator_attempts_total", "destination" => d.clone(), "class" => class.as_str()).increment(0);
         }
         let labels = [("destination", d.clone())];
         telemetry::zero_histograms("herald_activator_freshness_seconds", [labels.clone()]);
@@ -105,7 +105,7 @@ impl DestinationSeries<'_> {
 pub struct DestinationMetrics {
     freshness: Histogram,
     delivered: Counter,
-    /// Attempts by class: success, transient, permanent.
+    /// Attempts by class, in the order of [`AttemptClass::ALL`].
     attempts: [Counter; 3],
 }
 
@@ -113,15 +113,12 @@ impl DestinationMetrics {
     /// The handles of `destination`'s series (made once the recorder is installed: a handle
     /// taken before stays a no-op).
     pub fn new(destination: &str) -> Self {
-        let attempts = |class: &'static str| counter!("herald_activator_attempts_total", "destination" => destination.to_string(), "class" => class);
         Self {
             freshness: histogram!("herald_activator_freshness_seconds", "destination" => destination.to_string()),
             delivered: counter!("herald_activator_deliveries_total", "destination" => destination.to_string(), "outcome" => "delivered"),
-            attempts: [
-                attempts("success"),
-                attempts("transient"),
-                attempts("permanent"),
-            ],
+            attempts: AttemptClass::ALL.map(|class| {
+                counter!("herald_activator_attempts_total", "destination" => destination.to_string(), "class" => class.as_str())
+            }),
         }
     }
 }
@@ -154,6 +151,20 @@ pub enum AttemptClass {
     Permanent,
 }
 
+impl AttemptClass {
+    /// Every class, in declaration order (a class's index in [`DestinationMetrics`]).
+    pub const ALL: [Self; 3] = [Self::Success, Self::Transient, Self::Permanent];
+
+    /// Its metric label: `success`, or the failure class's own label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Transient => crate::destinations::FailureClass::Transient.as_str(),
+            Self::Permanent => crate::destinations::FailureClass::Permanent.as_str(),
+        }
+    }
+}
+
 impl From<crate::destinations::FailureClass> for AttemptClass {
     fn from(class: crate::destinations::FailureClass) -> Self {
         match class {
@@ -174,12 +185,7 @@ pub struct Attempted<'a> {
 impl Attempted<'_> {
     /// Counts it.
     pub fn emit(self) {
-        let i = match self.class {
-            AttemptClass::Success => 0,
-            AttemptClass::Transient => 1,
-            AttemptClass::Permanent => 2,
-        };
-        self.metrics.attempts[i].increment(1);
+        self.metrics.attempts[self.class as usize].increment(1);
     }
 }
 
@@ -815,5 +821,19 @@ impl ReplayFinished<'_> {
         );
         counter!("herald_activator_replays_total", "destination" => self.destination.to_string(), "result" => self.result)
             .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod attempt_class_tests {
+    use super::AttemptClass;
+
+    #[test]
+    fn attempt_classes_index_their_own_series_and_labels() {
+        for (i, class) in AttemptClass::ALL.into_iter().enumerate() {
+            assert_eq!(class as usize, i, "{class:?}");
+        }
+        let labels = AttemptClass::ALL.map(AttemptClass::as_str);
+        assert_eq!(labels, ["success", "transient", "permanent"]);
     }
 }
