@@ -146,10 +146,20 @@ rows.append(
     f"{n(pipe['raw']['highest_sustained_events_per_s'])} | "
     f"{n(pipe['herald']['highest_sustained_events_per_s'])} | **{r(pipe['throughput_ratio'])}** |"
 )
+conf = pipe["raw"].get("confirmed")
+if conf:
+    tried = ", ".join(
+        f"{n(t['offered_events_per_s'])} {'ok' if t['sustained'] else 'behind'}"
+        for t in conf["runs"]
+    )
+    held = n(conf["events_per_s"]) if conf.get("events_per_s") else "none"
+    rows.append(
+        f"| pipeline, raw chain held for {pipe['keep_up_duration_s']} s (ev/s) | {held} (tried {tried}) | | |"
+    )
 ku = (pipe.get("targets") or {}).get("keep_up")
 if ku:
     rows.append(
-        f"| pipeline keeps up at half the raw chain's highest ({n(ku['offered_events_per_s'])} ev/s) | | "
+        f"| pipeline keeps up at half the raw chain's sustained rate ({n(ku['offered_events_per_s'])} ev/s) | | "
         f"delivered {n(ku['delivered_events_per_s'])} ev/s, backlog at end {ku['backlog_at_end']:,} | "
         f"**{'met' if ku['met'] else 'NOT met'}** |"
     )
