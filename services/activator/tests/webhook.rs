@@ -361,6 +361,11 @@ async fn redirects_are_followed_as_their_status_says_without_credentials() -> Re
         assert_eq!(got.path, format!("/moved?n={i}"), "{status}");
         assert_eq!(!got.raw.is_empty(), with_body, "{status}: {:?}", got.raw);
         assert_eq!(
+            got.header("content-type"),
+            with_body.then_some("application/json"),
+            "{status}: a body, and only a body, is described"
+        );
+        assert_eq!(
             got.header("idempotency-key"),
             Some(key.as_str()),
             "{status}"

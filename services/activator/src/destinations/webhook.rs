@@ -230,7 +230,8 @@ impl WebhookSender {
     }
 
     /// One request: the destination's headers (but for credentials after a redirect to
-    /// another origin), the key and, with a secret, a fresh signature of `body`.
+    /// another origin, and `content-type` on a GET), the key and, with a secret, a fresh
+    /// signature of `body`.
     fn request(
         &self,
         method: Method,
@@ -240,6 +241,10 @@ impl WebhookSender {
         cross_origin: bool,
     ) -> Request<Full<Bytes>> {
         let mut headers = self.headers.clone();
+        if method == Method::GET {
+            // A redirect turned the POST into a GET without a body: nothing to describe.
+            headers.remove(header::CONTENT_TYPE);
+        }
         if cross_origin {
             for name in &CROSS_ORIGIN_DROPPED {
                 headers.remove(name);
